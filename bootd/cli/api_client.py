@@ -1,0 +1,100 @@
+"""A small synchronous client for bootd's API over its Unix socket (or TCP with a token)."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any, Optional
+from urllib.parse import quote
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: Optional[int] = None, data: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.data = data
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+class ApiClient:
+    def __init__(self, socket_path: str = "/run/bootd/api.sock", url: Optional[str] = None,
+                 token: Optional[str] = None, timeout: float = 600.0):
+        self.socket_path = socket_path
+        self.url = url
+        self.token = token
+        self.timeout = timeout
+
+    def _conn(self) -> http.client.HTTPConnection:
+        if self.url:
+            rest = self.url.split("://", 1)[-1].rstrip("/")
+            host, _, port = rest.rpartition(":")
+            return http.client.HTTPConnection(host or rest, int(port or 80), timeout=self.timeout)
+        return _UnixConnection(self.socket_path, self.timeout)
+
+    def request(self, method: str, path: str, body: Any = None, raw: bool = False, stream=None) -> Any:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn = self._conn()
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            if stream is not None and resp.status < 400:
+                for line in resp:
+                    stream(line)
+                return None
+            payload = resp.read()
+        except FileNotFoundError:
+            raise ApiError(f"bootd is not running (no API socket at {self.socket_path})") from None
+        except ConnectionRefusedError:
+            raise ApiError(f"bootd is not running (connection refused at {self.url or self.socket_path})") from None
+        except PermissionError:
+            raise ApiError(f"permission denied on {self.socket_path} (run as root or a member of its group)") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ApiError(f"cannot talk to bootd: {e}") from None
+        finally:
+            conn.close()
+        if raw:
+            if resp.status >= 400:
+                raise ApiError(payload.decode(errors="replace"), resp.status)
+            return payload
+        try:
+            parsed = json.loads(payload) if payload else None
+        except json.JSONDecodeError:
+            parsed = None
+        if resp.status >= 400:
+            reason = parsed.get("error") if isinstance(parsed, dict) else payload.decode(errors="replace")
+            raise ApiError(f"{reason} (HTTP {resp.status})", resp.status, parsed)
+        return parsed
+
+    def get(self, path: str, **kw) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, json: Any = None, **kw) -> Any:
+        return self.request("POST", path, body=json if json is not None else {}, **kw)
+
+    def put(self, path: str, json: Any = None) -> Any:
+        return self.request("PUT", path, body=json if json is not None else {})
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def q(part: str) -> str:
+    """Quote one path segment."""
+    return quote(str(part), safe="")

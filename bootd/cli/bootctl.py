@@ -1,0 +1,99 @@
+"""`bootctl`: the admin CLI. Talks to the running bootd over its HTTP API (Unix socket by default).
+
+Every command takes --json for scripts. Command groups live in their own modules (COMMAND_MODULES),
+each with `register(sub)` adding argparse subparsers whose `func(args, api) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+from bootd.cli.api_client import ApiClient, ApiError, q
+
+# Modules with `register(sub)`. One line per component.
+COMMAND_MODULES = [
+    "bootd.cli.core_cmds",
+]
+
+
+def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
+    """Print `data` as JSON with --json, else the human text (or a JSON dump if there is none)."""
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p = argparse.ArgumentParser(prog="bootctl", description="Control a running bootd.", parents=[common])
+    p.add_argument("--socket", default=os.environ.get("BOOTD_SOCKET", "/run/bootd/api.sock"),
+                   help="API socket (default %(default)s, or $BOOTD_SOCKET)")
+    p.add_argument("--url", default=os.environ.get("BOOTD_URL"), help="API over TCP, e.g. http://10.0.0.1:8081")
+    p.add_argument("--token-file", default=os.environ.get("BOOTD_TOKEN_FILE"), help="bearer token for --url")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+    p.set_defaults(_common=common)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, common)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    # `bootctl --json status` and `bootctl status --json` mean the same (argparse would let the
+    # subcommand's default override the top-level flag).
+    args.json = bool(getattr(args, "json", False)) or "--json" in argv
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            print(f"bootctl: cannot read token file: {e}", file=sys.stderr)
+            return 2
+    api = ApiClient(socket_path=args.socket, url=args.url, token=token)
+    try:
+        return int(args.func(args, api) or 0)
+    except ApiError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "status": e.status}))
+        print(f"bootctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

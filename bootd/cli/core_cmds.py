@@ -1,0 +1,88 @@
+"""bootctl status, reload, metrics, hosts."""
+from __future__ import annotations
+
+import time
+
+from bootd.cli.api_client import q
+from bootd.cli.bootctl import emit, fmt_age, fmt_time, table
+
+
+def cmd_status(args, api) -> int:
+    st = api.get("/api/v1/status")
+    lines = [
+        f"bootd {st['version']} (pid {st['pid']}), up {fmt_age(st['uptime'])} since {fmt_time(st['started_at'])}",
+        f"config: {st['config_path']}   storage: {st['storage']}   dhcp: {st['dhcp_mode']}",
+        "interfaces: " + (", ".join(f"{i['name']} {i['address']} ({i['state']})" for i in st["interfaces"]) or "none"),
+        "services:",
+    ]
+    for s in st["services"]:
+        extra = {k: v for k, v in s.items() if k != "name"}
+        detail = "; ".join(f"{k}={', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in extra.items())
+        lines.append(f"  {s['name']:<10} running  {detail}")
+    if st.get("reload_errors"):
+        lines.append("last reload refused:")
+        lines += [f"  {e}" for e in st["reload_errors"]]
+    emit(args, st, "\n".join(lines))
+    return 0
+
+
+def cmd_reload(args, api) -> int:
+    from bootd.cli.api_client import ApiError
+    try:
+        res = api.post("/api/v1/reload")
+    except ApiError as e:
+        if e.status == 422 and isinstance(e.data, dict):
+            emit(args, e.data, "reload refused, the running config is kept:\n" + "\n".join(f"  {x}" for x in e.data.get("errors", [])))
+            return 1
+        raise
+    emit(args, res, "configuration reloaded")
+    return 0
+
+
+def cmd_metrics(args, api) -> int:
+    m = api.get("/api/v1/metrics")
+    lines = []
+    for comp, values in sorted(m.items()):
+        for k, v in sorted(values.items()):
+            lines.append(f"{comp}.{k} {v:g}")
+    emit(args, m, "\n".join(lines) or "no counters yet")
+    return 0
+
+
+def cmd_hosts(args, api) -> int:
+    if args.host:
+        h = api.get(f"/api/v1/hosts/{q(args.host)}")
+        lines = [f"{h['name'] or '-'}  {h['mac']}  ip {h['ip'] or h['last_ip'] or '-'}  group {h['group'] or '-'}"
+                 f"  arch {h['arch'] or '-'}  last seen {fmt_time(h['last_seen'])}", "boot timeline:"]
+        events = h["events"]
+        start = None
+        for e in events:
+            if e["kind"] in ("dhcp", "proxydhcp") and (start is None or e["ts"] - start > 300):
+                start = e["ts"]
+            start = start if start is not None else e["ts"]
+            what = e["detail"].get("path") or e["detail"].get("file") or e["detail"].get("message") or \
+                ", ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
+            size = f"{e['nbytes']} B" if e["nbytes"] is not None else ""
+            dur = f"{e['duration'] * 1000:.0f} ms" if e["duration"] is not None else ""
+            lines.append(f"  {fmt_time(e['ts'])}  +{e['ts'] - start:7.3f}s  {e['kind']:<9} {what}  {size}  {dur}".rstrip())
+        if not events:
+            lines.append("  (no boot events yet)")
+        emit(args, h, "\n".join(lines))
+        return 0
+    data = api.get("/api/v1/hosts")
+    rows = [[h["name"], h["mac"], h["ip"] or h["last_ip"], h["group"], h["arch"],
+             fmt_age(time.time() - h["last_seen"]) + " ago" if h["last_seen"] else "never"] for h in data["hosts"]]
+    emit(args, data, table(rows, ["NAME", "MAC", "IP", "GROUP", "ARCH", "LAST SEEN"]) if rows else "no hosts")
+    return 0
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("status", parents=[common], help="what runs, since when, on which interfaces")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("reload", parents=[common], help="re-read the config file (like SIGHUP)")
+    p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("metrics", parents=[common], help="packet and request counters")
+    p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("hosts", parents=[common], help="hosts seen and configured; with a host, its boot timeline")
+    p.add_argument("host", nargs="?", help="host name or MAC")
+    p.set_defaults(func=cmd_hosts)

@@ -1,0 +1,490 @@
+"""bootd's configuration: one YAML file validated into typed models.
+
+Every problem is reported with the file, the line and the field's path
+(`bootd.yaml:14 hosts[3].mac: not a MAC address`), all at once, so an admin fixes a file in one go.
+Structural checks are pydantic's; checks across fields (duplicates, pools inside the interface's
+subnet, files that must exist) run afterwards in `_semantic_problems` with their own paths.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+DEFAULT_CONFIG_PATH = "/etc/bootd/bootd.yaml"
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def normalize_mac(value: str) -> str:
+    """`AA-BB-CC-DD-EE-FF` -> `aa:bb:cc:dd:ee:ff`; raises ValueError if it is not a MAC."""
+    if not isinstance(value, str) or not _MAC_RE.match(value.strip()):
+        raise ValueError("not a MAC address")
+    return value.strip().lower().replace("-", ":")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError("names are 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+Mac = Annotated[str, AfterValidator(normalize_mac)]
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, not silently ignored typos."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class InterfaceConfig(Section):
+    """A network interface bootd serves on. Nothing is ever served on an interface not listed here."""
+
+    name: Annotated[str, Field(min_length=1, max_length=15)]
+    address: ipaddress.IPv4Interface  # bootd's own address on it, with prefix, e.g. 10.0.0.1/24
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        return self.address.network
+
+
+class PoolConfig(Section):
+    """A dynamic address range on one served interface."""
+
+    interface: str
+    start: ipaddress.IPv4Address
+    end: ipaddress.IPv4Address
+    router: Optional[ipaddress.IPv4Address] = None
+    dns: list[ipaddress.IPv4Address] = []
+    domain: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if int(self.end) < int(self.start):
+            raise ValueError("pool end is before its start")
+        return self
+
+
+class LoaderConfig(Section):
+    """Boot program file names per firmware (paths in the boot root)."""
+
+    bios: str = "undionly.kpxe"
+    uefi_ia32: str = "ipxe-ia32.efi"
+    uefi_x64: str = "ipxe.efi"
+    uefi_arm64: str = "snponly-arm64.efi"
+    uefi_http: str = "ipxe.efi"
+    pxelinux: str = "pxelinux.0"
+    grub_x64: str = "grubx64.efi"
+
+
+class DhcpConfig(Section):
+    mode: Literal["full", "proxy", "off"] = "off"
+    lease_time: Annotated[int, Field(ge=60, le=31_536_000)] = 3600
+    allow_unknown: bool = True  # give pool addresses to MACs that are not in `hosts`
+    pools: list[PoolConfig] = []
+    router_advertisements: bool = True  # answer IPv6 RS with a minimal RA so iPXE does not wait 15 s
+    decline_quarantine: Annotated[int, Field(ge=0)] = 600
+    loaders: LoaderConfig = LoaderConfig()
+
+
+class TftpConfig(Section):
+    enabled: bool = True
+    port: Annotated[int, Field(ge=1, le=65535)] = 69
+    root: Optional[str] = None  # default: <storage.directory>/boot
+    max_sessions: Annotated[int, Field(ge=1)] = 500
+    max_open_files: Annotated[int, Field(ge=1)] = 400
+    max_blksize: Annotated[int, Field(ge=8, le=65464)] = 65464
+    max_windowsize: Annotated[int, Field(ge=1, le=64)] = 64
+    timeout: Annotated[float, Field(gt=0, le=255)] = 1.0
+    retries: Annotated[int, Field(ge=1, le=50)] = 6
+
+
+class HttpConfig(Section):
+    enabled: bool = True
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    root: Optional[str] = None  # default: <storage.directory>/boot
+    idle_timeout: Annotated[float, Field(gt=0)] = 15.0
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 16
+
+
+class ApiConfig(Section):
+    socket: str = "/run/bootd/api.sock"
+    socket_mode: str = "0660"
+    tcp: Optional[str] = None  # "HOST:PORT" to also serve the API on TCP (needs token_file)
+    token_file: Optional[str] = None
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _octal(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError("an octal file mode like 0660")
+        return v
+
+    @field_validator("tcp")
+    @classmethod
+    def _hostport(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT")
+        return v
+
+
+class StorageConfig(Section):
+    directory: str = "/var/lib/bootd"
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024  # warn, then refuse writes, below this
+
+
+class MenuConfig(Section):
+    timeout: Annotated[int, Field(ge=0, le=3600)] = 10  # seconds before the default entry boots
+    title: str = "bootd"
+    local_disk_entry: bool = True
+    previous_snapshot_entry: bool = True
+
+
+class NbdConfig(Section):
+    enabled: bool = True
+    port: Annotated[int, Field(ge=1, le=65535)] = 10809
+
+
+class ImageConfig(Section):
+    """An OS image offered in the menu: kernel and initrd the client boots, plus its disk."""
+
+    name: Name
+    title: Optional[str] = None
+    kernel: str = "vmlinuz"
+    initrd: str = "initrd.img"
+    cmdline: str = ""
+    disk: Optional[str] = None  # a raw or qcow2 disk image to import as the first snapshot
+
+
+class GroupConfig(Section):
+    """A room: hosts that boot the same images."""
+
+    name: Name
+    images: list[str] = []
+    default_image: Optional[str] = None
+    boot: Literal["ipxe", "pxelinux", "grub"] = "ipxe"
+    persistent: bool = False
+
+
+class HostConfig(Section):
+    """A known PC: fixed address, group, per-host overrides."""
+
+    mac: Mac
+    name: Name
+    ip: Optional[ipaddress.IPv4Address] = None
+    group: Optional[str] = None
+    images: Optional[list[str]] = None  # overrides the group's list
+    default_image: Optional[str] = None
+    boot: Optional[Literal["ipxe", "pxelinux", "grub"]] = None
+    persistent: Optional[bool] = None
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Section):
+    interfaces: list[InterfaceConfig] = []
+    dhcp: DhcpConfig = DhcpConfig()
+    tftp: TftpConfig = TftpConfig()
+    http: HttpConfig = HttpConfig()
+    api: ApiConfig = ApiConfig()
+    storage: StorageConfig = StorageConfig()
+    menu: MenuConfig = MenuConfig()
+    nbd: NbdConfig = NbdConfig()
+    log: LogConfig = LogConfig()
+    images: list[ImageConfig] = []
+    groups: list[GroupConfig] = []
+    hosts: list[HostConfig] = []
+
+    # -- lookups used everywhere -------------------------------------------------------------
+    def host_by_mac(self, mac: str) -> Optional[HostConfig]:
+        mac = mac.lower()
+        for h in self.hosts:
+            if h.mac == mac:
+                return h
+        return None
+
+    def host_by_name(self, name: str) -> Optional[HostConfig]:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        return None
+
+    def group(self, name: Optional[str]) -> Optional[GroupConfig]:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        return None
+
+    def image(self, name: str) -> Optional[ImageConfig]:
+        for i in self.images:
+            if i.name == name:
+                return i
+        return None
+
+    def interface(self, name: str) -> Optional[InterfaceConfig]:
+        for i in self.interfaces:
+            if i.name == name:
+                return i
+        return None
+
+    @property
+    def storage_dir(self) -> Path:
+        return Path(self.storage.directory)
+
+    @property
+    def boot_root(self) -> Path:
+        return Path(self.tftp.root) if self.tftp.root else self.storage_dir / "boot"
+
+    @property
+    def http_root(self) -> Path:
+        return Path(self.http.root) if self.http.root else self.boot_root
+
+    @property
+    def server_ip(self) -> Optional[str]:
+        return str(self.interfaces[0].address.ip) if self.interfaces else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading with positions
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    line: Optional[int]
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` lists every reason with its position."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def format_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class _Positions:
+    """Maps a path in the loaded YAML (tuple of keys/indices) to the line it starts on."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple, int] = {}
+
+    def walk(self, node: yaml.Node, path: tuple = ()) -> None:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                self.walk(value_node, path + (key,))
+                # keep the key's own line for the key (where a value is a block, the key names it)
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, path + (i,))
+
+    def line_for(self, loc: tuple) -> Optional[int]:
+        loc = tuple(loc)
+        while True:
+            if loc in self.lines:
+                return self.lines[loc]
+            if not loc:
+                return None
+            loc = loc[:-1]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one silently."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _friendly(err: dict) -> str:
+    kind = err.get("type", "")
+    msg = err.get("msg", "invalid")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required field is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if msg.startswith("Assertion failed, "):
+        msg = msg[len("Assertion failed, "):]
+    return msg
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate YAML text; raises ConfigError with every problem found."""
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError([ConfigProblem(filename, line, "", f"YAML syntax error: {e.problem or e}")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([ConfigProblem(filename, None, "", f"YAML error: {e}")]) from None
+    positions = _Positions()
+    if node is not None:
+        positions.walk(node)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(filename, 1, "", "the top level must be a mapping of sections")])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            problems.append(ConfigProblem(filename, positions.line_for(loc), format_path(loc), _friendly(err)))
+        raise ConfigError(problems) from None
+    problems = [ConfigProblem(filename, positions.line_for(loc), format_path(loc), msg)
+                for loc, msg in _semantic_problems(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a config file; raises ConfigError (also for a missing or unreadable file)."""
+    filename = os.fspath(path)
+    try:
+        text = Path(filename).read_text()
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(filename, None, "", "file not found")]) from None
+    except OSError as e:
+        raise ConfigError([ConfigProblem(filename, None, "", f"cannot read: {e.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigProblem(filename, None, "", "not UTF-8 text")]) from None
+    return parse_config(text, os.path.basename(filename))
+
+
+def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
+    """Checks that span fields: duplicates, references, addresses inside subnets, files present."""
+    out: list[tuple[tuple, str]] = []
+
+    seen_if: dict[str, int] = {}
+    for i, iface in enumerate(cfg.interfaces):
+        if iface.name in seen_if:
+            out.append((("interfaces", i, "name"), f"duplicate interface {iface.name!r} (also interfaces[{seen_if[iface.name]}])"))
+        seen_if.setdefault(iface.name, i)
+
+    for i, pool in enumerate(cfg.dhcp.pools):
+        iface = cfg.interface(pool.interface)
+        if iface is None:
+            out.append((("dhcp", "pools", i, "interface"), f"interface {pool.interface!r} is not in `interfaces`"))
+            continue
+        for field in ("start", "end"):
+            addr = getattr(pool, field)
+            if addr not in iface.subnet:
+                out.append((("dhcp", "pools", i, field), f"{addr} is outside {iface.name}'s subnet {iface.subnet}"))
+            elif addr == iface.address.ip:
+                out.append((("dhcp", "pools", i, field), f"{addr} is bootd's own address"))
+        if pool.router and pool.router not in iface.subnet:
+            out.append((("dhcp", "pools", i, "router"), f"{pool.router} is outside {iface.subnet}"))
+        if iface.subnet.network_address in (pool.start, pool.end) or iface.subnet.broadcast_address in (pool.start, pool.end):
+            out.append((("dhcp", "pools", i), "a pool cannot include the network or broadcast address"))
+    for i, a in enumerate(cfg.dhcp.pools):
+        for j in range(i):
+            b = cfg.dhcp.pools[j]
+            if int(a.start) <= int(b.end) and int(b.start) <= int(a.end):
+                out.append((("dhcp", "pools", i), f"overlaps dhcp.pools[{j}]"))
+    if cfg.dhcp.mode != "off" and not cfg.interfaces:
+        out.append((("dhcp", "mode"), f"mode {cfg.dhcp.mode!r} needs at least one entry in `interfaces`"))
+    if cfg.dhcp.mode == "full" and cfg.interfaces and not cfg.dhcp.pools and cfg.dhcp.allow_unknown:
+        out.append((("dhcp", "pools"), "mode 'full' with allow_unknown needs at least one pool"))
+
+    seen_img: dict[str, int] = {}
+    for i, img in enumerate(cfg.images):
+        if img.name in seen_img:
+            out.append((("images", i, "name"), f"duplicate image {img.name!r} (also images[{seen_img[img.name]}])"))
+        seen_img.setdefault(img.name, i)
+        if img.disk is not None and not Path(img.disk).is_file():
+            out.append((("images", i, "disk"), f"file not found: {img.disk}"))
+
+    seen_grp: dict[str, int] = {}
+    for i, grp in enumerate(cfg.groups):
+        if grp.name in seen_grp:
+            out.append((("groups", i, "name"), f"duplicate group {grp.name!r} (also groups[{seen_grp[grp.name]}])"))
+        seen_grp.setdefault(grp.name, i)
+        for j, name in enumerate(grp.images):
+            if name not in seen_img:
+                out.append((("groups", i, "images", j), f"unknown image {name!r}"))
+        if grp.default_image and grp.default_image not in grp.images:
+            out.append((("groups", i, "default_image"), f"{grp.default_image!r} is not in this group's images"))
+
+    seen_mac: dict[str, int] = {}
+    seen_ip: dict[ipaddress.IPv4Address, int] = {}
+    seen_name: dict[str, int] = {}
+    for i, host in enumerate(cfg.hosts):
+        if host.mac in seen_mac:
+            out.append((("hosts", i, "mac"), f"duplicate MAC {host.mac} (also hosts[{seen_mac[host.mac]}])"))
+        seen_mac.setdefault(host.mac, i)
+        if host.name in seen_name:
+            out.append((("hosts", i, "name"), f"duplicate host name {host.name!r} (also hosts[{seen_name[host.name]}])"))
+        seen_name.setdefault(host.name, i)
+        if host.ip is not None:
+            if host.ip in seen_ip:
+                out.append((("hosts", i, "ip"), f"duplicate IP {host.ip} (also hosts[{seen_ip[host.ip]}])"))
+            seen_ip.setdefault(host.ip, i)
+            if cfg.interfaces and not any(host.ip in iface.subnet for iface in cfg.interfaces):
+                out.append((("hosts", i, "ip"), f"{host.ip} is in no served interface's subnet"))
+            if any(host.ip == iface.address.ip for iface in cfg.interfaces):
+                out.append((("hosts", i, "ip"), f"{host.ip} is bootd's own address"))
+        if host.group is not None and host.group not in seen_grp:
+            out.append((("hosts", i, "group"), f"unknown group {host.group!r}"))
+        for j, name in enumerate(host.images or []):
+            if name not in seen_img:
+                out.append((("hosts", i, "images", j), f"unknown image {name!r}"))
+        if host.default_image and host.default_image not in seen_img:
+            out.append((("hosts", i, "default_image"), f"unknown image {host.default_image!r}"))
+
+    if cfg.api.token_file is not None and not Path(cfg.api.token_file).is_file():
+        out.append((("api", "token_file"), f"file not found: {cfg.api.token_file}"))
+    if cfg.api.tcp is not None and cfg.api.token_file is None:
+        out.append((("api", "tcp"), "the API on TCP needs api.token_file (a bearer token)"))
+    for section, root in (("tftp", cfg.tftp.root), ("http", cfg.http.root)):
+        if root is not None and not Path(root).is_dir():
+            out.append(((section, "root"), f"directory not found: {root}"))
+    return out

@@ -1,0 +1,170 @@
+"""The bootd process: one asyncio loop that starts its services in order and stops them in reverse.
+
+SIGTERM/SIGINT stop everything within `STOP_BUDGET` seconds; SIGHUP re-reads the config file: a valid
+one is applied service by service, an invalid one is refused with its errors logged and the old one
+kept. systemd hears READY, STATUS, WATCHDOG and STOPPING when NOTIFY_SOCKET is set.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from bootd.config import Config, ConfigError, load_config
+from bootd.logsetup import setup_logging
+from bootd.metrics import Metrics
+from bootd.notify import Notifier
+from bootd.service import Service
+from bootd.state import StateStore
+
+log = logging.getLogger("bootd")
+
+STOP_BUDGET = 4.5  # seconds for all services to stop: under systemd's and the brief's 5 s
+
+
+@dataclass
+class Context:
+    """What every service shares: the config in force, the state store, counters and seams."""
+
+    config: Config
+    config_path: str
+    store: StateStore
+    metrics: Metrics = field(default_factory=Metrics)
+    started_at: float = field(default_factory=time.time)
+    services: list[Service] = field(default_factory=list)
+    booter: Any = None  # pxe.booter.Booter: what a host boots (menus)
+    disks: Any = None  # nbdexport DiskManager: per-host NBD exports
+    snapshots: Any = None  # snapshots store
+    extras: dict = field(default_factory=dict)
+    reload_errors: list[str] = field(default_factory=list)
+    last_reload: Optional[float] = None
+
+    def service(self, name: str) -> Optional[Service]:
+        for s in self.services:
+            if s.name == name:
+                return s
+        return None
+
+
+def build_services(ctx: Context) -> list[Service]:
+    """The services in start order (stopped in reverse). One line per component."""
+    from bootd.http.app import HttpService
+
+    services: list[Service] = []
+    # Storage first (the snapshot store and NBD exports), then what serves files, DHCP last: a PC must
+    # never be told to fetch something that is not served yet.
+    services.append(HttpService())
+    return services
+
+
+class Daemon:
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.ctx: Optional[Context] = None
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    async def run(self) -> int:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            setup_logging("info")
+            for p in e.problems:
+                log.error("config: %s", p)
+            return 1
+        setup_logging(config.log.level)
+        storage = Path(config.storage.directory)
+        storage.mkdir(parents=True, exist_ok=True)
+        store = StateStore(storage / "state.db")
+        ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)
+        ctx.extras["reload"] = self.reload
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+
+        ctx.services = build_services(ctx)
+        started: list[Service] = []
+        try:
+            for svc in ctx.services:
+                self.notifier.status(f"starting {svc.name}")
+                await svc.start(ctx)
+                started.append(svc)
+                log.info("started %s", svc.name)
+        except Exception as e:
+            log.error("cannot start %s: %s", ctx.services[len(started)].name, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            await self._stop_services(started)
+            store.close()
+            return 1
+
+        self.notifier.ready(self.status_line())
+        self.notifier.start_watchdog()
+        log.info("bootd ready (pid %d): %s", os.getpid(), self.status_line())
+        await self._stop.wait()
+
+        log.info("stopping")
+        self.notifier.stopping()
+        self.notifier.stop_watchdog()
+        await self._stop_services(started)
+        store.close()
+        log.info("stopped")
+        return 0
+
+    def status_line(self) -> str:
+        ctx = self.ctx
+        if ctx is None:
+            return "starting"
+        ifaces = ",".join(i.name for i in ctx.config.interfaces) or "none"
+        return f"serving on {ifaces}; services: {', '.join(s.name for s in ctx.services)}"
+
+    async def _stop_services(self, started: list[Service]) -> None:
+        deadline = time.monotonic() + STOP_BUDGET
+        for svc in reversed(started):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(svc.stop(), timeout=remaining)
+                log.info("stopped %s", svc.name)
+            except asyncio.TimeoutError:
+                log.error("%s did not stop in time; abandoning it", svc.name)
+            except Exception as e:
+                log.error("error stopping %s: %s", svc.name, e)
+
+    async def reload(self) -> bool:
+        """Re-read the config; apply it if valid, else keep the old one. Returns whether it applied."""
+        ctx = self.ctx
+        if ctx is None:
+            return False
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as e:
+                ctx.reload_errors = [str(p) for p in e.problems]
+                for p in e.problems:
+                    log.error("reload refused, keeping the running config: %s", p)
+                self.notifier.ready(f"config reload refused ({len(e.problems)} problems); {self.status_line()}")
+                return False
+            old = ctx.config
+            ctx.config = new
+            ctx.reload_errors = []
+            ctx.last_reload = time.time()
+            for svc in ctx.services:
+                try:
+                    await svc.reload(ctx)
+                except Exception as e:
+                    log.error("%s could not apply the new config: %s", svc.name, e)
+                    ctx.reload_errors.append(f"{svc.name}: {e}")
+            log.info("configuration reloaded from %s", self.config_path)
+            del old
+            self.notifier.ready(self.status_line())
+            return True
+
+
+def run_daemon(config_path: str) -> int:
+    return asyncio.run(Daemon(config_path).run())

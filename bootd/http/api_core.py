@@ -1,0 +1,113 @@
+"""Core admin API: status, reload, metrics, hosts and their boot timelines."""
+from __future__ import annotations
+
+import os
+import time
+
+from aiohttp import web
+
+from bootd import __version__
+from bootd.http.app import json_error
+
+routes = web.RouteTableDef()
+
+
+def _interfaces(ctx) -> list[dict]:
+    out = []
+    for iface in ctx.config.interfaces:
+        state = "unknown"
+        try:
+            with open(f"/sys/class/net/{iface.name}/operstate") as f:
+                state = f.read().strip()
+        except OSError:
+            state = "absent"
+        out.append({"name": iface.name, "address": str(iface.address), "state": state})
+    return out
+
+
+@routes.get("/api/v1/status")
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app["ctx"]
+    now = time.time()
+    return web.json_response({
+        "version": __version__,
+        "pid": os.getpid(),
+        "started_at": ctx.started_at,
+        "uptime": round(now - ctx.started_at, 3),
+        "config_path": ctx.config_path,
+        "dhcp_mode": ctx.config.dhcp.mode,
+        "interfaces": _interfaces(ctx),
+        "services": [{"name": s.name, **s.status()} for s in ctx.services],
+        "last_reload": ctx.last_reload,
+        "reload_errors": ctx.reload_errors,
+        "storage": str(ctx.config.storage_dir),
+    })
+
+
+@routes.post("/api/v1/reload")
+async def reload(request: web.Request) -> web.Response:
+    ctx = request.app["ctx"]
+    fn = ctx.extras.get("reload")
+    if fn is None:
+        raise json_error(503, "reload is not available")
+    applied = await fn()
+    return web.json_response({"applied": applied, "errors": ctx.reload_errors}, status=200 if applied else 422)
+
+
+@routes.get("/api/v1/metrics")
+async def metrics_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app["ctx"].metrics.snapshot())
+
+
+@routes.get("/metrics")
+async def metrics_prom(request: web.Request) -> web.Response:
+    return web.Response(text=request.app["ctx"].metrics.prometheus(), content_type="text/plain")
+
+
+def _host_rows(ctx) -> list[dict]:
+    seen = {h["mac"]: h for h in ctx.store.hosts()}
+    out = []
+    for h in ctx.config.hosts:
+        row = {"mac": h.mac, "name": h.name, "ip": str(h.ip) if h.ip else None, "group": h.group,
+               "configured": True, "first_seen": None, "last_seen": None, "last_ip": None, "arch": None}
+        s = seen.pop(h.mac, None)
+        if s:
+            row.update({k: s[k] for k in ("first_seen", "last_seen", "last_ip", "arch")})
+        out.append(row)
+    for mac, s in sorted(seen.items()):
+        out.append({"mac": mac, "name": s["name"], "ip": None, "group": None, "configured": False,
+                    "first_seen": s["first_seen"], "last_seen": s["last_seen"], "last_ip": s["last_ip"],
+                    "arch": s["arch"]})
+    return out
+
+
+def find_host(ctx, ident: str) -> dict:
+    """A host by name or MAC (configured or only seen), or a 404 that says so."""
+    ident_l = ident.lower().replace("-", ":")
+    for row in _host_rows(ctx):
+        if row["mac"] == ident_l or row["name"] == ident:
+            return row
+    raise json_error(404, f"no host named or with MAC {ident!r}")
+
+
+@routes.get("/api/v1/hosts")
+async def hosts(request: web.Request) -> web.Response:
+    return web.json_response({"hosts": _host_rows(request.app["ctx"])})
+
+
+@routes.get("/api/v1/hosts/{ident}")
+async def host(request: web.Request) -> web.Response:
+    ctx = request.app["ctx"]
+    row = find_host(ctx, request.match_info["ident"])
+    try:
+        limit = int(request.query.get("limit", "200"))
+    except ValueError:
+        raise json_error(400, "limit must be a whole number")
+    if not 0 < limit <= 10000:
+        raise json_error(400, "limit must be between 1 and 10000")
+    row["events"] = ctx.store.events(row["mac"], limit=limit)
+    return web.json_response(row)
+
+
+def setup_routes(app: web.Application, ctx) -> None:
+    app.add_routes(routes)

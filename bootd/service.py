@@ -1,0 +1,27 @@
+"""The unit the daemon starts and stops: one protocol server or manager per Service."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
+
+
+class Service:
+    """Started in order, stopped in reverse; `reload` gets the context holding the new config."""
+
+    name = "service"
+
+    async def start(self, ctx: "Context") -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def reload(self, ctx: "Context") -> None:
+        """Apply ctx.config (already validated). Default: restart the service."""
+        await self.stop()
+        await self.start(ctx)
+
+    def status(self) -> dict:
+        return {}
