@@ -59,6 +59,61 @@ MIGRATIONS: list[Migration] = [
         );
         CREATE INDEX boot_events_mac_ts ON boot_events(mac, ts);
     """),
+    Migration(2, "snapshots: images, snapshots, assignments, audit (snapshots/ owner)", """
+        CREATE TABLE images (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            name         TEXT NOT NULL UNIQUE,
+            virtual_size INTEGER NOT NULL,
+            created_at   REAL NOT NULL,
+            created_by   TEXT NOT NULL,
+            source       TEXT
+        );
+        CREATE TABLE snapshots (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            image_id     INTEGER NOT NULL REFERENCES images(id),
+            version      INTEGER,
+            state        TEXT NOT NULL CHECK (state IN ('draft', 'sealed', 'deleting', 'deleted')),
+            parent_id    INTEGER REFERENCES snapshots(id),
+            backing_id   INTEGER REFERENCES snapshots(id),
+            file         TEXT NOT NULL UNIQUE,
+            virtual_size INTEGER NOT NULL,
+            note         TEXT NOT NULL DEFAULT '',
+            created_at   REAL NOT NULL,
+            created_by   TEXT NOT NULL,
+            sealed_at    REAL,
+            sealed_by    TEXT,
+            deleted_at   REAL,
+            UNIQUE (image_id, version)
+        );
+        CREATE INDEX snapshots_backing ON snapshots(backing_id);
+        CREATE TABLE assignments (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            image_id     INTEGER NOT NULL REFERENCES images(id),
+            kind         TEXT NOT NULL CHECK (kind IN ('current', 'test', 'pin', 'maintenance')),
+            target       TEXT NOT NULL,
+            snapshot_id  INTEGER NOT NULL REFERENCES snapshots(id),
+            status       TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'rolled-back', 'ended')),
+            created_at   REAL NOT NULL,
+            created_by   TEXT NOT NULL,
+            reason       TEXT NOT NULL DEFAULT '',
+            ended_at     REAL,
+            ended_by     TEXT
+        );
+        CREATE UNIQUE INDEX assignments_one_active ON assignments(image_id, kind, target) WHERE status = 'active';
+        CREATE INDEX assignments_snapshot ON assignments(snapshot_id, status);
+        CREATE TABLE audit (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            at           REAL NOT NULL,
+            actor        TEXT NOT NULL,
+            action       TEXT NOT NULL,
+            image        TEXT,
+            snapshot_id  INTEGER,
+            target       TEXT,
+            reason       TEXT NOT NULL DEFAULT '',
+            detail       TEXT
+        );
+        CREATE INDEX audit_image ON audit(image, id);
+    """),
 ]
 
 
@@ -201,17 +256,20 @@ class StateStore:
 
 
 def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements (sqlite3.execute runs one at a time; executescript commits)."""
-    out, buf = [], []
-    for line in script.splitlines():
-        stripped = line.split("--", 1)[0] if "--" in line and "'" not in line else line
-        buf.append(stripped)
-        joined = "\n".join(buf).strip()
-        if joined.endswith(";") and sqlite3.complete_statement(joined):
-            out.append(joined)
-            buf = []
-    rest = "\n".join(buf).strip()
-    if rest:
+    """Split a migration into statements (sqlite3.execute runs one at a time; executescript would
+    commit on its own and break the migration's atomicity). complete_statement knows about
+    semicolons inside strings, comments and trigger bodies."""
+    out, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            stmt = buf.strip()
+            if stmt.strip(";").strip() and not all(
+                    l.strip().startswith("--") or not l.strip() for l in stmt.rstrip(";").splitlines()):
+                out.append(stmt)
+            buf = ""
+    rest = buf.rstrip(";").strip()
+    if rest and not all(l.strip().startswith("--") or not l.strip() for l in rest.splitlines()):
         out.append(rest)
     return out
 

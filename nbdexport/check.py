@@ -1,0 +1,49 @@
+"""Checks an export the way a client will use it, with libnbd (Debian python3-libnbd), before the host
+is told its name: the handshake, the size, and a read of the first sector."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from nbdexport.errors import DiskError
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """How bootd's own checking client talks TLS to the server: psk (file + username) or x509 (dir)."""
+
+    kind: str
+    psk_file: Optional[str] = None
+    username: Optional[str] = None
+    cert_dir: Optional[str] = None
+
+
+def check_export(host: str, port: int, name: str, expect_size: Optional[int] = None,
+                 tls: Optional[ClientTls] = None) -> int:
+    """Blocking (run it in a thread). Returns the export size; raises DiskError if anything is wrong."""
+    import nbd
+
+    h = nbd.NBD()
+    try:
+        h.set_export_name(name)
+        if tls is not None:
+            h.set_tls(nbd.TLS_REQUIRE)
+            if tls.kind == "psk":
+                h.set_tls_psk_file(tls.psk_file)
+                if tls.username:
+                    h.set_tls_username(tls.username)
+            else:
+                h.set_tls_certificates(tls.cert_dir)
+        h.connect_tcp(host, str(port))
+        size = h.get_size()
+        if expect_size is not None and size != expect_size:
+            raise DiskError(f"export {name[:6]}… has size {size}, expected {expect_size}")
+        sector = h.pread(min(512, size), 0) if size else b""
+        if size and len(sector) != min(512, size):
+            raise DiskError(f"export {name[:6]}…: short read of the first sector")
+        h.shutdown()
+        return size
+    except nbd.Error as e:
+        raise DiskError(f"export check failed: {e}") from e
+    finally:
+        h.close()

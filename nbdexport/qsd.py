@@ -1,0 +1,324 @@
+"""One supervised qemu-storage-daemon, driven over QMP with `qemu.qmp`.
+
+The data path (qcow2 decoding, NBD) stays in QEMU's C code; bootd only adds and removes block nodes
+and exports. The daemon is started in its own session so that a kill -9 of bootd leaves it serving:
+a restarted bootd *adopts* it (pid file + QMP socket), so running boots keep their connections. If the
+daemon itself dies, it is restarted with backoff and `on_restart` puts every export back.
+
+Death is noticed through a pidfd (works for a child and for an adopted process alike), not by
+polling.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from nbdexport.errors import DiskError, StorageDaemonDown
+
+log = logging.getLogger("bootd.nbd.qsd")
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+BACKOFF = (0.1, 0.3, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """qemu tls-creds object for the NBD server: x509 (dir with ca-cert.pem, server-cert.pem,
+    server-key.pem) or psk (dir with keys.psk holding `identity:hexkey` lines)."""
+
+    kind: str  # "x509" | "psk"
+    dir: str
+    verify_peer: bool = True
+
+    def object_arg(self) -> str:
+        if self.kind == "psk":
+            return f"tls-creds-psk,id=tls0,endpoint=server,dir={self.dir}"
+        return (f"tls-creds-x509,id=tls0,endpoint=server,dir={self.dir},"
+                f"verify-peer={'on' if self.verify_peer else 'off'}")
+
+
+class StorageDaemon:
+    """Starts (or adopts), watches and restarts qemu-storage-daemon; `execute` runs one QMP command."""
+
+    def __init__(self, run_dir: str | Path, host: str, port: int, tls: Optional[TlsSettings] = None,
+                 binary: str = "qemu-storage-daemon",
+                 on_restart: Optional[Callable[[], Awaitable[None]]] = None,
+                 on_event: Optional[Callable[[str, dict], None]] = None):
+        self.run_dir = Path(run_dir)
+        self.host, self.port, self.tls, self.binary = host, port, tls, binary
+        self.on_restart = on_restart
+        self.on_event = on_event or (lambda kind, detail: None)
+        self.qmp: Optional[QMPClient] = None
+        self.pid: Optional[int] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.adopted = False
+        self.restarts = 0
+        self.started_at: Optional[float] = None
+        self.up = asyncio.Event()
+        self._pidfd: Optional[int] = None
+        self._stopping = False
+        self._restart_task: Optional[asyncio.Task] = None
+        self.lock = asyncio.Lock()  # held by whoever changes the export set (and by the restore)
+
+    # -- paths -------------------------------------------------------------------------------------
+    @property
+    def qmp_path(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.run_dir / "qsd.pid"
+
+    @property
+    def args_path(self) -> Path:
+        return self.run_dir / "qsd.json"
+
+    def _identity(self) -> dict:
+        """What a running daemon must match to be adopted instead of replaced."""
+        return {"host": self.host, "port": self.port, "binary": self.binary,
+                "tls": self.tls.object_arg() if self.tls else None}
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not await self._adopt():
+            await self._spawn()
+        self._watch()
+
+    async def stop(self) -> None:
+        """Quit the daemon (every export goes); used on a normal bootd stop."""
+        self._stopping = True
+        if self._restart_task:
+            self._restart_task.cancel()
+        self._unwatch()
+        pid = self.pid
+        if self.qmp is not None:
+            try:
+                await asyncio.wait_for(self.qmp.execute("quit"), 2)
+            except Exception:
+                pass
+            await self._drop_qmp()
+        if pid:
+            for _ in range(40):
+                if not _alive(pid):
+                    break
+                if self.proc is not None:
+                    self.proc.poll()
+                await asyncio.sleep(0.05)
+            else:
+                _kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        self.pid = None
+        self.up.clear()
+        for p in (self.pid_path, self.args_path):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def _adopt(self) -> bool:
+        """Take over a daemon left by a previous bootd (killed hard) if it is ours and configured alike."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            ident = json.loads(self.args_path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not _alive(pid) or not _is_qsd(pid, self.qmp_path):
+            return False
+        if ident != self._identity():
+            log.info("storage daemon pid %d runs another configuration; replacing it", pid)
+            _kill(pid, signal.SIGKILL)
+            await _wait_dead(pid)
+            return False
+        try:
+            await self._connect()
+        except Exception as e:
+            log.warning("cannot adopt storage daemon pid %d (%s); replacing it", pid, e)
+            _kill(pid, signal.SIGKILL)
+            await _wait_dead(pid)
+            return False
+        self.pid, self.proc, self.adopted = pid, None, True
+        self.started_at = time.time()
+        self.up.set()
+        log.info("adopted running qemu-storage-daemon pid %d", pid)
+        self.on_event("adopted", {"pid": pid})
+        return True
+
+    async def _spawn(self) -> None:
+        for p in (self.qmp_path, self.pid_path):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        argv = [self.binary,
+                "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                "--monitor", "chardev=qmp0",
+                "--pidfile", str(self.pid_path)]
+        if self.tls:
+            argv += ["--object", self.tls.object_arg()]
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError as e:
+            raise DiskError(f"cannot start {self.binary}: {e}") from e
+        self.pid, self.adopted = self.proc.pid, False
+        deadline = time.monotonic() + 10
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+                raise DiskError(f"qemu-storage-daemon exited at start: {err or self.proc.returncode}")
+            if time.monotonic() > deadline:
+                _kill(self.proc.pid, signal.SIGKILL)
+                raise DiskError("qemu-storage-daemon did not create its QMP socket within 10 s")
+            await asyncio.sleep(0.01)
+        await self._connect()
+        addr: dict[str, Any] = {"type": "inet", "data": {"host": self.host, "port": str(self.port)}}
+        args: dict[str, Any] = {"addr": addr}
+        if self.tls:
+            args["tls-creds"] = "tls0"
+        try:
+            await self.qmp.execute("nbd-server-start", args)
+        except QMPError as e:
+            _kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            await self._drop_qmp()
+            raise DiskError(f"NBD server cannot listen on {self.host}:{self.port}: {e}") from e
+        self.args_path.write_text(json.dumps(self._identity()))
+        self.started_at = time.time()
+        self.up.set()
+        log.info("qemu-storage-daemon pid %d serving NBD on %s:%d%s", self.pid, self.host, self.port,
+                 " (TLS)" if self.tls else "")
+
+    async def _connect(self) -> None:
+        qmp = QMPClient("bootd")
+        await asyncio.wait_for(qmp.connect(str(self.qmp_path)), 5)
+        self.qmp = qmp
+
+    async def _drop_qmp(self) -> None:
+        qmp, self.qmp = self.qmp, None
+        if qmp is not None:
+            try:
+                await asyncio.wait_for(qmp.disconnect(), 2)
+            except BaseException:
+                pass
+
+    # -- watching ----------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        self._unwatch()
+        if not self.pid:
+            return
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._died()
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._died)
+
+    def _unwatch(self) -> None:
+        if self._pidfd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            except Exception:
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _died(self) -> None:
+        self._unwatch()
+        if self.proc is not None:
+            self.proc.poll()
+        self.up.clear()
+        if self._stopping:
+            return
+        status = self.proc.returncode if self.proc is not None else None
+        log.error("qemu-storage-daemon pid %s died (status %s); restarting it with its exports", self.pid, status)
+        self.on_event("died", {"pid": self.pid, "status": status})
+        self.pid = None
+        if self._restart_task is None or self._restart_task.done():
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        await self._drop_qmp()
+        attempt = 0
+        while not self._stopping:
+            try:
+                async with self.lock:
+                    await self._spawn()
+                    self._watch()
+                    self.restarts += 1
+                    if self.on_restart is not None:
+                        await self.on_restart()
+                self.on_event("restarted", {"pid": self.pid, "restarts": self.restarts})
+                return
+            except Exception as e:
+                delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+                attempt += 1
+                log.error("restarting qemu-storage-daemon failed (%s); next try in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+
+    # -- commands ----------------------------------------------------------------------------------
+    async def execute(self, cmd: str, args: Optional[dict] = None, timeout: float = 10) -> Any:
+        if self.qmp is None or not self.up.is_set():
+            raise StorageDaemonDown("the storage daemon is restarting; try again in a moment")
+        try:
+            return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+        except QMPError as e:
+            raise DiskError(f"{cmd}: {e}") from e
+        except (EOFError, ConnectionError, asyncio.TimeoutError) as e:
+            raise StorageDaemonDown(f"{cmd}: storage daemon not answering ({e.__class__.__name__})") from e
+
+    def status(self) -> dict:
+        return {"pid": self.pid, "up": self.up.is_set(), "restarts": self.restarts, "adopted": self.adopted,
+                "listen": f"{self.host}:{self.port}", "tls": self.tls.kind if self.tls else None}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_qsd(pid: int, qmp_path: Path) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(b"qemu-storage-daemon") and any(str(qmp_path).encode() in a for a in argv)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+async def _wait_dead(pid: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
