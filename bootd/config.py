@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from bootd.clientconfig.model import ClientsConfig  # client helper: what a client boots into
+from bootd.nfs import NfsConfig  # client helper: NFS exports of client roots
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
@@ -177,6 +179,7 @@ class GroupConfig(Section):
     default_image: Optional[str] = None
     boot: Literal["ipxe", "pxelinux", "grub"] = "ipxe"
     persistent: bool = False
+    clients: Optional[ClientsConfig] = None  # QEMU instances / X server / viewer the PCs boot into
 
 
 class HostConfig(Section):
@@ -190,6 +193,7 @@ class HostConfig(Section):
     default_image: Optional[str] = None
     boot: Optional[Literal["ipxe", "pxelinux", "grub"]] = None
     persistent: Optional[bool] = None
+    clients: Optional[ClientsConfig] = None  # overrides the group's clients settings field by field
 
 
 class LogConfig(Section):
@@ -205,6 +209,7 @@ class Config(Section):
     storage: StorageConfig = StorageConfig()
     menu: MenuConfig = MenuConfig()
     nbd: NbdConfig = NbdConfig()
+    nfs: NfsConfig = NfsConfig()
     log: LogConfig = LogConfig()
     images: list[ImageConfig] = []
     groups: list[GroupConfig] = []

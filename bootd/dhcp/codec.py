@@ -85,7 +85,7 @@ def build_tlv(options: dict[int, bytes], end: bool = False) -> bytes:
 
 def _parse_options(buf: bytes, start: int, stop: int, out: dict[int, bytes], where: str) -> int:
     """Parse options from buf[start:stop] into `out` (concatenating repeats); returns the offset just
-    past END (or `stop` when the area ends without END)."""
+    past END, or -1 when the area ends without END."""
     i = start
     while i < stop:
         code = buf[i]
@@ -105,7 +105,7 @@ def _parse_options(buf: bytes, start: int, stop: int, out: dict[int, bytes], whe
         prev = out.get(code)
         out[code] = val if prev is None else prev + val
         i = j
-    return stop
+    return -1
 
 
 class DhcpMessage:
@@ -305,8 +305,8 @@ def decode(data: bytes) -> DhcpMessage:
         raise DhcpDecodeError("no DHCP magic cookie (plain BOOTP is not served)")
     options: dict[int, bytes] = {}
     end = _parse_options(data, MIN_PACKET, n, options, "options field")
-    has_end = end < n or (end == n and data[n - 1] == END)
-    padding = n - end
+    has_end = end >= 0
+    padding = n - end if has_end else 0
     ov = options.get(OVERLOAD)
     if ov is not None:
         # RFC 2131: 1 = `file` holds options, 2 = `sname`, 3 = both; file first, then sname.
