@@ -20,7 +20,7 @@ demo: setup assets
 	@$(PY) scripts/demo.py
 
 bench: setup assets
-	@$(PY) benchmarks/run_all.py
+	@$(PY) benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf .cache .pytest_cache test-artifacts *.egg-info

@@ -89,6 +89,26 @@ class LoaderConfig(Section):
     grub_x64: str = "grubx64.efi"
 
 
+class RelaySubnetConfig(Section):
+    """A remote subnet whose requests reach bootd through a relay agent (matched by giaddr)."""
+
+    subnet: ipaddress.IPv4Network
+    interface: str  # the served interface the relayed requests arrive on
+    start: ipaddress.IPv4Address
+    end: ipaddress.IPv4Address
+    router: Optional[ipaddress.IPv4Address] = None
+    dns: list[ipaddress.IPv4Address] = []
+    domain: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _inside(self):
+        if int(self.end) < int(self.start):
+            raise ValueError("range end is before its start")
+        if self.start not in self.subnet or self.end not in self.subnet:
+            raise ValueError(f"range {self.start}-{self.end} is not inside {self.subnet}")
+        return self
+
+
 class DhcpConfig(Section):
     mode: Literal["full", "proxy", "off"] = "off"
     lease_time: Annotated[int, Field(ge=60, le=31_536_000)] = 3600
@@ -97,6 +117,21 @@ class DhcpConfig(Section):
     router_advertisements: bool = True  # answer IPv6 RS with a minimal RA so iPXE does not wait 15 s
     decline_quarantine: Annotated[int, Field(ge=0)] = 600
     loaders: LoaderConfig = LoaderConfig()
+    relay_subnets: list[RelaySubnetConfig] = []  # subnets behind DHCP relay agents (full mode)
+    offer_hold: Annotated[int, Field(ge=1, le=3600)] = 60  # seconds an offered address is kept for its client
+    # what an iPXE client is told to boot: {server} = bootd's address on the interface, {http_port}, {mac}
+    ipxe_script_url: str = "http://{server}:{http_port}/boot/{mac}.ipxe"
+    # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`
+    http_boot_url: str = "http://{server}:{http_port}/boot/files/{file}"
+
+    @field_validator("ipxe_script_url", "http_boot_url")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            v.format(server="10.0.0.1", http_port=80, mac="00:00:00:00:00:00", file="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"bad URL template ({e}); use {{server}}, {{http_port}}, {{mac}}, {{file}}") from None
+        return v
 
 
 class TftpConfig(Section):
@@ -109,6 +144,9 @@ class TftpConfig(Section):
     max_windowsize: Annotated[int, Field(ge=1, le=64)] = 64
     timeout: Annotated[float, Field(gt=0, le=255)] = 1.0
     retries: Annotated[int, Field(ge=1, le=50)] = 6
+    session_timeout: Annotated[float, Field(gt=0)] = 60.0  # no progress this long: the session is dropped
+    addresses: list[ipaddress.IPv4Address] = []  # listen here instead of on every interface's address
+    leading_slash: Literal["root", "refuse"] = "root"  # "/x" means <root>/x (GRUB asks so) or is refused
 
 
 class HttpConfig(Section):
@@ -153,11 +191,32 @@ class MenuConfig(Section):
     title: str = "bootd"
     local_disk_entry: bool = True
     previous_snapshot_entry: bool = True
+    cmdline: str = "console=tty0 console=ttyS0"  # kernel arguments put first on every entry's command line
+    pxelinux_ui: str = "menu.c32"  # pxelinux UI module (menu.c32 or vesamenu.c32), in the boot root
+
+
+class NbdTlsConfig(Section):
+    """TLS for the NBD server (qemu tls-creds objects). Clients without credentials get nothing."""
+
+    mode: Literal["x509", "psk"]
+    dir: str  # x509: ca-cert.pem, server-cert.pem, server-key.pem; psk: keys.psk (identity:hexkey lines)
+    verify_peer: bool = True  # x509: require a client certificate signed by the CA
+    client_dir: Optional[str] = None  # x509: ca-cert.pem, client-cert.pem, client-key.pem for bootd's own export check
+    psk_username: Optional[str] = None  # psk: identity bootd's own check uses (default: the first in keys.psk)
 
 
 class NbdConfig(Section):
     enabled: bool = True
     port: Annotated[int, Field(ge=1, le=65535)] = 10809
+    listen: Optional[ipaddress.IPv4Address] = None  # default: the first served interface's address (127.0.0.1 without one)
+    directory: Optional[str] = None  # overlays and persistent layers; default <storage.directory>/disks
+    run_dir: Optional[str] = None  # QMP socket and pid file; default /run/bootd/nbd-<hash of directory>
+    reap_after: Annotated[float, Field(gt=0)] = 4 * 3600  # drop a boot's disk after this long without a connection
+    reap_interval: Annotated[float, Field(gt=0)] = 60  # how often the reaper and the free-space check run
+    warn_free_percent: Annotated[float, Field(ge=0, le=100)] = 10  # warn below this share free (or storage.min_free_mb)
+    check_exports: bool = True  # read each new export with libnbd before the host is told its name
+    qsd_binary: str = "qemu-storage-daemon"
+    tls: Optional[NbdTlsConfig] = None
 
 
 class ImageConfig(Section):

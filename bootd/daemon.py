@@ -58,7 +58,21 @@ def build_services(ctx: Context) -> list[Service]:
     services: list[Service] = []
     # Storage first (the snapshot store and NBD exports), then what serves files, DHCP last: a PC must
     # never be told to fetch something that is not served yet.
+    from snapshots.service import SnapshotService
+    services.append(SnapshotService())  # snapshot helper: ctx.snapshots (fsck at start-up), before NBD/menus
+    from nbdexport.service import DiskService
+    services.append(DiskService())  # NBD helper: ctx.disks (qemu-storage-daemon, per-host overlays), before menus
+    from bootd.tftp.service import TftpService
+    services.append(TftpService())
+    from pxe.service import MenuService
+    services.append(MenuService())  # menus helper: ctx.booter + per-host menus over TFTP (after TFTP)
     services.append(HttpService())
+    from bootd.nfs import NfsService
+    services.append(NfsService())  # client helper: NFS exports of the client roots
+    from bootd.clientconfig.service import ClientFilesService
+    services.append(ClientFilesService())  # client helper: clients/<mac>/<file> over TFTP (HTTP: client_api)
+    from bootd.dhcp.server import DhcpService
+    services.append(DhcpService())  # DHCP/proxyDHCP + RA responder: last, once everything it points to is served
     return services
 
 
@@ -84,6 +98,7 @@ class Daemon:
         store = StateStore(storage / "state.db")
         ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)
         ctx.extras["reload"] = self.reload
+        self._prepare_boot_root(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -115,6 +130,14 @@ class Daemon:
         store.close()
         log.info("stopped")
         return 0
+
+    @staticmethod
+    def _prepare_boot_root(config: Config) -> None:
+        from pxe.loaders import install_loaders
+        try:
+            install_loaders(config.boot_root, config.dhcp.loaders)
+        except OSError as e:
+            log.warning("cannot install stock loaders into %s: %s", config.boot_root, e)
 
     def status_line(self) -> str:
         ctx = self.ctx
@@ -152,6 +175,7 @@ class Daemon:
                 return False
             old = ctx.config
             ctx.config = new
+            self._prepare_boot_root(new)
             ctx.reload_errors = []
             ctx.last_reload = time.time()
             for svc in ctx.services:

@@ -114,6 +114,55 @@ MIGRATIONS: list[Migration] = [
         );
         CREATE INDEX audit_image ON audit(image, id);
     """),
+    Migration(3, "disks: per-host NBD exports, boots, persistent layers (nbdexport/ owner)", """
+        CREATE TABLE disk_boots (
+            mac         TEXT PRIMARY KEY,
+            boot        INTEGER NOT NULL,          -- boots of this host so far (prepare_boot calls)
+            started     REAL NOT NULL
+        );
+        CREATE TABLE disk_exports (
+            name        TEXT PRIMARY KEY,          -- the NBD export name: a random token
+            mac         TEXT NOT NULL,
+            boot        INTEGER NOT NULL,
+            main        INTEGER NOT NULL,
+            snapshot_key  TEXT NOT NULL,           -- snapshot id, or file:PATH for a bare file
+            snapshot_id   INTEGER,
+            snapshot_name TEXT NOT NULL,
+            base_path   TEXT NOT NULL,
+            overlay     TEXT NOT NULL,
+            node        TEXT NOT NULL,
+            persistent  INTEGER NOT NULL,
+            size        INTEGER NOT NULL,
+            server_ip   TEXT NOT NULL,
+            created     REAL NOT NULL,
+            last_active REAL NOT NULL
+        );
+        CREATE INDEX disk_exports_mac ON disk_exports(mac);
+        CREATE TABLE disk_layers (
+            mac           TEXT PRIMARY KEY,        -- a persistent host's own layer
+            path          TEXT NOT NULL,
+            snapshot_key  TEXT NOT NULL,
+            snapshot_id   INTEGER,
+            snapshot_name TEXT NOT NULL,
+            base_path     TEXT NOT NULL,
+            created       REAL NOT NULL
+        );
+    """),
+    Migration(4, "dhcp: address reservations made at run time (bootd/dhcp owner)", """
+        CREATE TABLE dhcp_reservations (
+            mac        TEXT PRIMARY KEY,
+            ip         TEXT NOT NULL UNIQUE,
+            name       TEXT,
+            created    REAL NOT NULL
+        );
+    """),
+    Migration(5, "pxe: fallback NBD export tokens per host, until ctx.disks serves (pxe/ owner)", """
+        CREATE TABLE pxe_tokens (
+            mac        TEXT PRIMARY KEY,
+            token      TEXT NOT NULL UNIQUE,
+            created    REAL NOT NULL
+        );
+    """),
 ]
 
 

@@ -46,4 +46,4 @@ def check_export(host: str, port: int, name: str, expect_size: Optional[int] = N
     except nbd.Error as e:
         raise DiskError(f"export check failed: {e}") from e
     finally:
-        h.close()
+        del h  # closes the connection (libnbd's Python handle has no close())

@@ -55,14 +55,23 @@ class OverlayStore:
     def persistent_path(self, mac: str) -> Path:
         return self.dir / "persistent" / f"{mac_hex(mac)}.qcow2"
 
-    def template_for(self, base: str) -> Path:
-        """The empty overlay over `base`, made once with qemu-img (backing path recorded in its header)."""
+    def template_path(self, base: str) -> Path:
         st = os.stat(base)
         key = hashlib.sha1(f"{os.path.realpath(base)}:{st.st_ino}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
-        path = self.dir / "templates" / f"{key}.qcow2"
+        return self.dir / "templates" / f"{key}.qcow2"
+
+    def has_template(self, base: str) -> bool:
+        try:
+            return self.template_path(base).exists()
+        except OSError:
+            return False
+
+    def template_for(self, base: str) -> Path:
+        """The empty overlay over `base`, made once with qemu-img (backing path recorded in its header)."""
+        path = self.template_path(base)
         if not path.exists():
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            proc = subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b",
+            proc = subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", "-b",
                                    os.path.realpath(base), "-F", "qcow2", str(tmp)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

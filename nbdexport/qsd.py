@@ -126,11 +126,15 @@ class StorageDaemon:
                 pass
         self.pid = None
         self.up.clear()
-        for p in (self.pid_path, self.args_path):
+        for p in (self.pid_path, self.args_path, self.qmp_path):
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
+        try:
+            self.run_dir.rmdir()
+        except OSError:
+            pass
 
     async def _adopt(self) -> bool:
         """Take over a daemon left by a previous bootd (killed hard) if it is ours and configured alike."""
@@ -187,7 +191,16 @@ class StorageDaemon:
                 _kill(self.proc.pid, signal.SIGKILL)
                 raise DiskError("qemu-storage-daemon did not create its QMP socket within 10 s")
             await asyncio.sleep(0.01)
-        await self._connect()
+        while True:  # the socket file exists from bind(), a moment before listen()
+            try:
+                await self._connect()
+                break
+            except Exception as e:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    _kill(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+                    raise DiskError(f"cannot reach qemu-storage-daemon over QMP: {e}") from e
+                await asyncio.sleep(0.01)
         addr: dict[str, Any] = {"type": "inet", "data": {"host": self.host, "port": str(self.port)}}
         args: dict[str, Any] = {"addr": addr}
         if self.tls:

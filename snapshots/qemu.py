@@ -100,9 +100,12 @@ def check_importable(path: str) -> ImageInfo:
             f"{path} is a {found.format} image; import accepts {' or '.join(ACCEPTED_FORMATS)} "
             f"(convert it first: qemu-img convert -O qcow2 {path} out.qcow2)")
     if found.format == "raw":
-        if found.virtual_size == 0 or found.virtual_size % 512:
+        import stat as _stat
+        st = os.stat(path)
+        size = st.st_size if _stat.S_ISREG(st.st_mode) else found.virtual_size
+        if size == 0 or size % 512:
             raise SnapshotError(
-                f"{path} is not a disk image: {found.virtual_size} bytes is not a whole number of 512-byte sectors")
+                f"{path} is not a disk image: {size} bytes is not a whole number of 512-byte sectors")
         if probe_signature(path) is None:
             raise SnapshotError(
                 f"{path} is not a disk image: qemu-img sees only raw data and blkid finds no partition table "
@@ -125,6 +128,12 @@ def create_overlay(path: str, backing_name: str, virtual_size: int | None = None
     if virtual_size is not None:
         argv.append(str(virtual_size))
     _run(argv, f"cannot create layer {path}", timeout=60)
+
+
+def rebase_unsafe(path: str, backing_name: str) -> None:
+    """Rewrite only the backing file name in the header (same data, new name): `qemu-img rebase -u`."""
+    _run([QEMU_IMG, "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing_name, path],
+         f"cannot rebase {path}", timeout=60)
 
 
 def create_empty(path: str, size: int) -> None:
@@ -154,16 +163,21 @@ def convert(src: str, src_format: str, dst: str, progress: Callable[[float], Non
         raise ToolFailed(f"{QEMU_IMG} is not installed") from exc
     buf = b""
     assert proc.stdout is not None
-    while True:
-        chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(64)
-        if not chunk:
-            break
-        buf = (buf + chunk)[-256:]
-        matches = _PROGRESS.findall(buf)
-        if matches and progress is not None:
-            progress(min(1.0, float(matches[-1]) / 100.0))
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    rc = proc.wait()
+    try:
+        while True:
+            chunk = proc.stdout.read1(4096)
+            if not chunk:
+                break
+            buf = (buf + chunk)[-256:]
+            matches = _PROGRESS.findall(buf)
+            if matches and progress is not None:
+                progress(min(1.0, float(matches[-1]) / 100.0))  # may raise to cancel
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     if rc != 0:
         lines = err.strip().splitlines()
         detail = lines[-1] if lines else f"exit status {rc}"

@@ -18,6 +18,9 @@ from bootd.cli.api_client import ApiClient, ApiError, q
 # Modules with `register(sub)`. One line per component.
 COMMAND_MODULES = [
     "bootd.cli.core_cmds",
+    "bootd.cli.client_cmds",  # client helper: client render, clientroot build
+    "bootd.cli.snapshot_cmds",  # snapshot helper: bootctl image ..., bootctl snapshot ...
+    "bootd.cli.disk_cmds",  # NBD helper: bootctl disk list|boot|reset|commit
 ]
 
 

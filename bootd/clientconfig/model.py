@@ -10,6 +10,7 @@ arguments come only from VETTED_QEMU_ARGS. A group sets `clients:`; a host may o
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -44,7 +45,8 @@ def check_path(value: str, what: str = "path") -> str:
 
 def check_text(value: str, what: str = "text") -> str:
     """Free text for descriptions: printable, at most 120 characters, no quotes/`$`/backslash/control."""
-    if not isinstance(value, str) or len(value) > 120 or _TEXT_FORBIDDEN.search(value) or not value.strip():
+    if not isinstance(value, str) or len(value) > 120 or _TEXT_FORBIDDEN.search(value) or not value.strip() \
+            or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value):
         raise ValueError(f"{what} {value!r} must be 1-120 printable characters without quotes, backslashes, "
                          "commas or shell metacharacters ($ ` ; | & < > * ? ! {{ }} [ ] ~ # %)")
     return value
@@ -104,6 +106,8 @@ VETTED_QEMU_ARGS: dict[str, None | frozenset[str] | re.Pattern] = {
     "-boot": re.compile(r"(order=[acdn]{1,4}|once=[acdn]{1,4}|menu=(on|off)|splash-time=[0-9]{1,5}|strict=(on|off))"
                         r"(,(order=[acdn]{1,4}|once=[acdn]{1,4}|menu=(on|off)|splash-time=[0-9]{1,5}|strict=(on|off)))*"),
     "-serial": re.compile(rf"null|none|file:{_SAFE_FILE}"),
+    # a local QMP socket for a management agent on the client (screendumps, clean powerdown)
+    "-qmp": re.compile(rf"unix:{_SAFE_FILE},server=on,wait=off"),
     "-smp": re.compile(r"[0-9]{1,3}(,(sockets|cores|threads|maxcpus)=[0-9]{1,3})*"),
     "-global": frozenset({"kvm-pit.lost_tick_policy=delay", "ICH9-LPC.disable_s3=1", "PIIX4_PM.disable_s3=1"}),
 }
@@ -132,7 +136,7 @@ def parse_extra_arg(item: Any) -> tuple[str, ...]:
         raise ValueError(f"extra QEMU argument {opt} needs a value")
     value = parts[1]
     ok = value in rule if isinstance(rule, frozenset) else bool(rule.fullmatch(value))
-    if ok and opt == "-serial" and ".." in value.split("/"):
+    if ok and opt in ("-serial", "-qmp") and ".." in value.split(",")[0].split("/"):
         ok = False
     if not ok:
         allowed = ", ".join(sorted(rule)) if isinstance(rule, frozenset) else f"values matching {rule.pattern}"
@@ -196,7 +200,7 @@ class XServerConfig(_Strict):
     """The X server that shows one instance per virtual terminal."""
 
     program: Literal["/usr/bin/Xorg", "/usr/bin/X", "/usr/bin/Xvfb"] = "/usr/bin/Xorg"
-    display_base: int = Field(0, ge=0, le=50)      # instance N uses display :(base+N)
+    display_base: int = Field(0, ge=0, le=999)      # instance N uses display :(base+N)
     blanking: bool = False                         # False: -s 0 -dpms (a lab screen never blanks)
     no_cursor: bool = False                        # -nocursor (the viewer draws the guest's cursor)
     depth: Literal[16, 24, 30] | None = None

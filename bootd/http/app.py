@@ -24,6 +24,10 @@ log = logging.getLogger("bootd.http")
 # Modules with `setup_routes(app, ctx)`. One line per component.
 ROUTE_MODULES = [
     "bootd.http.api_core",
+    "bootd.http.boot",  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
+    "bootd.http.client_api",  # client helper: /clients/<mac>/ rendered jobs/units
+    "bootd.http.snapshot_api",  # snapshot helper: images, snapshots, lifecycle, jobs, fsck
+    "bootd.http.disk_api",  # NBD helper: /api/v1/disks (list, boot, reset, commit)
 ]
 
 SITE_KEY = web.AppKey("bootd_site_kind", dict)

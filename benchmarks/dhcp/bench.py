@@ -1,0 +1,183 @@
+"""DHCP throughput: perfdhcp full DORA against bootd and against kea-dhcp4 (memfile), same run.
+
+    sudo .venv/bin/python benchmarks/dhcp/bench.py [--duration 5] [--rates 1000,2000,...] [--json]
+
+Each server runs alone in its own network namespace, perfdhcp in another one joined by a veth pair
+(10.80.0.0/16, ~65 000 addresses in the pool). Leases are persisted by both (bootd: SQLite WAL,
+synchronous=NORMAL; kea: memfile with its CSV lease file). For every rate, each server is started
+fresh, perfdhcp offers DORA at that rate for `duration` seconds, and the run passes if under 1% of
+the exchanges are lost (ACKs received vs DISCOVERs sent). The result is the highest passing rate per
+server and bootd's ratio to kea. Server and perfdhcp are pinned to different CPUs, the same for both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from netns import Netns  # noqa: E402
+
+SERVER_IP, CLIENT_IP = "10.80.0.1", "10.80.0.2"
+POOL = ("10.80.0.10", "10.80.255.250")
+CLIENTS = 50000
+SERVER_CPU, CLIENT_CPU = "0", "1"
+
+
+class Pair:
+    """A server namespace and a client namespace joined by veth (srv0 <-> cli0)."""
+
+    def __init__(self) -> None:
+        self.server = Netns()
+        self.client = Netns()
+        subprocess.run(["ip", "link", "add", "srv0", "netns", self.server.name, "type", "veth", "peer", "name",
+                        "cli0", "netns", self.client.name], check=True)
+        self.server.run(["ip", "addr", "add", f"{SERVER_IP}/16", "dev", "srv0"])
+        self.server.run(["ip", "link", "set", "srv0", "up"])
+        self.client.run(["ip", "addr", "add", f"{CLIENT_IP}/16", "dev", "cli0"])
+        self.client.run(["ip", "link", "set", "cli0", "up"])
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+
+def wait_port67(ns: Netns, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        out = ns.run(["ss", "-uln"], check=False).stdout
+        if re.search(r":67\s", out):
+            time.sleep(0.3)
+            return
+        time.sleep(0.2)
+    raise RuntimeError("server did not open port 67")
+
+
+def start_bootd(pair: Pair, work: Path) -> subprocess.Popen:
+    import yaml
+    cfg = {
+        "interfaces": [{"name": "srv0", "address": f"{SERVER_IP}/16"}],
+        "dhcp": {"mode": "full", "lease_time": 3600, "router_advertisements": False,
+                 "pools": [{"interface": "srv0", "start": POOL[0], "end": POOL[1]}]},
+        "tftp": {"enabled": False}, "http": {"enabled": False}, "nbd": {"enabled": False},
+        "storage": {"directory": str(work / "storage")}, "api": {"socket": str(work / "api.sock")},
+        "log": {"level": "warning"},
+    }
+    (work / "bootd.yaml").write_text(yaml.safe_dump(cfg))
+    log = open(work / "bootd.log", "ab")
+    p = pair.server.popen(["taskset", "-c", SERVER_CPU, sys.executable, "-m", "bootd.cli.bootd_main", "--config",
+                           str(work / "bootd.yaml"), "run"], stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    wait_port67(pair.server, p)
+    return p
+
+
+def start_kea(pair: Pair, work: Path) -> subprocess.Popen:
+    cfg = {"Dhcp4": {
+        "interfaces-config": {"interfaces": ["srv0"], "dhcp-socket-type": "raw"},
+        "lease-database": {"type": "memfile", "persist": True, "name": str(work / "kea-leases4.csv"),
+                           "lfc-interval": 0},
+        "control-socket": {"socket-type": "unix", "socket-name": str(work / "kea.sock")},
+        "valid-lifetime": 3600,
+        "subnet4": [{"id": 1, "subnet": "10.80.0.0/16", "pools": [{"pool": f"{POOL[0]} - {POOL[1]}"}]}],
+        "loggers": [{"name": "kea-dhcp4", "output_options": [{"output": str(work / "kea.log")}],
+                     "severity": "WARN"}],
+    }}
+    (work / "kea.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, KEA_PIDFILE_DIR=str(work), KEA_LOCKFILE_DIR=str(work))
+    p = pair.server.popen(["taskset", "-c", SERVER_CPU, "kea-dhcp4", "-c", str(work / "kea.json")],
+                          stdout=open(work / "kea.out", "ab"), stderr=subprocess.STDOUT, env=env)
+    wait_port67(pair.server, p)
+    return p
+
+
+def perfdhcp(pair: Pair, rate: int, duration: float) -> dict:
+    r = pair.client.run(["taskset", "-c", CLIENT_CPU, "perfdhcp", "-4", "-l", "cli0", "-r", str(rate),
+                         "-p", str(int(duration)), "-R", str(CLIENTS), "-g", "single", SERVER_IP],
+                        check=False, timeout=duration + 60)
+    text = r.stdout
+    stats: dict = {}
+    for block in re.split(r"\*\*\*Statistics for: ", text)[1:]:
+        name = block.split("*", 1)[0].strip()
+        sent = re.search(r"sent packets: (\d+)", block)
+        recv = re.search(r"received packets: (\d+)", block)
+        if sent and recv:
+            stats[name] = (int(sent.group(1)), int(recv.group(1)))
+    d_sent = stats.get("DISCOVER-OFFER", (0, 0))[0]
+    acks = stats.get("REQUEST-ACK", (0, 0))[1]
+    rate_m = re.search(r"Rate: ([\d.]+) 4-way exchanges/second", text)
+    loss = 1.0 - acks / d_sent if d_sent else 1.0
+    return {"rate": rate, "discovers": d_sent, "acks": acks, "loss": loss,
+            "achieved": float(rate_m.group(1)) if rate_m else 0.0}
+
+
+def measure(kind: str, rates: list[int], duration: float, verbose: bool) -> tuple[int, list[dict]]:
+    best, runs = 0, []
+    fails = 0
+    for rate in rates:
+        pair = Pair()
+        work = Path(tempfile.mkdtemp(prefix=f"dhcpbench-{kind}-"))
+        os.chmod(work, 0o755)
+        try:
+            proc = (start_bootd if kind == "bootd" else start_kea)(pair, work)
+            res = perfdhcp(pair, rate, duration)
+            res["server"] = kind
+            alive = proc.poll() is None
+            res["alive"] = alive
+            runs.append(res)
+            ok = res["loss"] < 0.01 and alive and res["discovers"] >= rate * duration * 0.9
+            if verbose:
+                print(f"{kind:6} rate {rate:6}/s: {res['discovers']} DISCOVERs, {res['acks']} ACKs, "
+                      f"loss {res['loss'] * 100:.2f}% {'ok' if ok else 'FAIL'}", file=sys.stderr, flush=True)
+            if ok:
+                best = rate
+                fails = 0
+            else:
+                fails += 1
+                if fails >= 2:
+                    break
+        finally:
+            pair.close()
+            shutil.rmtree(work, ignore_errors=True)
+    return best, runs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--rates", default="1000,2000,3000,4000,5000,6000,7000,8000,9000,10000,12000")
+    ap.add_argument("--servers", default="bootd,kea")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    rates = [int(x) for x in a.rates.split(",")]
+    results = {}
+    for kind in a.servers.split(","):
+        best, runs = measure(kind, rates, a.duration, verbose=True)
+        results[kind] = {"best": best, "runs": runs}
+    out = {k: v["best"] for k, v in results.items()}
+    if "bootd" in out and out.get("kea"):
+        out["ratio_bootd_to_kea"] = round(out["bootd"] / out["kea"], 2)
+    if a.json:
+        print(json.dumps({"summary": out, "runs": results}, indent=2))
+    else:
+        for k in a.servers.split(","):
+            print(f"{k}: highest rate with <1% loss: {out[k]} DORA/s")
+        if "ratio_bootd_to_kea" in out:
+            print(f"ratio bootd/kea: {out['ratio_bootd_to_kea']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""NBD disks: a bootd export (DiskManager + qemu-storage-daemon, an overlay over the snapshot) against
+plain qemu-nbd serving an identical overlay over the same 1 GiB qcow2 snapshot, in the same run.
+
+Measured, alternating bootd / qemu-nbd, medians of --reps:
+  * sequential read of the whole disk with nbdcopy (to null:);
+  * 4 KiB random read and random write, queue depth 16, fio's nbd engine (libnbd), --seconds each
+    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd);
+  * 50 clients at once, each its own disk (bootd: 50 hosts' exports in one daemon; peer: 50 qemu-nbd
+    processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
+  * boot event to export ready: `prepare_boot` (new overlay, node, export, libnbd check), 50 hosts.
+Prints numbers and bootd/qemu-nbd ratios (targets: >= 0.95 each; boot-to-ready < 50 ms); asserts no
+times. Everything runs on 127.0.0.1 and is killed at the end.
+
+    python benchmarks/nbd/run.py [--reps N] [--seconds S] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+from bootd.state import StateStore  # noqa: E402
+from nbdexport.manager import DiskManager, DiskSettings  # noqa: E402
+from nbdexport.qsd import StorageDaemon  # noqa: E402
+
+GiB = 1 << 30
+MiB = 1 << 20
+CACHE = REPO / ".cache" / "bench-nbd"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def base_image() -> Path:
+    """1 GiB qcow2, every cluster allocated (8 patterns of 128 MiB), made once and cached."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / "base-1g.qcow2"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "1G"], check=True)
+        cmds = []
+        for i in range(8):
+            cmds += ["-c", f"write -P {0x11 * (i + 1)} {i * 128}M 128M"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(tmp)], check=True, capture_output=True)
+        tmp.chmod(0o444)
+        tmp.rename(path)
+    return path
+
+
+class QemuNbdPeer:
+    """qemu-nbd on its own overlay over the same base (same chain depth as a bootd export)."""
+
+    def __init__(self, work: Path, base: Path, name: str = "peer"):
+        self.work, self.base, self.name = work, base, name
+        self.port = free_port()
+        self.proc = None
+        self.overlay = work / f"{name}.qcow2"
+
+    def start(self) -> "QemuNbdPeer":
+        self.stop()
+        if self.overlay.exists():
+            self.overlay.unlink()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "qcow2",
+                        str(self.overlay)], check=True)
+        self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-b", "127.0.0.1", "-p", str(self.port),
+                                      "-x", self.name, "--persistent", "--shared=0", str(self.overlay)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.01)
+        raise RuntimeError("qemu-nbd did not start")
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{self.name}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class Bootd:
+    """The DiskManager exactly as the daemon runs it, on its own loop."""
+
+    def __init__(self, work: Path, base: Path):
+        self.base = base
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="bnbd", dir="/tmp"))
+        self.store = StateStore(work / "state.db")
+        settings = DiskSettings(directory=str(work / "disks"), run_dir=str(self.run_dir), listen="127.0.0.1",
+                                port=self.port, reap_interval=3600)
+        qsd = StorageDaemon(settings.run_dir, "127.0.0.1", self.port)
+        self.m = DiskManager(settings, self.store, qsd, resolve_snapshot=lambda mac: None,
+                             is_persistent=lambda mac: False)
+        self.run(self.m.start())
+        self.n = 0
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def boot(self, mac: str = "52:54:00:aa:00:01"):
+        t0 = time.perf_counter()
+        exp = self.run(self.m.prepare_boot(mac, str(self.base)))
+        return exp, (time.perf_counter() - t0) * 1000
+
+    def settle(self) -> None:
+        self.run(asyncio.sleep(0.2))
+
+    def stop(self) -> None:
+        try:
+            self.run(self.m.stop())
+        finally:
+            self.loop.close()
+            self.store.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def nbdcopy_mbs(uri: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    return GiB / (time.perf_counter() - t0) / 1e6
+
+
+def fio_iops(uri: str, rw: str, seconds: int) -> float:
+    out = subprocess.run(["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+                          "--iodepth=16", f"--runtime={seconds}", "--time_based", "--size=1G",
+                          "--output-format=json", "--randrepeat=0"],
+                         check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return job["read"]["iops"] + job["write"]["iops"]
+
+
+def fio_many(uris: list[str], size_mb: int = 64) -> tuple[float, float, int]:
+    """Every uri read by its own fio job at the same time: (aggregate MB/s, slowest job s, failures)."""
+    args = ["fio", "--output-format=json", "--ioengine=nbd", "--rw=read", "--bs=256k", "--iodepth=4",
+            f"--size={size_mb}M"]
+    for i, u in enumerate(uris):
+        args += [f"--name=c{i}", f"--uri={u}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0 or "{" not in r.stdout:
+        return 0.0, wall, len(uris)
+    jobs = json.loads(r.stdout[r.stdout.index("{"):])["jobs"]
+    fails = sum(1 for j in jobs if j.get("error"))
+    slowest = max(j["read"]["runtime"] for j in jobs) / 1000
+    total = sum(j["read"]["io_bytes"] for j in jobs)
+    return total / wall / 1e6, slowest, fails
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--quick", action="store_true", help="1 rep, 3 s fio runs")
+    a = ap.parse_args()
+    if a.quick:
+        a.reps, a.seconds = 1, 3
+    for prog in ("qemu-storage-daemon", "qemu-nbd", "nbdcopy", "fio"):
+        if shutil.which(prog) is None:
+            print(f"missing {prog}: run deps/setup.sh", file=sys.stderr)
+            return 2
+    base = base_image()
+    work = Path(tempfile.mkdtemp(prefix="bench-nbd-"))
+    bootd = peer = None
+    peers: list[QemuNbdPeer] = []
+    res: dict[str, dict[str, list[float]]] = {k: {"bootd": [], "qemu-nbd": []}
+                                              for k in ("seq_read_MBps", "randread_iops", "randwrite_iops")}
+    try:
+        bootd = Bootd(work, base)
+        peer = QemuNbdPeer(work, base)
+        for rep in range(a.reps):
+            exp, _ = bootd.boot()
+            peer.start()
+            res["seq_read_MBps"]["bootd"].append(nbdcopy_mbs(exp.uri))
+            res["seq_read_MBps"]["qemu-nbd"].append(nbdcopy_mbs(peer.uri))
+            res["randread_iops"]["bootd"].append(fio_iops(exp.uri, "randread", a.seconds))
+            res["randread_iops"]["qemu-nbd"].append(fio_iops(peer.uri, "randread", a.seconds))
+            exp, _ = bootd.boot()  # fresh overlay for the writes
+            peer.start()
+            res["randwrite_iops"]["bootd"].append(fio_iops(exp.uri, "randwrite", a.seconds))
+            res["randwrite_iops"]["qemu-nbd"].append(fio_iops(peer.uri, "randwrite", a.seconds))
+            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v['bootd'][-1]:.0f}/{v['qemu-nbd'][-1]:.0f}"
+                                                 for k, v in res.items()), flush=True)
+        peer.stop()
+
+        # boot event -> export ready, for N hosts (the first boot of each)
+        bootd.settle()
+        times = []
+        exports = []
+        for i in range(a.clients):
+            exp, ms = bootd.boot(f"52:54:00:bb:{i >> 8:02x}:{i & 0xff:02x}")
+            times.append(ms)
+            exports.append(exp)
+        # and a reboot of each (old overlay torn down in the background)
+        re_times = []
+        for i in range(a.clients):
+            exp, ms = bootd.boot(f"52:54:00:bb:{i >> 8:02x}:{i & 0xff:02x}")
+            re_times.append(ms)
+            exports[i] = exp
+        bootd.settle()
+
+        many_b = fio_many([e.uri for e in exports])
+        peers = [QemuNbdPeer(work, base, f"p{i}").start() for i in range(a.clients)]
+        many_p = fio_many([p.uri for p in peers])
+    finally:
+        for p in peers:
+            p.stop()
+        if peer:
+            peer.stop()
+        if bootd:
+            bootd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("\nNBD benchmark (1 GiB qcow2 snapshot, loopback TCP; bootd = overlay in qemu-storage-daemon,"
+          " qemu-nbd = same overlay layout)")
+    print(f"{'measure':<28}{'bootd':>12}{'qemu-nbd':>12}{'ratio':>8}  target")
+    report = {}
+    for k, v in res.items():
+        b, p = med(v["bootd"]), med(v["qemu-nbd"])
+        report[k] = {"bootd": b, "qemu-nbd": p, "ratio": b / p}
+        print(f"{k:<28}{b:>12.0f}{p:>12.0f}{b / p:>8.2f}  >= 0.95 {'ok' if b / p >= 0.95 else 'MISSED'}")
+    print(f"{str(a.clients) + ' clients aggregate MB/s':<28}{many_b[0]:>12.0f}{many_p[0]:>12.0f}"
+          f"{many_b[0] / many_p[0] if many_p[0] else float('nan'):>8.2f}")
+    print(f"{'  slowest client s':<28}{many_b[1]:>12.2f}{many_p[1]:>12.2f}")
+    print(f"{'  failed clients':<28}{many_b[2]:>12}{many_p[2]:>12}")
+    q = statistics.quantiles(times, n=20)
+    rq = statistics.quantiles(re_times, n=20)
+    print(f"boot event -> export ready (ms, {a.clients} hosts): first boot median {med(times):.1f} p95 {q[-1]:.1f}"
+          f" max {max(times):.1f}; reboot median {med(re_times):.1f} p95 {rq[-1]:.1f} max {max(re_times):.1f}"
+          f"  target < 50 {'ok' if q[-1] < 50 else 'MISSED'}")
+    report["many"] = {"bootd": many_b, "qemu-nbd": many_p}
+    report["boot_to_ready_ms"] = {"median": med(times), "p95": q[-1], "max": max(times),
+                                  "reboot_median": med(re_times), "reboot_p95": rq[-1]}
+    (CACHE / "last-report.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""TFTP throughput: bootd's TFTP server against tftpd-hpa, same files, same clients, same run.
+
+Two links, each in private namespaces: loopback (client and both servers pinned to one CPU: on this
+VM a client on the other CPU is ~4x slower because of cross-CPU wake-ups, see FIELD-NOTES) and a
+LAN link with 0.5 ms delay each way (also pinned). This kernel has no sch_netem, so the LAN link is two
+tap devices joined by delayrelay.c (compiled at run time, on the other CPU), which holds each frame
+0.5 ms: the stand-in for "a veth pair with 0.5 ms netem delay each way". Per link: 32 MiB and 1 MiB with
+curl blksize 512 and 1468 and atftp blksize 1468 windowsize 16 (tftpd-hpa has no windowsize, so that
+row is bootd's windowed transfer against tftpd-hpa's lock-step one). Then 200 concurrent 1 MiB fetches
+over the LAN link (curl, blksize 1468, unpinned): aggregate MB/s and failures.
+Prints MB/s (MiB counted as 1.048576 MB) for each and the bootd/tftpd-hpa ratio; asserts no times.
+
+    python benchmarks/tftp/run.py [--quick] [--reps N]
+--quick leaves out the 32 MiB files on the LAN link (lock-step 512-byte blocks over 1 ms RTT take
+over a minute per server).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from netns import Netns  # noqa: E402
+
+CPU = "1"
+RELAY_CPU = "0"
+DELAY_US = 500
+BOOTD_PORT = 1069
+HPA_PORT = 2069
+SERVER_IP = "10.88.0.1"
+CLIENT_IP = "10.88.0.2"
+TARGETS = {"loopback": 0.8, "lan": 1.0, "lan-window": 3.0}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def client_argv(kind: str, host: str, port: int, name: str, dest: str) -> list[str]:
+    if kind == "curl512":
+        return ["curl", "-sS", "--tftp-blksize", "512", "-o", dest, f"tftp://{host}:{port}/{name}"]
+    if kind == "curl1468":
+        return ["curl", "-sS", "--tftp-blksize", "1468", "-o", dest, f"tftp://{host}:{port}/{name}"]
+    if kind == "atftp1468w16":
+        return ["atftp", "-g", "-r", name, "-l", dest, "--option", "blksize 1468", "--option", "windowsize 16",
+                host, str(port)]
+    raise ValueError(kind)
+
+
+# The timing loop runs inside the client's namespace so `ip netns exec` is not part of the time.
+TIMER = r"""
+import os, subprocess, sys, time, json
+cpu, reps, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if cpu != "-":
+    os.sched_setaffinity(0, {int(cpu)})
+times = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t = time.perf_counter() - t0
+    if r.returncode != 0:
+        print(json.dumps({"error": r.stderr.decode(errors="replace")[-300:]})); sys.exit(1)
+    times.append(t)
+print(json.dumps({"times": times}))
+"""
+
+
+def timed(ns: Netns, cpu: str, reps: int, argv: list[str]) -> list[float]:
+    import json
+    r = ns.run([sys.executable, "-c", TIMER, cpu, str(reps), *argv], check=False, timeout=3600)
+    out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"error": r.stderr}
+    if "error" in out:
+        raise RuntimeError(f"{' '.join(argv)}: {out['error']}")
+    return out["times"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="no 32 MiB files over the LAN link")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per case (median reported)")
+    ap.add_argument("--links", default="loopback,lan", help="comma-separated subset of loopback,lan")
+    ap.add_argument("--kinds", default="curl512,curl1468,atftp1468w16", help="comma-separated client cases")
+    ap.add_argument("--no-concurrent", action="store_true", help="leave out the 200 concurrent fetches")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="bootd-bench-tftp-"))
+    os.chmod(work, 0o755)
+    root = work / "root"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    files = {"32MiB": 32 << 20, "1MiB": 1 << 20}
+    for name, size in files.items():
+        (root / name).write_bytes(os.urandom(size))
+        os.chmod(root / name, 0o644)
+    digests = {name: sha(root / name) for name in files}
+    out = work / "out"
+    out.mkdir()
+    os.chmod(out, 0o777)
+
+    server = Netns()
+    client = Netns()
+    procs = []
+    results = []
+    try:
+        log = open(work / "servers.log", "ab")
+        # The LAN link: 0.5 ms each way. This kernel has no sch_netem, so two taps joined by a C relay that
+        # holds every frame 0.5 ms stand in for the veth pair with netem (relay on the other CPU).
+        relay_bin = work / "delayrelay"
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(relay_bin), str(HERE / "delayrelay.c")], check=True)
+        relay = server.popen(["taskset", "-c", RELAY_CPU, str(relay_bin), "bsrv0", "bcli0", str(DELAY_US)],
+                             stdout=subprocess.PIPE, stderr=log, text=True)
+        procs.append(relay)
+        if not relay.stdout.readline().startswith("READY"):
+            raise RuntimeError("delay relay did not start")
+        server.run(["ip", "link", "set", "bcli0", "netns", client.name])
+        server.run(["ip", "addr", "add", f"{SERVER_IP}/24", "dev", "bsrv0"])
+        client.run(["ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "bcli0"])
+        server.run(["ip", "link", "set", "bsrv0", "up"])
+        client.run(["ip", "link", "set", "bcli0", "up"])
+        ping = client.run(["ping", "-c", "20", "-i", "0.05", "-q", SERVER_IP], check=False).stdout.strip().splitlines()
+        print(f"LAN link (tap relay, {DELAY_US} us each way): {ping[-1] if ping else 'no ping'}", flush=True)
+
+        bootd = server.popen(["taskset", "-c", CPU, sys.executable, "-m", "bootd.tftp", "--root", str(root),
+                              "--listen", f"0.0.0.0:{BOOTD_PORT}"], stdout=subprocess.PIPE, stderr=log,
+                             cwd=str(REPO), text=True)
+        procs.append(bootd)
+        if not bootd.stdout.readline().startswith("READY"):
+            raise RuntimeError("bootd tftp did not start: " + (work / "servers.log").read_text())
+        hpa = server.popen(["taskset", "-c", CPU, "/usr/sbin/in.tftpd", "-L", "-s", str(root),
+                            "-a", f"0.0.0.0:{HPA_PORT}"], stdout=log, stderr=log)
+        procs.append(hpa)
+        time.sleep(0.5)
+        if hpa.poll() is not None:
+            raise RuntimeError("tftpd-hpa did not start: " + (work / "servers.log").read_text())
+
+        def case(link: str, ns: Netns, host: str, kind: str, fname: str, reps: int) -> None:
+            medians = {}
+            for label, port in (("bootd", BOOTD_PORT), ("tftpd-hpa", HPA_PORT)):
+                dest = str(out / f"{label}-{link}-{kind}-{fname}")
+                timed(ns, CPU, 1, client_argv(kind, host, port, fname, dest))  # warm-up, and check the bytes
+                if sha(Path(dest)) != digests[fname]:
+                    raise RuntimeError(f"{label} {link} {kind} {fname}: file differs")
+                os.unlink(dest)
+                medians[label] = statistics.median(timed(ns, CPU, reps, client_argv(kind, host, port, fname, dest)))
+            mb = files[fname] / 1e6
+            rb, rh = mb / medians["bootd"], mb / medians["tftpd-hpa"]
+            target = TARGETS["loopback"] if link == "loopback" else (
+                TARGETS["lan-window"] if kind.startswith("atftp") else TARGETS["lan"])
+            ratio = rb / rh
+            results.append((link, fname, kind, rb, rh, ratio, target))
+            print(f"{link:9s} {fname:6s} {kind:13s} bootd {rb:8.2f} MB/s   tftpd-hpa {rh:8.2f} MB/s   "
+                  f"ratio {ratio:5.2f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW'}", flush=True)
+
+        print(f"TFTP: bootd vs tftpd-hpa; median of {args.reps}; client and servers pinned to CPU {CPU}", flush=True)
+        links = args.links.split(",")
+        kinds = args.kinds.split(",")
+        if "loopback" in links:
+            for fname in ("32MiB", "1MiB"):
+                for kind in kinds:
+                    case("loopback", server, "127.0.0.1", kind, fname, args.reps if fname == "32MiB" else 2 * args.reps)
+        if "lan" in links:
+            for fname in (("1MiB",) if args.quick else ("32MiB", "1MiB")):
+                for kind in kinds:
+                    reps = 1 if fname == "32MiB" else args.reps
+                    case("lan", client, SERVER_IP, kind, fname, reps)
+        if args.no_concurrent:
+            return 0
+
+        print("200 concurrent 1 MiB fetches over the LAN link (curl blksize 1468, unpinned):", flush=True)
+        agg = {}
+        for label, port in (("bootd", BOOTD_PORT), ("tftpd-hpa", HPA_PORT)):
+            many = out / f"many-{label}"
+            many.mkdir()
+            script = (f"for i in $(seq 1 200); do curl -sS --max-time 300 --tftp-blksize 1468 -o {many}/$i "
+                      f"tftp://{SERVER_IP}:{port}/1MiB & done; fails=0; "
+                      "for j in $(jobs -p); do wait $j || fails=$((fails+1)); done; echo $fails")
+            t0 = time.perf_counter()
+            r = client.run(["bash", "-c", script], timeout=900)
+            wall = time.perf_counter() - t0
+            fails = int(r.stdout.strip().splitlines()[-1])
+            bad = sum(1 for i in range(1, 201) if not (many / str(i)).exists() or sha(many / str(i)) != digests["1MiB"])
+            agg[label] = (200 * files["1MiB"] / 1e6 / wall, fails, bad)
+            print(f"  {label:9s} {agg[label][0]:8.2f} MB/s aggregate, {fails} client failures, {bad} wrong files",
+                  flush=True)
+        print(f"  ratio {agg['bootd'][0] / agg['tftpd-hpa'][0]:.2f}", flush=True)
+        below = [r for r in results if r[5] < r[6]]
+        print(f"{len(results) - len(below)}/{len(results)} cases meet their target", flush=True)
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        client.close()
+        server.close()
+        subprocess.run(["rm", "-rf", str(work)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

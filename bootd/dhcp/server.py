@@ -1,0 +1,336 @@
+"""The asyncio side of DHCP: sockets per served interface, the link watcher, counters and events.
+
+One UDP socket per configured interface on port 67 (plus 4011 in proxy mode), each pinned to its
+interface with SO_BINDTODEVICE, so nothing is ever answered on an interface the config does not name.
+Packets are read straight from the socket in the loop's reader callback (several per wake-up) and
+answered in the same callback: no thread hops, no per-packet tasks. Interfaces are tracked with a
+pyroute2 netlink watcher: one that disappears and comes back (even with a new ifindex) is served again.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, decode, encode
+from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy, ServedInterface
+from bootd.service import Service
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
+
+log = logging.getLogger("bootd.dhcp")
+
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SIOCSARP = 0x8955
+ATF_COM = 0x02
+READ_BATCH = 64  # datagrams handled per reader wake-up before yielding to the loop
+RECV_SIZE = 4096  # DHCP messages are 300..1500 bytes; anything longer is cut here and fails to decode
+EXPIRE_EVERY = 10.0
+
+
+def open_udp(ifname: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket on 0.0.0.0:port that only sees and sends on `ifname`."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def set_neighbour(sock: socket.socket, ifname: str, ip: str, mac: bytes) -> bool:
+    """Teach the kernel `ip` is at `mac` on `ifname`, so a reply can go unicast to a client that has
+    no address yet (RFC 2131 4.1) instead of broadcast."""
+    pa = struct.pack("!HH4s8x", socket.AF_INET, 0, socket.inet_aton(ip))
+    ha = struct.pack("=H6s8x", 1, mac[:6])
+    req = pa + ha + struct.pack("=i", ATF_COM) + bytes(16) + ifname.encode()[:15].ljust(16, b"\0")
+    try:
+        import fcntl
+        fcntl.ioctl(sock.fileno(), SIOCSARP, req)
+        return True
+    except OSError:
+        return False
+
+
+class InterfaceSockets:
+    """The sockets DHCP holds on one interface, and the ifindex they were bound under."""
+
+    def __init__(self, name: str, ifindex: int, socks: dict[int, socket.socket]):
+        self.name = name
+        self.ifindex = ifindex
+        self.socks = socks  # port -> socket
+
+
+class DhcpService(Service):
+    name = "dhcp"
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.ctx: Optional["Context"] = None
+        self.policy: Optional[DhcpPolicy] = None
+        self.leases: Optional[LeaseTable] = None
+        self.bound: dict[str, InterfaceSockets] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tasks: list[asyncio.Task] = []
+        self.ra = None
+        self._missing_logged: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self, ctx: "Context") -> None:
+        self.ctx = ctx
+        self._loop = asyncio.get_running_loop()
+        self.leases = LeaseTable(ctx.store)
+        self._build_policy()
+        ctx.metrics.add_gauges("dhcp", self._gauges)
+        self._sync_interfaces()
+        self._tasks.append(asyncio.create_task(self._watch_links(), name="dhcp-links"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="dhcp-housekeeping"))
+        if ctx.config.dhcp.router_advertisements and ctx.config.interfaces:
+            from bootd.ra import RouterAdvertiser
+            self.ra = RouterAdvertiser([i.name for i in ctx.config.interfaces], ctx.metrics)
+            self.ra.start(self._loop)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        for name in list(self.bound):
+            self._close_interface(name)
+        if self.ra is not None:
+            self.ra.stop()
+            self.ra = None
+
+    async def reload(self, ctx: "Context") -> None:
+        self.ctx = ctx
+        self._build_policy()
+        self._sync_interfaces()
+        want_ra = ctx.config.dhcp.router_advertisements and ctx.config.interfaces
+        names = [i.name for i in ctx.config.interfaces]
+        if self.ra is not None and (not want_ra or self.ra.interfaces != names):
+            self.ra.stop()
+            self.ra = None
+        if want_ra and self.ra is None:
+            from bootd.ra import RouterAdvertiser
+            self.ra = RouterAdvertiser(names, ctx.metrics)
+            self.ra.start(self._loop)
+
+    def status(self) -> dict:
+        now = self.clock()
+        return {"mode": self.ctx.config.dhcp.mode if self.ctx else "off",
+                "interfaces": sorted(self.bound),
+                "leases": len(self.leases.active(now)) if self.leases else 0}
+
+    def _gauges(self) -> dict[str, float]:
+        now = self.clock()
+        return {"active_leases": float(len(self.leases.active(now))) if self.leases else 0.0,
+                "interfaces_bound": float(len(self.bound))}
+
+    def _build_policy(self) -> None:
+        assert self.ctx is not None and self.leases is not None
+        rows = self.ctx.store.query("SELECT mac, ip FROM dhcp_reservations")
+        self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows})
+
+    # -- interfaces --------------------------------------------------------------------------------
+    def _ports(self) -> list[int]:
+        mode = self.ctx.config.dhcp.mode
+        if mode == "off":
+            return []
+        return [SERVER_PORT, PROXY_PORT] if mode == "proxy" else [SERVER_PORT]
+
+    def _sync_interfaces(self) -> None:
+        """Bind every configured interface that exists; drop sockets of vanished or unlisted ones."""
+        cfg = self.ctx.config
+        wanted = {i.name for i in cfg.interfaces} if self._ports() else set()
+        for name in list(self.bound):
+            cur = self.bound[name]
+            idx = _ifindex(name)
+            if name not in wanted or idx != cur.ifindex or set(cur.socks) != set(self._ports()):
+                if name in wanted and idx != cur.ifindex:
+                    log.warning("dhcp: interface %s is %s", name, "gone" if idx is None else "new")
+                self._close_interface(name)
+        for name in sorted(wanted - set(self.bound)):
+            idx = _ifindex(name)
+            if idx is None:
+                if name not in self._missing_logged:
+                    log.warning("dhcp: interface %s does not exist (yet); serving it once it appears", name)
+                    self._missing_logged.add(name)
+                continue
+            socks: dict[int, socket.socket] = {}
+            try:
+                for port in self._ports():
+                    socks[port] = open_udp(name, port)
+            except OSError as e:
+                for s in socks.values():
+                    s.close()
+                log.error("dhcp: cannot listen on %s: %s", name, e)
+                self.ctx.metrics.inc("dhcp", "bind_errors")
+                continue
+            self._missing_logged.discard(name)
+            self.bound[name] = InterfaceSockets(name, idx, socks)
+            for port, s in socks.items():
+                self._loop.add_reader(s.fileno(), self._on_readable, s, name, port)
+            log.info("dhcp (%s) listening on %s ports %s", cfg.dhcp.mode, name, ",".join(map(str, socks)))
+
+    def _close_interface(self, name: str) -> None:
+        cur = self.bound.pop(name, None)
+        if cur is None:
+            return
+        for s in cur.socks.values():
+            try:
+                self._loop.remove_reader(s.fileno())
+            except (ValueError, OSError):
+                pass
+            s.close()
+        log.info("dhcp stopped listening on %s", name)
+
+    async def _watch_links(self) -> None:
+        """Re-sync on every netlink link event; poll as a backstop if netlink is unavailable."""
+        try:
+            from pyroute2 import AsyncIPRoute
+            from pyroute2.netlink.rtnl import RTMGRP_LINK
+        except ImportError:  # pragma: no cover - pyroute2 is a dependency
+            AsyncIPRoute = None
+        if AsyncIPRoute is not None:
+            try:
+                async with AsyncIPRoute() as ipr:
+                    await ipr.bind(groups=RTMGRP_LINK)
+                    self._sync_interfaces()
+                    while True:
+                        async for _msg in ipr.get():
+                            pass
+                        self._sync_interfaces()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("dhcp: netlink watcher failed (%s); polling interfaces instead", e)
+        while True:
+            await asyncio.sleep(2.0)
+            self._sync_interfaces()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY)
+            try:
+                self.leases.expire_offers(self.clock())
+                self._sync_interfaces()  # backstop for a missed netlink event
+            except Exception as e:  # never let housekeeping die
+                log.error("dhcp housekeeping: %s", e)
+
+    # -- packets -------------------------------------------------------------------------------------
+    def _on_readable(self, sock: socket.socket, ifname: str, port: int) -> None:
+        """Drain up to READ_BATCH datagrams, decide them all, commit their lease changes in one
+        transaction, then send the replies (none of them before the commit)."""
+        decided: list[tuple] = []
+        try:
+            with self.leases.batch():
+                for _ in range(READ_BATCH):
+                    try:
+                        data, src = sock.recvfrom(RECV_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        log.debug("dhcp recv on %s: %s", ifname, e)
+                        break
+                    r = self.decide(data, src, ifname, port)
+                    if r is not None:
+                        decided.append(r)
+        except Exception as e:  # the store refused the batch: nothing it promised may go out
+            self.ctx.metrics.inc("dhcp", "errors", float(max(1, len(decided))))
+            log.error("dhcp: cannot persist leases, %d replies dropped: %s", len(decided), e)
+            return
+        for msg, out, now in decided:
+            self.deliver(msg, out, now, sock, ifname)
+
+    def handle_datagram(self, data: bytes, src: tuple[str, int], sock: socket.socket, ifname: str,
+                        port: int) -> None:
+        """One datagram, decided and answered (its lease change committed on its own)."""
+        r = self.decide(data, src, ifname, port)
+        if r is not None:
+            self.deliver(r[0], r[1], r[2], sock, ifname)
+
+    def decide(self, data: bytes, src: tuple[str, int], ifname: str, port: int):
+        """Decode and run the policy; returns (msg, outcome, now) or None if there is nothing to do."""
+        metrics = self.ctx.metrics
+        metrics.inc("dhcp", "received")
+        try:
+            msg = decode(data)
+        except DhcpDecodeError as e:
+            metrics.inc("dhcp", "malformed")
+            log.debug("dhcp: malformed packet from %s on %s: %s", src, ifname, e)
+            return None
+        policy = self.policy
+        iface = policy.interfaces.get(ifname)
+        if iface is None:
+            metrics.inc("dhcp", "ignored", reason="interface-not-served")
+            return None
+        now = self.clock()
+        try:
+            out = policy.handle(msg, iface, port, now, src)
+        except DhcpDecodeError as e:
+            metrics.inc("dhcp", "malformed")
+            log.debug("dhcp: malformed option from %s on %s: %s", src, ifname, e)
+            return None
+        except Exception as e:  # a bug: no reply (never an unpersisted ACK)
+            metrics.inc("dhcp", "errors")
+            log.error("dhcp: cannot handle %r from %s: %s", msg, src, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            return None
+        if out.reply is None:
+            metrics.inc("dhcp", "ignored", reason=out.ignored or "unknown")
+            if out.event is None:
+                return None
+        return msg, out, now
+
+    def deliver(self, msg, out, now: float, sock: socket.socket, ifname: str) -> None:
+        metrics = self.ctx.metrics
+        reply = out.reply
+        if reply is not None:
+            payload = encode(reply, BOOTP_MIN)
+            dest = out.dest
+            if out.link_unicast and not set_neighbour(sock, ifname, dest[0], msg.chaddr):
+                dest = ("255.255.255.255", dest[1])
+            try:
+                sock.sendto(payload, dest)
+                metrics.inc("dhcp", "answered", type=MESSAGE_TYPE_NAMES.get(reply.options[53][0], "?"))
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                    log.warning("dhcp: cannot send to %s on %s: %s", dest, ifname, e)
+                metrics.inc("dhcp", "send_errors")
+        if out.event is not None:
+            try:
+                store = self.ctx.store
+                store.record_event(out.mac, out.event_kind, out.event, ts=now)
+                fw = out.firmware
+                store.touch_host(out.mac, ip=out.event.get("ip"), arch=fw.arch if fw and fw.arch != "unknown" else None,
+                                 name=self._host_name(out.mac), now=now)
+            except Exception as e:
+                metrics.inc("dhcp", "errors")
+                log.error("dhcp: cannot record boot event: %s", e)
+
+    def _host_name(self, mac: str) -> Optional[str]:
+        h = self.policy.hosts.get(mac) if self.policy else None
+        return h.name if h else None
+
+
+def _ifindex(name: str) -> Optional[int]:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None

@@ -1,0 +1,208 @@
+"""Boot files and iPXE scripts over HTTP, on the same aiohttp server as the API.
+
+- `GET|HEAD /boot/files/<path>`: a file under the HTTP boot root (default: the TFTP root), sent with
+  sendfile; Range, HEAD, ETag/If-Modified-Since come from aiohttp's FileResponse. Names leaving the
+  root (`..`, absolute, backslash, NUL, symlinks pointing out) are 404, never the file.
+- `GET /boot/<mac>.ipxe`: the host's iPXE menu, rendered now (a new boot: fresh disk overlays).
+- `GET /boot/boot.ipxe`: a two-line script chaining to the per-MAC one, for hand-made DHCP setups.
+Every fetch is a boot event (loader/menu/script/kernel/initrd/file) so `bootctl hosts NAME` shows the
+boot's timeline. Connections per client address are capped (http.max_connections_per_ip): a PC
+looping in its firmware cannot starve the other 299 at 8:00; idle keep-alive connections close after
+http.idle_timeout (the runner's keepalive_timeout).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from aiohttp import web
+
+from bootd.tftp.server import NeighbourTable, event_kind
+from pxe.booter import Booter, parse_mac, render
+
+log = logging.getLogger("bootd.http.boot")
+
+CAP_KEY = web.AppKey("bootd_connection_cap", object)
+NEIGHBOURS = NeighbourTable()
+
+
+# -- confinement -------------------------------------------------------------------------------------
+def confined_path(root: Path, rel: str) -> Optional[Path]:
+    """`root/rel` if it names a regular file inside root (symlinks resolved), else None."""
+    if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/"):
+        return None
+    parts = rel.split("/")
+    if any(p in ("..", "") for p in parts[:-1]) or parts[-1] in ("..", "", "."):
+        return None
+    try:
+        real_root = Path(os.path.realpath(root))
+        real = Path(os.path.realpath(real_root / rel))
+    except (OSError, ValueError):
+        return None
+    if real_root not in real.parents or not real.is_file():
+        return None
+    return real
+
+
+# -- per-client connection cap ------------------------------------------------------------------------
+class ConnectionCap:
+    """Open connections per client address, counted from their first request until they close."""
+
+    def __init__(self) -> None:
+        self.by_ip: dict[str, set] = {}
+        self._admits = 0
+
+    def admit(self, ip: str, transport, cap: int) -> bool:
+        conns = self.by_ip.setdefault(ip, set())
+        if transport in conns:
+            return True
+        self._prune(conns)
+        if len(conns) >= cap:
+            return False
+        conns.add(transport)
+        self._admits += 1
+        if self._admits % 1024 == 0:
+            for key in list(self.by_ip):
+                self._prune(self.by_ip[key])
+                if not self.by_ip[key]:
+                    del self.by_ip[key]
+        return True
+
+    @staticmethod
+    def _prune(conns: set) -> None:
+        for t in [t for t in conns if t.is_closing()]:
+            conns.discard(t)
+
+    def open_connections(self) -> int:
+        return sum(sum(1 for t in c if not t.is_closing()) for c in self.by_ip.values())
+
+
+@web.middleware
+async def connection_cap_middleware(request: web.Request, handler):
+    ip = request.remote
+    transport = request.transport
+    if ip and transport is not None and request.get("site") != "unix" and not isinstance(
+            transport.get_extra_info("sockname"), (str, bytes)):
+        ctx = request.app["ctx"]
+        cap: ConnectionCap = request.app[CAP_KEY]
+        if not cap.admit(ip, transport, ctx.config.http.max_connections_per_ip):
+            ctx.metrics.inc("http", "refused", reason="per-ip-cap")
+            log.warning("http: %s has %d connections open, refusing another", ip,
+                        ctx.config.http.max_connections_per_ip)
+            resp = web.Response(status=503, text="too many connections from your address\n",
+                                headers={"Retry-After": "1", "Connection": "close"})
+            resp.force_close()
+            return resp
+    return await handler(request)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def local_ip(request: web.Request) -> Optional[str]:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and sockname:
+        return sockname[0]
+    return None
+
+
+def mac_of_client(ctx, ip: Optional[str]) -> Optional[str]:
+    if not ip:
+        return None
+    return ctx.store.mac_for_ip(ip) or NEIGHBOURS.lookup(ip)
+
+
+def file_kind(ctx, rel: str) -> str:
+    for image in ctx.config.images:
+        if rel == image.kernel.lstrip("/"):
+            return "kernel"
+        if rel == image.initrd.lstrip("/"):
+            return "initrd"
+    return event_kind(rel)
+
+
+class BootFileResponse(web.FileResponse):
+    """A FileResponse that records the fetch (bytes sent, time taken) once it is done."""
+
+    def __init__(self, path: Path, ctx, rel: str, **kw):
+        super().__init__(path, chunk_size=256 * 1024, **kw)
+        self._ctx = ctx
+        self._rel = rel
+
+    async def prepare(self, request):
+        t0 = time.monotonic()
+        error = None
+        try:
+            return await super().prepare(request)
+        except (ConnectionError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self._record(request, time.monotonic() - t0, error)
+
+    def _record(self, request, duration: float, error: Optional[str]) -> None:
+        ctx = self._ctx
+        ctx.metrics.inc("http", "responses", status=str(self.status))
+        if request.method != "GET" or self.status not in (200, 206):
+            return
+        nbytes = self.content_length or 0
+        ctx.metrics.inc("http", "bytes", nbytes)
+        mac = mac_of_client(ctx, request.remote)
+        detail = {"path": self._rel, "proto": "http", "status": self.status, "client": request.remote}
+        if request.headers.get("Range"):
+            detail["range"] = request.headers.get("Range")
+        if error:
+            detail["error"] = error
+        try:
+            ctx.store.record_event(mac, file_kind(ctx, self._rel), detail, nbytes=nbytes,
+                                   duration=round(duration, 6))
+        except Exception as e:  # the timeline must never break a transfer
+            log.warning("http: cannot record boot event: %s", e)
+
+
+# -- handlers -----------------------------------------------------------------------------------------
+async def boot_file(request: web.Request) -> web.StreamResponse:
+    ctx = request.app["ctx"]
+    rel = request.match_info["path"]
+    path = confined_path(ctx.config.http_root, rel)
+    if path is None:
+        ctx.metrics.inc("http", "not_found")
+        raise web.HTTPNotFound(text="not found\n")
+    return BootFileResponse(path, ctx, rel)
+
+
+async def ipxe_script(request: web.Request) -> web.Response:
+    ctx = request.app["ctx"]
+    mac = parse_mac(request.match_info["mac"])
+    if mac is None:
+        raise web.HTTPNotFound(text="not a MAC address\n")
+    t0 = time.monotonic()
+    booter = ctx.booter or Booter(ctx)
+    menu = await booter.menu_for(mac, local_ip(request))
+    text = render(menu, "ipxe")
+    body = text.encode()
+    if request.remote:
+        ctx.store.touch_host(mac, ip=request.remote)
+    ctx.store.record_event(mac, "script", {"path": request.path, "proto": "http", "default": menu.default,
+                                          "client": request.remote},
+                           nbytes=len(body), duration=round(time.monotonic() - t0, 6))
+    log.info("http: iPXE menu for %s (default %s)", mac, menu.default, extra={"mac": mac})
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def chain_script(request: web.Request) -> web.Response:
+    # ${net0/mac} is aa:bb:cc:dd:ee:ff, which the per-MAC route accepts as it is.
+    return web.Response(text="#!ipxe\nchain /boot/${net0/mac}.ipxe\n", content_type="text/plain",
+                        headers={"Cache-Control": "no-store"})
+
+
+def setup_routes(app: web.Application, ctx) -> None:
+    app[CAP_KEY] = ConnectionCap()
+    app.middlewares.append(connection_cap_middleware)
+    app.router.add_get("/boot/boot.ipxe", chain_script, allow_head=False)
+    app.router.add_get("/boot/files/{path:.+}", boot_file)  # HEAD too
+    app.router.add_get("/boot/{mac}.ipxe", ipxe_script, allow_head=False)
+    cap = app[CAP_KEY]
+    ctx.metrics.add_gauges("http", lambda: {"open_connections": cap.open_connections()})

@@ -1,0 +1,92 @@
+"""A host's rendered client files over HTTP, rendered at request time from the config in force.
+
+Boot side (what the client's init fetches):
+  GET /clients/                    hosts that have clients settings, one MAC per line
+  GET /clients/<mac>/              the host's files, one name per line (easy for a shell loop)
+  GET /clients/<mac>/index.json    the same with what each instance boots (disk, port, VT)
+  GET /clients/<mac>/<file>        one rendered job or unit
+Admin side: GET /api/v1/clients/<host>/render (host = MAC or name) -> index plus every file's text.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from bootd.clientconfig.model import ClientsConfig
+from bootd.clientconfig.render import RenderError
+from bootd.clientconfig.resolve import NoClientConfig, UnknownHost, clients_for, render_for
+from bootd.http.app import json_error
+
+routes = web.RouteTableDef()
+
+
+async def _render(request: web.Request, key: str, api: bool):
+    ctx = request.app["ctx"]
+    try:
+        return await render_for(ctx, key)
+    except UnknownHost as e:
+        ctx.metrics.inc("clients", "errors", reason="unknown-host")
+        if api:
+            raise json_error(404, str(e))
+        raise web.HTTPNotFound(text=f"{e}\n")
+    except NoClientConfig as e:
+        ctx.metrics.inc("clients", "errors", reason="no-config")
+        if api:
+            raise json_error(404, str(e))
+        raise web.HTTPNotFound(text=f"{e}\n")
+    except (RenderError, ValueError) as e:
+        ctx.metrics.inc("clients", "errors", reason="render")
+        if api:
+            raise json_error(409, f"cannot render: {e}")
+        raise web.HTTPConflict(text=f"cannot render: {e}\n")
+
+
+def _record(ctx, mac: str, name: str, nbytes: int, peer: str | None) -> None:
+    ctx.metrics.inc("clients", "served")
+    try:
+        ctx.store.record_event(mac, "config", {"file": name, "via": "http", "peer": peer}, nbytes=nbytes)
+    except Exception:  # an event log problem must not keep a client from its files
+        pass
+
+
+@routes.get("/clients/")
+async def hosts_index(request: web.Request) -> web.Response:
+    cfg = request.app["ctx"].config
+    macs = []
+    for hc in cfg.hosts:
+        c = clients_for(cfg, hc)
+        if isinstance(c, ClientsConfig) and c.instances:
+            macs.append(hc.mac)
+    return web.Response(text="".join(f"{m}/\n" for m in macs), content_type="text/plain")
+
+
+@routes.get("/clients/{mac}/")
+async def host_index(request: web.Request) -> web.Response:
+    r = await _render(request, request.match_info["mac"], api=False)
+    return web.Response(text="".join(f"{n}\n" for n in r.files), content_type="text/plain")
+
+
+@routes.get("/clients/{mac}/index.json")
+async def host_index_json(request: web.Request) -> web.Response:
+    r = await _render(request, request.match_info["mac"], api=False)
+    return web.json_response(r.index())
+
+
+@routes.get("/clients/{mac}/{file}")
+async def host_file(request: web.Request) -> web.Response:
+    r = await _render(request, request.match_info["mac"], api=False)
+    name = request.match_info["file"]
+    text = r.files.get(name)
+    if text is None:
+        raise web.HTTPNotFound(text=f"no file {name!r} for {r.host.mac}\n")
+    _record(request.app["ctx"], r.host.mac, name, len(text.encode()), request.remote)
+    return web.Response(text=text, content_type="text/plain")
+
+
+@routes.get("/api/v1/clients/{host}/render")
+async def api_render(request: web.Request) -> web.Response:
+    r = await _render(request, request.match_info["host"], api=True)
+    return web.json_response({**r.index(), "names": list(r.files), "files": r.files})
+
+
+def setup_routes(app: web.Application, ctx) -> None:
+    app.add_routes(routes)

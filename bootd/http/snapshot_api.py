@@ -1,0 +1,355 @@
+"""HTTP API of the snapshot store: images, snapshots, their lifecycle, background jobs and fsck.
+
+Every change records who did it: the `actor` the client claims (bootctl sends the login name) together
+with the peer's uid from SO_PEERCRED on the Unix socket, or the peer address on the TCP API.
+Store calls run in a worker thread so qemu-img never blocks the boot traffic on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from bootd.http.app import read_json
+from snapshots.errors import SnapshotError
+from snapshots.model import ALL_GROUPS, normalize_mac
+
+P = "/api/v1"
+
+
+def _err(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _store(request: web.Request):
+    store = request.app["ctx"].snapshots
+    if store is None:
+        raise web.HTTPServiceUnavailable(text='{"error": "the snapshot store is not running"}',
+                                         content_type="application/json")
+    return store
+
+
+def _jobs(request: web.Request):
+    return request.app["ctx"].extras["snapshot_jobs"]
+
+
+def actor_of(request: web.Request, body: dict) -> str:
+    """`alice (uid 1000)`: the claimed name plus what the kernel says about the peer."""
+    claimed = str(body.get("actor") or "").strip()[:64] or "unknown"
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            return f"{claimed} (uid {uid})"
+        except OSError:
+            return claimed
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{claimed} (via {peer[0]})" if peer else claimed
+
+
+def _host(request: web.Request, value) -> str:
+    """A MAC, or a host name from the config, -> MAC."""
+    if not value:
+        raise SnapshotError("a host (MAC address or config host name) is required")
+    mac = normalize_mac(str(value))
+    if mac:
+        return mac
+    h = request.app["ctx"].config.host_by_name(str(value))
+    if h is None:
+        raise SnapshotError(f"{value!r} is neither a MAC address nor a host name in the config")
+    return h.mac
+
+
+def _group(request: web.Request, value) -> str:
+    """A config group name, or None/'*'/'all' for every group."""
+    if value in (None, "", ALL_GROUPS, "all"):
+        return ALL_GROUPS
+    cfg = request.app["ctx"].config
+    if cfg.group(str(value)) is None:
+        known = ", ".join(g.name for g in cfg.groups) or "none configured"
+        raise SnapshotError(f"no group {value!r} in the config (groups: {known}; omit --group for all groups)")
+    return str(value)
+
+
+def _ref(request: web.Request) -> str:
+    return unquote(request.match_info["ref"])
+
+
+async def _call(fn, *args, status: int = 200, **kw) -> web.Response:
+    try:
+        result = await asyncio.to_thread(fn, *args, **kw)
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    if hasattr(result, "to_dict"):
+        result = result.to_dict()
+    return web.json_response(result, status=status)
+
+
+def _with_warnings(store, snap_dict: dict) -> dict:
+    if snap_dict.get("depth", 1) > store.depth_warning:
+        snap_dict["warnings"] = [f"chain of {snap_dict['depth']} layers (more than {store.depth_warning}): "
+                                 f"reads get slower; run bootctl snapshot flatten {snap_dict['name']}"]
+    return snap_dict
+
+
+# ---------------------------------------------------------------------------------------- images
+async def list_images(request: web.Request) -> web.Response:
+    store = _store(request)
+    return await _call(lambda: {"images": store.images()})
+
+
+async def create_image(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    actor = actor_of(request, body)
+    name, reason = str(body.get("name") or ""), str(body.get("reason") or "")
+    if body.get("file"):
+        file = str(body["file"])
+        try:  # refuse bad input at once, not in a job the admin has to poll
+            await asyncio.to_thread(store._check_new_image, name)
+            from snapshots import qemu
+            await asyncio.to_thread(qemu.check_importable, file)
+        except SnapshotError as exc:
+            return _err(exc.status, str(exc))
+        job = _jobs(request).start("import", name, actor, lambda progress: store.import_image(
+            name, file, actor, reason, progress).to_dict())
+        return web.json_response({"job": job.to_dict()}, status=202)
+    if body.get("size"):
+        return await _call(store.create_image, name, body["size"], actor, reason, status=201)
+    return _err(400, "give either file (a raw or qcow2 disk image to import) or size (an empty disk)")
+
+
+async def image_detail(request: web.Request) -> web.Response:
+    store = _store(request)
+    name = request.match_info["name"]
+
+    def detail():
+        snaps = [_with_warnings(store, s.to_dict()) for s in store.snapshots(name)]
+        return {"image": name, "snapshots": snaps,
+                "assignments": [a.to_dict() for a in store.assignments(name)]}
+    return await _call(detail)
+
+
+async def image_history(request: web.Request) -> web.Response:
+    store = _store(request)
+    limit = int(request.query.get("limit", "200"))
+    return await _call(store.history, request.match_info["name"], limit)
+
+
+async def rollback(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        group = _group(request, body.get("group"))
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    return await _call(store.rollback, request.match_info["name"], group, actor_of(request, body),
+                       str(body.get("reason") or ""))
+
+
+async def _unassign(request: web.Request, fn_name: str) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        host = _host(request, body.get("host"))
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    return await _call(getattr(store, fn_name), request.match_info["name"], host, actor_of(request, body),
+                       str(body.get("reason") or ""))
+
+
+async def unpin(request: web.Request) -> web.Response:
+    return await _unassign(request, "unpin")
+
+
+async def end_test(request: web.Request) -> web.Response:
+    return await _unassign(request, "end_test")
+
+
+async def end_maintenance(request: web.Request) -> web.Response:
+    return await _unassign(request, "end_maintenance")
+
+
+async def prune(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        keep = int(body.get("keep"))
+    except (TypeError, ValueError):
+        return _err(400, "keep (how many of the newest snapshots to keep) must be a whole number")
+    return await _call(store.prune, request.match_info["name"], keep, actor_of(request, body),
+                       str(body.get("reason") or ""), bool(body.get("dry_run")))
+
+
+# ---------------------------------------------------------------------------------------- snapshots
+async def list_snapshots(request: web.Request) -> web.Response:
+    store = _store(request)
+    image = request.query.get("image") or None
+    include_deleted = request.query.get("all") in ("1", "true", "yes")
+
+    def listing():
+        return {"snapshots": [_with_warnings(store, s.to_dict()) for s in store.snapshots(image, include_deleted)],
+                "assignments": [a.to_dict() for a in store.assignments(image)]}
+    return await _call(listing)
+
+
+async def snapshot_detail(request: web.Request) -> web.Response:
+    store = _store(request)
+
+    def detail():
+        s = store.resolve(_ref(request))
+        d = _with_warnings(store, s.to_dict())
+        d["in_use"] = store.usage(s)
+        return d
+    return await _call(detail)
+
+
+async def draft(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        host = _host(request, body["host"]) if body.get("host") else None
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+
+    def run():
+        d = store.draft(_ref(request), actor_of(request, body), str(body.get("reason") or ""), host=host)
+        out = _with_warnings(store, d.to_dict())
+        out["parent"] = store.get(d.parent_id).name
+        return out
+    return await _call(run, status=201)
+
+
+async def seal(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    note = str(body.get("note") or "").strip()
+    if not note:
+        return _err(400, "a sealed snapshot needs a note saying what changed (--note)")
+    return await _call(store.seal, _ref(request), note, actor_of(request, body), str(body.get("reason") or ""))
+
+
+async def test_on_host(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        host = _host(request, body.get("host"))
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    return await _call(store.test, _ref(request), host, actor_of(request, body), str(body.get("reason") or ""))
+
+
+async def pin(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        host = _host(request, body.get("host"))
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    return await _call(store.pin, _ref(request), host, actor_of(request, body), str(body.get("reason") or ""))
+
+
+async def promote(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    try:
+        group = _group(request, body.get("group"))
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    return await _call(store.promote, _ref(request), group, actor_of(request, body), str(body.get("reason") or ""))
+
+
+async def delete(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = dict(request.query)
+    return await _call(store.delete, _ref(request), actor_of(request, body), str(body.get("reason") or ""))
+
+
+async def flatten(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    actor, reason, ref = actor_of(request, body), str(body.get("reason") or ""), _ref(request)
+    try:  # refuse at once what would fail: a draft, a standalone layer, an unknown ref
+        snap = await asyncio.to_thread(store.resolve, ref)
+        if snap.state != "sealed" or snap.backing_id is None:
+            await asyncio.to_thread(store.flatten, snap.id, actor, reason)  # raises the refusal
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    job = _jobs(request).start("flatten", snap.name, actor,
+                               lambda progress: store.flatten(snap.id, actor, reason, progress))
+    return web.json_response({"job": job.to_dict()}, status=202)
+
+
+async def boot_choice(request: web.Request) -> web.Response:
+    """What one host boots of each image, and why (pin, test, group or all groups)."""
+    store = _store(request)
+    cfg = request.app["ctx"].config
+    try:
+        mac = _host(request, unquote(request.match_info["host"]))
+    except SnapshotError as exc:
+        return _err(exc.status, str(exc))
+    h = cfg.host_by_mac(mac)
+    group = request.query.get("group") or (h.group if h else None)
+
+    def choose():
+        out = []
+        for img in store.images():
+            snap, why = store.boot_choice(mac, group, img["name"])
+            prev = store.previous_for(group, img["name"]) if group else None
+            out.append({"image": img["name"], "snapshot": snap.name if snap else None,
+                        "snapshot_id": snap.id if snap else None, "why": why,
+                        "previous": prev.name if prev else None})
+        return {"host": mac, "group": group, "images": out}
+    return await _call(choose)
+
+
+# ---------------------------------------------------------------------------------------- jobs, fsck
+async def list_jobs(request: web.Request) -> web.Response:
+    return web.json_response({"jobs": [j.to_dict() for j in _jobs(request).list()]})
+
+
+async def job_detail(request: web.Request) -> web.Response:
+    try:
+        job = _jobs(request).get(int(request.match_info["id"]))
+    except ValueError:
+        job = None
+    if job is None:
+        return _err(404, f"no job {request.match_info['id']} (jobs are kept until bootd restarts)")
+    return web.json_response(job.to_dict())
+
+
+async def fsck(request: web.Request) -> web.Response:
+    store = _store(request)
+    body = await read_json(request)
+    repair = body.get("repair", True) is not False
+    return await _call(store.fsck, repair)
+
+
+def setup_routes(app: web.Application, ctx) -> None:
+    r = app.router
+    r.add_get(f"{P}/images", list_images)
+    r.add_post(f"{P}/images", create_image)
+    r.add_get(P + "/images/{name}", image_detail)
+    r.add_get(P + "/images/{name}/history", image_history)
+    r.add_post(P + "/images/{name}/rollback", rollback)
+    r.add_post(P + "/images/{name}/unpin", unpin)
+    r.add_post(P + "/images/{name}/end-test", end_test)
+    r.add_post(P + "/images/{name}/end-maintenance", end_maintenance)
+    r.add_post(P + "/images/{name}/prune", prune)
+    r.add_get(f"{P}/snapshots", list_snapshots)
+    r.add_get(P + "/snapshots/{ref}", snapshot_detail)
+    r.add_delete(P + "/snapshots/{ref}", delete)
+    r.add_post(P + "/snapshots/{ref}/draft", draft)
+    r.add_post(P + "/snapshots/{ref}/seal", seal)
+    r.add_post(P + "/snapshots/{ref}/test", test_on_host)
+    r.add_post(P + "/snapshots/{ref}/pin", pin)
+    r.add_post(P + "/snapshots/{ref}/promote", promote)
+    r.add_post(P + "/snapshots/{ref}/flatten", flatten)
+    r.add_get(P + "/snapshot-boot/{host}", boot_choice)
+    r.add_get(f"{P}/snapshot-jobs", list_jobs)
+    r.add_get(P + "/snapshot-jobs/{id}", job_detail)
+    r.add_post(f"{P}/snapshot-fsck", fsck)

@@ -1,0 +1,658 @@
+"""The asyncio side of TFTP: sockets, files, timers and bookkeeping around the sans-IO ReadSession.
+
+One listening socket per served address takes requests; every transfer gets its own socket,
+connected to the client (its transfer ID), so the kernel delivers only that client's packets to it
+and a stray or forged packet from elsewhere never reaches the session. The data path is the
+socket's reader callback: recv -> ReadSession.receive -> send, with no task or future per packet.
+
+File bytes are read with preadv2(RWF_NOWAIT) straight from the page cache when they are there, and
+in the default executor when they are not, so a cold disk never stalls the loop. Open files are
+shared between sessions that read the same file version (200 PCs fetching one kernel hold one fd).
+Limits: `max_sessions` transfers at once and `max_open_files` distinct files; a client above either
+gets an ERROR packet at once ("server busy"), never silence.
+
+Dynamic files (the provider seam)
+---------------------------------
+`TftpServer.add_provider(provider, pattern=None)` registers a callable asked before the disk:
+
+    provider(path: str, client_ip: str, client_mac: str | None) -> bytes | str | None   (or async)
+
+`path` is the normalised, root-relative name ('pxelinux.cfg/01-52-54-00-12-34-56', no leading '/';
+names with '..', '\\' or NUL never reach a provider). `client_mac` is 'aa:bb:cc:dd:ee:ff' found in
+the lease/host tables or the neighbour table, or None. bytes (or str, sent as UTF-8) are served as the
+file; None falls through to the next provider and finally to the file under the root. `pattern` is
+an fnmatch glob ('pxelinux.cfg/*') or a compiled regex (fullmatch) on `path`; the provider is only
+asked for matching names. A provider that raises is logged and counted, and the client gets
+"file not found". Providers are asked in registration order; `remove_provider` undoes a registration.
+
+Boot events: every finished transfer is `store.record_event(mac, kind, {"path": ...}, nbytes=,
+duration=)` with kind loader / menu / kernel / initrd / file guessed from the name.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fnmatch
+import inspect
+import ipaddress
+import logging
+import os
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, Union
+
+from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined
+from bootd.tftp.session import (OP_RRQ, OP_WRQ, ErrorCode, MalformedPacket, ReadSession, SessionLimits,
+                                encode_error, parse_request)
+
+log = logging.getLogger("bootd.tftp")
+
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+READ_CHUNK = 65536
+EXECUTOR_CHUNK = 256 * 1024
+
+Provider = Callable[[str, str, Optional[str]], Union[bytes, str, None, Awaitable[Union[bytes, str, None]]]]
+
+
+def event_kind(path: str, dynamic: bool = False) -> str:
+    """Which step of a boot a fetched name is, for the boot timeline."""
+    name = path.lower()
+    base = name.rsplit("/", 1)[-1]
+    if (dynamic or name.startswith("pxelinux.cfg/") or base.endswith((".cfg", ".ipxe", ".conf", ".menu"))
+            or "grub.cfg" in base):
+        return "menu"
+    if base.endswith((".efi", ".kpxe", ".pxe", ".0", ".c32", ".lkrn", ".com", ".mod")):
+        return "loader"
+    if base.startswith(("vmlinuz", "bzimage", "linux", "kernel")):
+        return "kernel"
+    if base.startswith(("initrd", "initramfs", "initram")) or base.endswith((".cpio", ".cpio.gz", ".img")):
+        return "initrd"
+    return "file"
+
+
+class NeighbourTable:
+    """IP -> MAC from the kernel's ARP table (/proc/net/arp of this network namespace), cached 1 s."""
+
+    def __init__(self, path: str = "/proc/net/arp", ttl: float = 1.0):
+        self.path = path
+        self.ttl = ttl
+        self._at = -1e9
+        self._table: dict[str, str] = {}
+
+    def lookup(self, ip: str) -> Optional[str]:
+        now = time.monotonic()
+        if now - self._at > self.ttl or ip not in self._table:
+            if now - self._at > 0.05:
+                self._table = self._read()
+                self._at = now
+        return self._table.get(ip)
+
+    def _read(self) -> dict[str, str]:
+        table = {}
+        try:
+            with open(self.path) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 4 and parts[3] != "00:00:00:00:00:00" and int(parts[2], 16) & 0x2:
+                        table[parts[0]] = parts[3].lower()
+        except (OSError, ValueError):
+            pass
+        return table
+
+
+class MacResolver:
+    """The MAC behind a client IP: leases and hosts in the state store first, then the ARP table."""
+
+    def __init__(self, store: Any = None, neighbours: Optional[NeighbourTable] = None):
+        self.store = store
+        self.neighbours = neighbours or NeighbourTable()
+
+    def __call__(self, ip: str) -> Optional[str]:
+        if self.store is not None:
+            try:
+                mac = self.store.mac_for_ip(ip)
+                if mac:
+                    return mac.lower()
+            except Exception as e:  # the store must not break a transfer
+                log.debug("mac_for_ip(%s) failed: %s", ip, e)
+        return self.neighbours.lookup(ip)
+
+
+@dataclass
+class _SharedFile:
+    opened: OpenedFile
+    refs: int = 0
+    nowait: bool = True  # preadv2(RWF_NOWAIT) works on this file system
+
+
+@dataclass
+class _Transfer:
+    """The I/O half of one session."""
+
+    key: tuple
+    ip: str
+    path: str
+    sock: Optional[socket.socket] = None
+    session: Optional[ReadSession] = None
+    file: Optional[_SharedFile] = None
+    data: Optional[bytes] = None  # provider answer
+    mac: Optional[str] = None
+    dynamic: bool = False
+    reading: bool = False
+    timer: Optional[asyncio.TimerHandle] = None
+    timer_at: float = 0.0
+    closed: bool = False
+    send: Any = None
+
+
+@dataclass
+class ServerLimits:
+    max_sessions: int = 500
+    max_open_files: int = 400
+    leading_slash: str = "root"
+
+
+class TftpServer:
+    """A read-only TFTP server on the running event loop."""
+
+    def __init__(self, root: str, *, limits: SessionLimits = SessionLimits(),
+                 server_limits: ServerLimits = ServerLimits(), store: Any = None, metrics: Any = None,
+                 mac_resolver: Optional[Callable[[str], Optional[str]]] = None):
+        self.root = os.fspath(root)
+        self.limits = limits
+        self.server_limits = server_limits
+        self.store = store
+        self.metrics = metrics
+        self.resolve_mac = mac_resolver or MacResolver(store)
+        self._providers: list[tuple[Optional[Callable[[str], bool]], Provider]] = []
+        self._listeners: dict[tuple, socket.socket] = {}
+        self._transfers: dict[tuple, _Transfer] = {}
+        self._files: dict[tuple, _SharedFile] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tasks: set[asyncio.Task] = set()
+        self.totals = {"completed": 0, "failed": 0, "refused": 0, "bytes": 0}
+
+    # -- provider seam -------------------------------------------------------------------------------
+    def add_provider(self, provider: Provider, pattern: Union[str, re.Pattern, None] = None) -> Provider:
+        """Serve names matching `pattern` (glob or regex; None: every name) from `provider` first."""
+        if not callable(provider):
+            raise TypeError("provider must be callable")
+        if pattern is None:
+            match = None
+        elif isinstance(pattern, re.Pattern):
+            match = lambda p, rx=pattern: rx.fullmatch(p) is not None  # noqa: E731
+        else:
+            match = lambda p, g=str(pattern): fnmatch.fnmatchcase(p, g)  # noqa: E731
+        self._providers.append((match, provider))
+        return provider
+
+    def remove_provider(self, provider: Provider) -> None:
+        self._providers = [(m, p) for m, p in self._providers if p is not provider]
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname() for s in self._listeners.values()]
+
+    async def start(self, addresses: list[tuple[str, int]]) -> None:
+        self._loop = asyncio.get_running_loop()
+        _raise_nofile_limit()
+        for host, port in addresses:
+            await self.listen(host, port)
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        self._loop = self._loop or asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        name = sock.getsockname()
+        self._listeners[name] = sock
+        self._loop.add_reader(sock.fileno(), self._on_request_readable, sock)
+        log.info("tftp: serving %s on %s:%d", self.root, *name)
+        return name
+
+    async def close_listeners(self) -> None:
+        for sock in self._listeners.values():
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+
+    async def stop(self) -> None:
+        await self.close_listeners()
+        for task in list(self._tasks):
+            task.cancel()
+        for t in list(self._transfers.values()):
+            if t.session is not None and not t.session.finished:
+                self._send(t, t.session.abort("server shutting down", self._loop.time()))
+            self._close(t)
+        self._transfers.clear()
+
+    def status(self) -> dict:
+        return {
+            "addresses": [f"{h}:{p}" for h, p in self.addresses],
+            "root": self.root,
+            "active_sessions": len(self._transfers),
+            "open_files": len(self._files),
+            "providers": len(self._providers),
+            **self.totals,
+        }
+
+    def gauges(self) -> dict:
+        return {"active_sessions": len(self._transfers), "open_files": len(self._files)}
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _count(self, name: str, value: float = 1, **labels: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("tftp", name, value, **labels)
+
+    def _on_request_readable(self, sock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(65536, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. ICMP errors queued on the listener: nothing to do
+                log.debug("tftp listener: %s", e)
+                continue
+            local = sock.getsockname()[0]
+            for level, kind, value in anc:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
+                    local = socket.inet_ntoa(value[4:8])
+            try:
+                self._on_request(data, addr, local, sock)
+            except Exception:  # one bad request must never take the listener down
+                log.exception("tftp: error handling a request from %s", addr)
+                self._count("errors", reason="internal")
+
+    def _on_request(self, data: bytes, addr: tuple, local: str, sock: socket.socket) -> None:
+        self._count("received")
+        try:
+            req = parse_request(data)
+        except MalformedPacket as e:
+            self._count("malformed")
+            if len(data) >= 2 and data[0] == 0 and data[1] in (OP_RRQ, OP_WRQ):
+                self._reply(sock, addr, ErrorCode.ILLEGAL_OPERATION, f"malformed request: {e}")
+            return
+        if req.is_write:
+            self._refuse(sock, addr, "write", ErrorCode.ACCESS_VIOLATION,
+                         "write requests are not accepted (read-only server)")
+            return
+        if req.mode not in ("octet", "netascii"):
+            self._refuse(sock, addr, "mode", ErrorCode.ILLEGAL_OPERATION, f"unsupported mode {req.mode!r}")
+            return
+        key = (addr[0], addr[1])
+        if key in self._transfers:
+            self._count("ignored", reason="duplicate-request")
+            return
+        if len(self._transfers) >= self.server_limits.max_sessions:
+            self._refuse(sock, addr, "busy", ErrorCode.NOT_DEFINED, "server busy: too many transfers, retry later")
+            return
+        try:
+            path = normalize(req.filename, self.server_limits.leading_slash)
+        except PathRefused as e:
+            log.info("tftp: %s asked for %r: refused (%s)", addr[0], req.filename, e.reason)
+            self._refuse(sock, addr, "not-found", ErrorCode.FILE_NOT_FOUND, "File not found")
+            return
+        t = _Transfer(key=key, ip=addr[0], path=path)
+        self._transfers[key] = t
+        task = self._loop.create_task(self._begin(t, req, local, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reply(self, sock: socket.socket, addr: tuple, code: int, message: str) -> None:
+        try:
+            sock.sendto(encode_error(code, message), addr)
+        except OSError:
+            pass
+
+    def _refuse(self, sock, addr, reason: str, code: int, message: str) -> None:
+        self._count("refused", reason=reason)
+        self.totals["refused"] += 1
+        self._reply(sock, addr, code, message)
+
+    async def _begin(self, t: _Transfer, req, local: str, listener: socket.socket) -> None:
+        addr = t.key
+        try:
+            t.mac = self.resolve_mac(t.ip)
+            try:
+                data = await self._ask_providers(t)
+                if data is not None:
+                    t.data, t.dynamic, size = data, True, len(data)
+                else:
+                    t.file = await self._open(t.path)
+                    size = t.file.opened.size
+            except PathRefused as e:
+                log.info("tftp: %s asked for %r: %s", t.ip, req.filename, e.reason)
+                self._drop(t)
+                self._refuse(listener, addr, "not-found", ErrorCode.FILE_NOT_FOUND, "File not found")
+                return
+            except _Busy as e:
+                self._drop(t)
+                self._refuse(listener, addr, "busy", ErrorCode.NOT_DEFINED, f"server busy: {e}, retry later")
+                return
+            try:
+                t.sock = self._session_socket(local, addr)
+            except OSError as e:
+                self._drop(t)
+                reason = "busy" if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS) else "socket"
+                self._refuse(listener, addr, reason, ErrorCode.NOT_DEFINED, "server busy, retry later")
+                return
+            if t.closed:  # stopped meanwhile
+                self._close(t)
+                return
+            try:
+                mtu = t.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+            except OSError:
+                mtu = None
+            now = self._loop.time()
+            t.session = ReadSession(req, now=now, size=size, limits=self.limits, path_mtu=mtu)
+            window = t.session.blksize * t.session.windowsize
+            if window > 200_000:
+                for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+                    try:
+                        t.sock.setsockopt(socket.SOL_SOCKET, opt, min(2 * window, 8 << 20))
+                        break
+                    except OSError:
+                        continue
+            self._count("sessions_started")
+            self._loop.add_reader(t.sock.fileno(), self._on_readable, t)
+            self._send(t, t.session.start(now))
+            self._fill(t)
+            self._after(t)
+        except asyncio.CancelledError:
+            self._close(t)
+            raise
+        except Exception:
+            log.exception("tftp: cannot start a transfer of %r for %s", t.path, t.ip)
+            self._count("errors", reason="internal")
+            if t.session is None:
+                self._reply(listener, addr, ErrorCode.NOT_DEFINED, "internal error")
+            self._close(t)
+
+    async def _ask_providers(self, t: _Transfer) -> Optional[bytes]:
+        for match, provider in list(self._providers):
+            if match is not None and not match(t.path):
+                continue
+            try:
+                result = provider(t.path, t.ip, t.mac)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception:
+                log.exception("tftp: provider %r failed for %r", provider, t.path)
+                self._count("errors", reason="provider")
+                raise PathRefused("provider failed")
+            if result is None:
+                continue
+            if isinstance(result, str):
+                result = result.encode("utf-8")
+            return bytes(result)
+        return None
+
+    async def _open(self, path: str) -> _SharedFile:
+        opened = await self._loop.run_in_executor(None, open_confined, self.root, path)
+        shared = self._files.get(opened.inode)
+        if shared is not None:
+            os.close(opened.fd)
+        else:
+            if len(self._files) >= self.server_limits.max_open_files:
+                os.close(opened.fd)
+                raise _Busy("too many open files")
+            shared = self._files[opened.inode] = _SharedFile(opened)
+        shared.refs += 1
+        return shared
+
+    def _session_socket(self, local: str, addr: tuple) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.bind((local, 0))
+            except OSError:
+                sock.bind(("", 0))
+            sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    # -- the data path -------------------------------------------------------------------------------
+    def _on_readable(self, t: _Transfer) -> None:
+        session = t.session
+        sock = t.sock
+        now = self._loop.time()
+        for _ in range(32):
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                # ICMP port unreachable: the client's port is gone
+                session.abort("client unreachable", now)
+                session.outcome = "unreachable"
+                break
+            except OSError as e:
+                log.debug("tftp: recv from %s: %s", t.ip, e)
+                break
+            out = session.receive(data, now)
+            if out:
+                self._send(t, out)
+            if session.finished:
+                break
+        if not session.finished and not t.reading and session.wanted():
+            self._fill(t)
+        self._after(t)
+
+    def _send(self, t: _Transfer, datagrams: list) -> None:
+        send = t.sock.send
+        for d in datagrams:
+            try:
+                send(d)
+            except (BlockingIOError, InterruptedError):
+                self._count("send_overruns")
+                return  # the socket buffer is full: the retransmission timer resends
+            except ConnectionRefusedError:
+                if t.session is not None and not t.session.finished:
+                    t.session.abort("client unreachable", self._loop.time())
+                    t.session.outcome = "unreachable"
+                return
+            except OSError as e:
+                log.debug("tftp: send to %s: %s", t.ip, e)
+                return
+
+    def _fill(self, t: _Transfer) -> None:
+        """Feed the session file bytes while it wants them and they come from the page cache."""
+        session = t.session
+        while not session.finished and not t.reading:
+            want = session.wanted()
+            if not want:
+                return
+            if t.data is not None:
+                data, t.data = t.data, b""
+                self._send(t, session.feed(data, True, self._loop.time()))
+                continue
+            f = t.file
+            offset = session.raw_offset
+            left = f.opened.size - offset
+            n = min(max(want, READ_CHUNK), left)
+            if n <= 0:
+                self._send(t, session.feed(b"", True, self._loop.time()))
+                continue
+            if f.nowait:
+                buf = bytearray(n)
+                try:
+                    got = os.preadv(f.opened.fd, [buf], offset, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    got = -1
+                except OSError as e:
+                    if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        f.nowait = False
+                        got = -1
+                    else:
+                        self._read_failed(t, e)
+                        return
+                if got > 0:
+                    data = memoryview(buf)[:got] if got < n else buf
+                    self._send(t, session.feed(data, offset + got >= f.opened.size, self._loop.time()))
+                    continue
+                if got == 0:
+                    self._send(t, session.abort("file changed while being read", self._loop.time()))
+                    return
+            t.reading = True
+            task = self._loop.create_task(self._read_in_executor(t, offset, max(n, min(EXECUTOR_CHUNK, left))))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+
+    async def _read_in_executor(self, t: _Transfer, offset: int, n: int) -> None:
+        try:
+            data = await self._loop.run_in_executor(None, os.pread, t.file.opened.fd, n, offset)
+        except asyncio.CancelledError:
+            raise
+        except OSError as e:
+            t.reading = False
+            if not t.closed:
+                self._read_failed(t, e)
+                self._after(t)
+            return
+        t.reading = False
+        if t.closed or t.session.finished:
+            return
+        if not data:
+            self._send(t, t.session.abort("file changed while being read", self._loop.time()))
+        else:
+            eof = offset + len(data) >= t.file.opened.size
+            self._send(t, t.session.feed(data, eof, self._loop.time()))
+            self._fill(t)
+        self._after(t)
+
+    def _read_failed(self, t: _Transfer, e: OSError) -> None:
+        log.error("tftp: reading %s for %s failed: %s", t.path, t.ip, e)
+        self._count("errors", reason="read")
+        self._send(t, t.session.abort("read error", self._loop.time()))
+
+    def _after(self, t: _Transfer) -> None:
+        """Close a finished session or make sure its timer will fire at its deadline."""
+        session = t.session
+        if session.finished:
+            self._close(t)
+            return
+        deadline = session.deadline
+        if deadline is None:
+            return
+        if t.timer is None or t.timer_at > deadline:
+            if t.timer is not None:
+                t.timer.cancel()
+            t.timer_at = deadline
+            t.timer = self._loop.call_at(deadline, self._on_timer, t)
+
+    def _on_timer(self, t: _Transfer) -> None:
+        t.timer = None
+        if t.closed:
+            return
+        session = t.session
+        now = self._loop.time()
+        if session.deadline is not None and now >= session.deadline:
+            out = session.on_timer(now)
+            if out:
+                self._send(t, out)
+        self._after(t)
+
+    # -- the end of a transfer -----------------------------------------------------------------------
+    def _drop(self, t: _Transfer) -> None:
+        t.closed = True
+        self._transfers.pop(t.key, None)
+
+    def _close(self, t: _Transfer) -> None:
+        if t.closed and t.sock is None:
+            self._transfers.pop(t.key, None)
+            return
+        t.closed = True
+        self._transfers.pop(t.key, None)
+        if t.timer is not None:
+            t.timer.cancel()
+            t.timer = None
+        if t.sock is not None:
+            try:
+                self._loop.remove_reader(t.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            t.sock.close()
+            t.sock = None
+        if t.file is not None:
+            t.file.refs -= 1
+            if t.file.refs <= 0:
+                self._files.pop(t.file.opened.inode, None)
+                os.close(t.file.opened.fd)
+            t.file = None
+        if t.session is not None:
+            self._account(t)
+
+    def _account(self, t: _Transfer) -> None:
+        s = t.session
+        end = s.finished_at if s.finished_at is not None else self._loop.time()
+        duration = round(end - s.started_at, 6)
+        outcome = s.outcome or "aborted"
+        nbytes = s.bytes_acked
+        self._count("retransmits", s.retransmits) if s.retransmits else None
+        self._count("duplicate_acks", s.duplicate_acks) if s.duplicate_acks else None
+        self._count("bytes_sent", nbytes)
+        if outcome == "complete":
+            self.totals["completed"] += 1
+            self._count("sessions_completed")
+        else:
+            self.totals["failed"] += 1
+            self._count("sessions_failed", reason=outcome)
+        self.totals["bytes"] += nbytes
+        log.log(logging.INFO if outcome == "complete" else logging.WARNING,
+                "tftp: %s %s %s: %d bytes in %.3f s (blksize %d, windowsize %d)",
+                t.ip, t.path, outcome, nbytes, duration, s.blksize, s.windowsize)
+        if self.store is not None:
+            detail = {"path": t.path, "protocol": "tftp", "client": t.ip, "outcome": outcome, "mode": s.request.mode,
+                      "blksize": s.blksize, "windowsize": s.windowsize}
+            if t.dynamic:
+                detail["dynamic"] = True
+            if s.retransmits:
+                detail["retransmits"] = s.retransmits
+            try:
+                self.store.record_event(t.mac, event_kind(t.path, t.dynamic), detail,
+                                        nbytes=nbytes, duration=duration)
+            except Exception as e:
+                log.error("tftp: cannot record a boot event: %s", e)
+
+
+class _Busy(Exception):
+    pass
+
+
+def _raise_nofile_limit() -> None:
+    """Sessions hold a socket each: lift the soft fd limit to the hard one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def listen_addresses(config: Any) -> list[tuple[str, int]]:
+    """Where TFTP listens: `tftp.addresses` if set, else every served interface's address (none when
+    the config lists no interface: bootd serves nothing on a network it was not told about)."""
+    tftp = config.tftp
+    port = tftp.port
+    addrs = [str(a) for a in getattr(tftp, "addresses", None) or []]
+    if not addrs:
+        addrs = [str(i.address.ip) for i in config.interfaces]
+    return [(a, port) for a in dict.fromkeys(addrs)]

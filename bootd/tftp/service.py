@@ -1,0 +1,83 @@
+"""TftpService: the daemon's handle on the TFTP server (config -> TftpServer, start/stop/reload).
+
+`ctx.service("tftp").server` and `ctx.extras["tftp"]` are the running TftpServer, so other
+components (the menus) can call `add_provider(...)` on it; see bootd/tftp/server.py.
+A reload keeps transfers running: only the listeners are rebound when addresses or port change,
+and new limits apply to new transfers.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bootd.service import Service
+from bootd.tftp.server import ServerLimits, TftpServer, listen_addresses
+from bootd.tftp.session import SessionLimits
+
+log = logging.getLogger("bootd.tftp")
+
+
+def limits_from_config(tftp) -> tuple[SessionLimits, ServerLimits]:
+    session = SessionLimits(
+        max_blksize=tftp.max_blksize,
+        max_windowsize=tftp.max_windowsize,
+        timeout=float(tftp.timeout),
+        max_timeout=max(float(tftp.timeout), 8.0),
+        retries=tftp.retries,
+        session_timeout=float(getattr(tftp, "session_timeout", 60.0)),
+    )
+    server = ServerLimits(
+        max_sessions=tftp.max_sessions,
+        max_open_files=tftp.max_open_files,
+        leading_slash=getattr(tftp, "leading_slash", "root"),
+    )
+    return session, server
+
+
+class TftpService(Service):
+    name = "tftp"
+
+    def __init__(self) -> None:
+        self.server: TftpServer | None = None
+        self._addresses: list[tuple[str, int]] = []
+
+    async def start(self, ctx) -> None:
+        cfg = ctx.config
+        if not cfg.tftp.enabled:
+            log.info("tftp: disabled in the config")
+            return
+        root = cfg.boot_root
+        Path(root).mkdir(parents=True, exist_ok=True)
+        session_limits, server_limits = limits_from_config(cfg.tftp)
+        if self.server is None:
+            self.server = TftpServer(str(root), limits=session_limits, server_limits=server_limits,
+                                     store=ctx.store, metrics=ctx.metrics)
+        ctx.extras["tftp"] = self.server
+        ctx.metrics.add_gauges("tftp", self.server.gauges)
+        self._addresses = listen_addresses(cfg)
+        if not self._addresses:
+            log.warning("tftp: no interfaces or tftp.addresses in the config: not listening")
+        await self.server.start(self._addresses)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+
+    async def reload(self, ctx) -> None:
+        cfg = ctx.config
+        if self.server is None or not cfg.tftp.enabled:
+            await self.stop()
+            if cfg.tftp.enabled:
+                await self.start(ctx)
+            return
+        self.server.limits, self.server.server_limits = limits_from_config(cfg.tftp)
+        self.server.root = str(cfg.boot_root)
+        Path(self.server.root).mkdir(parents=True, exist_ok=True)
+        addresses = listen_addresses(cfg)
+        if addresses != self._addresses:
+            await self.server.close_listeners()
+            self._addresses = addresses
+            await self.server.start(addresses)
+
+    def status(self) -> dict:
+        return self.server.status() if self.server is not None else {"enabled": False}

@@ -1,0 +1,714 @@
+"""DiskManager: every host's NBD disk, as a qcow2 overlay over the snapshot it boots.
+
+When a boot starts
+------------------
+The overlay is made at the host's **menu fetch** (`prepare_boot`, called by the menu handler), not at
+its PXE DHCP request, because:
+  * one boot makes several DHCP requests: the firmware's PXE ROM, iPXE again after chainloading, and
+    the client Linux's own DHCP in its initramfs - by then the disk is connected, and treating that
+    request as a new boot would wipe the disk under a running system (as would every lease renewal);
+  * the menu fetch happens exactly once per boot, over HTTP (so it is reliably delivered, not a
+    retried broadcast), identifies the host by MAC, and happens right before the kernel command line
+    carrying the export name is rendered - the snapshot the host boots is known there and nowhere
+    earlier (a DHCP request cannot know what the menu will resolve to);
+  * a DHCP request from a host that does not boot from us (local disk entry, proxyDHCP mode with
+    another server's menu) would cost an overlay for nothing.
+
+Within a boot the overlay is kept: reconnects and short network drops reach the same export name
+(the key is the host and its boot number, never a TCP connection). The next `prepare_boot` of the
+host is a new boot: new overlay file, new export name; the old one is torn down in the background.
+
+Export names are `secrets.token_urlsafe` tokens, new at every boot, never derived from the MAC. Base
+snapshots are block nodes inside qemu-storage-daemon that are never exported. Caveat: qemu's NBD
+server answers NBD_OPT_LIST with all export names (qemu 7.2 cannot hide them), so the token protects
+against guessing, and TLS (PSK/x509) keeps clients without credentials out entirely.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from nbdexport.check import ClientTls, check_export
+from nbdexport.connections import peers
+from nbdexport.errors import DiskError, NoSpace, StorageDaemonDown
+from nbdexport.overlays import OverlayStore, SpaceReport, allocated_bytes
+from nbdexport.qsd import StorageDaemon
+
+log = logging.getLogger("bootd.nbd")
+
+
+def norm_mac(mac: str) -> str:
+    m = mac.strip().lower().replace("-", ":")
+    if len(m) == 12 and ":" not in m:
+        m = ":".join(m[i:i + 2] for i in range(0, 12, 2))
+    parts = m.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
+        raise DiskError(f"not a MAC address: {mac!r}", status=400)
+    return m
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """What an overlay sits on: a snapshot of the store (id set) or a bare qcow2 file (tests, tools)."""
+
+    key: str
+    name: str
+    path: str
+    id: Optional[int] = None
+    draft: bool = False  # a writable draft of the snapshot store: exported as is, no overlay
+
+    @classmethod
+    def of(cls, obj: Any, store: Any = None) -> "SnapshotRef":
+        if isinstance(obj, SnapshotRef):
+            return obj
+        if isinstance(obj, (str, os.PathLike)) and not str(obj).isdigit():
+            path = os.path.realpath(os.fspath(obj))
+            if not os.path.isfile(path):
+                raise DiskError(f"no such snapshot file: {path}", status=404)
+            return cls(key=f"file:{path}", name=os.path.basename(path), path=path)
+        if isinstance(obj, (int, str)):
+            if store is None:
+                raise DiskError("no snapshot store to resolve a snapshot id", status=404)
+            obj = store.get(int(obj))
+        sid = int(obj.id)
+        path = store.snapshot_path(sid) if store is not None and hasattr(store, "snapshot_path") else obj.path
+        return cls(key=str(sid), name=str(getattr(obj, "name", sid)), path=str(path), id=sid,
+                   draft=getattr(obj, "state", "sealed") == "draft")
+
+
+@dataclass(frozen=True)
+class Export:
+    """What the menu renders into a host's kernel command line (the NBD export of its disk)."""
+
+    mac: str
+    name: str
+    host: str
+    port: int
+    snapshot_id: Optional[int]
+    snapshot_name: str
+    size: int
+    persistent: bool
+    tls: bool
+    boot: int
+    format: str = "raw"
+
+    @property
+    def export(self) -> str:
+        return self.name
+
+    @property
+    def uri(self) -> str:
+        return f"{'nbds' if self.tls else 'nbd'}://{self.host}:{self.port}/{self.name}"
+
+    @property
+    def cmdline(self) -> str:
+        return f"bootd.nbd={self.host}:{self.port}/{self.name}"
+
+    def as_dict(self) -> dict:
+        return {"mac": self.mac, "name": self.name, "export": self.name, "host": self.host, "port": self.port,
+                "uri": self.uri, "cmdline": self.cmdline, "format": self.format, "snapshot_id": self.snapshot_id,
+                "snapshot": self.snapshot_name, "size": self.size, "persistent": self.persistent,
+                "tls": self.tls, "boot": self.boot}
+
+
+@dataclass
+class _Row:
+    """One export as stored in `disk_exports` (and kept in memory)."""
+
+    name: str
+    mac: str
+    boot: int
+    main: bool
+    snap: SnapshotRef
+    overlay: str
+    node: str
+    persistent: bool
+    size: int
+    server_ip: str
+    created: float
+    last_active: float = 0.0
+
+    def export(self, port: int, tls: bool) -> Export:
+        return Export(self.mac, self.name, self.server_ip, port, self.snap.id, self.snap.name, self.size,
+                      self.persistent, tls, self.boot)
+
+
+@dataclass
+class DiskSettings:
+    directory: str
+    run_dir: str
+    listen: str
+    port: int = 10809
+    reap_after: float = 4 * 3600
+    reap_interval: float = 60
+    warn_free_percent: float = 10
+    warn_free_bytes: int = 1 << 30
+    check_exports: bool = True
+    tls: bool = False
+    client_tls: Optional[ClientTls] = None
+
+
+class DiskManager:
+    """Per-host overlays and their NBD exports in one qemu-storage-daemon (see module docstring)."""
+
+    def __init__(self, settings: DiskSettings, store: Any, qsd: StorageDaemon,
+                 resolve_snapshot: Callable[[str], Any],
+                 is_persistent: Callable[[str], bool],
+                 snapshot_store: Callable[[], Any] = lambda: None,
+                 host_name: Callable[[str], Optional[str]] = lambda mac: None,
+                 extra_ips: Callable[[str], Any] = lambda mac: (),
+                 metrics: Any = None):
+        self.s = settings
+        self.store = store
+        self.qsd = qsd
+        self.overlays = OverlayStore(settings.directory)
+        self.resolve_snapshot = resolve_snapshot
+        self.is_persistent = is_persistent
+        self.snapshot_store = snapshot_store
+        self.host_name = host_name
+        self.extra_ips = extra_ips
+        self.metrics = metrics
+        self._rows: dict[str, _Row] = {}            # export name -> row
+        self._bases: dict[str, str] = {}            # base path -> node name (present in qsd)
+        self._base_locks: dict[str, asyncio.Lock] = {}
+        self._mac_locks: dict[str, asyncio.Lock] = {}
+        self._teardowns: set[asyncio.Task] = set()
+        self._reaper: Optional[asyncio.Task] = None
+        self._space_low = False
+        self.last_space: Optional[SpaceReport] = None
+        qsd.on_restart = self._restore
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load state, start/adopt the storage daemon, bring back the exports of running boots."""
+        self._load()
+        self._remove_stale_files()
+        await self.qsd.start()
+        async with self.qsd.lock:
+            await self._restore()
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def stop(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for t in list(self._teardowns):
+            t.cancel()
+        await self.qsd.stop()
+
+    def _inc(self, name: str, **labels: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("nbd", name, **labels)
+
+    # -- state ------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        self._rows.clear()
+        for r in self.store.query("SELECT * FROM disk_exports"):
+            snap = SnapshotRef(r["snapshot_key"], r["snapshot_name"], r["base_path"], r["snapshot_id"])
+            self._rows[r["name"]] = _Row(r["name"], r["mac"], r["boot"], bool(r["main"]), snap, r["overlay"],
+                                         r["node"], bool(r["persistent"]), r["size"], r["server_ip"],
+                                         r["created"], r["last_active"])
+
+    def _remove_stale_files(self) -> None:
+        """Overlays on disk that no running boot uses (left by a crash or a reap that died) go."""
+        keep = {r.overlay for r in self._rows.values()}
+        for p in self.overlays.ephemeral_files():
+            if str(p) not in keep:
+                log.info("removing stale overlay %s", p)
+                self.overlays.remove(p)
+        layers = {r["path"] for r in self.store.query("SELECT path FROM disk_layers")}
+        for p in self.overlays.persistent_files():
+            if str(p) not in layers:
+                log.info("removing stale persistent layer %s", p)
+                self.overlays.remove(p)
+        self.overlays.prune_templates(set())  # rebuilt on demand; bases may have changed
+
+    def _insert(self, cur, row: _Row) -> None:
+        cur.execute("INSERT INTO disk_exports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (row.name, row.mac, row.boot, int(row.main), row.snap.key, row.snap.id, row.snap.name,
+                     row.snap.path, row.overlay, row.node, int(row.persistent), row.size, row.server_ip,
+                     row.created, row.last_active))
+
+    # -- the API the menus use ----------------------------------------------------------------------
+    async def prepare_boot(self, mac: str, snapshot: Any = None, server_ip: Optional[str] = None) -> Export:
+        """A new boot of `mac`: fresh overlay over `snapshot` (None: what the host boots), exported
+        under a new token, checked with libnbd. Persistent hosts keep their layer."""
+        mac = norm_mac(mac)
+        t0 = time.monotonic()
+        async with self._mac_lock(mac):
+            snap = self._snapshot(mac, snapshot)
+            old = [r for r in self._rows.values() if r.mac == mac]
+            persistent = bool(self.is_persistent(mac))
+            now = time.time()
+            with self.store.transaction() as cur:
+                cur.execute("INSERT INTO disk_boots(mac, boot, started) VALUES (?, 1, ?) ON CONFLICT(mac) DO "
+                            "UPDATE SET boot=boot+1, started=excluded.started", (mac, now))
+                boot = cur.execute("SELECT boot FROM disk_boots WHERE mac=?", (mac,)).fetchone()[0]
+                for r in old:
+                    cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
+            for r in old:
+                del self._rows[r.name]
+            # the old exports go in the background, except a persistent layer's (same file, file lock)
+            # and, on a nearly full disk, the old overlays whose space the new one may need
+            low = self.space().low
+            sync = [r for r in old if r.persistent or low]
+            for r in old:
+                if r not in sync:
+                    self._spawn_teardown(r)
+            for r in sync:
+                await self._teardown(r, delete_file=not r.persistent)
+            if snap.draft:
+                # a draft assigned to this host for maintenance: it writes the draft itself
+                path, persistent = snap.path, True
+            elif persistent:
+                path, snap = await self._persistent_layer(mac, snap)
+            else:
+                path = str(self.overlays.ephemeral_path(mac, boot, 0))
+                await self._create_overlay(snap.path, path)
+            row = await self._add(mac, boot, True, snap, path, persistent, server_ip, now)
+        self._inc("boots")
+        self.store.record_event(mac, "disk", {"action": "boot", "snapshot": snap.name, "persistent": persistent,
+                                              "ms": round((time.monotonic() - t0) * 1000, 1)})
+        return row.export(self.s.port, self.s.tls)
+
+    async def prepare_export(self, mac: str, snapshot: Any, server_ip: Optional[str] = None) -> Export:
+        """One more export in the host's current boot (menus offering several snapshots); idempotent."""
+        mac = norm_mac(mac)
+        async with self._mac_lock(mac):
+            snap = self._snapshot(mac, snapshot)
+            mine = [r for r in self._rows.values() if r.mac == mac]
+            for r in mine:
+                if r.snap.key == snap.key:
+                    return r.export(self.s.port, self.s.tls)
+            if not mine:
+                raise DiskError(f"{mac} has no boot in progress (prepare_boot first)", status=409)
+            boot = mine[0].boot
+            n = 1 + max(int(Path(r.overlay).name.split(".")[2]) if not r.persistent else 0 for r in mine)
+            path = str(self.overlays.ephemeral_path(mac, boot, n))
+            await self._create_overlay(snap.path, path)
+            row = await self._add(mac, boot, False, snap, path, False, server_ip, time.time())
+        return row.export(self.s.port, self.s.tls)
+
+    def export_for(self, mac: str, snapshot: Any = None) -> Optional[Export]:
+        """The current boot's export (of that snapshot; None = the boot's main one), without I/O."""
+        try:
+            mac = norm_mac(mac)
+        except DiskError:
+            return None
+        key = None
+        if snapshot is not None:
+            if isinstance(snapshot, SnapshotRef):
+                key = snapshot.key
+            elif hasattr(snapshot, "id"):
+                key = str(snapshot.id)
+            elif isinstance(snapshot, int) or str(snapshot).isdigit():
+                key = str(snapshot)
+            else:
+                key = f"file:{os.path.realpath(os.fspath(snapshot))}"
+        for r in self._rows.values():
+            if r.mac == mac and (r.snap.key == key if key is not None else r.main):
+                return r.export(self.s.port, self.s.tls)
+        return None
+
+    def snapshots_in_use(self) -> dict[str, list[str]]:
+        """{snapshot key: [who]} for every base under a running export or a persistent layer."""
+        out: dict[str, list[str]] = {}
+        for r in self._rows.values():
+            out.setdefault(r.snap.key, []).append(f"export of {r.mac} (boot {r.boot})")
+        for r in self.store.query("SELECT mac, snapshot_key FROM disk_layers"):
+            out.setdefault(r["snapshot_key"], []).append(f"persistent layer of {r['mac']}")
+        return out
+
+    def open_check(self, snapshot: Any) -> list[str]:
+        """For the snapshot store's register_open_check: who has this snapshot open."""
+        return self.snapshots_in_use().get(str(getattr(snapshot, "id", snapshot)), [])
+
+    # -- admin operations -----------------------------------------------------------------------------
+    async def reset(self, mac: str) -> dict:
+        """Throw away the host's disk changes: its persistent layer (and any running export of it)."""
+        mac = norm_mac(mac)
+        async with self._mac_lock(mac):
+            rows = [r for r in self._rows.values() if r.mac == mac]
+            layer = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
+            if not rows and not layer:
+                raise DiskError(f"{mac} has no disk", status=404)
+            with self.store.transaction() as cur:
+                for r in rows:
+                    cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
+                cur.execute("DELETE FROM disk_layers WHERE mac=?", (mac,))
+            for r in rows:
+                del self._rows[r.name]
+                await self._teardown(r, delete_file=True)
+            for lr in layer:
+                self.overlays.remove(lr["path"])
+        self.store.record_event(mac, "disk", {"action": "reset"})
+        return {"mac": mac, "exports_removed": len(rows), "layer_removed": bool(layer)}
+
+    async def commit(self, mac: str, note: str = "", force: bool = False) -> dict:
+        """Turn a persistent host's layer into a draft of its image (via the snapshot store): the store
+        makes an empty draft over the layer's snapshot, the layer is re-pointed at that draft (same
+        content, so an unsafe rebase is exact) and committed into it. The host starts clean next boot."""
+        mac = norm_mac(mac)
+        snapshots = self.snapshot_store()
+        if snapshots is None:
+            raise DiskError("no snapshot store: commit needs one", status=501)
+        async with self._mac_lock(mac):
+            layer = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
+            if not layer:
+                raise DiskError(f"{mac} has no persistent layer to commit", status=404)
+            layer = layer[0]
+            if layer["snapshot_id"] is None:
+                raise DiskError("this layer is over a bare file, not a snapshot of the store", status=409)
+            rows = [r for r in self._rows.values() if r.mac == mac and r.overlay == layer["path"]]
+            if rows and self._connected(mac) and not force:
+                raise DiskError(f"{mac} is connected to this disk; shut it down first (or --force)", status=409)
+            for r in rows:
+                self._forget(r)
+                await self._teardown(r, delete_file=False)
+            if hasattr(snapshots, "draft_from_layer"):
+                draft = await asyncio.to_thread(snapshots.draft_from_layer, layer["snapshot_id"], layer["path"], note)
+            else:
+                draft = await asyncio.to_thread(self._commit_into_draft, snapshots, layer, note)
+            with self.store.transaction() as cur:
+                cur.execute("DELETE FROM disk_layers WHERE mac=?", (mac,))
+            self.overlays.remove(layer["path"])
+        self.store.record_event(mac, "disk", {"action": "commit", "draft": getattr(draft, "name", str(draft))})
+        return {"mac": mac, "draft": getattr(draft, "name", str(draft)), "draft_id": getattr(draft, "id", None)}
+
+    @staticmethod
+    def _commit_into_draft(snapshots: Any, layer: Any, note: str) -> Any:
+        import subprocess
+        draft = snapshots.draft(layer["snapshot_id"], actor="bootctl disk commit",
+                                reason=note or f"disk of {layer['mac']}")
+        for argv in (["qemu-img", "rebase", "-u", "-b", draft.path, "-F", "qcow2", layer["path"]],
+                     ["qemu-img", "commit", "-q", layer["path"]]):
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise DiskError(f"commit into {draft.name} failed: {proc.stderr.strip()}", status=500)
+        return draft
+
+    async def list(self) -> list[dict]:
+        """One entry per export and per idle persistent layer: what `bootctl disk list` shows."""
+        stats = {}
+        try:
+            for s in await self.qsd.execute("query-blockstats", {"query-nodes": True}):
+                if s.get("node-name"):
+                    stats[s["node-name"]] = s["stats"]
+        except DiskError:
+            pass
+        conn = self._peer_ips()
+        out = []
+        seen_layers = set()
+        for r in sorted(self._rows.values(), key=lambda r: (r.mac, not r.main)):
+            st = stats.get(r.node, {})
+            connected = self._connected(r.mac, conn)
+            if r.persistent:
+                seen_layers.add(r.overlay)
+            out.append({"mac": r.mac, "host": self.host_name(r.mac) or r.mac, "export": r.name,
+                        "snapshot": r.snap.name, "snapshot_id": r.snap.id, "persistent": r.persistent,
+                        "boot": r.boot, "main": r.main, "size": r.size,
+                        "overlay_bytes": allocated_bytes(r.overlay), "connected": connected,
+                        "since": r.created, "last_active": max(r.last_active, time.time() if connected else 0),
+                        "wr_highest_offset": st.get("wr_highest_offset"), "uri": r.export(self.s.port, False).uri})
+        for lr in self.store.query("SELECT * FROM disk_layers"):
+            if lr["path"] in seen_layers:
+                continue
+            out.append({"mac": lr["mac"], "host": self.host_name(lr["mac"]) or lr["mac"], "export": None,
+                        "snapshot": lr["snapshot_name"], "snapshot_id": lr["snapshot_id"], "persistent": True,
+                        "boot": None, "main": True, "size": None, "overlay_bytes": allocated_bytes(lr["path"]),
+                        "connected": False, "since": lr["created"], "last_active": None,
+                        "wr_highest_offset": None, "uri": None})
+        return out
+
+    def space(self) -> SpaceReport:
+        rep = self.overlays.space(self.s.warn_free_percent, self.s.warn_free_bytes)
+        self.last_space = rep
+        if rep.low and not self._space_low:
+            log.warning("disk directory %s is nearly full: %d MiB free (warning below %d MiB)",
+                        rep.path, rep.free >> 20, rep.warn_below >> 20)
+            self._inc("space_low_warnings")
+        elif not rep.low and self._space_low:
+            log.info("disk directory %s has room again: %d MiB free", rep.path, rep.free >> 20)
+        self._space_low = rep.low
+        return rep
+
+    def status(self) -> dict:
+        rep = self.last_space
+        return {"exports": len(self._rows), "qsd": self.qsd.status(),
+                "free_mb": rep.free >> 20 if rep else None, "space_low": bool(rep and rep.low)}
+
+    def gauges(self) -> dict[str, float]:
+        rep = self.last_space
+        out = {"exports": len(self._rows), "qsd_restarts": self.qsd.restarts, "qsd_up": int(self.qsd.up.is_set())}
+        if rep:
+            out["free_bytes"] = rep.free
+            out["space_low"] = int(rep.low)
+        out["overlay_bytes"] = sum(allocated_bytes(r.overlay) for r in self._rows.values())
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _mac_lock(self, mac: str) -> asyncio.Lock:
+        return self._mac_locks.setdefault(mac, asyncio.Lock())
+
+    def _snapshot(self, mac: str, snapshot: Any) -> SnapshotRef:
+        if snapshot is None:
+            snapshot = self.resolve_snapshot(mac)
+            if snapshot is None:
+                raise DiskError(f"no snapshot to boot for {mac}", status=404)
+        return SnapshotRef.of(snapshot, self.snapshot_store())
+
+    async def _create_overlay(self, base: str, path: str) -> None:
+        rep = self.space()
+        if rep.free < (1 << 20):
+            raise NoSpace(f"disk directory {rep.path} is full ({rep.free} bytes free)")
+        if not os.path.exists(base):
+            raise DiskError(f"snapshot file missing: {base}", status=404)
+        if self.overlays.has_template(base):
+            self.overlays.create(base, Path(path))  # a file copy: cheaper than a thread hop
+        else:
+            await asyncio.to_thread(self.overlays.create, base, Path(path))
+
+    async def _persistent_layer(self, mac: str, snap: SnapshotRef) -> tuple[str, SnapshotRef]:
+        """The host's layer, made on its first boot; it stays on the snapshot it was made over (a
+        newer snapshot for its group does not reach it until `bootctl disk reset`)."""
+        rows = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
+        if rows and os.path.exists(rows[0]["path"]):
+            r = rows[0]
+            return r["path"], SnapshotRef(r["snapshot_key"], r["snapshot_name"], r["base_path"], r["snapshot_id"])
+        path = str(self.overlays.persistent_path(mac))
+        await self._create_overlay(snap.path, path)
+        with self.store.transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO disk_layers VALUES (?,?,?,?,?,?,?)",
+                        (mac, path, snap.key, snap.id, snap.name, snap.path, time.time()))
+        return path, snap
+
+    async def _add(self, mac: str, boot: int, main: bool, snap: SnapshotRef, overlay: str, persistent: bool,
+                   server_ip: Optional[str], now: float) -> _Row:
+        name = secrets.token_urlsafe(18)
+        node = "ov" + secrets.token_hex(8)
+        row = _Row(name, mac, boot, main, snap, overlay, node, persistent, 0, server_ip or self.s.listen,
+                   now, now)
+        with self.store.transaction() as cur:  # intent first: a restore after a crash re-adds it
+            self._insert(cur, row)
+        self._rows[name] = row
+        try:
+            await self._export(row)
+        except StorageDaemonDown:
+            # the restart's restore adds every row, this one included; wait for it
+            try:
+                await asyncio.wait_for(self.qsd.up.wait(), 15)
+                async with self.qsd.lock:
+                    pass
+            except asyncio.TimeoutError:
+                raise StorageDaemonDown("the storage daemon did not come back within 15 s") from None
+        except Exception:
+            self._forget(row)
+            raise
+        if self.s.check_exports:
+            try:
+                size = await asyncio.to_thread(check_export, "127.0.0.1" if self.s.listen in ("0.0.0.0", "::")
+                                               else self.s.listen, self.s.port, name, None, self.s.client_tls)
+            except DiskError:
+                self._inc("check_failed")
+                self._forget(row)
+                self._spawn_teardown(row)
+                raise
+            row.size = size
+            with self.store.transaction() as cur:
+                cur.execute("UPDATE disk_exports SET size=? WHERE name=?", (size, name))
+        self._inc("exports_added")
+        return row
+
+    def _forget(self, row: _Row) -> None:
+        self._rows.pop(row.name, None)
+        with self.store.transaction() as cur:
+            cur.execute("DELETE FROM disk_exports WHERE name=?", (row.name,))
+
+    async def _base_node(self, path: str) -> str:
+        node = self._bases.get(path)
+        if node:
+            return node
+        lock = self._base_locks.setdefault(path, asyncio.Lock())
+        async with lock:
+            node = self._bases.get(path)
+            if node:
+                return node
+            node = "b" + hashlib.sha1(path.encode()).hexdigest()[:16]
+            await self.qsd.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": node, "read-only": True,
+                "file": {"driver": "file", "filename": path, "node-name": "f" + node}})
+            self._bases[path] = node
+            return node
+
+    async def _export(self, row: _Row) -> None:
+        spec = {"driver": "qcow2", "node-name": row.node,
+                "file": {"driver": "file", "filename": row.overlay, "node-name": "f" + row.node}}
+        if row.overlay != row.snap.path:  # an overlay: its backing is the shared, never exported base node
+            spec["backing"] = await self._base_node(row.snap.path)
+        await self.qsd.execute("blockdev-add", spec)
+        try:
+            await self.qsd.execute("block-export-add", {
+                "type": "nbd", "id": row.node, "node-name": row.node, "name": row.name, "writable": True})
+        except DiskError:
+            try:
+                await self.qsd.execute("blockdev-del", {"node-name": row.node})
+            except DiskError:
+                pass
+            raise
+
+    def _spawn_teardown(self, row: _Row) -> None:
+        t = asyncio.get_running_loop().create_task(self._teardown(row, delete_file=not row.persistent))
+        self._teardowns.add(t)
+        t.add_done_callback(self._teardowns.discard)
+
+    async def _teardown(self, row: _Row, delete_file: bool) -> None:
+        """Drop the export (hard: clients are cut off), its node, and the overlay file if asked."""
+        try:
+            try:
+                await self.qsd.execute("block-export-del", {"id": row.node, "mode": "hard"})
+            except DiskError as e:
+                if "not found" not in str(e).lower():
+                    raise
+            for _ in range(500):
+                exps = await self.qsd.execute("query-block-exports")
+                if not any(e["id"] == row.node for e in exps):
+                    break
+                await asyncio.sleep(0.01)
+            try:
+                await self.qsd.execute("blockdev-del", {"node-name": row.node})
+            except DiskError as e:
+                if "not found" not in str(e).lower() and "Cannot find" not in str(e):
+                    raise
+            await self._release_base(row.snap.path)
+        except StorageDaemonDown:
+            pass  # the daemon is gone: so are its nodes
+        except DiskError as e:
+            log.warning("tearing down export of %s: %s", row.mac, e)
+        if delete_file:
+            self.overlays.remove(row.overlay)
+
+    async def _release_base(self, path: str) -> None:
+        if any(r.snap.path == path and r.overlay != path for r in self._rows.values()):
+            return
+        lock = self._base_locks.setdefault(path, asyncio.Lock())
+        async with lock:
+            node = self._bases.get(path)
+            if node is None or any(r.snap.path == path and r.overlay != path for r in self._rows.values()):
+                return
+            try:
+                await self.qsd.execute("blockdev-del", {"node-name": node})
+                self._bases.pop(path, None)
+            except DiskError as e:
+                if "in use" not in str(e):
+                    log.warning("cannot remove base node for %s: %s", path, e)
+
+    async def _restore(self) -> None:
+        """Make the daemon's exports equal to the running boots in the state store (after a start, an
+        adoption or a restart of the daemon). Caller holds qsd.lock."""
+        exps = {e["id"]: e for e in await self.qsd.execute("query-block-exports")}
+        nodes = {n["node-name"] for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
+        self._bases = {}
+        wanted = {r.node for r in self._rows.values()}
+        for eid in list(exps):
+            if eid not in wanted:
+                await self.qsd.execute("block-export-del", {"id": eid, "mode": "hard"})
+        for r in list(self._rows.values()):
+            base = "b" + hashlib.sha1(r.snap.path.encode()).hexdigest()[:16]
+            if base in nodes and r.overlay != r.snap.path:
+                self._bases[r.snap.path] = base
+            if r.node in exps:
+                continue
+            if not os.path.exists(r.overlay) or not os.path.exists(r.snap.path):
+                log.warning("export of %s lost its file (%s); dropping it", r.mac, r.overlay)
+                self._forget(r)
+                continue
+            try:
+                if r.node in nodes:
+                    await self.qsd.execute("block-export-add", {"type": "nbd", "id": r.node, "node-name": r.node,
+                                                                "name": r.name, "writable": True})
+                else:
+                    await self._export(r)
+                self._inc("exports_restored")
+            except DiskError as e:
+                log.error("cannot restore export of %s: %s", r.mac, e)
+        # nodes nobody wants any more (adopted daemon): overlays first, then bases
+        for _ in range(100):
+            exps_now = await self.qsd.execute("query-block-exports")
+            if not any(e["id"] not in wanted for e in exps_now):
+                break
+            await asyncio.sleep(0.01)
+        keep = wanted | set(self._bases.values())
+        for n in sorted(nodes, key=lambda n: n.startswith("b")):
+            if (n.startswith("ov") or n.startswith("b")) and n not in keep:
+                try:
+                    await self.qsd.execute("blockdev-del", {"node-name": n})
+                except DiskError:
+                    pass
+        if self._rows:
+            log.info("storage daemon serves %d export(s) of running boots", len(self._rows))
+
+    # -- reaping --------------------------------------------------------------------------------------
+    def _peer_ips(self) -> dict[str, int]:
+        return peers(self.s.port, self.qsd.pid)
+
+    def _host_ips(self, mac: str) -> set[str]:
+        """Addresses the host may connect from: its lease, the last address seen, a configured one."""
+        ips = set(self.extra_ips(mac) or ())
+        host = self.store.host(mac)
+        if host and host.get("last_ip"):
+            ips.add(host["last_ip"])
+        try:
+            for r in self.store.query("SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,)):
+                ips.add(r["ip"])
+        except Exception:  # no lease table in a bare state file
+            pass
+        return ips
+
+    def _connected(self, mac: str, conn: Optional[dict] = None) -> bool:
+        conn = self._peer_ips() if conn is None else conn
+        return any(conn.get(ip) for ip in self._host_ips(mac))
+
+    async def reap_once(self, now: Optional[float] = None) -> list[str]:
+        """Drop exports of hosts that went away: not connected for `reap_after` seconds since their
+        boot or their last seen connection. Returns the MACs reaped."""
+        now = time.time() if now is None else now
+        self.space()
+        conn = self._peer_ips()
+        by_mac: dict[str, list[_Row]] = {}
+        for r in self._rows.values():
+            by_mac.setdefault(r.mac, []).append(r)
+        reaped = []
+        for mac, rows in by_mac.items():
+            if self._connected(mac, conn):
+                for r in rows:
+                    r.last_active = now
+                with self.store.transaction() as cur:
+                    cur.execute("UPDATE disk_exports SET last_active=? WHERE mac=?", (now, mac))
+                continue
+            if now - max(r.last_active for r in rows) < self.s.reap_after:
+                continue
+            async with self._mac_lock(mac):
+                rows = [r for r in self._rows.values() if r.mac == mac]
+                for r in rows:
+                    self._forget(r)
+                    await self._teardown(r, delete_file=not r.persistent)
+            reaped.append(mac)
+            self._inc("reaped")
+            log.info("reaped the disk of %s (gone for %.0f s)", mac, now - max(r.last_active for r in rows))
+        return reaped
+
+    async def _reap_loop(self) -> None:
+        while True:
+            try:
+                await self.reap_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.error("reaper: %s", e)
+            await asyncio.sleep(self.s.reap_interval)

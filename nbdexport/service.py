@@ -1,0 +1,200 @@
+"""DiskService: puts a DiskManager on `ctx.disks` for the daemon's lifetime."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from bootd.service import Service
+from nbdexport.check import ClientTls
+from nbdexport.errors import DiskError
+from nbdexport.manager import DiskManager, DiskSettings
+from nbdexport.qsd import StorageDaemon, TlsSettings
+
+log = logging.getLogger("bootd.nbd")
+
+
+def disk_directory(config) -> str:
+    return config.nbd.directory or str(Path(config.storage.directory) / "disks")
+
+
+def listen_address(config) -> Optional[str]:
+    """nbd.listen, else the first served interface's address; None (no NBD at all) without either:
+    disks are served on the served networks only, never on an address nobody configured."""
+    if config.nbd.listen is not None:
+        return str(config.nbd.listen)
+    if config.interfaces:
+        if len(config.interfaces) > 1:
+            log.warning("NBD listens on %s only (qemu-storage-daemon has one NBD listener); set nbd.listen",
+                        config.interfaces[0].address.ip)
+        return str(config.interfaces[0].address.ip)
+    return None
+
+
+def run_directory(config) -> str:
+    if config.nbd.run_dir:
+        return config.nbd.run_dir
+    key = hashlib.sha1(os.path.realpath(disk_directory(config)).encode()).hexdigest()[:10]
+    base = "/run/bootd" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"nbd-{key}")  # short: a unix socket path is limited to 107 bytes
+
+
+def tls_settings(config) -> tuple[Optional[TlsSettings], Optional[ClientTls]]:
+    t = config.nbd.tls
+    if t is None:
+        return None, None
+    server = TlsSettings(t.mode, t.dir, t.verify_peer)
+    if t.mode == "psk":
+        keys = os.path.join(t.dir, "keys.psk")
+        user = t.psk_username
+        if user is None:
+            try:
+                user = Path(keys).read_text().split(":", 1)[0].strip()
+            except OSError as e:
+                raise DiskError(f"nbd.tls: cannot read {keys}: {e.strerror}") from e
+        return server, ClientTls("psk", psk_file=keys, username=user)
+    if t.client_dir:
+        return server, ClientTls("x509", cert_dir=t.client_dir)
+    return server, None
+
+
+def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
+    server_tls, client_tls = tls_settings(config)
+    n = config.nbd
+    check = n.check_exports
+    if server_tls is not None and client_tls is None and check:
+        log.warning("nbd.tls x509 without client_dir: exports cannot be checked with libnbd; checks off")
+        check = False
+    return DiskSettings(
+        directory=disk_directory(config), run_dir=run_directory(config), listen=listen_address(config),
+        port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
+        warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
+        check_exports=check, tls=server_tls is not None, client_tls=client_tls), server_tls
+
+
+class DiskService(Service):
+    name = "disks"
+
+    def __init__(self) -> None:
+        self.manager: Optional[DiskManager] = None
+        self.ctx: Any = None
+        self._key: Any = None
+        self.error: Optional[str] = None
+
+    async def start(self, ctx) -> None:
+        """Never fatal for the daemon: without disks bootd still serves DHCP, menus and files, and
+        `bootctl status` says why the disks are off."""
+        self.ctx = ctx
+        self.error = None
+        if not ctx.config.nbd.enabled:
+            self.error = "disabled in the config"
+            return
+        if listen_address(ctx.config) is None:
+            self.error = "no served interface and no nbd.listen"
+            return
+        try:
+            await self._start(ctx)
+        except Exception as e:
+            self.error = str(e)
+            log.error("disks over NBD are off: %s", e)
+            if self.manager is not None:
+                try:
+                    await self.manager.stop()
+                except Exception:
+                    pass
+            self.manager = None
+
+    async def _start(self, ctx) -> None:
+        settings, server_tls = settings_from(ctx.config)
+        self._key = (settings.directory, settings.run_dir, settings.listen, settings.port, server_tls,
+                     ctx.config.nbd.qsd_binary)
+
+        def on_event(kind: str, detail: dict) -> None:
+            ctx.metrics.inc("nbd", f"qsd_{kind}")
+            ctx.store.record_event(None, "disk", {"action": f"storage-daemon-{kind}", **detail})
+
+        qsd = StorageDaemon(settings.run_dir, settings.listen, settings.port, server_tls,
+                            binary=ctx.config.nbd.qsd_binary, on_event=on_event)
+        self.manager = DiskManager(settings, ctx.store, qsd,
+                                   resolve_snapshot=self._resolve, is_persistent=self._persistent,
+                                   snapshot_store=lambda: ctx.snapshots, host_name=self._host_name,
+                                   extra_ips=self._configured_ip,
+                                   metrics=ctx.metrics)
+        await self.manager.start()
+        ctx.disks = self.manager
+        ctx.metrics.add_gauges("nbd", self.manager.gauges)
+        store = ctx.snapshots
+        if store is not None and hasattr(store, "register_open_check"):
+            store.register_open_check(self.manager.open_check)
+
+    async def stop(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
+            if self.ctx is not None and self.ctx.disks is self.manager:
+                self.ctx.disks = None
+        self.manager = None
+
+    async def reload(self, ctx) -> None:
+        """Knobs like reap_after apply at once; a new address, port, directory or TLS restarts the
+        storage daemon (clients reconnect to the same export names)."""
+        if self.manager is None or not ctx.config.nbd.enabled or listen_address(ctx.config) is None:
+            await self.stop()
+            await self.start(ctx)
+            return
+        settings, server_tls = settings_from(ctx.config)
+        key = (settings.directory, settings.run_dir, settings.listen, settings.port, server_tls,
+               ctx.config.nbd.qsd_binary)
+        if key != self._key:
+            await self.stop()
+            await self.start(ctx)
+            return
+        self.ctx = ctx
+        self.manager.s = settings
+
+    def status(self) -> dict:
+        if self.manager is None:
+            return {"enabled": False, "reason": self.error}
+        return self.manager.status()
+
+    # -- policy from the config -------------------------------------------------------------------
+    def _host_cfg(self, mac: str):
+        return self.ctx.config.host_by_mac(mac)
+
+    def _persistent(self, mac: str) -> bool:
+        host = self._host_cfg(mac)
+        if host is not None and host.persistent is not None:
+            return host.persistent
+        group = self.ctx.config.group(host.group) if host is not None else None
+        return bool(group and group.persistent)
+
+    def _configured_ip(self, mac: str) -> list[str]:
+        host = self._host_cfg(mac)
+        return [str(host.ip)] if host is not None and host.ip is not None else []
+
+    def _host_name(self, mac: str) -> Optional[str]:
+        host = self._host_cfg(mac)
+        if host is not None:
+            return host.name
+        row = self.ctx.store.host(mac)
+        return row.get("name") if row else None
+
+    def _resolve(self, mac: str):
+        store = self.ctx.snapshots
+        if store is None:
+            return None
+        cfg = self.ctx.config
+        host = self._host_cfg(mac)
+        group = cfg.group(host.group) if host is not None and host.group else None
+        image = None
+        if host is not None:
+            image = host.default_image or (host.images[0] if host.images else None)
+        if image is None and group is not None:
+            image = group.default_image or (group.images[0] if group.images else None)
+        if image is None and len(cfg.images) == 1:
+            image = cfg.images[0].name
+        if image is None:
+            return None
+        return store.resolve_for_host(mac, group.name if group else None, image)

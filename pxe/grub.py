@@ -1,0 +1,44 @@
+"""GRUB flavour of a BootMenu: UEFI PCs running GRUB's network image, files over TFTP.
+
+GRUB's netboot root is `(tftp,SERVER)`, so kernel and initrd are absolute paths from the boot root.
+"""
+from __future__ import annotations
+
+from pxe.menu import BootMenu, MenuItem, clean_text
+
+
+def _quote(s: str) -> str:
+    """A GRUB single-quoted word (no expansion inside; a quote is closed, escaped, reopened)."""
+    return "'" + clean_text(s).replace("'", "'\\''") + "'"
+
+
+def _path(p: str) -> str:
+    return "/" + clean_text(p).lstrip("/")
+
+
+def render_grub(menu: BootMenu) -> str:
+    out = [f"# bootd menu for {clean_text(menu.host_name or 'unknown host')} ({menu.mac or 'no MAC'}); rendered per request"]
+    out += [f"# note: {clean_text(n)}" for n in menu.notes]
+    out += [f"set default={_quote(menu.default)}",
+            f"set timeout={menu.timeout}",
+            "set timeout_style=menu",
+            f"echo {_quote(menu.title)}"]
+    for it in menu.items:
+        out.append("")
+        out += _entry(it)
+    out.append("")
+    return "\n".join(out)
+
+
+def _entry(it: MenuItem) -> list[str]:
+    head = f"menuentry {_quote(it.title)} --id {it.key} {{"
+    if it.kind == "local":
+        # Back to the UEFI boot manager, which tries the next boot option: the local disk.
+        return [head, "  exit", "}"]
+    # The command line is passed word by word; quote each so GRUB expands nothing in it.
+    args = " ".join(_quote(w) for w in clean_text(it.cmdline).split())
+    return [head,
+            f"  echo {_quote('Loading ' + it.title + ' ...')}",
+            f"  linux {_path(it.kernel)} {args}".rstrip(),
+            f"  initrd {_path(it.initrd)}",
+            "}"]

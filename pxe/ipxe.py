@@ -1,0 +1,51 @@
+"""iPXE flavour of a BootMenu: the main path, kernel and initrd fetched over HTTP."""
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from pxe.menu import BootMenu, MenuItem, clean_text
+
+
+def _text(s: str) -> str:
+    # iPXE expands ${...} in every command line: a title must not reach into settings.
+    return clean_text(s).replace("$", "")
+
+
+def file_url(menu: BootMenu, path: str) -> str:
+    return f"{menu.http_base}/boot/files/{quote(path.lstrip('/'), safe='/._-~+')}"
+
+
+def render_ipxe(menu: BootMenu) -> str:
+    out = ["#!ipxe",
+           f"# bootd menu for {_text(menu.host_name or 'unknown host')} ({menu.mac or 'no MAC'}); rendered per request"]
+    out += [f"# note: {_text(n)}" for n in menu.notes]
+    out += ["", ":start"]
+    if menu.timeout > 0:
+        out.append(f"menu {_text(menu.title)}")
+        gap = False
+        for it in menu.items:
+            if (it.kind == "local" or it.previous) and not gap:
+                out.append("item --gap --")
+                gap = True
+            out.append(f"item {it.key} {_text(it.title)}")
+        out.append(f"choose --default {menu.default} --timeout {menu.timeout * 1000} target || goto {menu.default}")
+        out.append("goto ${target}")
+    else:
+        out.append(f"goto {menu.default}")
+    for it in menu.items:
+        out += ["", f":{it.key}"]
+        out += _item_body(menu, it)
+    out += ["", ":failed", "echo bootd: boot failed, back to the menu in 5 s",
+            "sleep 5", "goto start", ""]
+    return "\n".join(out)
+
+
+def _item_body(menu: BootMenu, it: MenuItem) -> list[str]:
+    if it.kind == "local":
+        # Leaving iPXE hands control back to the firmware, which boots the next device: the disk.
+        return ["echo Booting from local disk", "exit 0"]
+    cmdline = _text(it.cmdline)
+    return [f"echo Booting {_text(it.title)}",
+            f"kernel {file_url(menu, it.kernel)} initrd=initrd {cmdline}".rstrip() + " || goto failed",
+            f"initrd --name initrd {file_url(menu, it.initrd)} || goto failed",
+            "boot || goto failed"]

@@ -1,0 +1,61 @@
+"""The boot menu of one host, independent of the firmware that will show it.
+
+A `BootMenu` is what the three renderers (pxe/ipxe.py, pxe/pxelinux.py, pxe/grub.py) turn into text:
+the same items, the same default and timeout, so a room that switches flavour sees the same choices.
+Items already carry the complete kernel command line; renderers only quote and lay it out.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+LOCAL_KEY = "local"
+
+
+@dataclass(frozen=True)
+class MenuItem:
+    key: str
+    title: str
+    kind: Literal["linux", "local"] = "linux"
+    kernel: Optional[str] = None  # path relative to the boot root
+    initrd: Optional[str] = None
+    cmdline: str = ""
+    image: Optional[str] = None
+    snapshot_id: Optional[int] = None
+    version: Optional[str] = None
+    previous: bool = False
+
+
+@dataclass(frozen=True)
+class BootMenu:
+    """A host's menu: `default` is the key booted when `timeout` seconds pass (0 = at once)."""
+
+    mac: Optional[str]
+    host_name: Optional[str]
+    title: str
+    timeout: int
+    default: str
+    items: tuple[MenuItem, ...]
+    server: str  # bootd's address as the client reaches it
+    http_base: str  # e.g. http://10.77.0.1:8080
+    pxelinux_ui: str = "menu.c32"
+    notes: tuple[str, ...] = field(default=())  # problems worth a comment in the rendered file
+
+    def item(self, key: str) -> Optional[MenuItem]:
+        for it in self.items:
+            if it.key == key:
+                return it
+        return None
+
+    @property
+    def default_item(self) -> Optional[MenuItem]:
+        return self.item(self.default)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def clean_text(text: str) -> str:
+    """One line of menu text: no control characters (a newline would start a new directive)."""
+    return _CONTROL.sub(" ", text).strip()

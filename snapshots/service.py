@@ -1,0 +1,75 @@
+"""SnapshotService: opens the snapshot store at start-up, reconciles it with fsck, and offers it as
+`ctx.snapshots` (plus the background job runner as `ctx.extras["snapshot_jobs"]`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from bootd.service import Service
+
+from .jobs import JobManager
+from .store import SnapshotStore
+
+log = logging.getLogger("bootd.snapshots")
+MiB = 1024 * 1024
+
+
+class SnapshotService(Service):
+    name = "snapshots"
+
+    def __init__(self) -> None:
+        self.store: SnapshotStore | None = None
+        self.jobs = JobManager()
+        self.last_fsck: dict | None = None
+
+    async def start(self, ctx) -> None:
+        cfg = ctx.config
+        self.store = SnapshotStore(ctx.store, cfg.storage_dir / "snapshots",
+                                   min_free_bytes=cfg.storage.min_free_mb * MiB)
+        report = await asyncio.to_thread(self.store.fsck, True)
+        self.last_fsck = report.to_dict()
+        if report.clean:
+            log.info("snapshot store %s: %d layers, files and database agree", self.store.root, report.checked)
+        else:
+            for what, items in (("removed temp file", report.removed_temp),
+                                ("moved unreferenced file to lost+found", report.orphans_moved),
+                                ("finished interrupted delete of", report.finished_deletes),
+                                ("fixed file mode", report.fixed_modes),
+                                ("fixed backing after interrupted flatten", report.fixed_backing),
+                                ("ended assignment of deleted snapshot", report.ended_assignments)):
+                for item in items:
+                    log.warning("snapshot fsck: %s %s", what, item)
+            for p in report.problems:
+                log.error("snapshot fsck: %s", p)
+        ctx.snapshots = self.store
+        ctx.extras["snapshot_jobs"] = self.jobs
+        self._import_configured(ctx)
+
+    def _import_configured(self, ctx) -> None:
+        """Config images with a `disk:` and no snapshot yet get it imported as v1, in the background."""
+        store = self.store
+        known = {r["name"] for r in store.images()}
+        for img in ctx.config.images:
+            if img.disk and img.name not in known and not any(
+                    j.kind == "import" and j.target == img.name for j in self.jobs.running()):
+                log.info("importing %s for image %s (from the config)", img.disk, img.name)
+                self.jobs.start("import", img.name, "bootd (config)",
+                                lambda progress, img=img: store.import_image(
+                                    img.name, img.disk, "bootd (config)", "image listed in the config",
+                                    progress).to_dict())
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.jobs.cancel_all, 3.0)
+
+    async def reload(self, ctx) -> None:
+        if self.store is not None:
+            self.store.min_free_bytes = ctx.config.storage.min_free_mb * MiB
+            ctx.snapshots = self.store
+            self._import_configured(ctx)
+
+    def status(self) -> dict:
+        if self.store is None:
+            return {}
+        running = self.jobs.running()
+        return {"root": str(self.store.root), "images": len(self.store.images()),
+                "jobs_running": len(running), "fsck_clean": bool(self.last_fsck and self.last_fsck["clean"])}

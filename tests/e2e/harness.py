@@ -1,0 +1,571 @@
+"""End-to-end lab harness shared by tests/e2e and `make demo`: virtual lab PCs booting from the network.
+
+A `LabPC` is a QEMU guest (TCG) on a tap device of a `Lab` bridge (tests/netns.py), booting with stock
+firmware: SeaBIOS + QEMU's iPXE NIC ROM (`firmware="bios"`) or OVMF + the EFI iPXE ROM
+(`firmware="uefi"`), or straight from `-kernel/-initrd` (`firmware="direct"`, for checking assets).
+`-nographic` makes SeaBIOS mirror the screen to COM1, so firmware, iPXE, the menus and the kernel/initrd
+output all land in one serial log; `SerialLog` tails it and stamps each line with the time it appeared,
+which gives the boot timeline. The client /init (scripts/assets/init) prints `BOOTD-MARKER:` and
+`BOOTD-FRESH:` lines that `BootResult` parses.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSET_DIR = Path(os.environ.get("BOOTD_ASSETS", ROOT / ".cache" / "assets"))
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+IPXE_DIR = Path("/usr/lib/ipxe")
+PXELINUX_DIR = Path("/usr/lib/PXELINUX")
+SYSLINUX_BIOS_MODULES = Path("/usr/lib/syslinux/modules/bios")
+
+
+# ------------------------------------------------------------------------------------------------
+# Assets
+
+@dataclass(frozen=True)
+class Assets:
+    """What scripts/build-assets.sh leaves in .cache/assets."""
+
+    dir: Path
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    image_a: Path
+    image_b: Path
+
+
+def ensure_assets(build: bool = True) -> Assets:
+    """Build the assets if needed (idempotent, a no-op taking ~0.1 s when they are current)."""
+    if build:
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "build-assets.sh")], capture_output=True, text=True,
+                           env=dict(os.environ, BOOTD_ASSETS=str(ASSET_DIR)), timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"scripts/build-assets.sh failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    a = Assets(dir=ASSET_DIR, kernel=ASSET_DIR / "vmlinuz", initrd=ASSET_DIR / "initrd.img",
+               kernel_version=(ASSET_DIR / "kernel-version").read_text().strip(),
+               image_a=ASSET_DIR / "images" / "os-A.qcow2", image_b=ASSET_DIR / "images" / "os-B.qcow2")
+    for p in (a.kernel, a.initrd, a.image_a, a.image_b):
+        if not p.is_file():
+            raise RuntimeError(f"asset missing: {p}")
+    return a
+
+
+# ------------------------------------------------------------------------------------------------
+# Serial log
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
+
+
+class SerialLog:
+    """Tails a QEMU `-serial file:` log; every complete line is kept with the time it showed up."""
+
+    def __init__(self, path: Path, t0: float):
+        self.path = path
+        self.t0 = t0
+        self.lines: list[tuple[float, str]] = []
+        self._buf = b""
+        self._pos = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        self._pos += len(data)
+        now = time.monotonic() - self.t0
+        self._buf += data
+        # iPXE redraws progress with \r; SeaBIOS mirroring emits \r\n. Both end a visible line.
+        parts = re.split(rb"\r\n|\n|\r", self._buf)
+        self._buf = parts.pop()
+        new = [(now, _ANSI.sub("", p.decode("utf-8", "replace")).strip()) for p in parts]
+        new = [(t, s) for t, s in new if s]
+        if new:
+            with self._cond:
+                self.lines.extend(new)
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._read()
+            time.sleep(0.05)
+        self._read()
+
+    def wait_for(self, pattern: str, timeout: float, alive=None) -> Optional[re.Match]:
+        """First line matching `pattern` (regex), waiting up to `timeout` s or until `alive()` is false."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for _, line in self.lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (alive is not None and not alive()):
+                    return None
+                self._cond.wait(min(left, 0.2))
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.lines)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        if self._buf.strip():
+            now = time.monotonic() - self.t0
+            self.lines.append((now, _ANSI.sub("", self._buf.decode("utf-8", "replace")).strip()))
+            self._buf = b""
+
+
+# ------------------------------------------------------------------------------------------------
+# Boot results and timelines
+
+# Milestones on the serial console, in boot order: (name, regex). The first line matching each gives
+# the time it was reached, counted from QEMU's start.
+MILESTONES = [
+    ("firmware", r"."),                                             # first output of SeaBIOS / OVMF
+    ("ipxe", r"iPXE initialising devices|^iPXE \d"),               # iPXE (NIC ROM or loaded loader) runs
+    ("dhcp", r"^net\d: \d+\.\d+\.\d+\.\d+/"),                  # iPXE got its address
+    ("loader", r"(undionly\.kpxe|ipxe\.efi|snponly\.efi|pxelinux\.0)\b"),  # chained boot program named
+    ("menu", r"\[script\]|\.ipxe\.\.\. ?ok|PXELINUX \d|^boot:"),     # menu / script loaded
+    ("kernel", r"vmlinuz.*\.\.\. ?ok|^Loading .*vmlinuz"),          # kernel downloaded
+    ("initrd", r"initrd[^ ]*\.\.\. ?ok|^Loading .*initrd.*ok"),     # initrd downloaded
+    ("init", r"^BOOTD-STAGE: init "),                               # client /init started
+    ("client-dhcp", r"^BOOTD-STAGE: dhcp "),                         # client Linux got its address
+    ("disk", r"^BOOTD-STAGE: nbd "),                                 # NBD disk attached
+    ("marker", r"^BOOTD-MARKER:"),                                   # disk mounted, marker read
+    ("poweroff", r"^BOOTD-STAGE: poweroff|reboot: Power down"),
+]
+
+
+@dataclass
+class BootResult:
+    """What one boot of a lab PC showed on its serial console."""
+
+    name: str
+    mac: str
+    marker: Optional[str]
+    fresh: Optional[bool]
+    ip: Optional[str]
+    errors: list[str]
+    stages: dict[str, float]          # BOOTD-STAGE name -> guest uptime (s)
+    milestones: dict[str, float]      # MILESTONES name -> seconds since QEMU start (host clock)
+    elapsed: float                    # QEMU start to exit (or to the timeout)
+    exit_code: Optional[int]
+    log: str
+    config_url: Optional[str] = None
+    nbd: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.marker is not None and self.fresh is not None and not self.errors
+
+    def describe(self, tail: int = 60) -> str:
+        lines = self.log.splitlines()[-tail:]
+        return (f"{self.name} ({self.mac}): marker={self.marker!r} fresh={self.fresh} ip={self.ip} "
+                f"errors={self.errors} exit={self.exit_code} elapsed={self.elapsed:.1f}s\n"
+                f"--- last {len(lines)} serial lines ---\n" + "\n".join(lines))
+
+    def timeline(self) -> list[tuple[str, float]]:
+        return sorted(self.milestones.items(), key=lambda kv: kv[1])
+
+
+def parse_serial(lines: list[tuple[float, str]]) -> dict:
+    out: dict = {"marker": None, "fresh": None, "ip": None, "errors": [], "stages": {}, "milestones": {},
+                 "config_url": None, "nbd": None}
+    rx = [(n, re.compile(p)) for n, p in MILESTONES]
+    for t, line in lines:
+        for name, r in rx:
+            if name not in out["milestones"] and r.search(line):
+                out["milestones"][name] = round(t, 2)
+        if line.startswith("BOOTD-MARKER:"):
+            out["marker"] = line.split(":", 1)[1].strip()
+        elif line.startswith("BOOTD-FRESH:"):
+            out["fresh"] = line.split(":", 1)[1].strip() == "yes"
+        elif line.startswith("BOOTD-IP:"):
+            parts = line.split()
+            out["ip"] = parts[2].split("/")[0] if len(parts) > 2 else None
+        elif line.startswith("BOOTD-ERROR:"):
+            out["errors"].append(line.split(":", 1)[1].strip())
+        elif line.startswith("BOOTD-CONFIG:"):
+            out["config_url"] = line.split(":", 1)[1].strip()
+        elif line.startswith("BOOTD-NBD:"):
+            out["nbd"] = line.split(":", 1)[1].strip()
+        elif line.startswith("BOOTD-STAGE:"):
+            parts = line.split()
+            if len(parts) >= 3:
+                try:
+                    out["stages"].setdefault(parts[1], float(parts[2]))
+                except ValueError:
+                    pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Lab PCs
+
+class LabPC:
+    """One virtual lab PC: QEMU (TCG) on a tap of the lab bridge, run inside the lab's server namespace."""
+
+    def __init__(self, lab, name: str, workdir: Path, mac: Optional[str] = None, firmware: str = "bios",
+                 nic: str = "e1000", memory: int = 256, kernel: Optional[Path] = None,
+                 initrd: Optional[Path] = None, append: str = "", extra_args: Iterable[str] = (),
+                 rom: Optional[str] = None):
+        if firmware not in ("bios", "uefi", "direct"):
+            raise ValueError(f"firmware must be bios, uefi or direct, not {firmware!r}")
+        self.lab = lab
+        self.name = name
+        self.mac = (mac or lab.next_mac()).lower()
+        self.firmware = firmware
+        self.nic = nic  # QEMU device: e1000 (SeaBIOS/OVMF get QEMU's iPXE ROM), virtio-net-pci, e1000e...
+        self.rom = rom  # None: QEMU's default NIC ROM (iPXE); "": none (OVMF then PXE-boots natively)
+        self.memory = memory
+        self.kernel, self.initrd, self.append = kernel, initrd, append
+        self.extra_args = list(extra_args)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tap = lab.add_tap()
+        self.proc: Optional[subprocess.Popen] = None
+        self.serial: Optional[SerialLog] = None
+        self.boots = 0
+        self.t0 = 0.0
+        self.results: list[BootResult] = []
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.boot{self.boots}.serial.log"
+
+    def argv(self) -> list[str]:
+        a = ["qemu-system-x86_64", "-name", self.name, "-machine", "pc", "-accel", "tcg", "-m", str(self.memory),
+             "-smp", "1", "-nographic", "-monitor", "none", "-serial", f"file:{self.log_path}", "-no-reboot",
+             "-netdev", f"tap,id=lan,ifname={self.tap},script=no,downscript=no",
+             "-device", f"{self.nic},netdev=lan,mac={self.mac}" + ("" if self.rom is None else f",romfile={self.rom}")]
+        if self.firmware == "uefi":
+            vars_copy = self.workdir / f"{self.name}.OVMF_VARS.fd"
+            if not vars_copy.exists():
+                shutil.copy(OVMF_VARS, vars_copy)
+            a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                  "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}", "-boot", "n"]
+        elif self.firmware == "bios":
+            a += ["-boot", "n"]
+        else:
+            if not (self.kernel and self.initrd):
+                raise ValueError("firmware='direct' needs kernel and initrd")
+            a += ["-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.append]
+        return a + self.extra_args
+
+    def start(self) -> "LabPC":
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"{self.name} is already running")
+        self.boots += 1
+        self.log_path.write_bytes(b"")
+        self.t0 = time.monotonic()
+        self.serial = SerialLog(self.log_path, self.t0)
+        self.proc = self.lab.server.popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=open(self.workdir / f"{self.name}.qemu.err", "ab"))
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float = 120.0) -> BootResult:
+        """Wait for the guest to power off (or the timeout), then parse its serial log."""
+        assert self.proc is not None and self.serial is not None
+        try:
+            self.proc.wait(timeout=max(0.0, self.t0 + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+        elapsed = time.monotonic() - self.t0
+        self.serial.stop()
+        parsed = parse_serial(self.serial.lines)
+        r = BootResult(name=self.name, mac=self.mac, elapsed=round(elapsed, 2), exit_code=self.proc.returncode,
+                       log=self.serial.text(), **parsed)
+        self.results.append(r)
+        return r
+
+    def boot(self, timeout: float = 120.0) -> BootResult:
+        return self.start().wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def boot_all(pcs: list[LabPC], timeout: float = 180.0, stagger: float = 0.0) -> list[BootResult]:
+    """Boot several PCs at once (all started, then all awaited); results in the order of `pcs`."""
+    try:
+        for pc in pcs:
+            pc.start()
+            if stagger:
+                time.sleep(stagger)
+        return [pc.wait(timeout) for pc in pcs]  # each PC's timeout counts from its own start
+    finally:
+        for pc in pcs:
+            pc.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# Peers run in the lab: dnsmasq (DHCP stand-in / proxyDHCP site server), qemu-nbd, a static HTTP server
+
+def start_dnsmasq(lab, workdir: Path, *, range_start: str = "10.77.0.150", range_end: str = "10.77.0.249",
+                  extra: Iterable[str] = (), tftp_root: Optional[Path] = None) -> subprocess.Popen:
+    """dnsmasq on the lab bridge (DHCP only unless `tftp_root`); returns once it is listening."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-resolv", "--no-hosts",
+            f"--interface={lab.bridge}", "--bind-interfaces", f"--dhcp-range={range_start},{range_end},1h",
+            f"--dhcp-leasefile={workdir}/dnsmasq.leases", "--no-ping", "--log-dhcp",
+            f"--log-facility={workdir}/dnsmasq.log", f"--pid-file={workdir}/dnsmasq.pid", *extra]
+    if tftp_root is not None:
+        argv += ["--enable-tftp", f"--tftp-root={tftp_root}"]
+    p = lab.server.popen(argv, stdout=subprocess.DEVNULL, stderr=open(workdir / "dnsmasq.err", "ab"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"dnsmasq exited: {(workdir / 'dnsmasq.err').read_text()}")
+        if "67" in lab.server.run(["ss", "-lunH", "sport = :67"], check=False).stdout:
+            return p
+        time.sleep(0.05)
+    raise RuntimeError("dnsmasq did not start listening on :67")
+
+
+def start_qemu_nbd(lab, image: Path, export: str, port: int = 10809, fmt: str = "qcow2",
+                   snapshot: bool = False) -> subprocess.Popen:
+    """qemu-nbd serving `image` as `export` on the lab's server address (one export per process)."""
+    argv = ["qemu-nbd", "-f", fmt, "-x", export, "-b", lab.server_ip, "-p", str(port), "-t", "--shared=16"]
+    if snapshot:
+        argv.append("--snapshot")
+    p = lab.server.popen(argv + [str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_tcp(lab, port)
+    return p
+
+
+def wait_tcp(lab, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f":{port}" in lab.server.run(["ss", "-ltnH", f"sport = :{port}"], check=False).stdout:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on TCP {port} in {lab.server.name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# bootd in the lab
+
+LOADERS = {  # boot programs an admin puts in the boot root (Debian packages ipxe, pxelinux, syslinux-common)
+    "undionly.kpxe": IPXE_DIR / "undionly.kpxe",
+    "ipxe.efi": IPXE_DIR / "ipxe.efi",
+    "snponly.efi": IPXE_DIR / "snponly.efi",
+    "pxelinux.0": PXELINUX_DIR / "pxelinux.0",
+    "ldlinux.c32": SYSLINUX_BIOS_MODULES / "ldlinux.c32",
+    "menu.c32": SYSLINUX_BIOS_MODULES / "menu.c32",
+    "libutil.c32": SYSLINUX_BIOS_MODULES / "libutil.c32",
+    "libcom32.c32": SYSLINUX_BIOS_MODULES / "libcom32.c32",
+}
+
+
+def prepare_boot_root(boot_root: Path, assets: Assets) -> None:
+    """What an admin does once: loaders from Debian's packages, the client kernel and initrd."""
+    boot_root.mkdir(parents=True, exist_ok=True)
+    for name, src in LOADERS.items():
+        if src.exists() and not (boot_root / name).exists():
+            shutil.copy(src, boot_root / name)
+    for src, name in ((assets.kernel, "vmlinuz"), (assets.initrd, "initrd.img")):
+        shutil.copy(src, boot_root / name)
+
+
+def lab_config(lab, *, image_disk: Optional[Path] = None, dhcp_mode: str = "full", menu_timeout: int = 0,
+               hosts: Iterable[dict] = (), groups: Optional[list[dict]] = None, image: str = "demo",
+               pool: tuple[str, str] = ("10.77.0.100", "10.77.0.149"), **sections) -> dict:
+    """A bootd config for the lab: one image (kernel/initrd from the assets, `image_disk` imported as
+    its v1), one group `lab` booting it, the given hosts. `sections` replace whole top-level sections."""
+    cfg: dict = {
+        "interfaces": [{"name": lab.bridge, "address": f"{lab.server_ip}/{lab.subnet.prefixlen}"}],
+        "dhcp": {"mode": dhcp_mode, "lease_time": 600,
+                 "pools": [] if dhcp_mode != "full" else
+                 [{"interface": lab.bridge, "start": pool[0], "end": pool[1]}]},
+        "http": {"port": 8080},
+        "menu": {"timeout": menu_timeout, "title": "bootd lab"},
+        "log": {"level": "info"},
+        "images": [{"name": image, "title": f"{image} test OS", "kernel": "vmlinuz", "initrd": "initrd.img",
+                    "cmdline": "quiet", **({"disk": str(image_disk)} if image_disk else {})}],
+        "groups": groups if groups is not None else [{"name": "lab", "images": [image], "default_image": image}],
+        "hosts": list(hosts),
+    }
+    cfg.update(sections)
+    return cfg
+
+
+class BootdLab:
+    """bootd serving a Lab: the daemon (a tests/conftest.py BootdProcess), its boot root, lab PCs."""
+
+    def __init__(self, lab, daemon, assets: Assets, workdir: Path):
+        self.lab = lab
+        self.daemon = daemon
+        self.assets = assets
+        self.workdir = Path(workdir)
+        self.pcs: list[LabPC] = []
+
+    @classmethod
+    def start(cls, lab, make_daemon, assets: Assets, workdir: Path, config: dict,
+              wait_images: bool = True) -> "BootdLab":
+        """`make_daemon(config, ns=..., start=False)` is the bootd_daemon fixture (or a BootdProcess maker)."""
+        d = make_daemon(config, ns=lab.server, start=False)
+        boot_root = Path(config.get("tftp", {}).get("root") or Path(d.storage) / "boot")
+        prepare_boot_root(boot_root, assets)
+        d.start()
+        bl = cls(lab, d, assets, workdir)
+        if wait_images:
+            names = [i["name"] for i in config.get("images", []) if i.get("disk")]
+            bl.wait_images(names)
+            for name in names:  # an imported v1 boots once promoted (all groups), as an admin would do
+                if not bl.daemon.api.get(f"/api/v1/images/{name}").get("assignments"):
+                    bl.bootctl("snapshot", "promote", f"{name}@v1")
+        return bl
+
+    # -- admin side -------------------------------------------------------------------------------
+    def bootctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.daemon.bootctl(*args, check=check)
+
+    def wait_images(self, names: list[str], timeout: float = 120.0) -> None:
+        """Wait until each image imported from the config has a current snapshot (background import)."""
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            for name in list(pending):
+                try:
+                    info = self.daemon.api.get(f"/api/v1/images/{name}")
+                except Exception:
+                    continue
+                if _has_current(info):
+                    pending.discard(name)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"images not imported after {timeout}s: {sorted(pending)}\n{self.daemon.log()[-3000:]}")
+            if self.daemon.proc.poll() is not None:
+                raise RuntimeError(f"bootd exited ({self.daemon.proc.returncode}):\n{self.daemon.log()[-3000:]}")
+            time.sleep(0.3)
+
+    def events(self, mac: str) -> list[dict]:
+        info = self.daemon.api.get(f"/api/v1/hosts/{mac}")
+        return info.get("events", []) if isinstance(info, dict) else []
+
+    # -- lab PCs ----------------------------------------------------------------------------------
+    def pc(self, name: str, mac: Optional[str] = None, firmware: str = "bios", **kw) -> LabPC:
+        if firmware == "uefi":
+            # OVMF's own PXE client (VirtioNetDxe, no NIC ROM) asks DHCP for the UEFI loader, as a real
+            # UEFI PC does; with QEMU's EFI iPXE ROM the loader step would be skipped.
+            kw.setdefault("nic", "virtio-net-pci")
+            kw.setdefault("rom", "")
+        pc = LabPC(self.lab, name, self.workdir / "pcs", mac=mac, firmware=firmware, **kw)
+        self.pcs.append(pc)
+        return pc
+
+    def close(self) -> None:
+        for pc in self.pcs:
+            pc.kill()
+
+
+def _has_current(info) -> bool:
+    """Whether an image detail from the API shows a current (or any sealed) snapshot."""
+    if not isinstance(info, dict):
+        return False
+    for key in ("current", "current_snapshot"):
+        v = info.get(key)
+        if v:
+            return True
+    snaps = info.get("snapshots") or []
+    return any(isinstance(s, dict) and s.get("state") == "sealed" for s in snaps)
+
+
+def _bootd_process_class():
+    """tests/conftest.py's BootdProcess (the one daemon launcher), loaded under its own module name so
+    it works outside pytest (the demo) and never clashes with the other conftest.py modules."""
+    name = "bootd_tests_launcher"
+    mod = sys.modules.get(name)
+    if mod is None:
+        tests = str(ROOT / "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod.BootdProcess
+
+
+@contextmanager
+def running_bootd_lab(workdir: Path, make_config: Callable[[object], dict], assets: Assets,
+                      subnet: str = "10.77.0.0/24") -> Iterator[BootdLab]:
+    """A fresh Lab with bootd serving it (config from `make_config(lab)`); everything removed afterwards,
+    also on failure: PCs, bootd, the namespaces. bootd's log is left in `workdir/bootd.log`."""
+    import ipaddress
+
+    from netns import Lab
+
+    BootdProcess = _bootd_process_class()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lab = Lab(subnet=ipaddress.IPv4Network(subnet))
+    daemons: list = []
+    bl: Optional[BootdLab] = None
+
+    def make_daemon(config: dict, ns=None, start: bool = False):
+        wd = workdir / f"bootd{len(daemons)}"
+        shutil.rmtree(wd, ignore_errors=True)
+        wd.mkdir()
+        d = BootdProcess(wd, config, ns=ns)
+        daemons.append(d)
+        if start:
+            d.start()
+        return d
+
+    try:
+        bl = BootdLab.start(lab, make_daemon, assets, workdir, make_config(lab))
+        yield bl
+    finally:
+        if bl is not None:
+            bl.close()
+        for d in daemons:
+            try:
+                d.stop(timeout=10)
+            except Exception:
+                pass
+            d.close()
+            try:
+                (workdir / "bootd.log").write_text(d.log())
+            except OSError:
+                pass
+        lab.close()

@@ -1,0 +1,141 @@
+"""A host's disk within a boot and across boots, with real NBD clients (libnbd, nbdcopy, qemu-img)."""
+from __future__ import annotations
+
+import subprocess
+
+import nbd
+import pytest
+
+from nbdexport.errors import DiskError
+
+from nbdtest import MiB, sha256
+
+A = "52:54:00:00:00:0a"
+B = "52:54:00:00:00:0b"
+
+
+def connect(uri: str) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def test_write_survives_reconnect_within_boot_and_goes_at_next_boot(harness, bases):
+    v1, v2 = bases
+    before = sha256(v1), sha256(v2)
+    hs = harness()
+    exp = hs.run(hs.m.prepare_boot(A, v2))
+    assert exp.size == 64 * MiB and exp.port == hs.port and exp.format == "raw"
+    assert A.replace(":", "") not in exp.name and exp.name not in A
+    c = connect(exp.uri)
+    assert c.pread(4, 0) == b"\xcd" * 4
+    c.pwrite(b"written-by-A" + b"\0" * 500, 2 * MiB)
+    c.flush()
+    c.shutdown()  # disconnect ...
+    c = connect(exp.uri)  # ... and reconnect within the same boot: the write is there
+    assert c.pread(12, 2 * MiB) == b"written-by-A"
+    c.shutdown()
+    # qemu-img reads the export too
+    out = subprocess.run(["qemu-img", "info", "--output=json", exp.uri], capture_output=True, text=True)
+    assert out.returncode == 0 and '"virtual-size": 67108864' in out.stdout
+    assert hs.m.export_for(A).name == exp.name
+
+    exp2 = hs.run(hs.m.prepare_boot(A, v2))  # next boot
+    assert exp2.name != exp.name
+    c = connect(exp2.uri)
+    assert c.pread(12, 2 * MiB) == b"\0" * 12  # the write is gone
+    assert c.pread(4, 0) == b"\xcd" * 4  # the snapshot content is there
+    c.shutdown()
+    with pytest.raises(nbd.Error):
+        connect(exp.uri)  # the old boot's name leads nowhere
+    hs.wait(lambda: len(hs.m.overlays.ephemeral_files()) == 1)
+    assert (sha256(v1), sha256(v2)) == before
+
+
+def test_hosts_are_isolated_and_names_are_tokens(harness, bases):
+    v1, _ = bases
+    hs = harness()
+    ea = hs.run(hs.m.prepare_boot(A, v1))
+    eb = hs.run(hs.m.prepare_boot(B, v1))
+    assert ea.name != eb.name and len(ea.name) >= 20
+    ca, cb = connect(ea.uri), connect(eb.uri)
+    ca.pwrite(b"A" * 512, 0)
+    ca.flush()
+    assert cb.pread(512, 0) == b"\xab" * 512  # B does not see A's write
+    ca.shutdown(), cb.shutdown()
+    # names an attacker could derive from B's MAC or host data do not open anything
+    for guess in (B, B.replace(":", ""), B.replace(":", "-"), "52540000000b", "b", "", "default"):
+        with pytest.raises(nbd.Error):
+            connect(hs.uri(guess))
+    # the base snapshot is not exported under any name
+    out = subprocess.run(["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{hs.port}"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert str(v1) not in out.stdout and v1.name not in out.stdout
+    import json
+    names = {e["export-name"] for e in json.loads(out.stdout)["exports"]}
+    assert names == {ea.name, eb.name}
+
+
+def test_nbdcopy_reads_whole_disk_and_content_matches_snapshot(harness, bases, tmp_path):
+    v1, v2 = bases
+    hs = harness()
+    exp = hs.run(hs.m.prepare_boot(A, v2))
+    raw = tmp_path / "copy.raw"
+    subprocess.run(["nbdcopy", exp.uri, str(raw)], check=True)
+    ref = tmp_path / "ref.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(v2), str(ref)], check=True)
+    assert sha256(raw) == sha256(ref)
+
+
+def test_persistent_host_keeps_its_write_and_reset_discards_it(harness, bases):
+    v1, v2 = bases
+    before = sha256(v1)
+    hs = harness(persistent={A})
+    exp = hs.run(hs.m.prepare_boot(A, v1))
+    assert exp.persistent
+    c = connect(exp.uri)
+    c.pwrite(b"keep-me", 3 * MiB)
+    c.flush()
+    c.shutdown()
+    exp2 = hs.run(hs.m.prepare_boot(A, v1))  # next boot: still there
+    c = connect(exp2.uri)
+    assert c.pread(7, 3 * MiB) == b"keep-me"
+    c.shutdown()
+    # a newer snapshot for the group does not reach a persistent layer until it is reset
+    exp3 = hs.run(hs.m.prepare_boot(A, v2))
+    assert exp3.snapshot_name == "v1.qcow2"
+    listing = hs.run(hs.m.list())
+    assert [e["persistent"] for e in listing] == [True]
+    res = hs.run(hs.m.reset(A))
+    assert res["layer_removed"]
+    exp4 = hs.run(hs.m.prepare_boot(A, v2))
+    c = connect(exp4.uri)
+    assert c.pread(7, 3 * MiB) == b"\0" * 7 and c.pread(1, 0) == b"\xcd"
+    c.shutdown()
+    assert sha256(v1) == before
+
+
+def test_prepare_export_adds_a_second_snapshot_in_the_same_boot(harness, bases):
+    v1, v2 = bases
+    hs = harness()
+    e1 = hs.run(hs.m.prepare_boot(A, v1))
+    e2 = hs.run(hs.m.prepare_export(A, v2))
+    assert e2.name != e1.name and e2.boot == e1.boot
+    assert hs.run(hs.m.prepare_export(A, v2)).name == e2.name  # idempotent
+    assert hs.m.export_for(A).name == e1.name
+    assert hs.m.export_for(A, str(v2)).name == e2.name
+    with pytest.raises(DiskError):
+        hs.run(hs.m.prepare_export(B, v2))  # no boot of B yet
+
+
+def test_bad_input_is_refused_clearly(harness, bases, tmp_path):
+    hs = harness()
+    with pytest.raises(DiskError, match="not a MAC"):
+        hs.run(hs.m.prepare_boot("nonsense", bases[0]))
+    with pytest.raises(DiskError, match="no such snapshot"):
+        hs.run(hs.m.prepare_boot(A, tmp_path / "missing.qcow2"))
+    with pytest.raises(DiskError, match="no snapshot to boot"):
+        hs.run(hs.m.prepare_boot(A))
+    assert hs.m.export_for(A) is None
+    # and the manager still works
+    assert hs.run(hs.m.prepare_boot(A, bases[0])).size == 64 * MiB

@@ -1,0 +1,103 @@
+"""bootd exports a client root through NFS-Ganesha running in a private namespace: an NFS client in
+the served subnet reads it, cannot write it, a client outside the served subnets cannot read it, and
+the export disappears when the config drops it (reload)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.netns
+
+GANESHA_CONF = """NFS_CORE_PARAM {{
+    Protocols = 4;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+}}
+NFSv4 {{
+    Graceless = true;
+    RecoveryRoot = "{recovery}";
+    Allow_Numeric_Owners = true;
+    Only_Numeric_Owners = true;
+}}
+%include "{exports}"
+"""
+
+
+@pytest.fixture
+def ganesha(lab, tmp_path):
+    if shutil.which("ganesha.nfsd") is None:
+        pytest.fail("nfs-ganesha is not installed (deps/debian-packages.txt)")
+    g = tmp_path / "ganesha"
+    (g / "recovery").mkdir(parents=True)
+    exports = g / "bootd-exports.conf"
+    exports.write_text("# filled by bootd\n")
+    conf = g / "ganesha.conf"
+    conf.write_text(GANESHA_CONF.format(recovery=g / "recovery", exports=exports))
+    pidfile = g / "ganesha.pid"
+    proc = lab.server.popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(g / "ganesha.log"),
+                             "-p", str(pidfile), "-N", "NIV_EVENT"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert proc.poll() is None, (g / "ganesha.log").read_text(errors="replace")
+        assert time.monotonic() < deadline, "ganesha did not start"
+        time.sleep(0.1)
+    yield {"exports": exports, "pidfile": pidfile, "log": g / "ganesha.log", "proc": proc}
+
+
+def nfs_cat(ns, url: str) -> subprocess.CompletedProcess:
+    return ns.run(["nfs-cat", url], check=False, timeout=30)
+
+
+def test_client_root_exported_read_only_to_served_subnet_and_removed(lab, ganesha, bootd_daemon, tmp_path):
+    root = tmp_path / "clientroot"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "os-release").write_text('NAME="bootd client root"\n')
+    (root / "hello.txt").write_text("hello from the client root\n")
+    nfs = {"server": "ganesha", "roots": [{"name": "debian", "path": str(root)}],
+           "ganesha_exports_file": str(ganesha["exports"]), "ganesha_pidfile": str(ganesha["pidfile"])}
+    cfg = {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}], "dhcp": {"mode": "off"},
+           "nbd": {"enabled": False}, "nfs": nfs}
+    outsider = lab.add_interface("out0", "10.88.0.1/24")       # reaches the server, not a served subnet
+    outsider.run(["ip", "addr", "add", "10.88.0.2/24", "dev", "eth0"])
+    d = bootd_daemon(cfg, ns=lab.server)
+    client = lab.add_client(address="10.77.0.60")
+
+    st = d.bootctl("--json", "clientroot", "exports")
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert '"10.77.0.1:/bootd/debian": "ok"' in st.stdout
+
+    url = "nfs://10.77.0.1/bootd/debian/hello.txt?version=4"
+    r = nfs_cat(client.ns, url)
+    assert r.returncode == 0 and r.stdout == "hello from the client root\n", r.stderr
+    ls = client.ns.run(["nfs-ls", "nfs://10.77.0.1/bootd/debian/etc?version=4"], check=False, timeout=30)
+    assert "os-release" in ls.stdout, ls.stderr
+
+    # read-only: a write through NFS is refused and changes nothing
+    src = tmp_path / "evil.txt"
+    src.write_text("x")
+    w = client.ns.run(["nfs-cp", str(src), "nfs://10.77.0.1/bootd/debian/evil.txt?version=4"], check=False,
+                      timeout=30)
+    assert w.returncode != 0 and not (root / "evil.txt").exists()
+
+    # not for addresses outside the served subnets (which do reach the NFS server itself)
+    probe = "import socket; socket.create_connection(('10.88.0.1', 2049), timeout=5).close()"
+    assert outsider.run(["python3", "-c", probe], check=False).returncode == 0
+    r = nfs_cat(outsider, "nfs://10.88.0.1/bootd/debian/hello.txt?version=4")
+    assert r.returncode != 0 and "hello" not in r.stdout
+
+    # the config drops the root: after a reload the export is gone
+    cfg2 = dict(cfg, nfs={**nfs, "roots": []}, storage=d.config_dict["storage"], api=d.config_dict["api"])
+    d.write_config(cfg2)
+    d.bootctl("reload", check=True)
+    assert "EXPORT" not in ganesha["exports"].read_text()
+    deadline = time.monotonic() + 10
+    while nfs_cat(client.ns, url).returncode == 0:
+        assert time.monotonic() < deadline, "the export is still served after the config dropped it"
+        time.sleep(0.3)
+    st = d.bootctl("--json", "clientroot", "exports")
+    assert '"exports": []' in st.stdout
+    assert ganesha["proc"].poll() is None  # Ganesha reloaded, not killed
