@@ -77,8 +77,9 @@ class Booter:
 
     # -- the menu ------------------------------------------------------------------------------------
     async def menu_for(self, mac: Optional[str], server_ip: Optional[str] = None, *,
-                       new_boot: bool = True) -> BootMenu:
-        """The host's menu. `new_boot`: this fetch starts a boot (fresh disk overlays are made)."""
+                       new_boot: bool = True, preview: bool = False) -> BootMenu:
+        """The host's menu. `new_boot`: this fetch starts a boot (fresh disk overlays are made).
+        `preview`: for admins, changes nothing (disks: the current boot's exports, if any)."""
         cfg: Config = self.ctx.config
         server = server_ip or cfg.server_ip or "127.0.0.1"
         http_base = f"http://{_url_host(server)}:{cfg.http.port}"
@@ -96,7 +97,12 @@ class Booter:
         # current snapshots first, then the "previous snapshot" entries, then the local disk
         entries = [e for e in entries if not e.previous] + [e for e in entries if e.previous]
         sids = self._snapshot_ids(host, entries)
-        nbd = await self._nbd_args(host, entries, sids, server, new_boot, notes) if mac else {}
+        if not mac:
+            nbd = {}
+        elif preview:
+            nbd = self._current_nbd_args(host, entries, sids, server, notes)
+        else:
+            nbd = await self._nbd_args(host, entries, sids, server, new_boot, notes)
         items: list[MenuItem] = []
         default = None
         seen: set[str] = set()
@@ -177,6 +183,29 @@ class Booter:
                 notes.append(f"{e.key}: no snapshot of {e.image} to boot: no disk on its command line")
             else:
                 out[e.key] = exp.cmdline
+        return out
+
+    def _current_nbd_args(self, host: BootHost, entries: list[CatalogEntry], sids: dict[str, Optional[int]],
+                          server: str, notes: list[str]) -> dict[str, str]:
+        """The exports the host's current boot has (no I/O, nothing made)."""
+        cfg: Config = self.ctx.config
+        disks = getattr(self.ctx, "disks", None)
+        if not cfg.nbd.enabled or not entries:
+            return {}
+        if disks is None:
+            token = fallback_token(self.ctx.store, host.mac)
+            return {e.key: f"bootd.nbd={_url_host(server)}:{cfg.nbd.port}/{token}" for e in entries}
+        out = {}
+        for e in entries:
+            sid = sids.get(e.key)
+            exp = disks.export_for(host.mac, sid) if sid is not None else None
+            if exp is None and e.default:
+                exp = disks.export_for(host.mac)
+            if exp is not None:
+                out[e.key] = exp.cmdline
+        if len(out) < len(entries):
+            notes.append("preview: disk exports are made when the PC fetches its menu; entries without "
+                         "one show no bootd.nbd")
         return out
 
     def _cmdline(self, host: BootHost, e: CatalogEntry, server: str, http_base: str,

@@ -4,7 +4,11 @@ GRUB's netboot root is `(tftp,SERVER)`, so kernel and initrd are absolute paths 
 """
 from __future__ import annotations
 
+import re
+
 from pxe.menu import BootMenu, MenuItem, clean_text
+
+_BARE = re.compile(r"^[A-Za-z0-9_./:=,@%+-]+$")
 
 
 def _quote(s: str) -> str:
@@ -12,14 +16,20 @@ def _quote(s: str) -> str:
     return "'" + clean_text(s).replace("'", "'\\''") + "'"
 
 
+def _word(s: str) -> str:
+    """One GRUB word: bare when nothing in it is special to GRUB's parser, else single-quoted."""
+    s = clean_text(s)
+    return s if _BARE.match(s) else _quote(s)
+
+
 def _path(p: str) -> str:
-    return "/" + clean_text(p).lstrip("/")
+    return _word("/" + clean_text(p).lstrip("/"))
 
 
 def render_grub(menu: BootMenu) -> str:
     out = [f"# bootd menu for {clean_text(menu.host_name or 'unknown host')} ({menu.mac or 'no MAC'}); rendered per request"]
     out += [f"# note: {clean_text(n)}" for n in menu.notes]
-    out += [f"set default={_quote(menu.default)}",
+    out += [f"set default={_word(menu.default)}",
             f"set timeout={menu.timeout}",
             "set timeout_style=menu",
             f"echo {_quote(menu.title)}"]
@@ -36,7 +46,7 @@ def _entry(it: MenuItem) -> list[str]:
         # Back to the UEFI boot manager, which tries the next boot option: the local disk.
         return [head, "  exit", "}"]
     # The command line is passed word by word; quote each so GRUB expands nothing in it.
-    args = " ".join(_quote(w) for w in clean_text(it.cmdline).split())
+    args = " ".join(_word(w) for w in clean_text(it.cmdline).split())
     return [head,
             f"  echo {_quote('Loading ' + it.title + ' ...')}",
             f"  linux {_path(it.kernel)} {args}".rstrip(),

@@ -41,6 +41,12 @@ class SnapshotService(Service):
                     log.warning("snapshot fsck: %s %s", what, item)
             for p in report.problems:
                 log.error("snapshot fsck: %s", p)
+        metrics = ctx.metrics
+
+        def on_change(event: str, detail: dict) -> None:
+            metrics.inc("snapshots", event)
+            log.info("snapshot %s: %s", event, ", ".join(f"{k}={v}" for k, v in sorted(detail.items())))
+        self.store.add_listener(on_change)
         ctx.snapshots = self.store
         ctx.extras["snapshot_jobs"] = self.jobs
         self._import_configured(ctx)
@@ -54,9 +60,19 @@ class SnapshotService(Service):
                     j.kind == "import" and j.target == img.name for j in self.jobs.running()):
                 log.info("importing %s for image %s (from the config)", img.disk, img.name)
                 self.jobs.start("import", img.name, "bootd (config)",
-                                lambda progress, img=img: store.import_image(
-                                    img.name, img.disk, "bootd (config)", "image listed in the config",
-                                    progress).to_dict())
+                                lambda progress, img=img: self._import_and_serve(img, progress))
+
+    def _import_and_serve(self, img, progress) -> dict:
+        """Import a config image as v1 and, when the image has no current snapshot anywhere yet, make
+        v1 current for all groups: a freshly configured room boots without an admin step."""
+        store = self.store
+        snap = store.import_image(img.name, img.disk, "bootd (config)", "image listed in the config", progress)
+        if store.current(img.name) is None:
+            try:
+                store.promote(snap.id, None, "bootd (config)", "first snapshot of an image listed in the config")
+            except Exception as e:  # someone promoted meanwhile: theirs wins
+                log.info("not making %s current for all groups: %s", snap.name, e)
+        return snap.to_dict()
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.jobs.cancel_all, 3.0)

@@ -997,6 +997,16 @@ class SnapshotStore:
         return {"snapshot": snap.name, "old_depth": snap.depth, "depth": 1}
 
     # ------------------------------------------------------------------ fsck
+    def purge_lost_found(self, actor: str, reason: str = "") -> list[str]:
+        """Delete what fsck set aside in lost+found/ (after the admin has looked at it)."""
+        lost = self.root / LOST_FOUND
+        removed = sorted(str(p.relative_to(lost)) for p in lost.rglob("*") if p.is_file()) if lost.exists() else []
+        if removed:
+            shutil.rmtree(lost)
+            with self.state.transaction() as cur:
+                self._audit(cur, actor, "purge-lost-found", None, None, None, reason, {"files": removed})
+        return removed
+
     def fsck(self, repair: bool = True) -> FsckReport:
         """Make the files and the database agree after a crash; report what could not be repaired.
 
@@ -1035,6 +1045,8 @@ class SnapshotStore:
             except (OSError, SnapshotError) as exc:
                 rep.problems.append(f"{name}: {exc}")
                 continue
+            if size != r["virtual_size"]:
+                rep.problems.append(f"{name}: the file says {size} bytes, the database {r['virtual_size']}")
             want_backing = os.path.basename(file_of[r["backing_id"]]) if r["backing_id"] else None
             if backing != want_backing:
                 actual = None

@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "bootd.cli.client_cmds",  # client helper: client render, clientroot build
     "bootd.cli.snapshot_cmds",  # snapshot helper: bootctl image ..., bootctl snapshot ...
     "bootd.cli.disk_cmds",  # NBD helper: bootctl disk list|boot|reset|commit
+    "bootd.cli.dhcp_cmds",  # DHCP helper: bootctl leases, reserve, unreserve
+    "bootd.cli.menu_cmds",  # menus helper: bootctl menu HOST
 ]
 
 

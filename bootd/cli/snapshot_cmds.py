@@ -248,6 +248,11 @@ def cmd_history(args, api) -> int:
 
 
 def cmd_fsck(args, api) -> int:
+    if args.purge_lost_found:
+        r = api.post(f"{P}/snapshot-fsck", _body(args, purge_lost_found=True))
+        emit(args, r, f"deleted {len(r['purged'])} files from lost+found" +
+             "".join(f"\n  {f}" for f in r["purged"]))
+        return 0
     r = api.post(f"{P}/snapshot-fsck", {"repair": not args.check_only})
     lines = [f"checked {r['checked']} layers: " + ("files and database agree" if r["clean"] else "found:")]
     for key in ("removed_temp", "orphans_moved", "finished_deletes", "fixed_modes", "fixed_backing",
@@ -284,7 +289,7 @@ def register(sub, common) -> None:
     isub.required = True
     p = isub.add_parser("import", help="import a raw or qcow2 disk image as v1 of a new image", parents=[common])
     p.add_argument("name")
-    p.add_argument("file")
+    p.add_argument("file", help="raw or qcow2 disk image; bootd reads it, so it is a path on the bootd machine")
     p.add_argument("--no-wait", action="store_true", help="return the job at once")
     p.add_argument("--progress", action="store_true", help="draw the progress bar even when not on a terminal")
     reason(p)
@@ -370,6 +375,9 @@ def register(sub, common) -> None:
     p.set_defaults(func=cmd_history)
     p = ssub.add_parser("fsck", help="make files and database agree (also run at start-up)", parents=[common])
     p.add_argument("--check-only", action="store_true", help="report, change nothing")
+    p.add_argument("--purge-lost-found", action="store_true",
+                   help="delete the unreferenced files fsck moved to lost+found/")
+    reason(p)
     p.set_defaults(func=cmd_fsck)
     p = ssub.add_parser("which", help="what a host boots of each image, and why", parents=[common])
     p.add_argument("host")

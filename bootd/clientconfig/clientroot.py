@@ -24,8 +24,10 @@ HOOK_SCRIPT = r"""#!/bin/sh
 # bootd-client-start: fetch this host's rendered jobs/units from bootd and start them.
 # The URL comes from the kernel command line (bootd.clients=URL, else bootd.config=URL, else
 # http://<bootd.server>:8080/clients/<mac>/). Units go to /run (the root is read-only NFS).
+# BOOTD_CMDLINE, BOOTD_RUN_DIR and BOOTD_NO_START=1 override /proc/cmdline, /run and the start (tests).
 set -eu
-CMDLINE=$(cat /proc/cmdline)
+CMDLINE=${BOOTD_CMDLINE:-$(cat /proc/cmdline)}
+RUN=${BOOTD_RUN_DIR:-/run}
 arg() { for w in $CMDLINE; do case "$w" in "$1"=*) echo "${w#*=}"; return 0 ;; esac; done; return 1; }
 IFACE=$(ip -4 route show default 2>/dev/null | awk '{for (i=1;i<NF;i++) if ($i=="dev") {print $(i+1); exit}}')
 [ -n "$IFACE" ] || IFACE=$(ls /sys/class/net | grep -v '^lo$' | head -1)
@@ -36,29 +38,31 @@ if [ -z "$URL" ]; then
     URL="http://$SERVER:8080/clients/$MAC/"
 fi
 case "$URL" in */) ;; *) URL="$URL/" ;; esac
-mkdir -p /run/systemd/system /run/bootd/init
+mkdir -p "$RUN/systemd/system" "$RUN/bootd/init"
 NAMES=$(curl -fsS --retry 10 --retry-delay 1 --retry-connrefused "$URL")
 UNITS=
 for name in $NAMES; do
     case "$name" in
         *[!A-Za-z0-9._-]*) echo "bootd-client: refusing file name $name" >&2; continue ;;
-        *.service) dest=/run/systemd/system/$name; UNITS="$UNITS $name" ;;
-        *.conf) dest=/run/bootd/init/$name ;;
+        *.service) dest=$RUN/systemd/system/$name; UNITS="$UNITS $name" ;;
+        *.conf) dest=$RUN/bootd/init/$name ;;
         *) continue ;;
     esac
     curl -fsS --retry 5 --retry-delay 1 -o "$dest.tmp" "$URL$name" && mv "$dest.tmp" "$dest"
     echo "bootd-client: fetched $name"
 done
-if [ -d /run/systemd/system ] && command -v systemctl >/dev/null && [ -n "$UNITS" ]; then
+if [ "${BOOTD_NO_START:-0}" = 1 ]; then
+    exit 0
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null && [ -n "$UNITS" ]; then
     systemctl daemon-reload
     # Instances first, then X servers, then viewers (the units order themselves as well).
     for kind in qemuinstance xserver viewer; do
         for u in $UNITS; do case "$u" in "$kind"*) systemctl start --no-block "$u" ;; esac; done
     done
 elif command -v initctl >/dev/null; then
-    for f in /run/bootd/init/*.conf; do cp "$f" /etc/init/ 2>/dev/null || true; done
+    for f in "$RUN"/bootd/init/*.conf; do cp "$f" /etc/init/ 2>/dev/null || true; done
     initctl reload-configuration
-    for f in /run/bootd/init/qemuinstance*.conf; do initctl start "$(basename "$f" .conf)" || true; done
+    for f in "$RUN"/bootd/init/qemuinstance*.conf; do initctl start "$(basename "$f" .conf)" || true; done
 fi
 """
 

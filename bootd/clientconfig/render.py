@@ -7,6 +7,7 @@ glued into a command line as raw text.
 """
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -77,7 +78,9 @@ def systemd_join(argv: list[str]) -> str:
     return " ".join(systemd_quote(a) for a in argv)
 
 
+@functools.lru_cache(maxsize=None)
 def _template(name: str) -> str:
+    """Templates are package data; read once per process (a new bootd version restarts the daemon)."""
     return resources.files("upstart_templates").joinpath(name).read_text()
 
 

@@ -319,13 +319,13 @@ def decode(data: bytes) -> DhcpMessage:
         if ov[0] & 2:
             _parse_options(sname, 0, len(sname), options, "sname field")
             sname = b""
-    for code, ln in _FIXED_LEN.items():
-        v = options.get(code)
-        if v is not None and len(v) != ln:
+    fixed = _FIXED_LEN
+    for code, v in options.items():
+        ln = fixed.get(code)
+        if ln is not None and len(v) != ln:
             raise DhcpDecodeError(f"option {code} must be {ln} bytes, got {len(v)}")
-    v = options.get(93)
-    if v is not None and (not v or len(v) % 2):
-        raise DhcpDecodeError(f"option 93 (client architecture) has odd length {len(v)}")
+        if code == 93 and (not v or len(v) % 2):
+            raise DhcpDecodeError(f"option 93 (client architecture) has odd length {len(v)}")
     inet_ntoa = socket.inet_ntoa
     return DhcpMessage(op, htype, hlen, hops, xid, secs, flags, inet_ntoa(ci), inet_ntoa(yi), inet_ntoa(si),
                        inet_ntoa(gi), chaddr, sname.rstrip(b"\0"), file.rstrip(b"\0"), options, padding, has_end)

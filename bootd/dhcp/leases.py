@@ -74,7 +74,6 @@ class LeaseTable:
             self._commit(stmts)
 
     def _commit(self, stmts: list[tuple[str, tuple]]) -> None:
-        return
         try:
             with self.store.transaction() as cur:
                 for sql, params in stmts:

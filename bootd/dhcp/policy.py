@@ -30,6 +30,7 @@ IPXE_NO_PXEDHCP = b"\xb0\x01\x01"
 PXE_VENDOR_BOOT_FILE = b"\x06\x01\x08\xff"
 
 _U32 = struct.Struct("!I")
+_MTYPE = {t: bytes((t,)) for t in range(1, 9)}
 _inet_aton = socket.inet_aton
 
 
@@ -41,16 +42,16 @@ def _int2ip(n: int) -> str:
     return socket.inet_ntoa(_U32.pack(n))
 
 
-@dataclass
 class ServedInterface:
     """An interface DHCP answers on: its name and bootd's own address there (with prefix)."""
 
-    name: str
-    address: ipaddress.IPv4Interface
+    __slots__ = ("name", "address", "ip", "ip_bytes")
 
-    @property
-    def ip(self) -> str:
-        return str(self.address.ip)
+    def __init__(self, name: str, address: ipaddress.IPv4Interface):
+        self.name = name
+        self.address = address
+        self.ip = str(address.ip)  # read for every reply: computed once
+        self.ip_bytes = address.ip.packed
 
 
 @dataclass
@@ -269,7 +270,7 @@ class DhcpPolicy:
     def _base_reply(self, msg: DhcpMessage, mtype: int, server: str) -> DhcpMessage:
         return DhcpMessage(op=BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
                            flags=msg.flags, giaddr=msg.giaddr, chaddr=msg.chaddr,
-                           options={53: bytes((mtype,)), 54: _inet_aton(server)})
+                           options={53: _MTYPE[mtype], 54: _inet_aton(server)})
 
     def _add_config_options(self, reply: DhcpMessage, subnet: Optional[Subnet], mac: str,
                             lease_time: Optional[int]) -> None:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("bootd.dhcp")
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
+SOCKET_BUFFER = 8 << 20
 SIOCSARP = 0x8955
 ATF_COM = 0x02
 READ_BATCH = 64  # datagrams handled per reader wake-up before yielding to the loop
@@ -41,8 +43,12 @@ def open_udp(ifname: str, port: int) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        # a room booting at once arrives as a burst: room for ~8000 requests while the loop is busy
+        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)  # beyond rmem_max: needs CAP_NET_ADMIN
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
         s.bind(("0.0.0.0", port))
         s.setblocking(False)
     except BaseException:
@@ -147,6 +153,52 @@ class DhcpService(Service):
         assert self.ctx is not None and self.leases is not None
         rows = self.ctx.store.query("SELECT mac, ip FROM dhcp_reservations")
         self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows})
+
+    # -- run-time reservations ---------------------------------------------------------------------
+    def reservations(self) -> list[dict]:
+        out = [{"mac": h.mac, "ip": str(h.ip), "name": h.name, "source": "config"}
+               for h in self.ctx.config.hosts if h.ip is not None]
+        for r in self.ctx.store.query("SELECT mac, ip, name, created FROM dhcp_reservations ORDER BY mac"):
+            out.append({"mac": r["mac"], "ip": r["ip"], "name": r["name"], "source": "store", "created": r["created"]})
+        return out
+
+    def add_reservation(self, mac: str, ip: str, name: Optional[str] = None) -> dict:
+        """Reserve `ip` for `mac` in the store. ValueError for bad input, LookupError for a conflict."""
+        import ipaddress
+        from bootd.config import normalize_mac
+        mac = normalize_mac(mac)
+        try:
+            addr = ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ValueError(f"not an IPv4 address: {ip!r}") from None
+        policy = self.policy
+        if not any(s.contains(int(addr)) for s in policy.subnets) and \
+                not any(addr in i.subnet for i in self.ctx.config.interfaces):
+            raise ValueError(f"{addr} is in no served subnet")
+        if int(addr) in policy.own_ips:
+            raise ValueError(f"{addr} is bootd's own address")
+        ip = str(addr)
+        if self.ctx.config.host_by_mac(mac) is not None and self.ctx.config.host_by_mac(mac).ip is not None:
+            raise LookupError(f"{mac} has a reservation in the config file")
+        owner = policy.reserved_ips.get(ip)
+        if owner is not None and owner != mac:
+            raise LookupError(f"{ip} is reserved for {owner}")
+        holder = self.leases.holder(ip, self.clock())
+        if holder not in (None, mac):
+            raise LookupError(f"{ip} is leased to {holder or 'nobody (declined, in quarantine)'}")
+        with self.ctx.store.transaction() as cur:
+            cur.execute("INSERT INTO dhcp_reservations(mac, ip, name, created) VALUES (?,?,?,?) "
+                        "ON CONFLICT(mac) DO UPDATE SET ip=excluded.ip, name=excluded.name", (mac, ip, name, time.time()))
+        self._build_policy()
+        return {"mac": mac, "ip": ip, "name": name}
+
+    def remove_reservation(self, mac: str) -> bool:
+        from bootd.config import normalize_mac
+        mac = normalize_mac(mac)
+        with self.ctx.store.transaction() as cur:
+            n = cur.execute("DELETE FROM dhcp_reservations WHERE mac=?", (mac,)).rowcount
+        self._build_policy()
+        return n > 0
 
     # -- interfaces --------------------------------------------------------------------------------
     def _ports(self) -> list[int]:

@@ -25,9 +25,11 @@ log = logging.getLogger("bootd.http")
 ROUTE_MODULES = [
     "bootd.http.api_core",
     "bootd.http.boot",  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
+    "bootd.http.menu_api",  # menus helper: GET /api/v1/hosts/{id}/menu (preview, starts no boot)
     "bootd.http.client_api",  # client helper: /clients/<mac>/ rendered jobs/units
     "bootd.http.snapshot_api",  # snapshot helper: images, snapshots, lifecycle, jobs, fsck
     "bootd.http.disk_api",  # NBD helper: /api/v1/disks (list, boot, reset, commit)
+    "bootd.http.dhcp_api",  # DHCP helper: /api/v1/dhcp/leases, /api/v1/dhcp/reservations
 ]
 
 SITE_KEY = web.AppKey("bootd_site_kind", dict)

@@ -326,6 +326,9 @@ async def fsck(request: web.Request) -> web.Response:
     store = _store(request)
     body = await read_json(request)
     repair = body.get("repair", True) is not False
+    if body.get("purge_lost_found"):
+        actor, reason = actor_of(request, body), str(body.get("reason") or "")
+        return await _call(lambda: {"purged": store.purge_lost_found(actor, reason)})
     return await _call(store.fsck, repair)
 
 

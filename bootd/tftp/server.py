@@ -447,7 +447,10 @@ class TftpServer:
                 break
             out = session.receive(data, now)
             if out:
+                # sent something: back to the loop rather than a recv that would say EAGAIN (one
+                # syscall less per block; the level-triggered poll reports anything still queued)
                 self._send(t, out)
+                break
             if session.finished:
                 break
         if not session.finished and not t.reading and session.wanted():
@@ -548,6 +551,7 @@ class TftpServer:
         if session.finished:
             self._close(t)
             return
+        session.prepare()
         deadline = session.deadline
         if deadline is None:
             return
@@ -628,6 +632,8 @@ class TftpServer:
             try:
                 self.store.record_event(t.mac, event_kind(t.path, t.dynamic), detail,
                                         nbytes=nbytes, duration=duration)
+                if t.mac:
+                    self.store.touch_host(t.mac, ip=t.ip)  # a PC seen only over TFTP still shows up
             except Exception as e:
                 log.error("tftp: cannot record a boot event: %s", e)
 

@@ -265,6 +265,10 @@ class ReadSession:
         self.bytes_acked = 0
         window = self.blksize * self.windowsize
         self._want_ahead = window + max(limits.readahead, window)
+        # prepare(): the next window built ahead of its ACK, so answering that ACK is just a compare
+        self._prepared: Optional[list] = None
+        self._prepared_from = 0
+        self._fast_ack = b""
 
     # -- inputs ------------------------------------------------------------------------------------
     def start(self, now: float) -> list[bytes]:
@@ -307,6 +311,20 @@ class ReadSession:
 
     def receive(self, datagram: bytes, now: float) -> list[bytes]:
         """A datagram from the client's transfer ID."""
+        if datagram == self._fast_ack and self._prepared_from == self._next and self._prepared:
+            # the expected ACK of the whole window in flight, next window prepared: send it
+            out = self._prepared
+            self._prepared = None
+            self._base = self._next
+            self.bytes_acked = (self._next - 1) * self.blksize
+            self._dup_resent = False
+            self._retries = 0
+            self.rto = self.rto_base
+            self._last_progress = self._last_send = now
+            self._next += len(out)
+            self.blocks_sent += len(out)
+            self.deadline = now + self.rto
+            return out
         if self.state >= State.COMPLETE or len(datagram) < 4:
             self.ignored += 1
             return []
@@ -346,6 +364,30 @@ class ReadSession:
         self.error_message = message
         return [encode_error(code, message)]
 
+    def prepare(self) -> None:
+        """Optional, for the adapter to call after sending: build the window that the ACK now awaited
+        will release and drop acknowledged bytes, so the ACK itself is answered without this work."""
+        if self.state != State.TRANSFER or self._next <= self._base:
+            return
+        if self._prepared is not None and self._prepared_from == self._next:
+            return
+        self._trim()
+        first = self._next
+        last = self._last_block
+        end = first + self.windowsize
+        if last is not None:
+            end = min(end, last + 1)
+        out = []
+        for block in range(first, end):
+            payload = self._payload(block)
+            if payload is None:
+                self._prepared = None  # not fed yet: the slow path will handle this ACK
+                return
+            out.append(_pack_hdr(OP_DATA, block & 0xFFFF) + payload)
+        self._prepared = out
+        self._prepared_from = first
+        self._fast_ack = _pack_hdr(OP_ACK, (first - 1) & 0xFFFF)
+
     # -- state -------------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
@@ -357,6 +399,8 @@ class ReadSession:
         return self._fed_end if self._eof else None
 
     def _finish(self, state: State, outcome: str, now: float) -> None:
+        self._prepared = None
+        self._fast_ack = b""
         self.state = state
         self.outcome = outcome
         self.finished_at = now

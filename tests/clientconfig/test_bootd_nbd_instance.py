@@ -53,8 +53,10 @@ def test_rendered_instance_boots_bootds_per_host_export(lab, bootd_daemon, tmp_p
     index = pc.ns.run(["curl", "-sSf", f"{base}/clients/{pc.mac}/index.json"]).stdout
     assert '"disk_source": "disks"' in index
 
+    # bootd's overlay for this boot lives on the server across reconnects: without QEMU's snapshot=on
+    # the second start would see the first one's write ("dirty").
     results = []
-    for attempt in (1, 2):
+    for attempt in (1, 2):  # the guest powers off; Upstart's respawn starts the same command again
         log.unlink(missing_ok=True)
         proc = run_job(pc.ns, job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:

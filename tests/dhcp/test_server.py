@@ -321,3 +321,93 @@ def test_kill_9_during_perfdhcp_never_gives_an_address_twice(lab, bootd_daemon, 
     rows = {ip: mac for ip, mac, state in lease_rows(d) if state == "bound"}
     for ip, macs in holders.items():
         assert rows.get(ip) == next(iter(macs)), ip
+
+
+def test_leases_and_runtime_reservations_through_bootctl(lab, bootd_daemon):
+    d = bootd_daemon(dhcp_config(), ns=lab.server)
+    c = lab.add_client(address="10.77.0.50")
+    assert udp_client(c, "52:54:00:77:ee:01")[0]["ack"] == "10.77.0.100"
+    out = d.bootctl("leases", check=True).stdout
+    assert "10.77.0.100" in out and "52:54:00:77:ee:01" in out and "bound" in out
+    # a run-time reservation: kept in the store, effective at once, survives a restart
+    r = d.bootctl("reserve", "52-54-00-77-EE-02", "10.77.0.42", "--name", "pc42")
+    assert r.returncode == 0, r.stderr
+    assert udp_client(c, "52:54:00:77:ee:02")[0]["ack"] == "10.77.0.42"
+    # conflicts are refused with a reason
+    r = d.bootctl("reserve", "52:54:00:77:ee:03", "10.77.0.100")
+    assert r.returncode == 1 and "leased to 52:54:00:77:ee:01" in (r.stdout + r.stderr)
+    r = d.bootctl("reserve", "52:54:00:77:ee:03", "192.168.9.9")
+    assert r.returncode == 1 and "no served subnet" in (r.stdout + r.stderr)
+    d.stop()
+    d.start()
+    assert udp_client(c, "52:54:00:77:ee:02")[0]["ack"] == "10.77.0.42"
+    assert "10.77.0.42" in d.bootctl("reserve", check=True).stdout
+    d.bootctl("unreserve", "52:54:00:77:ee:02", check=True)
+    assert d.api.get("/api/v1/dhcp/reservations")["reservations"] == []
+
+
+def run_ipxe(lab, tmp_path, mac: str, until: str, timeout: float = 120.0, uefi: bool = False) -> tuple[str, float]:
+    """Boot a QEMU PC (TCG, iPXE NIC ROM) on the lab bridge; returns (serial log, seconds until `until`)."""
+    tap = lab.add_tap()
+    log = tmp_path / f"serial-{mac.replace(':', '')}.log"
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
+            "-serial", f"file:{log}", "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={mac}", "-boot", "n"]
+    if uefi:
+        argv += ["-bios", "/usr/share/ovmf/OVMF.fd"]
+    t0 = time.monotonic()
+    p = lab.server.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        found = wait_until(lambda: log.exists() and until in log.read_text(errors="replace"), timeout=timeout, step=0.2)
+        took = time.monotonic() - t0
+        return (log.read_text(errors="replace") if log.exists() else ""), (took if found else -1.0)
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+
+
+@pytest.mark.qemu
+def test_ipxe_in_qemu_proxy_beside_dnsmasq(lab, bootd_daemon, tmp_path):
+    start_dnsmasq(lab, tmp_path)
+    d = bootd_daemon(dhcp_config(mode="proxy"), ns=lab.server)
+    mac = "52:54:00:77:f0:01"
+    text, took = run_ipxe(lab, tmp_path, mac, until=f"/boot/{mac}.ipxe")
+    assert took > 0, text[-3000:]
+    assert "10.77.0.1" in text  # the address comes from dnsmasq's range 10.77.0.150-199
+    assert any(f"10.77.0.{n}" in text for n in range(150, 200)), text[-3000:]
+    ev = d.api.get(f"/api/v1/hosts/{mac}")["events"]
+    assert any(e["kind"] == "proxydhcp" and e["detail"]["ipxe"] for e in ev)
+    assert lease_rows(d) == []
+
+
+@pytest.mark.qemu
+def test_ipxe_in_qemu_full_mode_gets_address_and_script(lab, bootd_daemon, tmp_path):
+    mac = "52:54:00:77:f0:02"
+    d = bootd_daemon(dhcp_config(hosts=[{"mac": mac, "name": "pc-q", "ip": "10.77.0.44"}]), ns=lab.server)
+    text, took = run_ipxe(lab, tmp_path, mac, until=f"/boot/{mac}.ipxe")
+    assert took > 0, text[-3000:]
+    assert "10.77.0.44" in text
+    assert ("10.77.0.44", mac, "bound") in lease_rows(d)
+    ev = d.api.get(f"/api/v1/hosts/{mac}")["events"]
+    types = [(e["detail"].get("type"), e["detail"].get("arch"), e["detail"].get("ipxe")) for e in ev]
+    assert ("DISCOVER", "bios", True) in types and ("REQUEST", "bios", True) in types
+
+
+def test_reload_switches_mode_without_restart(lab, bootd_daemon):
+    d = bootd_daemon(dhcp_config(), ns=lab.server)
+    c = lab.add_client(address="10.77.0.50")
+    assert udp_client(c, "52:54:00:77:ab:01")[0]["ack"] == "10.77.0.100"
+    assert ":4011 " not in lab.server.run(["ss", "-uln"]).stdout
+    cfg = dhcp_config(mode="proxy")
+    d.write_config(cfg)
+    d.bootctl("reload", check=True)
+    assert wait_until(lambda: ":4011 " in lab.server.run(["ss", "-uln"]).stdout)
+    # proxy: a plain client gets nothing now, a PXE client gets boot information without an address
+    res = udp_client(c, "52:54:00:77:ab:02", "--timeout", "1")
+    assert res[0]["offer"] is None
+    res = udp_client(c, "52:54:00:77:ab:03", "--timeout", "1", "--pxe-arch", "0")
+    assert res[0]["offer"] == "0.0.0.0" and res[0]["file"] == "undionly.kpxe"
+    d.write_config(dhcp_config(mode="off"))
+    d.bootctl("reload", check=True)
+    assert wait_until(lambda: ":67 " not in lab.server.run(["ss", "-uln"]).stdout)
+    assert d.api.get("/api/v1/status")["dhcp_mode"] == "off"

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 import shutil
 import signal
 import subprocess
@@ -28,9 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSET_DIR = Path(os.environ.get("BOOTD_ASSETS", ROOT / ".cache" / "assets"))
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-IPXE_DIR = Path("/usr/lib/ipxe")
-PXELINUX_DIR = Path("/usr/lib/PXELINUX")
-SYSLINUX_BIOS_MODULES = Path("/usr/lib/syslinux/modules/bios")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,21 +338,25 @@ def boot_all(pcs: list[LabPC], timeout: float = 180.0, stagger: float = 0.0) -> 
 # Peers run in the lab: dnsmasq (DHCP stand-in / proxyDHCP site server), qemu-nbd, a static HTTP server
 
 def start_dnsmasq(lab, workdir: Path, *, range_start: str = "10.77.0.150", range_end: str = "10.77.0.249",
-                  extra: Iterable[str] = (), tftp_root: Optional[Path] = None) -> subprocess.Popen:
-    """dnsmasq on the lab bridge (DHCP only unless `tftp_root`); returns once it is listening."""
+                  extra: Iterable[str] = (), tftp_root: Optional[Path] = None, ns=None,
+                  interface: Optional[str] = None) -> subprocess.Popen:
+    """dnsmasq on the lab bridge (or on `interface` in namespace `ns`: a separate site DHCP server);
+    DHCP only unless `tftp_root`. Returns once it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
+    ns = ns or lab.server
     argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-resolv", "--no-hosts",
-            f"--interface={lab.bridge}", "--bind-interfaces", f"--dhcp-range={range_start},{range_end},1h",
+            f"--interface={interface or lab.bridge}", "--bind-interfaces",
+            f"--dhcp-range={range_start},{range_end},1h",
             f"--dhcp-leasefile={workdir}/dnsmasq.leases", "--no-ping", "--log-dhcp",
             f"--log-facility={workdir}/dnsmasq.log", f"--pid-file={workdir}/dnsmasq.pid", *extra]
     if tftp_root is not None:
         argv += ["--enable-tftp", f"--tftp-root={tftp_root}"]
-    p = lab.server.popen(argv, stdout=subprocess.DEVNULL, stderr=open(workdir / "dnsmasq.err", "ab"))
+    p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=open(workdir / "dnsmasq.err", "ab"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if p.poll() is not None:
             raise RuntimeError(f"dnsmasq exited: {(workdir / 'dnsmasq.err').read_text()}")
-        if "67" in lab.server.run(["ss", "-lunH", "sport = :67"], check=False).stdout:
+        if "67" in ns.run(["ss", "-lunH", "sport = :67"], check=False).stdout:
             return p
         time.sleep(0.05)
     raise RuntimeError("dnsmasq did not start listening on :67")
@@ -383,33 +385,24 @@ def wait_tcp(lab, port: int, timeout: float = 10.0) -> None:
 # ------------------------------------------------------------------------------------------------
 # bootd in the lab
 
-LOADERS = {  # boot programs an admin puts in the boot root (Debian packages ipxe, pxelinux, syslinux-common)
-    "undionly.kpxe": IPXE_DIR / "undionly.kpxe",
-    "ipxe.efi": IPXE_DIR / "ipxe.efi",
-    "snponly.efi": IPXE_DIR / "snponly.efi",
-    "pxelinux.0": PXELINUX_DIR / "pxelinux.0",
-    "ldlinux.c32": SYSLINUX_BIOS_MODULES / "ldlinux.c32",
-    "menu.c32": SYSLINUX_BIOS_MODULES / "menu.c32",
-    "libutil.c32": SYSLINUX_BIOS_MODULES / "libutil.c32",
-    "libcom32.c32": SYSLINUX_BIOS_MODULES / "libcom32.c32",
-}
-
-
 def prepare_boot_root(boot_root: Path, assets: Assets) -> None:
-    """What an admin does once: loaders from Debian's packages, the client kernel and initrd."""
+    """What an admin puts in the boot root: the client kernel and initrd. (bootd itself copies the stock
+    loaders, undionly.kpxe, ipxe.efi, pxelinux.0 and its modules, from Debian's packages at start.)"""
     boot_root.mkdir(parents=True, exist_ok=True)
-    for name, src in LOADERS.items():
-        if src.exists() and not (boot_root / name).exists():
-            shutil.copy(src, boot_root / name)
     for src, name in ((assets.kernel, "vmlinuz"), (assets.initrd, "initrd.img")):
         shutil.copy(src, boot_root / name)
 
 
-def lab_config(lab, *, image_disk: Optional[Path] = None, dhcp_mode: str = "full", menu_timeout: int = 0,
-               hosts: Iterable[dict] = (), groups: Optional[list[dict]] = None, image: str = "demo",
-               pool: tuple[str, str] = ("10.77.0.100", "10.77.0.149"), **sections) -> dict:
-    """A bootd config for the lab: one image (kernel/initrd from the assets, `image_disk` imported as
-    its v1), one group `lab` booting it, the given hosts. `sections` replace whole top-level sections."""
+def lab_config(lab, *, images: Optional[dict[str, Optional[Path]]] = None, dhcp_mode: str = "full",
+               menu_timeout: int = 0, hosts: Iterable[dict] = (), groups: Optional[list[dict]] = None,
+               pool: Optional[tuple[str, str]] = None, **sections) -> dict:
+    """A bootd config for the lab. `images` maps image name -> disk imported as its v1 (kernel/initrd are
+    the assets'); one group `lab` boots them all (first one default) unless `groups` is given.
+    `sections` replace or add whole top-level sections."""
+    images = images if images is not None else {}
+    names = list(images)
+    net = lab.subnet.network_address
+    pool = pool or (str(net + 100), str(net + 149))
     cfg: dict = {
         "interfaces": [{"name": lab.bridge, "address": f"{lab.server_ip}/{lab.subnet.prefixlen}"}],
         "dhcp": {"mode": dhcp_mode, "lease_time": 600,
@@ -418,9 +411,10 @@ def lab_config(lab, *, image_disk: Optional[Path] = None, dhcp_mode: str = "full
         "http": {"port": 8080},
         "menu": {"timeout": menu_timeout, "title": "bootd lab"},
         "log": {"level": "info"},
-        "images": [{"name": image, "title": f"{image} test OS", "kernel": "vmlinuz", "initrd": "initrd.img",
-                    "cmdline": "quiet", **({"disk": str(image_disk)} if image_disk else {})}],
-        "groups": groups if groups is not None else [{"name": "lab", "images": [image], "default_image": image}],
+        "images": [{"name": n, "title": f"{n} test OS", "kernel": "vmlinuz", "initrd": "initrd.img",
+                    "cmdline": "quiet", **({"disk": str(d)} if d else {})} for n, d in images.items()],
+        "groups": groups if groups is not None else
+        [{"name": "lab", "images": names, **({"default_image": names[0]} if names else {})}],
         "hosts": list(hosts),
     }
     cfg.update(sections)
@@ -451,12 +445,24 @@ class BootdLab:
             bl.wait_images(names)
             for name in names:  # an imported v1 boots once promoted (all groups), as an admin would do
                 if not bl.daemon.api.get(f"/api/v1/images/{name}").get("assignments"):
-                    bl.bootctl("snapshot", "promote", f"{name}@v1")
+                    bl.bootctl("snapshot", "promote", f"{name}@v1", check=False)
         return bl
 
     # -- admin side -------------------------------------------------------------------------------
     def bootctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.daemon.bootctl(*args, check=check)
+
+    def bootctl_json(self, *args: str):
+        import json
+        return json.loads(self.daemon.bootctl(*args, "--json", check=True).stdout)
+
+    def new_snapshot_from(self, image: str, parent: str, disk: Path, note: str) -> dict:
+        """An admin's image update: draft on top of `parent`, make its content that of `disk`, seal.
+        (The draft is written offline with qemu-img, as an admin with a prepared disk would.)"""
+        draft = self.bootctl_json("snapshot", "draft", parent)
+        subprocess.run(["qemu-img", "convert", "-n", "-f", "qcow2", "-O", "qcow2", str(disk), draft["path"]],
+                       check=True, capture_output=True)
+        return self.bootctl_json("snapshot", "seal", draft["name"], "-n", note)
 
     def wait_images(self, names: list[str], timeout: float = 120.0) -> None:
         """Wait until each image imported from the config has a current snapshot (background import)."""
@@ -539,12 +545,12 @@ def running_bootd_lab(workdir: Path, make_config: Callable[[object], dict], asse
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lab = Lab(subnet=ipaddress.IPv4Network(subnet))
+    scratch = Path(tempfile.mkdtemp(prefix="bootd-e2e-"))  # bootd's storage: not kept with the logs
     daemons: list = []
     bl: Optional[BootdLab] = None
 
     def make_daemon(config: dict, ns=None, start: bool = False):
-        wd = workdir / f"bootd{len(daemons)}"
-        shutil.rmtree(wd, ignore_errors=True)
+        wd = scratch / f"bootd{len(daemons)}"
         wd.mkdir()
         d = BootdProcess(wd, config, ns=ns)
         daemons.append(d)
@@ -565,7 +571,8 @@ def running_bootd_lab(workdir: Path, make_config: Callable[[object], dict], asse
                 pass
             d.close()
             try:
-                (workdir / "bootd.log").write_text(d.log())
+                (workdir / f"bootd{daemons.index(d) or ''}.log").write_text(d.log())
             except OSError:
                 pass
         lab.close()
+        shutil.rmtree(scratch, ignore_errors=True)

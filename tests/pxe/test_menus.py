@@ -206,3 +206,27 @@ def test_tftp_names():
     assert GRUB_RE.fullmatch("grub/grub.cfg-52:54:00:00:00:01").group("mac")
     assert GRUB_RE.fullmatch("grub/grub.cfg").group("mac") is None
     assert IPXE_RE.fullmatch("52:54:00:00:00:01.ipxe")
+
+
+def test_grub_menus_pass_grub_script_check(ctx, tmp_path):
+    """GRUB's own parser (grub-common's grub-script-check) accepts every rendered GRUB menu."""
+    import shutil
+    import subprocess
+    if not shutil.which("grub-script-check"):
+        pytest.skip("grub-script-check (grub-common) not installed")
+
+    class Odd:
+        def entries_for(self, host):
+            return [CatalogEntry(key="odd", image="odd", title="It's \"odd\" {x} $y; `z`", kernel="k k",
+                                 initrd="i", cmdline="a='b c' d=$e f;g", default=True)]
+    menus = [menu(ctx, PC01), menu(ctx, PC02), menu(ctx, PC02, catalog=Odd())]
+    for i, m in enumerate(menus):
+        path = tmp_path / f"grub{i}.cfg"
+        path.write_text(render(m, "grub"))
+        r = subprocess.run(["grub-script-check", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, (path.read_text(), r.stdout, r.stderr)
+    odd = render(menus[2], "grub")
+    assert "  linux '/k k' console=ttyS0 'a='\\''b' 'c'\\''' 'd=$e' 'f;g' bootd.server" in odd, odd
+    bad = tmp_path / "bad.cfg"
+    bad.write_text(render(menus[0], "grub").replace("}", "", 1))
+    assert subprocess.run(["grub-script-check", str(bad)], capture_output=True).returncode != 0

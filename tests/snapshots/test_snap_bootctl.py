@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 
 from snaputil import MiB, make_raw_disk, mode_of, pattern_at, write_pattern
 
@@ -79,6 +81,19 @@ def test_bootctl_workflow_against_daemon(bootd_daemon, tmp_path):
     r = js(d, "snapshot", "delete", "deb@v2", "-m", "not needed")
     assert r["deleted"] == ["deb@v2"] and not os.path.exists(v2["path"])
 
+    # the HTTP API answers refusals with a status and a JSON reason
+    from bootd.cli.api_client import ApiError
+    for method, path, body, status, text in (
+            ("get", "/api/v1/images/nosuch", None, 404, "no image named 'nosuch'"),
+            ("post", "/api/v1/snapshots/deb@v1/draft", {"host": "nobody"}, 400, "neither a MAC address nor a host"),
+            ("post", "/api/v1/images/deb/prune", {"keep": "x"}, 400, "must be a whole number"),
+            ("post", "/api/v1/snapshots/deb@v1/promote", {}, 409, "already current for all groups"),
+            ("post", "/api/v1/images", {"name": "x"}, 400, "give either file"),
+            ("get", "/api/v1/snapshot-jobs/99", None, 404, "no job 99")):
+        with pytest.raises(ApiError) as info:
+            getattr(d.api, method)(path, body) if body is not None else getattr(d.api, method)(path)
+        assert info.value.status == status and text in str(info.value), (path, info.value)
+
     # text output is for humans: a table with the chain depth and who uses what
     r = d.bootctl("snapshot", "list", "deb")
     assert r.returncode == 0 and "DEPTH" in r.stdout and "current:all" in r.stdout
@@ -88,6 +103,12 @@ def test_bootctl_workflow_against_daemon(bootd_daemon, tmp_path):
     assert all("(uid 0)" in e["actor"] for e in hist["audit"])
     assert hist["audit"][-1]["reason"] == "not needed"
     assert js(d, "snapshot", "fsck")["clean"]
+    stray = d.storage / "snapshots" / "deb" / "0badc0de.qcow2"
+    stray.write_bytes(b"x")
+    r = d.bootctl("snapshot", "fsck", "--check-only")
+    assert r.returncode == 0 and "orphans moved: deb/0badc0de.qcow2" in r.stdout and stray.exists()
+    assert js(d, "snapshot", "fsck")["orphans_moved"] == ["deb/0badc0de.qcow2"] and not stray.exists()
+    assert js(d, "snapshot", "fsck", "--purge-lost-found")["purged"] == ["deb/0badc0de.qcow2"]
 
     # a restart keeps everything, and the start-up fsck finds nothing to fix
     d.stop()
@@ -166,9 +187,14 @@ def test_config_disk_imported_at_start_and_maintenance_draft(bootd_daemon, tmp_p
             break
         time.sleep(0.2)
     assert [(i["name"], i["latest"]) for i in images] == [("deb", "deb@v1")]
+    # the first snapshot of a config image becomes current for all groups: the room boots at once
+    while time.monotonic() < deadline and js(d, "snapshot", "which", "pc1")["images"][0]["snapshot"] is None:
+        time.sleep(0.2)
+    assert js(d, "snapshot", "which", "pc1")["images"][0]["snapshot"] == "deb@v1"
     hist = js(d, "snapshot", "history", "deb")["audit"]
     assert (hist[0]["action"], hist[0]["actor"], hist[0]["reason"]) == (
         "image-import", "bootd (config)", "image listed in the config")
+    assert hist[1]["action"] == "promote" and hist[1]["actor"] == "bootd (config)"
 
     # a maintenance host boots a draft writable until it is sealed (or released)
     dr = js(d, "snapshot", "draft", "deb@v1", "--host", "pc1", "-m", "install packages on pc1")
@@ -176,7 +202,7 @@ def test_config_disk_imported_at_start_and_maintenance_draft(bootd_daemon, tmp_p
     assert (which["snapshot"], which["why"]) == (dr["name"], "maintenance")
     assert f"host {PC1} boots it for maintenance" in refused(d, "snapshot", "delete", dr["name"])
     js(d, "snapshot", "end-maintenance", "deb", "pc1")
-    assert js(d, "snapshot", "which", "pc1")["images"][0]["snapshot"] is None   # nothing promoted yet
+    assert js(d, "snapshot", "which", "pc1")["images"][0]["snapshot"] == "deb@v1"   # back to the room's current
     assert js(d, "snapshot", "delete", dr["name"])["deleted"] == [dr["name"]]
     # a restart does not import it again
     d.stop()

@@ -156,3 +156,28 @@ def test_full_disk_never_corrupts_the_store(state, tmp_path, small_fs):
     d = store.draft(v1.name, "t")
     write_pattern(d.path, 0x42, 2 * MiB)
     assert store.seal(d.id, "ok", "t").version == 2
+
+
+def test_fsck_explains_every_stray_file(store, raw_disk):
+    v1 = store.import_image("deb", str(raw_disk), "t")
+    d = store.draft("deb@v1", "t")
+    img_dir = store.root / "deb"
+    (img_dir / ".tmp-0123.qcow2").write_bytes(b"half written")
+    (img_dir / "feedbeef.qcow2").write_bytes(b"committed nowhere")
+    os.chmod(v1.path, 0o644)
+    report = store.fsck(repair=False)                      # check only: nothing changes
+    assert report.removed_temp == ["deb/.tmp-0123.qcow2"] and report.orphans_moved == ["deb/feedbeef.qcow2"]
+    assert report.fixed_modes == ["deb@v1: mode 644 -> 444"] and not report.problems
+    assert (img_dir / ".tmp-0123.qcow2").exists() and (os.stat(v1.path).st_mode & 0o777) == 0o644
+    store.fsck(repair=True)
+    assert not (img_dir / ".tmp-0123.qcow2").exists()
+    assert (store.root / "lost+found" / "deb" / "feedbeef.qcow2").read_bytes() == b"committed nowhere"
+    assert (os.stat(v1.path).st_mode & 0o777) == 0o444
+    assert store.fsck().clean
+    os.unlink(d.path)                                      # someone removed a file by hand
+    report = store.fsck()
+    assert report.problems == [f"{d.name}: file {d.path} is missing"]
+    assert store.get(d.id).state == "draft"               # never dropped silently: the admin decides
+    assert store.audit_log()[-1]["action"] == "fsck"
+    assert store.purge_lost_found("t", "looked at it") == ["deb/feedbeef.qcow2"]
+    assert not (store.root / "lost+found").exists() and store.purge_lost_found("t") == []

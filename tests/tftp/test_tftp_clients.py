@@ -51,14 +51,23 @@ class TftpRunner:
             time.sleep(0.01)
         raise AssertionError("no status from the tftp server")
 
-    def last_event(self, path: str, timeout: float = 5.0) -> dict:
-        """The newest boot event for `path` (recorded when the final ACK arrives, so poll a little)."""
+    def mark(self) -> int:
+        """The newest event id now: pass it to last_event to wait for an event of a later fetch."""
+        con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
+        try:
+            return con.execute("SELECT COALESCE(MAX(id), 0) FROM boot_events").fetchone()[0]
+        finally:
+            con.close()
+
+    def last_event(self, path: str, after: int = 0, timeout: float = 5.0) -> dict:
+        """The newest boot event for `path` newer than `after` (an event is recorded when the final
+        ACK arrives, which can be after the client exits: poll a little)."""
         deadline = time.monotonic() + timeout
         while True:
             con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
             try:
-                rows = con.execute("SELECT mac, kind, detail, nbytes, duration, id FROM boot_events "
-                                   "ORDER BY id DESC LIMIT 50").fetchall()
+                rows = con.execute("SELECT mac, kind, detail, nbytes, duration, id FROM boot_events WHERE id > ? "
+                                   "ORDER BY id DESC LIMIT 50", (after,)).fetchall()
             finally:
                 con.close()
             for mac, kind, detail, nbytes, duration, ident in rows:
@@ -165,8 +174,9 @@ def test_default_options_byte_identical(env, client):
     for name in SIZES:
         if client == "curl" and name == "empty":
             continue  # curl 7.88 fails any empty TFTP file ("getpeername() failed"), tftpd-hpa's too
+        mark = env["runner"].mark()
         assert fetch(env, client, name) == (env["root"] / name).read_bytes(), (client, name)
-    ev = env["runner"].last_event("f1m")
+    ev = env["runner"].last_event("f1m", after=mark)
     assert ev["outcome"] == "complete" and ev["blksize"] == 512
     if client == "tftp-hpa":   # its default mode is netascii: more octets on the wire, same file after
         assert ev["mode"] == "netascii" and ev["nbytes"] > SIZES["f1m"]
@@ -179,15 +189,17 @@ def test_default_options_byte_identical(env, client):
 @pytest.mark.parametrize("client", ["curl", "atftp", "tftpy"])
 @pytest.mark.parametrize("blksize", [512, 1468, 8192])
 def test_blksize_byte_identical(env, client, blksize):
+    mark = env["runner"].mark()
     assert fetch(env, client, "f1m", blksize=blksize) == (env["root"] / "f1m").read_bytes()
-    assert env["runner"].last_event("f1m")["blksize"] == blksize   # the 9000-byte MTU allows 8192
+    assert env["runner"].last_event("f1m", after=mark)["blksize"] == blksize   # the 9000-byte MTU allows 8192
 
 
 @pytest.mark.parametrize("windowsize", [1, 4, 16])
 @pytest.mark.parametrize("blksize", [None, 1468])
 def test_atftp_windowsize_byte_identical(env, windowsize, blksize):
+    mark = env["runner"].mark()
     assert fetch(env, "atftp", "f1m", blksize=blksize, windowsize=windowsize) == (env["root"] / "f1m").read_bytes()
-    ev = env["runner"].last_event("f1m")
+    ev = env["runner"].last_event("f1m", after=mark)
     assert ev["windowsize"] == windowsize and ev["blksize"] == (blksize or 512)
 
 
@@ -196,8 +208,9 @@ def test_40_mib_file_rolls_block_numbers_over(env):
     (env["root"] / "big40").write_bytes(big)
     try:
         # 81 920 blocks of 512 bytes: the 16-bit block number wraps once
+        mark = env["runner"].mark()
         assert fetch(env, "curl", "big40") == big
-        ev = env["runner"].last_event("big40")
+        ev = env["runner"].last_event("big40", after=mark)
         assert ev["nbytes"] == 40 << 20 and ev["blksize"] == 512 and ev["outcome"] == "complete"
         assert fetch(env, "atftp", "big40", blksize=1468, windowsize=16) == big
     finally:
@@ -353,5 +366,6 @@ def test_excess_clients_get_an_error_not_a_hang(strict):
 
 
 def test_blksize_capped_by_interface_mtu(strict):
+    mark = strict["runner"].mark()
     assert fetch(strict, "curl", "f1m", blksize=8192) == (strict["root"] / "f1m").read_bytes()
-    assert strict["runner"].last_event("f1m")["blksize"] == 1468
+    assert strict["runner"].last_event("f1m", after=mark)["blksize"] == 1468

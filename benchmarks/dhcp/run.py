@@ -1,6 +1,6 @@
 """DHCP throughput: perfdhcp full DORA against bootd and against kea-dhcp4 (memfile), same run.
 
-    sudo .venv/bin/python benchmarks/dhcp/bench.py [--duration 5] [--rates 1000,2000,...] [--json]
+    sudo .venv/bin/python benchmarks/dhcp/run.py [--duration 5] [--rates 1000,2000,...] [--json] [--no-ipxe]
 
 Each server runs alone in its own network namespace, perfdhcp in another one joined by a veth pair
 (10.80.0.0/16, ~65 000 addresses in the pool). Leases are persisted by both (bootd: SQLite WAL,
@@ -8,6 +8,7 @@ synchronous=NORMAL; kea: memfile with its CSV lease file). For every rate, each 
 fresh, perfdhcp offers DORA at that rate for `duration` seconds, and the run passes if under 1% of
 the exchanges are lost (ACKs received vs DISCOVERs sent). The result is the highest passing rate per
 server and bootd's ratio to kea. Server and perfdhcp are pinned to different CPUs, the same for both.
+Then (unless --no-ipxe) ipxe_ra.py times a real iPXE boot with and without bootd's RA responder.
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ SERVER_IP, CLIENT_IP = "10.80.0.1", "10.80.0.2"
 POOL = ("10.80.0.10", "10.80.255.250")
 CLIENTS = 50000
 SERVER_CPU, CLIENT_CPU = "0", "1"
+PIN = True
+KEA_SOCKET = "udp"
+
+
+def pinned(cpu: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if PIN else argv
 
 
 class Pair:
@@ -75,15 +82,16 @@ def start_bootd(pair: Pair, work: Path) -> subprocess.Popen:
     }
     (work / "bootd.yaml").write_text(yaml.safe_dump(cfg))
     log = open(work / "bootd.log", "ab")
-    p = pair.server.popen(["taskset", "-c", SERVER_CPU, sys.executable, "-m", "bootd.cli.bootd_main", "--config",
-                           str(work / "bootd.yaml"), "run"], stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    p = pair.server.popen(pinned(SERVER_CPU, [sys.executable, "-m", "bootd.cli.bootd_main", "--config",
+                                              str(work / "bootd.yaml"), "run"]),
+                          stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
     wait_port67(pair.server, p)
     return p
 
 
 def start_kea(pair: Pair, work: Path) -> subprocess.Popen:
     cfg = {"Dhcp4": {
-        "interfaces-config": {"interfaces": ["srv0"], "dhcp-socket-type": "raw"},
+        "interfaces-config": {"interfaces": ["srv0"], "dhcp-socket-type": KEA_SOCKET},
         "lease-database": {"type": "memfile", "persist": True, "name": str(work / "kea-leases4.csv"),
                            "lfc-interval": 0},
         "control-socket": {"socket-type": "unix", "socket-name": str(work / "kea.sock")},
@@ -94,15 +102,15 @@ def start_kea(pair: Pair, work: Path) -> subprocess.Popen:
     }}
     (work / "kea.json").write_text(json.dumps(cfg))
     env = dict(os.environ, KEA_PIDFILE_DIR=str(work), KEA_LOCKFILE_DIR=str(work))
-    p = pair.server.popen(["taskset", "-c", SERVER_CPU, "kea-dhcp4", "-c", str(work / "kea.json")],
+    p = pair.server.popen(pinned(SERVER_CPU, ["kea-dhcp4", "-c", str(work / "kea.json")]),
                           stdout=open(work / "kea.out", "ab"), stderr=subprocess.STDOUT, env=env)
     wait_port67(pair.server, p)
     return p
 
 
 def perfdhcp(pair: Pair, rate: int, duration: float) -> dict:
-    r = pair.client.run(["taskset", "-c", CLIENT_CPU, "perfdhcp", "-4", "-l", "cli0", "-r", str(rate),
-                         "-p", str(int(duration)), "-R", str(CLIENTS), "-g", "single", SERVER_IP],
+    r = pair.client.run(pinned(CLIENT_CPU, ["perfdhcp", "-4", "-l", "cli0", "-r", str(rate),
+                                            "-p", str(int(duration)), "-R", str(CLIENTS), "-g", "single", SERVER_IP]),
                         check=False, timeout=duration + 60)
     text = r.stdout
     stats: dict = {}
@@ -154,10 +162,17 @@ def measure(kind: str, rates: list[int], duration: float, verbose: bool) -> tupl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=int, default=5)
-    ap.add_argument("--rates", default="1000,2000,3000,4000,5000,6000,7000,8000,9000,10000,12000")
+    ap.add_argument("--rates", default="2000,3000,4000,5000,6000,7000,8000,9000,10000,12000")
     ap.add_argument("--servers", default="bootd,kea")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-ipxe", action="store_true", help="skip the iPXE boot timing with/without RA")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin server and perfdhcp to separate CPUs")
+    ap.add_argument("--kea-socket", choices=["raw", "udp"], default="udp",
+                    help="kea's dhcp-socket-type (perfdhcp's traffic is relayed, so udp suits it)")
     a = ap.parse_args()
+    global PIN, KEA_SOCKET
+    PIN = not a.no_pin
+    KEA_SOCKET = a.kea_socket
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -176,6 +191,12 @@ def main() -> int:
             print(f"{k}: highest rate with <1% loss: {out[k]} DORA/s")
         if "ratio_bootd_to_kea" in out:
             print(f"ratio bootd/kea: {out['ratio_bootd_to_kea']}")
+    if not a.no_ipxe:
+        r = subprocess.run([sys.executable, str(Path(__file__).with_name("ipxe_ra.py"))], capture_output=True, text=True)
+        sys.stderr.write(r.stderr)
+        if r.returncode == 0:
+            ra = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"iPXE until boot file name: {ra['with_ra']} s with bootd's RA, {ra['without_ra']} s without")
     return 0
 
 

@@ -1,0 +1,47 @@
+"""bootctl leases, reserve, unreserve: the DHCP lease table and run-time reservations."""
+from __future__ import annotations
+
+import time
+
+from bootd.cli.api_client import q
+from bootd.cli.bootctl import emit, fmt_age, table
+
+
+def cmd_leases(args, api) -> int:
+    data = api.get("/api/v1/dhcp/leases" + ("?all=1" if args.all else ""))
+    now = data.get("now", time.time())
+    rows = [[l["ip"], l["mac"], l["state"], l["hostname"],
+             ("in " + fmt_age(l["expires"] - now)) if l["expires"] > now else "expired"] for l in data["leases"]]
+    emit(args, data, table(rows, ["IP", "MAC", "STATE", "HOSTNAME", "EXPIRES"]) if rows else "no leases")
+    return 0
+
+
+def cmd_reserve(args, api) -> int:
+    if args.ip is None:
+        data = api.get("/api/v1/dhcp/reservations")
+        rows = [[r["mac"], r["ip"], r["name"], r["source"]] for r in data["reservations"]]
+        emit(args, data, table(rows, ["MAC", "IP", "NAME", "SOURCE"]) if rows else "no reservations")
+        return 0
+    res = api.post("/api/v1/dhcp/reservations", {"mac": args.mac, "ip": args.ip, "name": args.name})
+    emit(args, res, f"{res['mac']} will always get {res['ip']}")
+    return 0
+
+
+def cmd_unreserve(args, api) -> int:
+    res = api.delete(f"/api/v1/dhcp/reservations/{q(args.mac)}")
+    emit(args, res, f"reservation of {args.mac} removed")
+    return 0
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("leases", parents=[common], help="DHCP leases (active ones; --all for every row)")
+    p.add_argument("--all", action="store_true", help="include released, expired and declined rows")
+    p.set_defaults(func=cmd_leases)
+    p = sub.add_parser("reserve", parents=[common], help="give a MAC a fixed address (no IP: list reservations)")
+    p.add_argument("mac", nargs="?", help="the PC's MAC address")
+    p.add_argument("ip", nargs="?", help="the address it always gets")
+    p.add_argument("--name", help="a note: the PC's name")
+    p.set_defaults(func=cmd_reserve)
+    p = sub.add_parser("unreserve", parents=[common], help="remove a run-time reservation")
+    p.add_argument("mac")
+    p.set_defaults(func=cmd_unreserve)

@@ -1,0 +1,61 @@
+"""DHCP admin API: the lease table and run-time address reservations."""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from bootd.http.app import json_error, read_json
+
+routes = web.RouteTableDef()
+
+
+def _service(request: web.Request):
+    svc = request.app["ctx"].service("dhcp")
+    if svc is None or svc.leases is None:
+        raise json_error(503, "the DHCP service is not running")
+    return svc
+
+
+@routes.get("/api/v1/dhcp/leases")
+async def leases(request: web.Request) -> web.Response:
+    svc = _service(request)
+    now = time.time()
+    show_all = request.query.get("all", "") in ("1", "true", "yes")
+    rows = [l.as_dict() for l in svc.leases.by_ip.values() if show_all or l.expires > now]
+    rows.sort(key=lambda r: tuple(int(x) for x in r["ip"].split(".")))
+    return web.json_response({"leases": rows, "now": now})
+
+
+@routes.get("/api/v1/dhcp/reservations")
+async def reservations(request: web.Request) -> web.Response:
+    return web.json_response({"reservations": _service(request).reservations()})
+
+
+@routes.post("/api/v1/dhcp/reservations")
+async def reserve(request: web.Request) -> web.Response:
+    svc = _service(request)
+    body = await read_json(request)
+    try:
+        row = svc.add_reservation(str(body.get("mac", "")), str(body.get("ip", "")), body.get("name"))
+    except LookupError as e:
+        raise json_error(409, str(e))
+    except ValueError as e:
+        raise json_error(400, str(e))
+    return web.json_response(row, status=201)
+
+
+@routes.delete("/api/v1/dhcp/reservations/{mac}")
+async def unreserve(request: web.Request) -> web.Response:
+    svc = _service(request)
+    try:
+        gone = svc.remove_reservation(request.match_info["mac"])
+    except ValueError as e:
+        raise json_error(400, str(e))
+    if not gone:
+        raise json_error(404, "no run-time reservation for that MAC")
+    return web.json_response({"removed": request.match_info["mac"]})
+
+
+def setup_routes(app: web.Application, ctx) -> None:
+    app.add_routes(routes)
