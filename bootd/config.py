@@ -193,6 +193,7 @@ class MenuConfig(Section):
     previous_snapshot_entry: bool = True
     cmdline: str = "console=tty0 console=ttyS0"  # kernel arguments put first on every entry's command line
     pxelinux_ui: str = "menu.c32"  # pxelinux UI module (menu.c32 or vesamenu.c32), in the boot root
+    owner_only: bool = True  # per-host menus/scripts/client configs only to the host itself (bootd/peers.py)
 
 
 class NbdTlsConfig(Section):

@@ -194,8 +194,9 @@ def ganesha_pid(nfs: NfsConfig) -> int:
         raise NfsError(f"NFS-Ganesha is not running (pid file {nfs.ganesha_pidfile}: {e})") from None
 
 
-def apply_exports(config) -> ApplyResult:
-    """Make the NFS server's exports equal to nfs.roots (read-only, served subnets only)."""
+def apply_exports(config, force: bool = False) -> ApplyResult:
+    """Make the NFS server's exports equal to nfs.roots (read-only, served subnets only). `force`
+    reloads the server even when the file is unchanged (after a failed reload)."""
     nfs: NfsConfig = config.nfs
     kind = choose_server(nfs)
     subnets = served_subnets(config)
@@ -208,10 +209,13 @@ def apply_exports(config) -> ApplyResult:
         text = render_kernel_exports(nfs, subnets)
         if not nfs.roots and not path.exists():
             return ApplyResult(kind, str(path), False, [])
-        changed = write_if_changed(path, text)
+        changed = write_if_changed(path, text) or force
         exports = [r.path for r in nfs.roots] if subnets else []
         if changed:
-            res = subprocess.run(["exportfs", "-ra"], capture_output=True, text=True, timeout=60)
+            try:
+                res = subprocess.run(["exportfs", "-ra"], capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise NfsError(f"exportfs -ra could not run ({e}); {path} is written") from None
             if res.returncode != 0:
                 raise NfsError(f"exportfs -ra failed: {res.stderr.strip() or res.returncode}")
         return ApplyResult(kind, str(path), changed, exports, reloaded=changed)
@@ -219,12 +223,15 @@ def apply_exports(config) -> ApplyResult:
     text = render_ganesha_exports(nfs, subnets)
     if not nfs.roots and not path.exists():
         return ApplyResult(kind, str(path), False, [])
-    changed = write_if_changed(path, text)
+    changed = write_if_changed(path, text) or force
     exports = [pseudo_path(nfs, r) for r in nfs.roots] if subnets else []
     reloaded = False
     if changed:
         # SIGHUP makes Ganesha's export list equal to its config (adds, updates and removes).
-        os.kill(ganesha_pid(nfs), signal.SIGHUP)
+        try:
+            os.kill(ganesha_pid(nfs), signal.SIGHUP)
+        except OSError as e:
+            raise NfsError(f"cannot signal NFS-Ganesha: {e}") from None
         reloaded = True
     return ApplyResult(kind, str(path), changed, exports, reloaded)
 
@@ -344,6 +351,7 @@ class NfsService(Service):
 
     def __init__(self) -> None:
         self.last: dict = {}
+        self.failed = False  # the last reload failed: reload again next time even if the file is unchanged
 
     async def start(self, ctx) -> None:
         await self._apply(ctx)
@@ -358,12 +366,14 @@ class NfsService(Service):
         import asyncio
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(None, apply_exports, ctx.config)
-        except NfsError as e:
+            result = await loop.run_in_executor(None, apply_exports, ctx.config, self.failed)
+        except (NfsError, OSError) as e:
+            self.failed = True
             self.last = {"error": str(e)}
             ctx.metrics.inc("nfs", "apply_errors")
             log.error("nfs: %s", e)
             return
+        self.failed = False
         info = result.as_dict()
         if ctx.config.nfs.check and result.exports:
             info["check"] = await loop.run_in_executor(None, check_exports, ctx.config, result)

@@ -1,6 +1,15 @@
 """Checks an export the way a client will use it, with libnbd (Debian python3-libnbd), before the host
-is told its name: the handshake, the size, and a read of the first sector."""
+is told its name: the handshake, the size, and a read of the first sector.
+
+The handshake is driven with libnbd's aio calls so that TCP_QUICKACK can be set before every wait:
+qemu's NBD server writes an option reply's header and payload separately without TCP_NODELAY, so
+with a delayed ACK on our side every handshake stalls ~40 ms (measured: 42 ms -> 0.5 ms).
+"""
 from __future__ import annotations
+
+import os
+import socket
+import time
 
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +28,7 @@ class ClientTls:
 
 
 def check_export(host: str, port: int, name: str, expect_size: Optional[int] = None,
-                 tls: Optional[ClientTls] = None) -> int:
+                 tls: Optional[ClientTls] = None, timeout: float = 5.0) -> int:
     """Blocking (run it in a thread). Returns the export size; raises DiskError if anything is wrong."""
     import nbd
 
@@ -34,7 +43,25 @@ def check_export(host: str, port: int, name: str, expect_size: Optional[int] = N
                     h.set_tls_username(tls.username)
             else:
                 h.set_tls_certificates(tls.cert_dir)
-        h.connect_tcp(host, str(port))
+        h.aio_connect_tcp(host, str(port))
+        sock = None
+        deadline = time.monotonic() + timeout
+        try:
+            while h.aio_is_connecting():
+                if time.monotonic() > deadline:
+                    raise DiskError(f"export {name[:6]}…: no NBD handshake within {timeout:.0f} s")
+                if sock is None:
+                    sock = socket.socket(fileno=os.dup(h.aio_get_fd()))
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                except OSError:
+                    pass
+                h.poll(100)
+        finally:
+            if sock is not None:
+                sock.close()
+        if not h.aio_is_ready():
+            raise DiskError(f"export {name[:6]}…: handshake ended in state {h.connection_state()}")
         size = h.get_size()
         if expect_size is not None and size != expect_size:
             raise DiskError(f"export {name[:6]}… has size {size}, expected {expect_size}")

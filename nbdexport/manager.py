@@ -144,13 +144,14 @@ class _Row:
 class DiskSettings:
     directory: str
     run_dir: str
-    listen: str
+    listen: str  # the first NBD address: bootd's own export check connects here
     port: int = 10809
     reap_after: float = 4 * 3600
     reap_interval: float = 60
     warn_free_percent: float = 10
     warn_free_bytes: int = 1 << 30
     check_exports: bool = True
+    listen_all: list = field(default_factory=list)  # every NBD address (the served ones)
     tls: bool = False
     client_tls: Optional[ClientTls] = None
 
@@ -446,6 +447,16 @@ class DiskManager:
     def gauges(self) -> dict[str, float]:
         rep = self.last_space
         out = {"exports": len(self._rows), "qsd_restarts": self.qsd.restarts, "qsd_up": int(self.qsd.up.is_set())}
+        if self.qsd.pid:  # the daemon's I/O: per-export byte counts are not in qemu 7.2's query-blockstats
+            try:
+                with open(f"/proc/{self.qsd.pid}/io") as f:
+                    io = dict(line.split(": ") for line in f.read().splitlines())
+                out["qsd_read_bytes"] = int(io["read_bytes"])
+                out["qsd_write_bytes"] = int(io["write_bytes"])
+                out["qsd_rchar"] = int(io["rchar"])
+                out["qsd_wchar"] = int(io["wchar"])
+            except (OSError, KeyError, ValueError):
+                pass
         if rep:
             out["free_bytes"] = rep.free
             out["space_low"] = int(rep.low)
@@ -492,8 +503,9 @@ class DiskManager:
                    server_ip: Optional[str], now: float) -> _Row:
         name = secrets.token_urlsafe(18)
         node = "ov" + secrets.token_hex(8)
-        row = _Row(name, mac, boot, main, snap, overlay, node, persistent, 0, server_ip or self.s.listen,
-                   now, now)
+        addrs = self.s.listen_all or [self.s.listen]
+        row = _Row(name, mac, boot, main, snap, overlay, node, persistent, 0,
+                   server_ip if server_ip in addrs else self.s.listen, now, now)
         with self.store.transaction() as cur:  # intent first: a restore after a crash re-adds it
             self._insert(cur, row)
         self._rows[name] = row
@@ -504,9 +516,15 @@ class DiskManager:
             try:
                 await asyncio.wait_for(self.qsd.up.wait(), 15)
                 async with self.qsd.lock:
-                    pass
+                    exps = await self.qsd.execute("query-block-exports")
+                    if not any(e["id"] == row.node for e in exps):
+                        await self._export(row)
             except asyncio.TimeoutError:
+                self._forget(row)
                 raise StorageDaemonDown("the storage daemon did not come back within 15 s") from None
+            except Exception:
+                self._forget(row)
+                raise
         except Exception:
             self._forget(row)
             raise

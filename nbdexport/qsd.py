@@ -11,10 +11,13 @@ polling.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -51,12 +54,14 @@ class TlsSettings:
 class StorageDaemon:
     """Starts (or adopts), watches and restarts qemu-storage-daemon; `execute` runs one QMP command."""
 
-    def __init__(self, run_dir: str | Path, host: str, port: int, tls: Optional[TlsSettings] = None,
+    def __init__(self, run_dir: str | Path, host: str | list[str], port: int, tls: Optional[TlsSettings] = None,
                  binary: str = "qemu-storage-daemon",
                  on_restart: Optional[Callable[[], Awaitable[None]]] = None,
                  on_event: Optional[Callable[[str, dict], None]] = None):
         self.run_dir = Path(run_dir)
-        self.host, self.port, self.tls, self.binary = host, port, tls, binary
+        self.hosts = [host] if isinstance(host, str) else list(host)
+        self.host = self.hosts[0]
+        self.port, self.tls, self.binary = port, tls, binary
         self.on_restart = on_restart
         self.on_event = on_event or (lambda kind, detail: None)
         self.qmp: Optional[QMPClient] = None
@@ -86,7 +91,7 @@ class StorageDaemon:
 
     def _identity(self) -> dict:
         """What a running daemon must match to be adopted instead of replaced."""
-        return {"host": self.host, "port": self.port, "binary": self.binary,
+        return {"hosts": self.hosts, "port": self.port, "binary": self.binary,
                 "tls": self.tls.object_arg() if self.tls else None}
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ class StorageDaemon:
                 pass
         self.pid = None
         self.up.clear()
-        for p in (self.pid_path, self.args_path, self.qmp_path):
+        for p in (self.pid_path, self.args_path, self.qmp_path, self.run_dir / "qsd.log"):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -170,23 +175,32 @@ class StorageDaemon:
                 p.unlink()
             except FileNotFoundError:
                 pass
+        listener = listening_socket(self.hosts, self.port)
+        nbd_server = f"addr.type=fd,addr.str={listener.fileno()}"
         argv = [self.binary,
                 "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
                 "--monitor", "chardev=qmp0",
                 "--pidfile", str(self.pid_path)]
         if self.tls:
             argv += ["--object", self.tls.object_arg()]
+            nbd_server += ",tls-creds=tls0"
+        argv += ["--nbd-server", nbd_server]
+        # its messages go to a file: a pipe would outlive the bootd that reads it (adoption)
+        errlog = open(self.run_dir / "qsd.log", "ab")
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                         start_new_session=True, pass_fds=[listener.fileno()])
         except FileNotFoundError as e:
             raise DiskError(f"cannot start {self.binary}: {e}") from e
+        finally:
+            listener.close()
+            errlog.close()
         self.pid, self.adopted = self.proc.pid, False
         deadline = time.monotonic() + 10
         while not self.qmp_path.exists():
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-                raise DiskError(f"qemu-storage-daemon exited at start: {err or self.proc.returncode}")
+                err = (self.run_dir / "qsd.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise DiskError(f"qemu-storage-daemon exited at start: {err[0] if err else self.proc.returncode}")
             if time.monotonic() > deadline:
                 _kill(self.proc.pid, signal.SIGKILL)
                 raise DiskError("qemu-storage-daemon did not create its QMP socket within 10 s")
@@ -201,21 +215,10 @@ class StorageDaemon:
                     self.proc.wait()
                     raise DiskError(f"cannot reach qemu-storage-daemon over QMP: {e}") from e
                 await asyncio.sleep(0.01)
-        addr: dict[str, Any] = {"type": "inet", "data": {"host": self.host, "port": str(self.port)}}
-        args: dict[str, Any] = {"addr": addr}
-        if self.tls:
-            args["tls-creds"] = "tls0"
-        try:
-            await self.qmp.execute("nbd-server-start", args)
-        except QMPError as e:
-            _kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            await self._drop_qmp()
-            raise DiskError(f"NBD server cannot listen on {self.host}:{self.port}: {e}") from e
         self.args_path.write_text(json.dumps(self._identity()))
         self.started_at = time.time()
         self.up.set()
-        log.info("qemu-storage-daemon pid %d serving NBD on %s:%d%s", self.pid, self.host, self.port,
+        log.info("qemu-storage-daemon pid %d serving NBD on %s port %d%s", self.pid, ", ".join(self.hosts), self.port,
                  " (TLS)" if self.tls else "")
 
     async def _connect(self) -> None:
@@ -298,7 +301,7 @@ class StorageDaemon:
 
     def status(self) -> dict:
         return {"pid": self.pid, "up": self.up.is_set(), "restarts": self.restarts, "adopted": self.adopted,
-                "listen": f"{self.host}:{self.port}", "tls": self.tls.kind if self.tls else None}
+                "listen": ", ".join(f"{h}:{self.port}" for h in self.hosts), "tls": self.tls.kind if self.tls else None}
 
 
 def _alive(pid: int) -> bool:
@@ -335,3 +338,40 @@ async def _wait_dead(pid: int, timeout: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+
+
+SO_ATTACH_FILTER = 26
+SKF_NET_OFF = -0x100000
+
+
+def _dst_filter(addresses: list[str]) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: accept a packet whose IPv4 destination is one of `addresses`, drop the rest. On a
+    listening TCP socket it runs on the SYN, so connections to other local addresses never open."""
+    prog = [(0x20, 0, 0, SKF_NET_OFF + 16 & 0xFFFFFFFF)]  # ld [net + 16]: the IPv4 destination
+    for i, a in enumerate(addresses):
+        prog.append((0x15, len(addresses) - i, 0, struct.unpack("!I", socket.inet_aton(a))[0]))  # jeq -> accept
+    prog.append((0x06, 0, 0, 0))  # ret 0: drop
+    prog.append((0x06, 0, 0, 0xFFFFFFFF))  # ret all: accept
+    return prog
+
+
+def listening_socket(addresses: list[str], port: int) -> socket.socket:
+    """The NBD listener, made here and handed to the daemon (fd): bound to the one served address, or to
+    every address with a filter admitting only connections to the served ones (qemu has one listener)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        if len(addresses) > 1:
+            prog = _dst_filter(addresses)
+            code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                            struct.pack("HL", len(prog), ctypes.addressof(code)))
+            sock.bind(("0.0.0.0", port))
+        else:
+            sock.bind((addresses[0], port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise DiskError(f"NBD cannot listen on {', '.join(addresses)} port {port}: {e.strerror}") from e
+    sock.set_inheritable(True)
+    return sock

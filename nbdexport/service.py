@@ -21,17 +21,17 @@ def disk_directory(config) -> str:
     return config.nbd.directory or str(Path(config.storage.directory) / "disks")
 
 
-def listen_address(config) -> Optional[str]:
-    """nbd.listen, else the first served interface's address; None (no NBD at all) without either:
+def listen_addresses(config) -> list[str]:
+    """nbd.listen, else every served interface's address; empty (no NBD at all) without either:
     disks are served on the served networks only, never on an address nobody configured."""
     if config.nbd.listen is not None:
-        return str(config.nbd.listen)
-    if config.interfaces:
-        if len(config.interfaces) > 1:
-            log.warning("NBD listens on %s only (qemu-storage-daemon has one NBD listener); set nbd.listen",
-                        config.interfaces[0].address.ip)
-        return str(config.interfaces[0].address.ip)
-    return None
+        return [str(config.nbd.listen)]
+    return [str(i.address.ip) for i in config.interfaces]
+
+
+def listen_address(config) -> Optional[str]:
+    addrs = listen_addresses(config)
+    return addrs[0] if addrs else None
 
 
 def run_directory(config) -> str:
@@ -70,6 +70,7 @@ def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         check = False
     return DiskSettings(
         directory=disk_directory(config), run_dir=run_directory(config), listen=listen_address(config),
+        listen_all=listen_addresses(config),
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
         check_exports=check, tls=server_tls is not None, client_tls=client_tls), server_tls
@@ -109,14 +110,14 @@ class DiskService(Service):
 
     async def _start(self, ctx) -> None:
         settings, server_tls = settings_from(ctx.config)
-        self._key = (settings.directory, settings.run_dir, settings.listen, settings.port, server_tls,
+        self._key = (settings.directory, settings.run_dir, tuple(settings.listen_all), settings.port, server_tls,
                      ctx.config.nbd.qsd_binary)
 
         def on_event(kind: str, detail: dict) -> None:
             ctx.metrics.inc("nbd", f"qsd_{kind}")
             ctx.store.record_event(None, "disk", {"action": f"storage-daemon-{kind}", **detail})
 
-        qsd = StorageDaemon(settings.run_dir, settings.listen, settings.port, server_tls,
+        qsd = StorageDaemon(settings.run_dir, settings.listen_all, settings.port, server_tls,
                             binary=ctx.config.nbd.qsd_binary, on_event=on_event)
         self.manager = DiskManager(settings, ctx.store, qsd,
                                    resolve_snapshot=self._resolve, is_persistent=self._persistent,
@@ -145,7 +146,7 @@ class DiskService(Service):
             await self.start(ctx)
             return
         settings, server_tls = settings_from(ctx.config)
-        key = (settings.directory, settings.run_dir, settings.listen, settings.port, server_tls,
+        key = (settings.directory, settings.run_dir, tuple(settings.listen_all), settings.port, server_tls,
                ctx.config.nbd.qsd_binary)
         if key != self._key:
             await self.stop()

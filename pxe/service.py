@@ -10,6 +10,7 @@ import re
 from typing import Any, Optional
 
 from bootd.service import Service
+from bootd.peers import may_act_for, refuse
 from pxe.booter import Booter, parse_mac, render, server_for
 
 log = logging.getLogger("bootd.pxe")
@@ -33,6 +34,9 @@ class MenuProvider:
         if m is None:
             return None
         mac = parse_mac(m.group("mac")) if m.group("mac") else client_mac
+        if mac and not may_act_for(self.ctx, client_ip, mac):
+            refuse(self.ctx, "tftp", client_ip, mac, f"{self.flavour} menu")
+            return None
         booter = self.ctx.booter or Booter(self.ctx)
         menu = await booter.menu_for(mac, server_for(self.ctx.config, client_ip))
         if mac:

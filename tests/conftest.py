@@ -2,27 +2,17 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from netns import Lab, Netns, leftover_namespaces  # noqa: E402
 
-from bootd.cli.api_client import ApiClient  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
+from support import BootdProcess  # noqa: E402
 
 
 def _need_root() -> None:
@@ -60,144 +50,6 @@ def _no_leftover_namespaces():
         ns.close()
 
 
-class NotifyListener:
-    """A real NOTIFY_SOCKET: a datagram socket collecting what the daemon sends to systemd."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self._cond:
-                self.messages.append((time.monotonic(), data.decode(errors="replace")))
-                self._cond.notify_all()
-
-    def wait_for(self, needle: str, timeout: float = 30.0, after: int = 0, proc=None) -> Optional[str]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for _, m in self.messages[after:]:
-                    if needle in m.split("\n"):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or (proc is not None and proc.poll() is not None):
-                    return None
-                self._cond.wait(min(left, 0.2))
-
-    def fields(self, name: str) -> list[str]:
-        with self._cond:
-            return [line for _, m in self.messages for line in m.split("\n") if line.startswith(name)]
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
-        self._thread.join(timeout=1)
-
-
-class BootdProcess:
-    """The real bootd daemon as a child process (inside a namespace when given one)."""
-
-    def __init__(self, workdir: Path, config: dict, ns: Optional[Netns] = None, env: Optional[dict] = None):
-        self.workdir = workdir
-        self.ns = ns
-        self.config_dict = config
-        self.config_path = workdir / "bootd.yaml"
-        self.log_path = workdir / "bootd.log"
-        self.storage = Path(config.setdefault("storage", {}).setdefault("directory", str(workdir / "storage")))
-        self.socket = config.setdefault("api", {}).setdefault("socket", str(workdir / "api.sock"))
-        self.extra_env = env or {}
-        self.write_config(config)
-        self.api = ApiClient(socket_path=self.socket, timeout=60)
-        self.proc: Optional[subprocess.Popen] = None
-        self.notify: Optional[NotifyListener] = None
-
-    def write_config(self, config: dict | str) -> None:
-        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.rename(self.config_path)
-
-    def start(self, wait: bool = True, timeout: float = 60.0, extra_env: Optional[dict] = None) -> "BootdProcess":
-        if self.notify:
-            self.notify.close()
-        npath = self.workdir / "notify.sock"
-        if npath.exists():
-            npath.unlink()
-        self.notify = NotifyListener(npath)
-        env = dict(os.environ, NOTIFY_SOCKET=str(npath), PYTHONUNBUFFERED="1", **self.extra_env, **(extra_env or {}))
-        env.pop("INVOCATION_ID", None)
-        env.pop("JOURNAL_STREAM", None)
-        argv = [sys.executable, "-m", "bootd.cli.bootd_main", "--config", str(self.config_path), "run"]
-        log = open(self.log_path, "ab")
-        if self.ns is not None:
-            self.proc = self.ns.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        else:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                                         start_new_session=True)
-        log.close()
-        if wait:
-            if self.notify.wait_for("READY=1", timeout=timeout, proc=self.proc) is None:
-                raise RuntimeError(f"bootd did not become ready; log:\n{self.log()}")
-        return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def bootctl(self, *args: str, check: bool = False, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
-        argv = [str(Path(sys.executable).parent / "bootctl"), "--socket", self.socket, *args]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
-        if check and r.returncode != 0:
-            raise AssertionError(f"bootctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-        return r
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        # `ip netns exec` execs the daemon, so the child pid is bootd itself.
-        os.kill(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
-
-    def close(self) -> None:
-        try:
-            self.kill()
-        finally:
-            if self.notify:
-                self.notify.close()
-
-
 @pytest.fixture
 def bootd_daemon(tmp_path):
     """Factory: `bootd_daemon(config_dict, ns=lab.server, start=True)` -> a running BootdProcess."""
@@ -216,13 +68,3 @@ def bootd_daemon(tmp_path):
     yield make
     for d in made:
         d.close()
-
-
-def artifact_dir(name: str) -> Path:
-    d = ARTIFACTS / name
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def have(program: str) -> bool:
-    return shutil.which(program) is not None

@@ -12,6 +12,7 @@ import re
 from typing import Any, Optional
 
 from bootd.config import normalize_mac
+from bootd.peers import may_act_for, refuse
 from bootd.service import Service
 
 from .render import RenderError
@@ -34,6 +35,9 @@ class ClientFileProvider:
             return None
         try:
             mac = normalize_mac(m.group("mac"))
+            if not may_act_for(self.ctx, client_ip, mac):
+                refuse(self.ctx, "tftp", client_ip, mac, "client configs")
+                return None
             rendered = await render_for(self.ctx, mac)
         except (UnknownHost, NoClientConfig, RenderError, ValueError) as e:
             self.ctx.metrics.inc("clients", "errors", reason="tftp")

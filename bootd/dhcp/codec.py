@@ -336,24 +336,26 @@ def encode(msg: DhcpMessage, min_size: int = 0) -> bytes:
 
     The result is padded with zeros to `min_size` and to the message's own `padding` after END."""
     inet_aton = socket.inet_aton
-    head = HEADER.pack(msg.op, msg.htype, msg.hlen, msg.hops, msg.xid & 0xFFFFFFFF, msg.secs & 0xFFFF,
-                       msg.flags & 0xFFFF, inet_aton(msg.ciaddr), inet_aton(msg.yiaddr), inet_aton(msg.siaddr),
-                       inet_aton(msg.giaddr), msg.chaddr, msg.sname, msg.file)
-    parts = [head, MAGIC]
+    out = bytearray(HEADER.pack(msg.op, msg.htype, msg.hlen, msg.hops, msg.xid & 0xFFFFFFFF, msg.secs & 0xFFFF,
+                                msg.flags & 0xFFFF, inet_aton(msg.ciaddr), inet_aton(msg.yiaddr),
+                                inet_aton(msg.siaddr), inet_aton(msg.giaddr), msg.chaddr, msg.sname, msg.file))
+    out += MAGIC
+    append = out.append
     for code, val in msg.options.items():
         ln = len(val)
         if ln <= 255:
-            parts.append(bytes((code, ln)))
-            parts.append(val)
+            append(code)
+            append(ln)
+            out += val
         else:
             for k in range(0, ln, 255):
                 chunk = val[k:k + 255]
-                parts.append(bytes((code, len(chunk))))
-                parts.append(chunk)
+                append(code)
+                append(len(chunk))
+                out += chunk
     if msg.has_end:
-        parts.append(b"\xff")
-    out = b"".join(parts)
+        append(END)
     pad = max(msg.padding, min_size - len(out))
     if pad > 0:
         out += bytes(pad)
-    return out
+    return bytes(out)

@@ -123,6 +123,8 @@ class DhcpPolicy:
             self.subnets.append(Subnet(r.subnet, r.interface, int(r.start), int(r.end),
                                        str(r.router) if r.router else None, [str(d) for d in r.dns], r.domain))
         self.lease_time = config.dhcp.lease_time
+        ld = config.dhcp.loaders
+        self.ipxe_loaders = {ld.bios, ld.uefi_ia32, ld.uefi_x64, ld.uefi_arm64, ld.uefi_http}
         self.http_port = config.http.port
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -162,9 +164,13 @@ class DhcpPolicy:
         """The file name (or URL) this client should boot next; None if it gets no boot info."""
         if not fw.boots:
             return None
-        if fw.ipxe:
+        choice = self.boot_choice(mac)
+        if fw.ipxe and choice == "ipxe":
             return self.ipxe_script_url(server, mac)
-        loader = loader_for(fw, self.dhcp.loaders, self.boot_choice(mac))
+        loader = loader_for(fw, self.dhcp.loaders, choice)
+        if fw.ipxe and (loader is None or loader in self.ipxe_loaders):
+            # a pxelinux/grub host whose firmware has no such loader: never hand iPXE to iPXE (a loop)
+            return self.ipxe_script_url(server, mac)
         if loader is None:
             return None
         if fw.http:
@@ -301,10 +307,11 @@ class DhcpPolicy:
         reply.file = target.encode()[:127]
         prl = req.parameter_request_list
         if fw.http:
-            o[60] = b"HTTPClient"
-        elif proxy or fw.pxe:
+            o[60] = b"HTTPClient"  # UEFI HTTP boot only takes offers that say so
+        elif proxy:
+            # Only a proxy offer says PXEClient (with option 43): in a full offer, option 60 without 43
+            # makes EDK2 take it for a boot-server offer and ask port 4011 instead of loading the file.
             o[60] = b"PXEClient"
-        if proxy:
             o[43] = PXE_VENDOR_BOOT_FILE
         if 66 in prl or proxy:
             o[66] = server.encode()

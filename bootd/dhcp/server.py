@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, decode, encode
 from bootd.dhcp.leases import LeaseTable
-from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy, ServedInterface
+from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy
 from bootd.service import Service
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class DhcpService(Service):
         self._tasks: list[asyncio.Task] = []
         self.ra = None
         self._missing_logged: set[str] = set()
+        self._counts: dict[tuple[str, Optional[tuple[str, str]]], int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self, ctx: "Context") -> None:
@@ -307,9 +308,11 @@ class DhcpService(Service):
         except Exception as e:  # the store refused the batch: nothing it promised may go out
             self.ctx.metrics.inc("dhcp", "errors", float(max(1, len(decided))))
             log.error("dhcp: cannot persist leases, %d replies dropped: %s", len(decided), e)
+            self._flush_counts()
             return
         for msg, out, now in decided:
             self.deliver(msg, out, now, sock, ifname)
+        self._flush_counts()
 
     def handle_datagram(self, data: bytes, src: tuple[str, int], sock: socket.socket, ifname: str,
                         port: int) -> None:
@@ -317,41 +320,58 @@ class DhcpService(Service):
         r = self.decide(data, src, ifname, port)
         if r is not None:
             self.deliver(r[0], r[1], r[2], sock, ifname)
+        self._flush_counts()
+
+    def _count(self, name: str, label: Optional[tuple[str, str]] = None) -> None:
+        """Count locally; `_flush_counts` hands the sums to ctx.metrics once per batch (cheaper)."""
+        k = (name, label)
+        c = self._counts
+        c[k] = c.get(k, 0) + 1
+
+    def _flush_counts(self) -> None:
+        if not self._counts:
+            return
+        metrics = self.ctx.metrics
+        for (name, label), n in self._counts.items():
+            if label is None:
+                metrics.inc("dhcp", name, n)
+            else:
+                metrics.inc("dhcp", name, n, **{label[0]: label[1]})
+        self._counts.clear()
 
     def decide(self, data: bytes, src: tuple[str, int], ifname: str, port: int):
         """Decode and run the policy; returns (msg, outcome, now) or None if there is nothing to do."""
-        metrics = self.ctx.metrics
-        metrics.inc("dhcp", "received")
+        count = self._count
+        count("received")
         try:
             msg = decode(data)
         except DhcpDecodeError as e:
-            metrics.inc("dhcp", "malformed")
+            count("malformed")
             log.debug("dhcp: malformed packet from %s on %s: %s", src, ifname, e)
             return None
         policy = self.policy
         iface = policy.interfaces.get(ifname)
         if iface is None:
-            metrics.inc("dhcp", "ignored", reason="interface-not-served")
+            count("ignored", ("reason", "interface-not-served"))
             return None
         now = self.clock()
         try:
             out = policy.handle(msg, iface, port, now, src)
         except DhcpDecodeError as e:
-            metrics.inc("dhcp", "malformed")
+            count("malformed")
             log.debug("dhcp: malformed option from %s on %s: %s", src, ifname, e)
             return None
         except Exception as e:  # a bug: no reply (never an unpersisted ACK)
-            metrics.inc("dhcp", "errors")
+            count("errors")
             log.error("dhcp: cannot handle %r from %s: %s", msg, src, e, exc_info=log.isEnabledFor(logging.DEBUG))
             return None
         if out.reply is None:
-            metrics.inc("dhcp", "ignored", reason=out.ignored or "unknown")
+            count("ignored", ("reason", out.ignored or "unknown"))
             if out.event is None:
                 return None
         return msg, out, now
 
     def deliver(self, msg, out, now: float, sock: socket.socket, ifname: str) -> None:
-        metrics = self.ctx.metrics
         reply = out.reply
         if reply is not None:
             payload = encode(reply, BOOTP_MIN)
@@ -360,11 +380,11 @@ class DhcpService(Service):
                 dest = ("255.255.255.255", dest[1])
             try:
                 sock.sendto(payload, dest)
-                metrics.inc("dhcp", "answered", type=MESSAGE_TYPE_NAMES.get(reply.options[53][0], "?"))
+                self._count("answered", ("type", MESSAGE_TYPE_NAMES.get(reply.options[53][0], "?")))
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
                     log.warning("dhcp: cannot send to %s on %s: %s", dest, ifname, e)
-                metrics.inc("dhcp", "send_errors")
+                self._count("send_errors")
         if out.event is not None:
             try:
                 store = self.ctx.store
@@ -373,7 +393,7 @@ class DhcpService(Service):
                 store.touch_host(out.mac, ip=out.event.get("ip"), arch=fw.arch if fw and fw.arch != "unknown" else None,
                                  name=self._host_name(out.mac), now=now)
             except Exception as e:
-                metrics.inc("dhcp", "errors")
+                self._count("errors")
                 log.error("dhcp: cannot record boot event: %s", e)
 
     def _host_name(self, mac: str) -> Optional[str]:

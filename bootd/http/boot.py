@@ -20,6 +20,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from bootd.peers import may_act_for, refuse
 from bootd.tftp.server import NeighbourTable, event_kind
 from pxe.booter import Booter, parse_mac, render
 
@@ -177,6 +178,9 @@ async def ipxe_script(request: web.Request) -> web.Response:
     mac = parse_mac(request.match_info["mac"])
     if mac is None:
         raise web.HTTPNotFound(text="not a MAC address\n")
+    if not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
+        refuse(ctx, "http", request.remote, mac, "the iPXE menu")
+        raise web.HTTPForbidden(text="this menu belongs to another host\n")
     t0 = time.monotonic()
     booter = ctx.booter or Booter(ctx)
     menu = await booter.menu_for(mac, local_ip(request))

@@ -17,10 +17,18 @@ from bootd.clientconfig.resolve import NoClientConfig, UnknownHost, clients_for,
 from bootd.http.app import json_error
 
 routes = web.RouteTableDef()
+NO_STORE = {"Cache-Control": "no-store"}  # rendered per request: a new boot means a new export token
 
 
 async def _render(request: web.Request, key: str, api: bool):
     ctx = request.app["ctx"]
+    if not api:
+        from bootd.peers import may_act_for, refuse
+        from pxe.booter import parse_mac
+        mac = parse_mac(key)
+        if mac is not None and not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
+            refuse(ctx, "clients", request.remote, mac, "client configs")
+            raise web.HTTPForbidden(text="these files belong to another host\n")
     try:
         return await render_for(ctx, key)
     except UnknownHost as e:
@@ -56,19 +64,19 @@ async def hosts_index(request: web.Request) -> web.Response:
         c = clients_for(cfg, hc)
         if isinstance(c, ClientsConfig) and c.instances:
             macs.append(hc.mac)
-    return web.Response(text="".join(f"{m}/\n" for m in macs), content_type="text/plain")
+    return web.Response(text="".join(f"{m}/\n" for m in macs), content_type="text/plain", headers=NO_STORE)
 
 
 @routes.get("/clients/{mac}/")
 async def host_index(request: web.Request) -> web.Response:
     r = await _render(request, request.match_info["mac"], api=False)
-    return web.Response(text="".join(f"{n}\n" for n in r.files), content_type="text/plain")
+    return web.Response(text="".join(f"{n}\n" for n in r.files), content_type="text/plain", headers=NO_STORE)
 
 
 @routes.get("/clients/{mac}/index.json")
 async def host_index_json(request: web.Request) -> web.Response:
     r = await _render(request, request.match_info["mac"], api=False)
-    return web.json_response(r.index())
+    return web.json_response(r.index(), headers=NO_STORE)
 
 
 @routes.get("/clients/{mac}/{file}")
@@ -79,7 +87,7 @@ async def host_file(request: web.Request) -> web.Response:
     if text is None:
         raise web.HTTPNotFound(text=f"no file {name!r} for {r.host.mac}\n")
     _record(request.app["ctx"], r.host.mac, name, len(text.encode()), request.remote)
-    return web.Response(text=text, content_type="text/plain")
+    return web.Response(text=text, content_type="text/plain", headers=NO_STORE)
 
 
 @routes.get("/api/v1/clients/{host}/render")

@@ -75,11 +75,14 @@ def test_http_tftp_and_bootctl_serve_the_rendered_files(lab, bootd_daemon, tmp_p
     one = d.bootctl("client", "render", "lab-pc-01", "--file", "xserver2.conf", check=True).stdout
     assert one.rstrip("\n") == rendered["files"]["xserver2.conf"].rstrip("\n")
 
-    # errors: unknown host (404), a host whose disk has no export (409), an unknown file
-    assert curl(client, f"{base}/52:54:00:99:99:99/")[0] == 404
+    # errors: another host's files (403: they carry its export token), an unknown file (404); the
+    # admin side says why a host cannot be rendered (unknown host, no disk export)
+    assert curl(client, f"{base}/52:54:00:99:99:99/")[0] == 403
     code, body = curl(client, f"{base}/52:54:00:77:00:03/")
-    assert code == 409 and "no disk export" in body
+    assert code == 403 and "nbd://" not in body
     assert curl(client, f"{base}/{MAC}/passwd")[0] == 404
+    r = d.bootctl("client", "render", "52:54:00:77:00:03")
+    assert r.returncode == 1 and "no disk export" in r.stderr and "409" in r.stderr
     r = d.bootctl("client", "render", "nosuchhost")
     assert r.returncode == 1 and "unknown host" in r.stderr
 

@@ -165,3 +165,22 @@ def test_systemd_quote_escapes_specifiers_and_quotes():
     assert systemd_quote("a b") == '"a b"'
     assert systemd_quote("50%") == '"50%%"'
     assert systemd_quote('a"b$c') == '"a\\"b$$c"'
+
+
+def test_spice_and_rdp_instances_get_matching_viewers():
+    clients = ClientsConfig.model_validate({"instances": [{"name": "s", "display": "spice"},
+                                                          {"name": "r", "display": "rdp"}]})
+    with pytest.raises(ValueError, match="does not match"):
+        ClientsConfig.model_validate({"instances": [{"display": "spice"}], "viewer": {"protocol": "vnc"}})
+    files = render_host(HostRef("52:54:00:00:00:09"), clients,
+                        [DiskRef("nbd://10.0.0.1/a"), DiskRef("nbd://10.0.0.1/b")])
+    q1 = shlex.split(upstart_exec(files["qemuinstance1.conf"])[1])
+    assert q1[q1.index("-spice") + 1] == "addr=127.0.0.1,port=5931,disable-ticketing=on"
+    assert shlex.split(upstart_exec(files["viewer1.conf"])[1]) == [
+        "/usr/bin/remote-viewer", "--full-screen", "spice://127.0.0.1:5931"]
+    q2 = shlex.split(upstart_exec(files["qemuinstance2.conf"])[1])
+    assert q2[q2.index("-nic") + 1] == "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:3391-:3389"
+    assert shlex.split(upstart_exec(files["viewer2.conf"])[1]) == [
+        "/usr/bin/xfreerdp", "/f", "/cert:ignore", "/v:127.0.0.1:3391"]
+    with pytest.raises(ValueError, match="user networking"):
+        ClientsConfig.model_validate({"instances": [{"display": "rdp", "network": "none"}]})

@@ -1,7 +1,6 @@
 """The sans-IO codec against golden captures of real clients, and against hostile input."""
 from __future__ import annotations
 
-import os
 import random
 import struct
 from pathlib import Path

@@ -229,7 +229,8 @@ def test_loader_by_architecture(store, arch, expected):
     r = off.reply
     assert r.file == expected.encode() and r.siaddr == "10.77.0.1" and r.options[67] == expected.encode()
     assert r.options[66] == b"10.77.0.1"
-    assert r.options[60] == b"PXEClient" and r.options[97] == b"\x00" + bytes(range(16))
+    # no option 60 in a full-mode offer: with it (and no 43) EDK2 asks port 4011 instead of loading the file
+    assert 60 not in r.options and 43 not in r.options and r.options[97] == b"\x00" + bytes(range(16))
     assert 175 not in r.options
     assert off.event["arch"] in ("bios", "uefi-ia32", "uefi-x64", "uefi-arm64") and off.event["file"] == expected
 
@@ -257,6 +258,19 @@ def test_group_boot_choice_pxelinux(store):
     env = Env(store)
     off = env.send(DISCOVER, "52:54:00:00:00:bb", options=pxe_opts(0))
     assert off.reply.file == b"pxelinux.0"
+    # also from an iPXE ROM (QEMU's NICs, many real ones): pxelinux runs on iPXE's PXE API
+    off = env.send(DISCOVER, "52:54:00:00:00:bb", options=pxe_opts(0, ipxe=True))
+    assert off.reply.file == b"pxelinux.0"
+
+
+def test_ipxe_never_gets_an_ipxe_binary_even_for_grub_hosts(store):
+    env = Env(store, _top={"groups": [{"name": "room1", "images": ["deb"]}, {"name": "old", "images": ["deb"],
+                                                                           "boot": "grub"}]})
+    mac = "52:54:00:00:00:bb"
+    uefi = env.send(DISCOVER, mac, options=pxe_opts(7, ipxe=True))
+    assert uefi.reply.file == b"grubx64.efi"
+    bios = env.send(DISCOVER, mac, options=pxe_opts(0, ipxe=True))  # grub has no BIOS loader here
+    assert bios.reply.file == f"http://10.77.0.1:8080/boot/{mac}.ipxe".encode()
 
 
 def test_proxy_mode_boot_info_only(store):

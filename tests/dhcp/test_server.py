@@ -398,8 +398,11 @@ def test_reload_switches_mode_without_restart(lab, bootd_daemon):
     c = lab.add_client(address="10.77.0.50")
     assert udp_client(c, "52:54:00:77:ab:01")[0]["ack"] == "10.77.0.100"
     assert ":4011 " not in lab.server.run(["ss", "-uln"]).stdout
-    cfg = dhcp_config(mode="proxy")
-    d.write_config(cfg)
+    def with_mode(mode):  # keep the storage and API socket the fixture chose
+        cfg = dict(d.config_dict)
+        cfg["dhcp"] = dict(cfg["dhcp"], mode=mode)
+        return cfg
+    d.write_config(with_mode("proxy"))
     d.bootctl("reload", check=True)
     assert wait_until(lambda: ":4011 " in lab.server.run(["ss", "-uln"]).stdout)
     # proxy: a plain client gets nothing now, a PXE client gets boot information without an address
@@ -407,7 +410,35 @@ def test_reload_switches_mode_without_restart(lab, bootd_daemon):
     assert res[0]["offer"] is None
     res = udp_client(c, "52:54:00:77:ab:03", "--timeout", "1", "--pxe-arch", "0")
     assert res[0]["offer"] == "0.0.0.0" and res[0]["file"] == "undionly.kpxe"
-    d.write_config(dhcp_config(mode="off"))
+    d.write_config(with_mode("off"))
     d.bootctl("reload", check=True)
     assert wait_until(lambda: ":67 " not in lab.server.run(["ss", "-uln"]).stdout)
     assert d.api.get("/api/v1/status")["dhcp_mode"] == "off"
+
+
+@pytest.mark.qemu
+def test_uefi_native_pxe_loads_ipxe_efi_in_full_mode(lab, bootd_daemon, tmp_path):
+    """OVMF's own PXE client (virtio-net without an iPXE ROM): option 93 = 7 -> ipxe.efi over TFTP."""
+    cfg = dhcp_config()
+    cfg["tftp"] = {"enabled": True}
+    d = bootd_daemon(cfg, ns=lab.server)
+    mac = "52:54:00:77:f0:09"
+    tap = lab.add_tap()
+    log = tmp_path / "serial.log"
+    p = lab.server.popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
+                          "-serial", f"file:{log}", "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                          "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=", "-bios", "/usr/share/ovmf/OVMF.fd"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # iPXE's banner: OVMF took the full-mode offer, fetched ipxe.efi and started it
+        ok = wait_until(lambda: log.exists() and "iPXE initialising" in log.read_text(errors="replace"),
+                        timeout=180, step=0.5)
+        assert ok, log.read_text(errors="replace")[-3000:] if log.exists() else "no serial log"
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+    text = log.read_text(errors="replace")
+    assert "NBP filename is ipxe.efi" in text and "Station IP address is 10.77.0.100" in text
+    ev = d.api.get(f"/api/v1/hosts/{mac}")["events"]
+    assert any(e["kind"] == "dhcp" and e["detail"].get("arch") == "uefi-x64" and e["detail"].get("file") == "ipxe.efi"
+               for e in ev)

@@ -178,6 +178,7 @@ class BootResult:
     log: str
     config_url: Optional[str] = None
     nbd: Optional[str] = None
+    started_at: float = 0.0           # wall clock (time.time()) when QEMU was started
 
     @property
     def ok(self) -> bool:
@@ -191,6 +192,46 @@ class BootResult:
 
     def timeline(self) -> list[tuple[str, float]]:
         return sorted(self.milestones.items(), key=lambda kv: kv[1])
+
+
+CLIENT_STEPS = {  # serial milestones shown in a boot timeline, with what they mean
+    "firmware": "firmware prints its first line",
+    "ipxe": "iPXE runs",
+    "init": "client kernel started /init",
+    "client-dhcp": "client Linux got its address",
+    "disk": "NBD disk attached",
+    "marker": "disk mounted, marker read",
+    "poweroff": "client powers off",
+}
+
+
+def boot_timeline(result: BootResult, events: list[dict]) -> list[tuple[float, str, str, str]]:
+    """One boot's timeline: (seconds since power-on, step, who saw it, what) from bootd's boot events
+    (server clock) and the PC's serial milestones (host clock). Events of earlier boots are left out."""
+    rows: list[tuple[float, str, str, str]] = [(0.0, "power-on", "qemu", "PC switched on")]
+    for name, what in CLIENT_STEPS.items():
+        if name in result.milestones:
+            rows.append((result.milestones[name], name, "serial", what))
+    if "init" in result.milestones and "init" in result.stages:
+        rows.append((round(result.milestones["init"] - result.stages["init"], 2), "kernel-start", "serial",
+                     "client kernel starts (init time minus its uptime)"))
+    for e in events:
+        t = e.get("ts", 0) - result.started_at
+        if t < -1 or t > result.elapsed + 5:
+            continue
+        d = e.get("detail") or {}
+        what = " ".join(str(x) for x in (
+            d.get("type"), d.get("path") or d.get("file"), d.get("proto") or d.get("protocol"),
+            f"-> {d['offered']}" if d.get("offered") else (f"ip {d['ip']}" if d.get("ip") else None),
+            d.get("arch"), d.get("snapshot"), d.get("message"),
+            f"{e['nbytes']} B" if e.get("nbytes") else None,
+            f"in {e['duration'] * 1000:.0f} ms" if e.get("duration") else None) if x)
+        rows.append((round(t, 2), e.get("kind", "?"), "bootd", what))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def format_timeline(rows: list[tuple[float, str, str, str]]) -> str:
+    return "\n".join(f"  {t:7.2f} s  {step:<13} {who:<6} {what}" for t, step, who, what in rows)
 
 
 def parse_serial(lines: list[tuple[float, str]]) -> dict:
@@ -283,6 +324,7 @@ class LabPC:
         self.boots += 1
         self.log_path.write_bytes(b"")
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()
         self.serial = SerialLog(self.log_path, self.t0)
         self.proc = self.lab.server.popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=open(self.workdir / f"{self.name}.qemu.err", "ab"))
@@ -302,7 +344,7 @@ class LabPC:
         self.serial.stop()
         parsed = parse_serial(self.serial.lines)
         r = BootResult(name=self.name, mac=self.mac, elapsed=round(elapsed, 2), exit_code=self.proc.returncode,
-                       log=self.serial.text(), **parsed)
+                       log=self.serial.text(), started_at=self.t0_wall, **parsed)
         self.results.append(r)
         return r
 
@@ -574,5 +616,95 @@ def running_bootd_lab(workdir: Path, make_config: Callable[[object], dict], asse
                 (workdir / f"bootd{daemons.index(d) or ''}.log").write_text(d.log())
             except OSError:
                 pass
+        lab.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The peer set-up the boot benchmark compares bootd with: dnsmasq + nginx + qemu-nbd
+
+@contextmanager
+def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None,
+                     subnet: str = "10.77.0.0/24") -> Iterator[object]:
+    """The same lab served the classic way: dnsmasq (DHCP, RA, iPXE options 175/176, TFTP with
+    undionly.kpxe/ipxe.efi), nginx (the iPXE script, kernel, initrd) and qemu-nbd --snapshot (a fresh
+    copy-on-write view per process: restart it per boot with `lab.fresh_disk()`). Yields the Lab with
+    `.pc(name, mac, firmware)` and `.fresh_disk()` attached."""
+    import ipaddress
+
+    from netns import Lab
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bootd-peer-"))
+    os.chmod(scratch, 0o755)  # dnsmasq (TFTP) and nginx workers run as nobody
+    lab = Lab(subnet=ipaddress.IPv4Network(subnet))
+    pcs: list[LabPC] = []
+    try:
+        ip = lab.server_ip
+        root = scratch / "www"
+        root.mkdir()
+        shutil.copy(assets.kernel, root / "vmlinuz")
+        shutil.copy(assets.initrd, root / "initrd.img")
+        for loader in ("undionly.kpxe", "ipxe.efi"):
+            shutil.copy(Path("/usr/lib/ipxe") / loader, root / loader)
+        (root / "boot.ipxe").write_text(
+            "#!ipxe\n"
+            f"kernel http://{ip}:8080/vmlinuz initrd=initrd console=ttyS0 quiet bootd.server={ip} "
+            f"bootd.nbd={ip}:10809/disk || goto failed\n"
+            f"initrd --name initrd http://{ip}:8080/initrd.img || goto failed\n"
+            "boot\n:failed\nshell\n")
+        for p in root.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(root, 0o755)
+        lab.server.run(["ip", "-6", "addr", "add", "fd77::1/64", "dev", lab.bridge, "nodad"])
+        start_dnsmasq(lab, scratch / "dnsmasq", tftp_root=root, range_start=str(lab.subnet.network_address + 100),
+                      range_end=str(lab.subnet.network_address + 149), extra=[
+                          "--dhcp-match=set:ipxe,175", "--dhcp-match=set:efi64,option:client-arch,7",
+                          f"--dhcp-boot=tag:ipxe,http://{ip}:8080/boot.ipxe",
+                          "--dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi", "--dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe",
+                          "--dhcp-option-force=tag:ipxe,encap:175,176,1",
+                          "--enable-ra", "--dhcp-range=fd77::,ra-only"])
+        conf = scratch / "nginx.conf"
+        conf.write_text(
+            f"daemon off; worker_processes 1; pid {scratch}/nginx.pid; error_log {scratch}/nginx.err;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{ access_log off; sendfile on; default_type application/octet-stream;\n"
+            f"  client_body_temp_path {scratch}/ngx_body; proxy_temp_path {scratch}/ngx_proxy;\n"
+            f"  fastcgi_temp_path {scratch}/ngx_fcgi; uwsgi_temp_path {scratch}/ngx_uwsgi; scgi_temp_path {scratch}/ngx_scgi;\n"
+            f"  server {{ listen {ip}:8080; root {root}; }} }}\n")
+        lab.server.popen(["nginx", "-c", str(conf), "-e", str(scratch / "nginx.err")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_tcp(lab, 8080)
+        disk = image or assets.image_a
+        nbd: list[subprocess.Popen] = []
+
+        def fresh_disk() -> None:
+            for p in nbd:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
+            nbd.clear()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and ":10809" in lab.server.run(
+                    ["ss", "-ltnH", "sport = :10809"], check=False).stdout:
+                time.sleep(0.05)
+            nbd.append(start_qemu_nbd(lab, disk, export="disk", snapshot=True))
+
+        def pc(name: str, mac: Optional[str] = None, firmware: str = "bios", **kw) -> LabPC:
+            if firmware == "uefi":
+                kw.setdefault("nic", "virtio-net-pci")
+                kw.setdefault("rom", "")
+            p = LabPC(lab, name, workdir / "pcs", mac=mac, firmware=firmware, **kw)
+            pcs.append(p)
+            return p
+
+        fresh_disk()
+        lab.pc = pc
+        lab.fresh_disk = fresh_disk
+        yield lab
+    finally:
+        for p in pcs:
+            p.kill()
         lab.close()
         shutil.rmtree(scratch, ignore_errors=True)

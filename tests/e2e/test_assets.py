@@ -5,6 +5,7 @@ Peers only (dnsmasq for DHCP, qemu-nbd for the disk), so a failure here is the a
 """
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -42,14 +43,14 @@ def test_initrd_has_modules_and_nbd_client(assets):
 
 @pytest.mark.qemu
 @pytest.mark.netns
-def test_kernel_and_initrd_boot_to_marker(assets, lab, tmp_path):
+def test_kernel_and_initrd_boot_to_marker(assets, lab, tmp_path, pc_logs):
     """Two boots of one PC against one qemu-nbd: marker A, fresh=yes, then fresh=no (the file it wrote)."""
     disk = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(assets.image_a), "-F", "qcow2",
                     str(disk)], check=True)
     start_dnsmasq(lab, tmp_path / "dnsmasq")
     start_qemu_nbd(lab, disk, export="osA")
-    pc = LabPC(lab, "pc1", tmp_path, firmware="direct", kernel=assets.kernel, initrd=assets.initrd,
+    pc = LabPC(lab, "pc1", pc_logs, firmware="direct", nic=os.environ.get("E2E_NIC", "e1000"), kernel=assets.kernel, initrd=assets.initrd,
                append=f"console=ttyS0 quiet bootd.server={lab.server_ip} "
                       f"bootd.nbd={lab.server_ip}:10809/osA bootd.config=http://{lab.server_ip}:8080/x")
     first = pc.boot(timeout=120)

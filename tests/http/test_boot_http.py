@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import BootdProcess, have  # noqa: E402
+from support import BootdProcess, have  # noqa: E402
 from netns import Lab  # noqa: E402
 
 pytestmark = [pytest.mark.netns,
@@ -126,7 +126,9 @@ def test_range(env):
 
 @pytest.mark.parametrize("path", ["/boot/files/../state.db", "/boot/files/%2e%2e/state.db",
                                   "/boot/files/escape", "/boot/files/debian/../../state.db",
-                                  "/boot/files/nothing-here", "/boot/files/debian"])
+                                  "/boot/files/nothing-here", "/boot/files/debian",
+                                  "/boot/files/debian%00/vmlinuz", "/boot/files/debian%5Cvmlinuz",
+                                  "/boot/files//etc/passwd", "/boot/files/%2Fetc%2Fpasswd"])
 def test_confinement(env, path):
     r = env.curl("--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", f"{env.base}{path}")
     assert r.stdout == b"404", path
@@ -223,8 +225,11 @@ def test_ipxe_script_per_mac(env):
     assert f"bootd.server={env.lab.server_ip}" in text
     assert f"bootd.config=http://{env.lab.server_ip}:8080/clients/{env.pc01.mac}/" in text
     assert f"kernel http://{env.lab.server_ip}:8080/boot/files/debian/vmlinuz" in text
-    r2 = env.curl("-f", f"{env.base}/boot/{env.pc02.mac.replace(':', '-').upper()}.ipxe")
+    r2 = env.curl("-f", f"{env.base}/boot/{env.pc02.mac.replace(':', '-').upper()}.ipxe", client=env.pc02)
     assert "choose --default debian" in r2.stdout.decode()
+    # Another PC asking for pc02's menu (its NBD token, a new boot of its disk) is refused.
+    r4 = env.curl("-o", "/dev/null", "-w", "%{http_code}", f"{env.base}/boot/{env.pc02.mac}.ipxe")
+    assert r4.stdout == b"403"
     r3 = env.curl("-o", "/dev/null", "-w", "%{http_code}", f"{env.base}/boot/not-a-mac.ipxe")
     assert r3.stdout == b"404"
     chain = env.curl("-f", f"{env.base}/boot/boot.ipxe").stdout.decode()
@@ -241,6 +246,9 @@ def test_pxelinux_and_grub_menus_over_tftp(env):
     assert "set default=windows" in r.stdout.decode()
     r = env.curl("-f", f"tftp://{env.lab.server_ip}/{mac.replace(':', '-')}.ipxe")
     assert r.stdout.decode().startswith("#!ipxe\n") and "choose --default windows" in r.stdout.decode()
+    # pc02 asking for pc01's per-MAC menu over TFTP gets "file not found", never the menu
+    r = env.curl(f"tftp://{env.lab.server_ip}/pxelinux.cfg/01-{mac.replace(':', '-')}", client=env.pc02, check=False)
+    assert r.returncode != 0 and b"Lab: pc01" not in r.stdout
     # pxelinux.cfg/default: the asking PC's menu (MAC from its lease or the neighbour table)
     r = env.curl("-f", f"tftp://{env.lab.server_ip}/pxelinux.cfg/default", client=env.pc02)
     assert "DEFAULT debian" in r.stdout.decode() and "Lab: pc02" in r.stdout.decode()
@@ -294,3 +302,27 @@ def test_bootctl_menu_preview_starts_no_boot(env):
         print(r.stdout)
     missing = env.bootd.bootctl("menu", "nobody")
     assert missing.returncode == 1 and "nobody" in (missing.stderr + missing.stdout)
+
+
+def test_config_reload_changes_the_next_menu(env):
+    """Menus are rendered per request: a reloaded config shows in the very next fetch, over TFTP and HTTP."""
+    import copy
+    original = copy.deepcopy(env.bootd.config_dict)
+    changed = copy.deepcopy(original)
+    changed["hosts"][1]["default_image"] = "windows"
+    changed["menu"]["timeout"] = 9
+    mac = env.pc02.mac
+    try:
+        env.bootd.write_config(changed)
+        env.bootd.bootctl("reload", check=True)
+        text = env.curl("-f", f"tftp://{env.lab.server_ip}/pxelinux.cfg/01-{mac.replace(':', '-')}",
+                        client=env.pc02).stdout.decode()
+        assert "DEFAULT windows" in text and "TIMEOUT 90" in text
+        script = env.curl("-f", f"{env.base}/boot/{mac}.ipxe", client=env.pc02).stdout.decode()
+        assert "choose --default windows --timeout 9000" in script
+    finally:
+        env.bootd.write_config(original)
+        env.bootd.bootctl("reload", check=True)
+    text = env.curl("-f", f"tftp://{env.lab.server_ip}/pxelinux.cfg/01-{mac.replace(':', '-')}",
+                    client=env.pc02).stdout.decode()
+    assert "DEFAULT debian" in text

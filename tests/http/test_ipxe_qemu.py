@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import ROOT, artifact_dir, have  # noqa: E402
+from support import ROOT, artifact_dir, have  # noqa: E402
 
 ASSETS = ROOT / ".cache" / "assets"
 

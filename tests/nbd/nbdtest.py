@@ -62,25 +62,27 @@ class Harness:
     """A DiskManager with its own state file, disk directory and daemon, run on one asyncio loop."""
 
     def __init__(self, tmp: Path, persistent: set[str] | None = None, directory: Path | None = None,
-                 resolve=None, snapshots=None, port: int | None = None, tls=None, **kw):
+                 resolve=None, snapshots=None, port: int | None = None, tls=None,
+                 listen: list[str] | None = None, **kw):
         self.tmp = tmp
         self.snapshots = snapshots
         self.tls = tls
+        self.listen = listen or ["127.0.0.1"]
         self.port = port or free_port()
         self.run_dir = tmp / "run"
         self.directory = directory or tmp / "disks"
         self.persistent = persistent if persistent is not None else set()
         self.resolve = resolve or (lambda mac: None)
         self.settings = DiskSettings(directory=str(self.directory), run_dir=str(self.run_dir),
-                                     listen="127.0.0.1", port=self.port, reap_interval=3600,
-                                     **{"tls": tls is not None, **kw})
+                                     listen=self.listen[0], listen_all=self.listen, port=self.port,
+                                     reap_interval=3600, **{"tls": tls is not None, **kw})
         self.loop = asyncio.new_event_loop()
         self.store = None
         self.m = None
 
     def start(self) -> "Harness":
         self.store = self.store or StateStore(self.tmp / "state.db")
-        qsd = StorageDaemon(self.settings.run_dir, "127.0.0.1", self.port, tls=self.tls)
+        qsd = StorageDaemon(self.settings.run_dir, self.listen, self.port, tls=self.tls)
         self.m = DiskManager(self.settings, self.store, qsd, resolve_snapshot=lambda mac: self.resolve(mac),
                              is_persistent=lambda mac: mac in self.persistent,
                              snapshot_store=lambda: self.snapshots)

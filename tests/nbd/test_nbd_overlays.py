@@ -139,3 +139,19 @@ def test_bad_input_is_refused_clearly(harness, bases, tmp_path):
     assert hs.m.export_for(A) is None
     # and the manager still works
     assert hs.run(hs.m.prepare_boot(A, bases[0])).size == 64 * MiB
+
+
+def test_nbd_listens_on_the_served_addresses_only(harness, bases):
+    """Two served addresses (qemu has one listener: bound to all, with a filter on the destination)."""
+    hs = harness(listen=["127.0.0.2", "127.0.0.3"])
+    exp = hs.run(hs.m.prepare_boot(A, bases[0], server_ip="127.0.0.3"))
+    assert exp.host == "127.0.0.3"
+    for host in ("127.0.0.2", "127.0.0.3"):
+        c = connect(f"nbd://{host}:{hs.port}/{exp.name}")
+        assert c.pread(1, 0) == b"\xab"
+        c.shutdown()
+    r = subprocess.run(["timeout", "2", "nbdinfo", "--size", f"nbd://127.0.0.1:{hs.port}/{exp.name}"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and not r.stdout.strip()
+    # a host whose menu came over an address NBD does not serve gets the first served one
+    assert hs.run(hs.m.prepare_boot(B, bases[0], server_ip="10.9.9.9")).host == "127.0.0.2"

@@ -60,11 +60,17 @@ def test_client_root_exported_read_only_to_served_subnet_and_removed(lab, ganesh
     nfs = {"server": "ganesha", "roots": [{"name": "debian", "path": str(root)}],
            "ganesha_exports_file": str(ganesha["exports"]), "ganesha_pidfile": str(ganesha["pidfile"])}
     cfg = {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}], "dhcp": {"mode": "off"},
-           "nbd": {"enabled": False}, "nfs": nfs}
+           "nbd": {"enabled": False}, "nfs": nfs, "images": [{"name": "debian"}],
+           "groups": [{"name": "room1", "images": ["debian"]}],
+           "hosts": [{"mac": "52:54:00:77:00:60", "name": "pc60", "group": "room1"}]}
     outsider = lab.add_interface("out0", "10.88.0.1/24")       # reaches the server, not a served subnet
     outsider.run(["ip", "addr", "add", "10.88.0.2/24", "dev", "eth0"])
     d = bootd_daemon(cfg, ns=lab.server)
-    client = lab.add_client(address="10.77.0.60")
+    client = lab.add_client(address="10.77.0.60", mac="52:54:00:77:00:60")
+
+    # the menu puts the client root on the kernel command line
+    script = client.ns.run(["curl", "-sSf", "http://10.77.0.1:8080/boot/52:54:00:77:00:60.ipxe"]).stdout
+    assert "root=/dev/nfs nfsroot=10.77.0.1:/bootd/debian,vers=4.2,ro ip=dhcp" in script, script
 
     st = d.bootctl("--json", "clientroot", "exports")
     assert st.returncode == 0, st.stdout + st.stderr
@@ -100,4 +106,6 @@ def test_client_root_exported_read_only_to_served_subnet_and_removed(lab, ganesh
         time.sleep(0.3)
     st = d.bootctl("--json", "clientroot", "exports")
     assert '"exports": []' in st.stdout
+    script = client.ns.run(["curl", "-sSf", "http://10.77.0.1:8080/boot/52:54:00:77:00:60.ipxe"]).stdout
+    assert "nfsroot=" not in script
     assert ganesha["proc"].poll() is None  # Ganesha reloaded, not killed

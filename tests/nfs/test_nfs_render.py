@@ -89,3 +89,22 @@ def test_write_if_changed_is_atomic_and_idempotent(tmp_path):
     assert write_if_changed(p, "a\n") is False
     assert write_if_changed(p, "b\n") is True and p.read_text() == "b\n"
     assert [x.name for x in p.parent.iterdir()] == ["bootd.exports"]
+
+
+def test_apply_to_a_missing_server_says_so_and_keeps_the_file(tmp_path):
+    """The kernel server is absent on this machine (no nfsd, no exportfs): applying to it writes the
+    exports file and reports why it could not be loaded, instead of failing silently or crashing."""
+    from bootd.nfs import NfsError, apply_exports
+    cfg = parse_config(CONFIG.replace("server: ganesha", "server: kernel")
+                       + f"  exports_file: {tmp_path}/exports.d/bootd.exports\n"
+                       + f"  ganesha_pidfile: {tmp_path}/none.pid\n")
+    if kernel_nfsd_available():
+        pytest.skip("a kernel NFS server is present here")
+    with pytest.raises(NfsError, match="exportfs"):
+        apply_exports(cfg)
+    assert "/srv/bootd/clientroot 10.77.0.0/24(ro," in (tmp_path / "exports.d/bootd.exports").read_text()
+    with pytest.raises(NfsError, match="exportfs"):   # a retry reloads again though the file is unchanged
+        apply_exports(cfg, force=True)
+    cfg = parse_config(CONFIG + f"  ganesha_exports_file: {tmp_path}/g.conf\n  ganesha_pidfile: {tmp_path}/none.pid\n")
+    with pytest.raises(NfsError, match="not running"):
+        apply_exports(cfg)

@@ -1,9 +1,10 @@
 """The rendered GRUB menu run by real GRUB (x86_64-efi, from grub-efi-amd64-bin) on OVMF in QEMU.
 
-The NIC's iPXE UEFI driver PXE-boots grubx64.efi (built here with grub-mkimage, its early config asking
-bootd for `grub/grub.cfg-<mac>`); dnsmasq only hands out the address and the file name, bootd serves
-TFTP and renders the menu. pc01's own default (windows, the room's is debian) is the entry GRUB starts
-when the timeout runs out: its "Loading ..." line appears, then the kernel's command line.
+The NIC's iPXE UEFI driver PXE-boots grubx64.efi (the network GRUB bootd stocks into its boot root,
+pxe/loaders.py; it searches `grub/grub.cfg-01-<mac>` first, like pxelinux). Everything is bootd's:
+DHCP (a `boot: grub` room's UEFI PC gets grubx64.efi), TFTP, and the menu rendered on request.
+pc01's own default (windows, the room's is debian) is the entry GRUB starts when the timeout runs out:
+its "Loading ..." line appears, then the kernel's command line.
 """
 from __future__ import annotations
 
@@ -18,20 +19,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import ROOT, artifact_dir, have  # noqa: E402
+from support import ROOT, artifact_dir, have  # noqa: E402
 
 ASSETS = ROOT / ".cache" / "assets"
 OVMF = Path("/usr/share/qemu/OVMF.fd")
 GRUB_MODULES = Path("/usr/lib/grub/x86_64-efi")
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
-
-EARLY_CFG = """\
-set timeout=0
-echo "bootd test: asking for grub/grub.cfg-$net_default_mac"
-configfile (tftp,{server})/grub/grub.cfg-$net_default_mac
-"""
-
 
 def wait_for(path: Path, pattern: str, timeout: float, proc: subprocess.Popen):
     deadline = time.monotonic() + timeout
@@ -47,7 +41,7 @@ def wait_for(path: Path, pattern: str, timeout: float, proc: subprocess.Popen):
 def test_grub_runs_the_per_mac_default(lab, bootd_daemon, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    for prog in ("qemu-system-x86_64", "dnsmasq", "grub-mkimage"):
+    for prog in ("qemu-system-x86_64", "grub-mkimage"):  # bootd runs grub-mkimage
         if not have(prog):
             pytest.skip(f"{prog} not installed")
     if not OVMF.exists() or not (GRUB_MODULES / "efinet.mod").exists():
@@ -59,16 +53,11 @@ def test_grub_runs_the_per_mac_default(lab, bootd_daemon, tmp_path):
     mac = "52:54:00:77:03:01"
     boot = tmp_path / "storage" / "boot"
     boot.mkdir(parents=True)
-    early = tmp_path / "early.cfg"
-    early.write_text(EARLY_CFG.format(server=lab.server_ip))
-    subprocess.run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(boot / "grubx64.efi"), "-c", str(early),
-                    "-p", f"(tftp,{lab.server_ip})/grub", "efinet", "tftp", "net", "normal", "linux",
-                    "echo", "configfile", "test", "all_video", "efi_gop"], check=True)
     shutil.copy(ASSETS / "vmlinuz", boot / "vmlinuz")
     shutil.copy(ASSETS / "initrd.img", boot / "initrd.img")
     config = {
         "interfaces": [{"name": "br0", "address": f"{lab.server_ip}/24"}],
-        "dhcp": {"mode": "off"},
+        "dhcp": {"mode": "full", "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.150"}]},
         "nbd": {"enabled": False},
         "storage": {"directory": str(tmp_path / "storage")},
         "menu": {"title": "bootd-grub", "timeout": 1, "cmdline": "console=ttyS0"},
@@ -78,15 +67,10 @@ def test_grub_runs_the_per_mac_default(lab, bootd_daemon, tmp_path):
         "hosts": [{"mac": mac, "name": "pc01", "group": "room1", "default_image": "windows"}],
     }
     d = bootd_daemon(config, ns=lab.server)
+    assert (boot / "grubx64.efi").exists(), "bootd did not stock its network GRUB (pxe/loaders.py)"
     serial = artifact_dir("grub-qemu") / "serial.log"
     if serial.exists():
         serial.unlink()
-    lab.server.popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-resolv",
-                      "--no-hosts", "--interface=br0", "--bind-interfaces", "--except-interface=lo",
-                      "--dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h",
-                      f"--dhcp-boot=grubx64.efi,,{lab.server_ip}", f"--dhcp-leasefile={tmp_path}/leases",
-                      f"--pid-file={tmp_path}/dnsmasq.pid", "--dhcp-option=encap:175,176,1b"],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tap = lab.add_tap()
     qemu = lab.server.popen(
         ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "512", "-bios", str(OVMF),
@@ -104,4 +88,4 @@ def test_grub_runs_the_per_mac_default(lab, bootd_daemon, tmp_path):
     assert cmdline, f"the kernel did not start; serial:\n{serial.read_text(errors='replace')[-3000:]}"
     assert "bootd.image=windows" in cmdline.group(0)
     kinds = [(ev["kind"], ev["detail"].get("path")) for ev in d.api.get(f"/api/v1/hosts/{mac}")["events"]]
-    assert ("menu", f"grub/grub.cfg-{mac}") in kinds, kinds
+    assert ("menu", f"grub/grub.cfg-01-{mac.replace(':', '-')}") in kinds, kinds

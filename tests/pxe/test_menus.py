@@ -18,7 +18,7 @@ import pytest
 from bootd.config import parse_config
 from bootd.state import StateStore
 from pxe.booter import Booter, parse_mac, render
-from pxe.catalog import BootHost, CatalogEntry, ConfigCatalog, boot_host, entry_key
+from pxe.catalog import BootHost, CatalogEntry, boot_host, entry_key
 from pxe.service import GRUB_RE, IPXE_RE, PXELINUX_RE
 from pxe.tokens import fallback_token
 

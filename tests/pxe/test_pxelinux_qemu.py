@@ -1,7 +1,7 @@
 """The rendered pxelinux menu loaded by the real pxelinux.0 in QEMU (SeaBIOS + the stock iPXE ROM).
 
-bootd serves TFTP (pxelinux.0, its .c32 modules, kernel, initrd) and renders `pxelinux.cfg/01-<mac>`
-on request; dnsmasq in the lab namespace only hands out the address and the file name pxelinux.0.
+Everything is bootd's: DHCP (a `boot: pxelinux` room's BIOS PC gets pxelinux.0, also from an iPXE ROM),
+TFTP (pxelinux.0, its .c32 modules, kernel, initrd) and `pxelinux.cfg/01-<mac>` rendered on request.
 pc01's own entry overrides its room's default image: the test sees bootd's menu title for pc01 on the
 serial console and then the kernel starting with the command line of pc01's default (windows), not
 the room's (debian), after the menu timeout.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import ROOT, artifact_dir, have  # noqa: E402
+from support import ROOT, artifact_dir, have  # noqa: E402
 
 ASSETS = ROOT / ".cache" / "assets"
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 def _need():
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    for prog in ("qemu-system-x86_64", "dnsmasq"):
+    for prog in ("qemu-system-x86_64",):
         if not have(prog):
             pytest.skip(f"{prog} not installed")
     if not PXELINUX.exists() or not (MODULES / "ldlinux.c32").exists():
@@ -68,7 +68,7 @@ def test_pxelinux_boots_the_per_mac_default(lab, bootd_daemon, tmp_path):
     shutil.copy(ASSETS / "initrd.img", boot / "initrd.img")
     config = {
         "interfaces": [{"name": "br0", "address": f"{lab.server_ip}/24"}],
-        "dhcp": {"mode": "off"},
+        "dhcp": {"mode": "full", "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.150"}]},
         "nbd": {"enabled": False},
         "storage": {"directory": str(tmp_path / "storage")},
         "menu": {"title": "bootd-lab", "timeout": 2, "cmdline": "console=ttyS0"},
@@ -85,14 +85,6 @@ def test_pxelinux_boots_the_per_mac_default(lab, bootd_daemon, tmp_path):
     serial = art / "serial.log"
     if serial.exists():
         serial.unlink()
-    dns_log = tmp_path / "dnsmasq.log"
-    lab.server.popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-resolv",
-                      "--no-hosts", "--interface=br0", "--bind-interfaces", "--except-interface=lo",
-                      "--dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h",
-                      f"--dhcp-boot=pxelinux.0,,{lab.server_ip}", f"--dhcp-leasefile={tmp_path}/leases",
-                      f"--pid-file={tmp_path}/dnsmasq.pid", "--log-dhcp", f"--log-facility={dns_log}",
-                      "--dhcp-option=encap:175,176,1b"],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tap = lab.add_tap()
     qemu = lab.server.popen(
         ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-m", "384", "-nographic",
@@ -115,3 +107,5 @@ def test_pxelinux_boots_the_per_mac_default(lab, bootd_daemon, tmp_path):
     kinds = [(ev["kind"], ev["detail"].get("path")) for ev in d.api.get(f"/api/v1/hosts/{mac}")["events"]]
     assert ("menu", f"pxelinux.cfg/01-{mac.replace(':', '-')}") in kinds, kinds
     assert ("kernel", "vmlinuz") in kinds, kinds
+    order = [k for k, _ in kinds]
+    assert order.index("dhcp") < order.index("loader") < order.index("menu") < order.index("kernel"), order
