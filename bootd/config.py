@@ -211,7 +211,7 @@ class NbdConfig(Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 10809
     listen: Optional[ipaddress.IPv4Address] = None  # default: the first served interface's address (127.0.0.1 without one)
     directory: Optional[str] = None  # overlays and persistent layers; default <storage.directory>/disks
-    run_dir: Optional[str] = None  # QMP socket and pid file; default /run/bootd/nbd-<hash of directory>
+    run_dir: Optional[str] = None  # QMP socket, pid file, log of the storage daemon; default <directory>/run
     reap_after: Annotated[float, Field(gt=0)] = 4 * 3600  # drop a boot's disk after this long without a connection
     reap_interval: Annotated[float, Field(gt=0)] = 60  # how often the reaper and the free-space check run
     warn_free_percent: Annotated[float, Field(ge=0, le=100)] = 10  # warn below this share free (or storage.min_free_mb)

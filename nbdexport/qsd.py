@@ -178,9 +178,10 @@ class StorageDaemon:
         listener = listening_socket(self.hosts, self.port)
         nbd_server = f"addr.type=fd,addr.str={listener.fileno()}"
         argv = [self.binary,
-                "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                # relative to its working directory (run_dir): a unix socket path has at most 107 bytes
+                "--chardev", "socket,id=qmp0,path=qmp.sock,server=on,wait=off",
                 "--monitor", "chardev=qmp0",
-                "--pidfile", str(self.pid_path)]
+                "--pidfile", "qsd.pid"]
         if self.tls:
             argv += ["--object", self.tls.object_arg()]
             nbd_server += ",tls-creds=tls0"
@@ -189,7 +190,8 @@ class StorageDaemon:
         errlog = open(self.run_dir / "qsd.log", "ab")
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                         start_new_session=True, pass_fds=[listener.fileno()])
+                                         start_new_session=True, pass_fds=[listener.fileno()],
+                                         cwd=str(self.run_dir))
         except FileNotFoundError as e:
             raise DiskError(f"cannot start {self.binary}: {e}") from e
         finally:
@@ -223,7 +225,16 @@ class StorageDaemon:
 
     async def _connect(self) -> None:
         qmp = QMPClient("bootd")
-        await asyncio.wait_for(qmp.connect(str(self.qmp_path)), 5)
+        path = str(self.qmp_path)
+        dirfd = None
+        if len(path.encode()) > 100:  # too long for sockaddr_un: reach it through a directory fd
+            dirfd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+            path = f"/proc/self/fd/{dirfd}/qmp.sock"
+        try:
+            await asyncio.wait_for(qmp.connect(path), 5)
+        finally:
+            if dirfd is not None:
+                os.close(dirfd)
         self.qmp = qmp
 
     async def _drop_qmp(self) -> None:
@@ -319,12 +330,15 @@ def _alive(pid: int) -> bool:
 
 
 def _is_qsd(pid: int, qmp_path: Path) -> bool:
+    """Is `pid` a qemu-storage-daemon serving QMP on `qmp_path` (relative to its working directory)?"""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return bool(argv) and argv[0].endswith(b"qemu-storage-daemon") and any(str(qmp_path).encode() in a for a in argv)
+    return (bool(argv) and argv[0].endswith(b"qemu-storage-daemon") and any(b"path=qmp.sock" in a for a in argv)
+            and os.path.realpath(cwd) == os.path.realpath(qmp_path.parent))
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -1,10 +1,8 @@
 """DiskService: puts a DiskManager on `ctx.disks` for the daemon's lifetime."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,11 +33,8 @@ def listen_address(config) -> Optional[str]:
 
 
 def run_directory(config) -> str:
-    if config.nbd.run_dir:
-        return config.nbd.run_dir
-    key = hashlib.sha1(os.path.realpath(disk_directory(config)).encode()).hexdigest()[:10]
-    base = "/run/bootd" if os.access("/run", os.W_OK) else tempfile.gettempdir()
-    return os.path.join(base, f"nbd-{key}")  # short: a unix socket path is limited to 107 bytes
+    """QMP socket, pid file and log of the storage daemon: next to the overlays (one per storage)."""
+    return config.nbd.run_dir or os.path.join(disk_directory(config), "run")
 
 
 def tls_settings(config) -> tuple[Optional[TlsSettings], Optional[ClientTls]]:

@@ -157,29 +157,34 @@ def one_run(kind: str, rate: int, duration: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure(kind: str, rates: list[int], duration: int, verbose: bool, tries: int = 2) -> tuple[int, list[dict]]:
-    """Highest rate that passes; on this shared machine a rate gets `tries` attempts (the same for
-    every server) and the search stops after two rates in a row fail."""
-    best, runs, fails = 0, [], 0
+def measure(kinds: list[str], rates: list[int], duration: int, verbose: bool, tries: int = 2) -> dict:
+    """Highest rate that passes, per server. The servers take turns at each rate, so a change in the
+    machine's load hits both alike; a rate gets `tries` attempts (the same for every server) and a
+    server's search stops after two rates in a row fail."""
+    results = {k: {"best": 0, "runs": [], "fails": 0} for k in kinds}
     for rate in rates:
-        ok = False
-        for attempt in range(tries):
-            res = one_run(kind, rate, duration)
-            runs.append(res)
-            if verbose:
-                print(f"{kind:6} rate {rate:6}/s: {res['discovers']} DISCOVERs, {res['acks']} ACKs, "
-                      f"loss {res['loss'] * 100:.2f}%, server CPU {res['cpu_us_per_dora']} us/DORA "
-                      f"{'ok' if res['ok'] else 'FAIL'}", file=sys.stderr, flush=True)
-            if res["ok"]:
-                ok = True
-                break
-        if ok:
-            best, fails = rate, 0
-        else:
-            fails += 1
-            if fails >= 2:
-                break
-    return best, runs
+        for kind in kinds:
+            r = results[kind]
+            if r["fails"] >= 2:
+                continue
+            ok = False
+            for attempt in range(tries):
+                res = one_run(kind, rate, duration)
+                r["runs"].append(res)
+                if verbose:
+                    print(f"{kind:6} rate {rate:6}/s: {res['discovers']} DISCOVERs, {res['acks']} ACKs, "
+                          f"loss {res['loss'] * 100:.2f}%, server CPU {res['cpu_us_per_dora']} us/DORA "
+                          f"{'ok' if res['ok'] else 'FAIL'}", file=sys.stderr, flush=True)
+                if res["ok"]:
+                    ok = True
+                    break
+            if ok:
+                r["best"], r["fails"] = rate, 0
+            else:
+                r["fails"] += 1
+    for r in results.values():
+        del r["fails"]
+    return results
 
 
 def main() -> int:
@@ -201,16 +206,19 @@ def main() -> int:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
     rates = [int(x) for x in a.rates.split(",")]
-    results = {}
-    for kind in a.servers.split(","):
-        best, runs = measure(kind, rates, a.duration, verbose=True, tries=a.tries)
-        results[kind] = {"best": best, "runs": runs}
+    results = measure(a.servers.split(","), rates, a.duration, verbose=True, tries=a.tries)
     out = {k: v["best"] for k, v in results.items()}
     for k, v in results.items():
         cpus = sorted(r["cpu_us_per_dora"] for r in v["runs"] if r["cpu_us_per_dora"] and r["ok"])
         out[f"{k}_cpu_us_per_dora"] = cpus[len(cpus) // 2] if cpus else None
     if "bootd" in out and out.get("kea"):
         out["ratio_bootd_to_kea"] = round(out["bootd"] / out["kea"], 2)
+    if not a.no_ipxe:
+        r = subprocess.run([sys.executable, str(Path(__file__).with_name("ipxe_ra.py"))], capture_output=True, text=True)
+        sys.stderr.write(r.stderr)
+        if r.returncode == 0:
+            ra = json.loads(r.stdout.strip().splitlines()[-1])
+            out["ipxe_s_with_ra"], out["ipxe_s_without_ra"] = ra["with_ra"], ra["without_ra"]
     if a.json:
         print(json.dumps({"summary": out, "runs": results}, indent=2))
     else:
@@ -219,12 +227,9 @@ def main() -> int:
                   f"(server CPU per DORA, median of passing runs: {out[k + '_cpu_us_per_dora']} us)")
         if "ratio_bootd_to_kea" in out:
             print(f"ratio bootd/kea: {out['ratio_bootd_to_kea']}")
-    if not a.no_ipxe:
-        r = subprocess.run([sys.executable, str(Path(__file__).with_name("ipxe_ra.py"))], capture_output=True, text=True)
-        sys.stderr.write(r.stderr)
-        if r.returncode == 0:
-            ra = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"iPXE until boot file name: {ra['with_ra']} s with bootd's RA, {ra['without_ra']} s without")
+        if "ipxe_s_with_ra" in out:
+            print(f"iPXE until boot file name: {out['ipxe_s_with_ra']} s with bootd's RA, "
+                  f"{out['ipxe_s_without_ra']} s without")
     return 0
 
 

@@ -442,3 +442,21 @@ def test_uefi_native_pxe_loads_ipxe_efi_in_full_mode(lab, bootd_daemon, tmp_path
     ev = d.api.get(f"/api/v1/hosts/{mac}")["events"]
     assert any(e["kind"] == "dhcp" and e["detail"].get("arch") == "uefi-x64" and e["detail"].get("file") == "ipxe.efi"
                for e in ev)
+
+
+def test_udhcpc_declines_an_address_in_use_and_it_is_quarantined(lab, bootd_daemon, tmp_path):
+    d = bootd_daemon(dhcp_config(), ns=lab.server)
+    squatter = lab.add_client(address="10.77.0.100")  # a machine that took the pool's first address by hand
+    c = lab.add_client()
+    script = write_script(tmp_path / "hook.sh", tmp_path / "hook.log")
+    # -a: udhcpc ARP-probes the offered address, finds the squatter, sends DECLINE and starts over
+    c.ns.run(["udhcpc", "-n", "-q", "-f", "-a300", "-i", "eth0", "-s", str(script), "-t", "6", "-T", "1", "-A", "1"],
+             timeout=90)
+    assert ipv4_of(c) == ["10.77.0.101"]
+    rows = lease_rows(d)
+    assert ("10.77.0.100", c.mac, "declined") in rows and ("10.77.0.101", c.mac, "bound") in rows
+    assert metrics(d).get("ignored{reason=decline}", 0) == 1
+    # nobody else is offered the quarantined address either
+    other = lab.add_client(address="10.77.0.60")
+    assert udp_client(other, "52:54:00:77:de:01")[0]["ack"] == "10.77.0.102"
+    assert squatter.ns.name

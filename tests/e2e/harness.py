@@ -161,6 +161,10 @@ MILESTONES = [
 ]
 
 
+# Serial lines after which a boot cannot reach its marker any more.
+FATAL = r"Kernel panic - not syncing|No bootable device|PXE-E16: No valid offer|Boot Failed\.|BdsDxe: No bootable option"
+
+
 @dataclass
 class BootResult:
     """What one boot of a lab PC showed on its serial console."""
@@ -199,7 +203,7 @@ CLIENT_STEPS = {  # serial milestones shown in a boot timeline, with what they m
     "ipxe": "iPXE runs",
     "init": "client kernel started /init",
     "client-dhcp": "client Linux got its address",
-    "disk": "NBD disk attached",
+    "disk": "client attached its NBD disk",
     "marker": "disk mounted, marker read",
     "poweroff": "client powers off",
 }
@@ -215,11 +219,18 @@ def boot_timeline(result: BootResult, events: list[dict]) -> list[tuple[float, s
     if "init" in result.milestones and "init" in result.stages:
         rows.append((round(result.milestones["init"] - result.stages["init"], 2), "kernel-start", "serial",
                      "client kernel starts (init time minus its uptime)"))
+    if "ipxe" in result.milestones and "PXELINUX" not in result.log and not any(
+            e.get("kind") == "loader" and e.get("ts", 0) >= result.started_at - 1 for e in events):
+        rows.append((result.milestones["ipxe"], "loader", "serial", "iPXE from the NIC ROM (nothing to fetch)"))
     for e in events:
         t = e.get("ts", 0) - result.started_at
         if t < -1 or t > result.elapsed + 5:
             continue
         d = e.get("detail") or {}
+        if e.get("kind") == "disk" and d.get("snapshot"):
+            rows.append((round(t, 2), "disk", "bootd", f"NBD export ready: {d['snapshot']}"
+                         f"{' persistent' if d.get('persistent') else ''} ({d.get('action', '?')}, {d.get('ms', '?')} ms)"))
+            continue
         what = " ".join(str(x) for x in (
             d.get("type"), d.get("path") or d.get("file"), d.get("proto") or d.get("protocol"),
             f"-> {d['offered']}" if d.get("offered") else (f"ip {d['ip']}" if d.get("ip") else None),
@@ -272,7 +283,7 @@ class LabPC:
     """One virtual lab PC: QEMU (TCG) on a tap of the lab bridge, run inside the lab's server namespace."""
 
     def __init__(self, lab, name: str, workdir: Path, mac: Optional[str] = None, firmware: str = "bios",
-                 nic: str = "e1000", memory: int = 256, kernel: Optional[Path] = None,
+                 nic: str = "virtio-net-pci", memory: int = 256, kernel: Optional[Path] = None,
                  initrd: Optional[Path] = None, append: str = "", extra_args: Iterable[str] = (),
                  rom: Optional[str] = None):
         if firmware not in ("bios", "uefi", "direct"):
@@ -281,7 +292,9 @@ class LabPC:
         self.name = name
         self.mac = (mac or lab.next_mac()).lower()
         self.firmware = firmware
-        self.nic = nic  # QEMU device: e1000 (SeaBIOS/OVMF get QEMU's iPXE ROM), virtio-net-pci, e1000e...
+        # QEMU NIC: virtio-net-pci by default (with QEMU's iPXE ROM for SeaBIOS): its link is up at once in
+        # Linux, where e1000 (QEMU's default) needs ~2 s of link negotiation per boot. e1000/e1000e work too.
+        self.nic = nic
         self.rom = rom  # None: QEMU's default NIC ROM (iPXE); "": none (OVMF then PXE-boots natively)
         self.memory = memory
         self.kernel, self.initrd, self.append = kernel, initrd, append
@@ -336,10 +349,16 @@ class LabPC:
     def wait(self, timeout: float = 120.0) -> BootResult:
         """Wait for the guest to power off (or the timeout), then parse its serial log."""
         assert self.proc is not None and self.serial is not None
-        try:
-            self.proc.wait(timeout=max(0.0, self.t0 + timeout - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.kill()
+        deadline = self.t0 + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() >= deadline:
+                self.kill()
+                break
+            # A boot that can no longer succeed ends now rather than at the timeout.
+            if self.serial.wait_for(FATAL, timeout=0.3, alive=self.running) is not None:
+                time.sleep(1.0)  # let the rest of the message reach the log
+                self.kill()
+                break
         elapsed = time.monotonic() - self.t0
         self.serial.stop()
         parsed = parse_serial(self.serial.lines)

@@ -5,7 +5,6 @@ Peers only (dnsmasq for DHCP, qemu-nbd for the disk), so a failure here is the a
 """
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
@@ -44,18 +43,20 @@ def test_initrd_has_modules_and_nbd_client(assets):
 @pytest.mark.qemu
 @pytest.mark.netns
 def test_kernel_and_initrd_boot_to_marker(assets, lab, tmp_path, pc_logs):
-    """Two boots of one PC against one qemu-nbd: marker A, fresh=yes, then fresh=no (the file it wrote)."""
+    """Two boots of one PC against one qemu-nbd: marker A, fresh=yes, then fresh=no (the file it wrote).
+    First with an e1000 NIC (QEMU's default), then virtio-net: both drivers come up from the initrd."""
     disk = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(assets.image_a), "-F", "qcow2",
                     str(disk)], check=True)
     start_dnsmasq(lab, tmp_path / "dnsmasq")
     start_qemu_nbd(lab, disk, export="osA")
-    pc = LabPC(lab, "pc1", pc_logs, firmware="direct", nic=os.environ.get("E2E_NIC", "e1000"), kernel=assets.kernel, initrd=assets.initrd,
+    pc = LabPC(lab, "pc1", pc_logs, firmware="direct", nic="e1000", kernel=assets.kernel, initrd=assets.initrd,
                append=f"console=ttyS0 quiet bootd.server={lab.server_ip} "
                       f"bootd.nbd={lab.server_ip}:10809/osA bootd.config=http://{lab.server_ip}:8080/x")
     first = pc.boot(timeout=120)
     assert first.ok and first.marker == "A" and first.fresh is True, first.describe()
     assert first.ip and first.ip.startswith("10.77.0."), first.describe()
     assert first.config_url == f"http://{lab.server_ip}:8080/x"
+    pc.nic = "virtio-net-pci"  # the other NIC driver in the initrd
     second = pc.boot(timeout=120)
     assert second.ok and second.marker == "A" and second.fresh is False, second.describe()

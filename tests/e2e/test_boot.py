@@ -26,7 +26,7 @@ def room(assets):
     ]
     logs = artifacts_for("test_boot")
     with running_bootd_lab(logs, lambda lab: lab_config(lab, images={"demo": assets.image_a, "demob": assets.image_b},
-                                                        hosts=hosts), assets) as bl:
+                                                        hosts=hosts, menu_timeout=1), assets) as bl:
         pcs = {"bios": bl.pc("pc-bios", mac=BIOS_MAC, firmware="bios"),
                "uefi": bl.pc("pc-uefi", mac=UEFI_MAC, firmware="uefi"),
                "pxelinux": bl.pc("pc-pxelinux", mac=PXELINUX_MAC, firmware="bios")}
@@ -47,6 +47,9 @@ def test_bios_boots_group_current_and_is_fresh_again(room):
     r = first["bios"]
     assert r.ok and r.marker == "A" and r.fresh is True, r.describe()
     assert "iPXE" in r.log and "[script]" in r.log, r.describe()
+    # bootd's iPXE menu was shown (title with the host's name, both images of the room), then its default
+    assert "bootd lab: pc-bios" in r.log and "demob test OS" in r.log, r.describe()
+    assert "Booting demo test OS" in r.log, r.describe()
     kinds = _kinds(bl.events(BIOS_MAC))
     for k in ("dhcp", "script", "kernel", "initrd"):
         assert k in kinds, (k, kinds)
@@ -62,7 +65,7 @@ def test_uefi_boots_through_the_uefi_loader(room):
     # OVMF's own PXE client took bootd's offer (no PXE-E16, no fallback to UEFI HTTP boot) and fetched
     # the UEFI loader (ipxe.efi) over TFTP; the loader then ran bootd's iPXE menu.
     assert "Start PXE over IPv4" in r.log and "PXE-E16" not in r.log, r.describe()
-    assert "[script]" in r.log, r.describe()
+    assert "[script]" in r.log and "bootd lab: pc-uefi" in r.log, r.describe()
     loaders = [e["detail"] for e in bl.events(UEFI_MAC) if e["kind"] == "loader"]
     assert any(d.get("path", "").endswith("ipxe.efi") and _proto(d) == "tftp" for d in loaders), loaders
 
@@ -70,7 +73,7 @@ def test_uefi_boots_through_the_uefi_loader(room):
 def test_pxelinux_host_gets_pxelinux_menu_and_its_default(room):
     bl, pcs, first = room
     r = first["pxelinux"]
-    assert "PXELINUX" in r.log, r.describe()
+    assert "PXELINUX" in r.log and "bootd lab: pc-pxelinux" in r.log, r.describe()  # menu.c32 showed bootd's menu
     assert r.ok and r.marker == "B" and r.fresh is True, r.describe()
     events = bl.events(PXELINUX_MAC)
     menus = [e["detail"] for e in events if e["kind"] == "menu"]

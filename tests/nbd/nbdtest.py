@@ -63,13 +63,13 @@ class Harness:
 
     def __init__(self, tmp: Path, persistent: set[str] | None = None, directory: Path | None = None,
                  resolve=None, snapshots=None, port: int | None = None, tls=None,
-                 listen: list[str] | None = None, **kw):
+                 listen: list[str] | None = None, run_dir: Path | None = None, **kw):
         self.tmp = tmp
         self.snapshots = snapshots
         self.tls = tls
         self.listen = listen or ["127.0.0.1"]
         self.port = port or free_port()
-        self.run_dir = tmp / "run"
+        self.run_dir = run_dir or tmp / "run"
         self.directory = directory or tmp / "disks"
         self.persistent = persistent if persistent is not None else set()
         self.resolve = resolve or (lambda mac: None)

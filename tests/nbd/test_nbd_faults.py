@@ -65,9 +65,11 @@ def test_storage_daemon_killed_mid_write_is_restarted_with_its_exports(harness, 
     assert hs.run(hs.m.prepare_boot(A, v1)).name != ea.name  # and the manager goes on
 
 
-def test_bootd_killed_hard_adopts_the_daemon_and_running_boots_keep_their_disks(harness, bases):
+def test_bootd_killed_hard_adopts_the_daemon_and_running_boots_keep_their_disks(harness, bases, tmp_path):
     v1, _ = bases
-    hs = harness()
+    deep = tmp_path / ("d" * 60) / "run"  # a QMP socket path longer than a unix socket address holds
+    hs = harness(run_dir=deep)
+    assert len(str(deep / "qmp.sock")) > 108
     ea = hs.run(hs.m.prepare_boot(A, v1))
     eb = hs.run(hs.m.prepare_boot(B, v1))
     qsd_pid = hs.m.qsd.pid
@@ -79,7 +81,7 @@ def test_bootd_killed_hard_adopts_the_daemon_and_running_boots_keep_their_disks(
     # a stale overlay left by some earlier crash is found at start-up and removed
     stale = hs.directory / "ephemeral" / "525400000999.7.0.qcow2"
     stale.write_bytes(b"x" * 4096)
-    hs2 = harness(port=hs.port)
+    hs2 = harness(port=hs.port, run_dir=deep)
     assert hs2.m.qsd.adopted and hs2.m.qsd.pid == qsd_pid
     assert not stale.exists()
     assert hs2.m.export_for(A).name == ea.name and hs2.m.export_for(B).name == eb.name

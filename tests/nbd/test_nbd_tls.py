@@ -40,3 +40,45 @@ def test_psk_tls_export_needs_the_key(harness, bases, tmp_path):
     h.connect_uri(exp.uri)
     assert h.pread(4, 0) == b"\xab" * 4
     h.shutdown()
+
+
+def _openssl(*args: str, cwd) -> None:
+    import subprocess
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_x509_tls_export_needs_a_client_certificate(harness, bases, tmp_path):
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    v1, _ = bases
+    srv, cli, ca = tmp_path / "srv", tmp_path / "cli", tmp_path / "ca"
+    for d in (srv, cli, ca):
+        d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=lab-ca",
+             "-keyout", "ca-key.pem", "-out", "ca-cert.pem", cwd=ca)
+    for d, cn, ext in ((srv, "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                       (cli, "bootd-check", "extendedKeyUsage=clientAuth")):
+        kind = "server" if d is srv else "client"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{kind}-key.pem",
+                 "-out", "req.csr", cwd=d)
+        (d / "ext.cnf").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", "req.csr", "-CA", str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
+                 "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", f"{kind}-cert.pem", cwd=d)
+        shutil.copy(ca / "ca-cert.pem", d / "ca-cert.pem")
+    hs = harness(tls=TlsSettings("x509", str(srv)), client_tls=ClientTls("x509", cert_dir=str(cli)))
+    exp = hs.run(hs.m.prepare_boot(A, v1))  # checked over TLS with bootd's client certificate
+    assert exp.uri.startswith("nbds://")
+    anon = nbd.NBD()
+    anon.set_tls(nbd.TLS_REQUIRE)
+    anon.set_tls_verify_peer(False)
+    with pytest.raises(nbd.Error):  # TLS, but no client certificate: refused
+        anon.connect_uri(exp.uri)
+    r = subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{hs.port}/{exp.name}"], capture_output=True, text=True)
+    assert r.returncode != 0  # plain NBD: refused
+    h = nbd.NBD()
+    h.set_tls_certificates(str(cli))
+    h.connect_uri(exp.uri)
+    assert h.pread(2, 0) == b"\xab\xab"
+    h.shutdown()
