@@ -60,10 +60,9 @@ class InterfaceConfig(Section):
         return self.address.network
 
 
-class PoolConfig(Section):
-    """A dynamic address range on one served interface."""
+class AddressRange(Section):
+    """Addresses handed out from start to end, with the options that go with them."""
 
-    interface: str
     start: ipaddress.IPv4Address
     end: ipaddress.IPv4Address
     router: Optional[ipaddress.IPv4Address] = None
@@ -75,6 +74,12 @@ class PoolConfig(Section):
         if int(self.end) < int(self.start):
             raise ValueError("pool end is before its start")
         return self
+
+
+class PoolConfig(AddressRange):
+    """A dynamic address range on one served interface."""
+
+    interface: str
 
 
 class LoaderConfig(Section):
@@ -89,21 +94,14 @@ class LoaderConfig(Section):
     grub_x64: str = "grubx64.efi"
 
 
-class RelaySubnetConfig(Section):
+class RelaySubnetConfig(AddressRange):
     """A remote subnet whose requests reach bootd through a relay agent (matched by giaddr)."""
 
     subnet: ipaddress.IPv4Network
     interface: str  # the served interface the relayed requests arrive on
-    start: ipaddress.IPv4Address
-    end: ipaddress.IPv4Address
-    router: Optional[ipaddress.IPv4Address] = None
-    dns: list[ipaddress.IPv4Address] = []
-    domain: Optional[str] = None
 
     @model_validator(mode="after")
     def _inside(self):
-        if int(self.end) < int(self.start):
-            raise ValueError("range end is before its start")
         if self.start not in self.subnet or self.end not in self.subnet:
             raise ValueError(f"range {self.start}-{self.end} is not inside {self.subnet}")
         return self

@@ -569,16 +569,20 @@ class DiskManager:
                 "file": {"driver": "file", "filename": row.overlay, "node-name": "f" + row.node}}
         if row.overlay != row.snap.path:  # an overlay: its backing is the shared, never exported base node
             spec["backing"] = await self._base_node(row.snap.path)
-        await self.qsd.execute("blockdev-add", spec)
-        try:
-            await self.qsd.execute("block-export-add", {
-                "type": "nbd", "id": row.node, "node-name": row.node, "name": row.name, "writable": True})
-        except DiskError:
+        # both commands in flight at once (QMP runs them in order): one round trip to the daemon, not two
+        added, exported = await asyncio.gather(
+            self.qsd.execute("blockdev-add", spec),
+            self.qsd.execute("block-export-add", {
+                "type": "nbd", "id": row.node, "node-name": row.node, "name": row.name, "writable": True}),
+            return_exceptions=True)
+        if isinstance(added, BaseException):
+            raise added
+        if isinstance(exported, BaseException):
             try:
                 await self.qsd.execute("blockdev-del", {"node-name": row.node})
             except DiskError:
                 pass
-            raise
+            raise exported
 
     def _spawn_teardown(self, row: _Row) -> None:
         t = asyncio.get_running_loop().create_task(self._teardown(row, delete_file=not row.persistent))

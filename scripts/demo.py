@@ -61,7 +61,7 @@ def main() -> int:
             pc = bl.pc("lab-pc-01", mac=MAC, firmware=firmware)
             result = pc.boot(timeout=240)
             rows = boot_timeline(result, bl.events(MAC))
-            print(f"demo: boot timeline of lab-pc-01 (seconds since power-on):")
+            print("demo: boot timeline of lab-pc-01 (seconds since power-on):")
             print(format_timeline(rows))
             if not result.ok:
                 print("demo: the PC did not reach its marker:\n" + result.describe(40), file=sys.stderr)

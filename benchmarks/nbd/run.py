@@ -6,7 +6,8 @@ Measured in pairs (bootd and qemu-nbd back to back, who goes first alternating),
 plus the median of the per-pair ratios (pairs run seconds apart, so load drift cancels):
   * sequential read of the whole disk with nbdcopy (to null:);
   * 4 KiB random read and random write, queue depth 16, fio's nbd engine (libnbd), --seconds each
-    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd);
+    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd; `sync`
+    before each, or the first run's dirty pages are written back during the second);
   * 50 clients at once, each its own disk (bootd: 50 hosts' exports in one daemon; peer: 50 qemu-nbd
     processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
   * boot event to export ready: `prepare_boot` (new overlay, node, export, libnbd check), 50 hosts.
@@ -215,7 +216,9 @@ def main() -> int:
             peer.start()
             uri = {"bootd": exp.uri, "qemu-nbd": peer.uri}
             for who in order:
+                os.sync()  # the previous run's dirty pages must not be written back during this one
                 res["randwrite_iops"][who].append(fio_iops(uri[who], "randwrite", a.seconds))
+            os.sync()
             print(f"rep {rep + 1}: " + ", ".join(f"{k} {v['bootd'][-1]:.0f}/{v['qemu-nbd'][-1]:.0f}"
                                                  for k, v in res.items()), flush=True)
         peer.stop()

@@ -311,7 +311,11 @@ class DhcpService(Service):
             self._flush_counts()
             return
         for msg, out, now in decided:
-            self.deliver(msg, out, now, sock, ifname)
+            try:
+                self.deliver(msg, out, now, sock, ifname)
+            except Exception as e:  # a bug must cost one reply, not the batch or the reader
+                self._count("errors")
+                log.error("dhcp: cannot send the reply to %r: %s", msg, e)
         self._flush_counts()
 
     def handle_datagram(self, data: bytes, src: tuple[str, int], sock: socket.socket, ifname: str,

@@ -233,34 +233,26 @@ async def seal(request: web.Request) -> web.Response:
     return await _call(store.seal, _ref(request), note, actor_of(request, body), str(body.get("reason") or ""))
 
 
-async def test_on_host(request: web.Request) -> web.Response:
-    store = _store(request)
-    body = await read_json(request)
-    try:
-        host = _host(request, body.get("host"))
-    except SnapshotError as exc:
-        return _err(exc.status, str(exc))
-    return await _call(store.test, _ref(request), host, actor_of(request, body), str(body.get("reason") or ""))
+def _assign(method: str, target_key: str):
+    """A handler assigning the snapshot in the path to a host (test, pin) or a group (promote)."""
+    resolve_target = _host if target_key == "host" else _group
+
+    async def handler(request: web.Request) -> web.Response:
+        store = _store(request)
+        body = await read_json(request)
+        try:
+            target = resolve_target(request, body.get(target_key))
+        except SnapshotError as exc:
+            return _err(exc.status, str(exc))
+        return await _call(getattr(store, method), _ref(request), target, actor_of(request, body),
+                           str(body.get("reason") or ""))
+    handler.__name__ = method
+    return handler
 
 
-async def pin(request: web.Request) -> web.Response:
-    store = _store(request)
-    body = await read_json(request)
-    try:
-        host = _host(request, body.get("host"))
-    except SnapshotError as exc:
-        return _err(exc.status, str(exc))
-    return await _call(store.pin, _ref(request), host, actor_of(request, body), str(body.get("reason") or ""))
-
-
-async def promote(request: web.Request) -> web.Response:
-    store = _store(request)
-    body = await read_json(request)
-    try:
-        group = _group(request, body.get("group"))
-    except SnapshotError as exc:
-        return _err(exc.status, str(exc))
-    return await _call(store.promote, _ref(request), group, actor_of(request, body), str(body.get("reason") or ""))
+test_on_host = _assign("test", "host")
+pin = _assign("pin", "host")
+promote = _assign("promote", "group")
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -239,6 +239,7 @@ class ReadSession:
         self.raw_size = size
         self.started_at = now
         self.finished_at: Optional[float] = None
+        self.finished = False  # COMPLETE or FAILED: a plain attribute, read on every packet
         self.state = State.WAIT_OACK_ACK if neg.oack else State.TRANSFER
         self.outcome: Optional[str] = None  # complete | timeout | client-error | aborted
         self.error_message: Optional[str] = None
@@ -390,10 +391,6 @@ class ReadSession:
 
     # -- state -------------------------------------------------------------------------------------
     @property
-    def finished(self) -> bool:
-        return self.state >= State.COMPLETE
-
-    @property
     def total_bytes(self) -> Optional[int]:
         """Octets on the wire once the end is known (netascii: after encoding)."""
         return self._fed_end if self._eof else None
@@ -401,6 +398,7 @@ class ReadSession:
     def _finish(self, state: State, outcome: str, now: float) -> None:
         self._prepared = None
         self._fast_ack = b""
+        self.finished = True
         self.state = state
         self.outcome = outcome
         self.finished_at = now

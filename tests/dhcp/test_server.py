@@ -416,13 +416,8 @@ def test_reload_switches_mode_without_restart(lab, bootd_daemon):
     assert d.api.get("/api/v1/status")["dhcp_mode"] == "off"
 
 
-@pytest.mark.qemu
-def test_uefi_native_pxe_loads_ipxe_efi_in_full_mode(lab, bootd_daemon, tmp_path):
-    """OVMF's own PXE client (virtio-net without an iPXE ROM): option 93 = 7 -> ipxe.efi over TFTP."""
-    cfg = dhcp_config()
-    cfg["tftp"] = {"enabled": True}
-    d = bootd_daemon(cfg, ns=lab.server)
-    mac = "52:54:00:77:f0:09"
+def boot_ovmf_native_pxe(lab, tmp_path, mac: str) -> str:
+    """OVMF's own PXE client (virtio-net without an iPXE ROM) until iPXE (ipxe.efi) starts; the serial log."""
     tap = lab.add_tap()
     log = tmp_path / "serial.log"
     p = lab.server.popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
@@ -430,14 +425,24 @@ def test_uefi_native_pxe_loads_ipxe_efi_in_full_mode(lab, bootd_daemon, tmp_path
                           "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=", "-bios", "/usr/share/ovmf/OVMF.fd"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # iPXE's banner: OVMF took the full-mode offer, fetched ipxe.efi and started it
+        # iPXE's banner: OVMF took an offer, fetched ipxe.efi over TFTP and started it
         ok = wait_until(lambda: log.exists() and "iPXE initialising" in log.read_text(errors="replace"),
                         timeout=180, step=0.5)
         assert ok, log.read_text(errors="replace")[-3000:] if log.exists() else "no serial log"
     finally:
         p.kill()
         p.wait(timeout=10)
-    text = log.read_text(errors="replace")
+    return log.read_text(errors="replace")
+
+
+@pytest.mark.qemu
+def test_uefi_native_pxe_loads_ipxe_efi_in_full_mode(lab, bootd_daemon, tmp_path):
+    """Option 93 = 7 from EDK2's PXE -> ipxe.efi over bootd's TFTP (no option 60 that would send it to 4011)."""
+    cfg = dhcp_config()
+    cfg["tftp"] = {"enabled": True}
+    d = bootd_daemon(cfg, ns=lab.server)
+    mac = "52:54:00:77:f0:09"
+    text = boot_ovmf_native_pxe(lab, tmp_path, mac)
     assert "NBP filename is ipxe.efi" in text and "Station IP address is 10.77.0.100" in text
     ev = d.api.get(f"/api/v1/hosts/{mac}")["events"]
     assert any(e["kind"] == "dhcp" and e["detail"].get("arch") == "uefi-x64" and e["detail"].get("file") == "ipxe.efi"
@@ -460,3 +465,20 @@ def test_udhcpc_declines_an_address_in_use_and_it_is_quarantined(lab, bootd_daem
     other = lab.add_client(address="10.77.0.60")
     assert udp_client(other, "52:54:00:77:de:01")[0]["ack"] == "10.77.0.102"
     assert squatter.ns.name
+
+
+@pytest.mark.qemu
+def test_uefi_native_pxe_in_proxy_mode_beside_dnsmasq(lab, bootd_daemon, tmp_path):
+    """Non-iPXE firmware and a proxy: the address from dnsmasq, ipxe.efi from bootd."""
+    start_dnsmasq(lab, tmp_path)
+    cfg = dhcp_config(mode="proxy")
+    cfg["tftp"] = {"enabled": True}
+    d = bootd_daemon(cfg, ns=lab.server)
+    mac = "52:54:00:77:f0:0a"
+    text = boot_ovmf_native_pxe(lab, tmp_path, mac)
+    assert "NBP filename is ipxe.efi" in text and "Server IP address is 10.77.0.1" in text
+    assert any(f"Station IP address is 10.77.0.{n}" in text for n in range(150, 200)), text[-2000:]
+    kinds = [(e["kind"], e["detail"].get("file") or e["detail"].get("path")) for e in
+             d.api.get(f"/api/v1/hosts/{mac}")["events"]]
+    assert ("proxydhcp", "ipxe.efi") in kinds and ("loader", "ipxe.efi") in kinds
+    assert lease_rows(d) == []

@@ -1,8 +1,10 @@
 """End-to-end lab harness shared by tests/e2e and `make demo`: virtual lab PCs booting from the network.
 
 A `LabPC` is a QEMU guest (TCG) on a tap device of a `Lab` bridge (tests/netns.py), booting with stock
-firmware: SeaBIOS + QEMU's iPXE NIC ROM (`firmware="bios"`) or OVMF + the EFI iPXE ROM
-(`firmware="uefi"`), or straight from `-kernel/-initrd` (`firmware="direct"`, for checking assets).
+firmware: SeaBIOS + QEMU's iPXE NIC ROM (`firmware="bios"`) or OVMF (`firmware="uefi"`; `BootdLab.pc`
+gives it a virtio NIC without ROM, so OVMF's own PXE client fetches the UEFI loader as on a real PC), or
+straight from `-kernel/-initrd` (`firmware="direct"`, for checking assets). `BootdLab` runs bootd on the
+lab (the tests/conftest.py launcher), `running_peer_lab` the same lab served by dnsmasq + nginx + qemu-nbd.
 `-nographic` makes SeaBIOS mirror the screen to COM1, so firmware, iPXE, the menus and the kernel/initrd
 output all land in one serial log; `SerialLog` tails it and stamps each line with the time it appeared,
 which gives the boot timeline. The client /init (scripts/assets/init) prints `BOOTD-MARKER:` and
@@ -13,15 +15,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import sys
-import tempfile
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -76,6 +78,7 @@ class SerialLog:
         self.t0 = t0
         self.lines: list[tuple[float, str]] = []
         self._buf = b""
+        self.partial = ""
         self._pos = 0
         self._cond = threading.Condition()
         self._stop = False
@@ -99,10 +102,11 @@ class SerialLog:
         self._buf = parts.pop()
         new = [(now, _ANSI.sub("", p.decode("utf-8", "replace")).strip()) for p in parts]
         new = [(t, s) for t, s in new if s]
-        if new:
-            with self._cond:
-                self.lines.extend(new)
-                self._cond.notify_all()
+        with self._cond:
+            self.lines.extend(new)
+            # a menu is drawn with cursor moves and no newline until it is left: keep the open line visible
+            self.partial = _ANSI.sub(" ", self._buf[-16384:].decode("utf-8", "replace"))
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         while not self._stop:
@@ -122,6 +126,9 @@ class SerialLog:
                     if m:
                         return m
                 seen = len(self.lines)
+                m = rx.search(self.partial)
+                if m:
+                    return m
                 left = deadline - time.monotonic()
                 if left <= 0 or (alive is not None and not alive()):
                     return None
@@ -279,6 +286,21 @@ def parse_serial(lines: list[tuple[float, str]]) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Lab PCs
 
+def qemu_accel() -> str:
+    """"kvm" only where it really works: /dev/kvm opens AND the CPU shows vmx/svm (a PVM /dev/kvm without
+    them boots nothing, see FIELD-NOTES); else "tcg". BOOTD_E2E_ACCEL=tcg|kvm overrides."""
+    forced = os.environ.get("BOOTD_E2E_ACCEL")
+    if forced in ("tcg", "kvm"):
+        return forced
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "tcg"
+    return "kvm" if re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.M) else "tcg"
+
+
 class LabPC:
     """One virtual lab PC: QEMU (TCG) on a tap of the lab bridge, run inside the lab's server namespace."""
 
@@ -313,8 +335,9 @@ class LabPC:
         return self.workdir / f"{self.name}.boot{self.boots}.serial.log"
 
     def argv(self) -> list[str]:
-        a = ["qemu-system-x86_64", "-name", self.name, "-machine", "pc", "-accel", "tcg", "-m", str(self.memory),
+        a = ["qemu-system-x86_64", "-name", self.name, "-machine", "pc", "-accel", qemu_accel(), "-m", str(self.memory),
              "-smp", "1", "-nographic", "-monitor", "none", "-serial", f"file:{self.log_path}", "-no-reboot",
+             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
              "-netdev", f"tap,id=lan,ifname={self.tap},script=no,downscript=no",
              "-device", f"{self.nic},netdev=lan,mac={self.mac}" + ("" if self.rom is None else f",romfile={self.rom}")]
         if self.firmware == "uefi":
@@ -342,6 +365,37 @@ class LabPC:
         self.proc = self.lab.server.popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=open(self.workdir / f"{self.name}.qemu.err", "ab"))
         return self
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.workdir / f"{self.name}.qmp"
+
+    def send_keys(self, *keys: str, gap: float = 0.3) -> None:
+        """Press keys on the PC's keyboard (QMP send-key, QEMU qcodes: "down", "ret", "1", "tab" ...), as
+        a person at the lab PC would in a boot menu."""
+        import json
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.qmp_path))
+            f = sock.makefile("rwb")
+
+            def call(cmd: dict) -> dict:
+                f.write(json.dumps(cmd).encode() + b"\n")
+                f.flush()
+                while True:
+                    msg = json.loads(f.readline())
+                    if "return" in msg or "error" in msg:
+                        if "error" in msg:
+                            raise RuntimeError(f"QMP {cmd['execute']}: {msg['error']}")
+                        return msg
+
+            json.loads(f.readline())  # greeting
+            call({"execute": "qmp_capabilities"})
+            for key in keys:
+                call({"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": key}]}})
+                time.sleep(gap)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -103,3 +103,32 @@ def test_daemon_without_served_interface_runs_without_disks(bootd_daemon):
     status = json.loads(d.bootctl("--json", "status").stdout)
     disks = [s for s in status["services"] if s["name"] == "disks"][0]
     assert disks["enabled"] is False and "no served interface" in disks["reason"]
+
+
+def test_reload_to_a_new_port_keeps_the_running_boots_disks(lab, bootd_daemon, tmp_path):
+    base = make_base(tmp_path / "base.qcow2", pattern=0xAB)
+    a = lab.add_client("10.77.0.10")
+    cfg = {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}],
+           "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
+           "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"}]}
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    write = textwrap.dedent("""
+        import sys, nbd
+        h = nbd.NBD(); h.connect_uri(sys.argv[1])
+        if sys.argv[2] == "w":
+            h.pwrite(b"before-reload", 0); h.flush()
+        print(h.pread(13, 0).decode(errors="replace"))
+    """)
+    assert a.ns.run([sys.executable, "-c", write, ea["uri"], "w"]).stdout.strip() == "before-reload"
+    cfg = d.config_dict  # the fixture's copy: it holds the temporary storage and API socket
+    cfg["nbd"] = {"reap_after": 7200}
+    d.write_config(cfg)
+    bootctl_json(d, "reload")
+    assert bootctl_json(d, "disk", "list")["storage_daemon"]["restarts"] == 0
+    cfg["nbd"] = {"port": 10810}
+    d.write_config(cfg)
+    bootctl_json(d, "reload")
+    new_uri = ea["uri"].replace(":10809/", ":10810/")
+    assert a.ns.run([sys.executable, "-c", write, new_uri, "r"]).stdout.strip() == "before-reload"
+    assert a.ns.run([sys.executable, "-c", write, ea["uri"], "r"], check=False).returncode != 0
