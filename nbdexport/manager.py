@@ -480,10 +480,10 @@ class DiskManager:
             raise NoSpace(f"disk directory {rep.path} is full ({rep.free} bytes free)")
         if not os.path.exists(base):
             raise DiskError(f"snapshot file missing: {base}", status=404)
-        if self.overlays.has_template(base):
-            self.overlays.create(base, Path(path))  # a file copy: cheaper than a thread hop
-        else:
-            await asyncio.to_thread(self.overlays.create, base, Path(path))
+        if not self.overlays.has_template(base):
+            async with self._base_locks.setdefault("template:" + base, asyncio.Lock()):
+                await asyncio.to_thread(self.overlays.template_for, base)  # qemu-img, once per base
+        self.overlays.create(base, Path(path))  # a file copy: cheaper than a thread hop
 
     async def _persistent_layer(self, mac: str, snap: SnapshotRef) -> tuple[str, SnapshotRef]:
         """The host's layer, made on its first boot; it stays on the snapshot it was made over (a

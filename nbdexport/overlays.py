@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class OverlayStore:
         """The empty overlay over `base`, made once with qemu-img (backing path recorded in its header)."""
         path = self.template_path(base)
         if not path.exists():
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
             proc = subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", "-b",
                                    os.path.realpath(base), "-F", "qcow2", str(tmp)],
                                   capture_output=True, text=True)

@@ -117,7 +117,7 @@ for name in A B; do
     mkdir -p "$tmp/root/etc" "$tmp/root/home"
     echo "$name" > "$tmp/root/marker"
     printf 'NAME="bootd test OS %s"\nID=bootd-test\nVERSION_ID=%s\n' "$name" "$name" > "$tmp/root/etc/os-release"
-    mke2fs -q -t ext4 -L "bootd-os-$name" -d "$tmp/root" -E root_owner=0:0 "$tmp/os.raw" "$IMG_SIZE"
+    mke2fs -q -t ext4 -L "bootd-os-$name" -d "$tmp/root" -E root_owner=0:0 "$tmp/os.raw" "$IMG_SIZE" >/dev/null
     qemu-img convert -q -f raw -O qcow2 "$tmp/os.raw" "$tmp/os.qcow2"
     mv "$tmp/os.qcow2" "$out"
     echo "$img_hash" > "$out.stamp"

@@ -6,8 +6,8 @@ Measured in pairs (bootd and qemu-nbd back to back, who goes first alternating),
 plus the median of the per-pair ratios (pairs run seconds apart, so load drift cancels):
   * sequential read of the whole disk with nbdcopy (to null:);
   * 4 KiB random read and random write, queue depth 16, fio's nbd engine (libnbd), --seconds each
-    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd; `sync`
-    before each, or the first run's dirty pages are written back during the second);
+    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd; the other
+    side's written overlay is deleted and `sync`ed first, or its page cache slows the second writer);
   * 50 clients at once, each its own disk (bootd: 50 hosts' exports in one daemon; peer: 50 qemu-nbd
     processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
   * boot event to export ready: `prepare_boot` (new overlay, node, export, libnbd check), 50 hosts.
@@ -212,13 +212,24 @@ def main() -> int:
                 res["seq_read_MBps"][who].append(nbdcopy_mbs(uri[who]))
             for who in order:
                 res["randread_iops"][who].append(fio_iops(uri[who], "randread", a.seconds))
-            exp, _ = bootd.boot()  # fresh overlays for the writes
-            peer.start()
-            uri = {"bootd": exp.uri, "qemu-nbd": peer.uri}
+            peer.stop()
             for who in order:
-                os.sync()  # the previous run's dirty pages must not be written back during this one
-                res["randwrite_iops"][who].append(fio_iops(uri[who], "randwrite", a.seconds))
-            os.sync()
+                # each on a fresh overlay, and the other side's written overlay deleted first: its ~1 GiB
+                # of page cache (dirty, then clean) would otherwise slow down whoever writes second
+                if who == "bootd":
+                    exp, _ = bootd.boot()
+                    w_uri = exp.uri
+                else:
+                    w_uri = peer.start().uri
+                os.sync()
+                res["randwrite_iops"][who].append(fio_iops(w_uri, "randwrite", a.seconds))
+                if who == "bootd":
+                    bootd.boot()  # the next boot discards the written overlay
+                    bootd.settle()
+                else:
+                    peer.stop()
+                    peer.overlay.unlink()
+                os.sync()
             print(f"rep {rep + 1}: " + ", ".join(f"{k} {v['bootd'][-1]:.0f}/{v['qemu-nbd'][-1]:.0f}"
                                                  for k, v in res.items()), flush=True)
         peer.stop()

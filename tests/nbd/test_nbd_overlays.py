@@ -155,3 +155,23 @@ def test_nbd_listens_on_the_served_addresses_only(harness, bases):
     assert r.returncode != 0 and not r.stdout.strip()
     # a host whose menu came over an address NBD does not serve gets the first served one
     assert hs.run(hs.m.prepare_boot(B, bases[0], server_ip="10.9.9.9")).host == "127.0.0.2"
+
+
+def test_fifty_hosts_booting_at_once_all_get_their_own_disk(harness, bases):
+    import asyncio
+    v1, v2 = bases
+    hs = harness()
+    macs = [f"52:54:00:10:00:{i:02x}" for i in range(50)]
+
+    async def boot_all():
+        return await asyncio.gather(*(hs.m.prepare_boot(m, v1 if i % 2 else v2) for i, m in enumerate(macs)))
+
+    exps = hs.run(boot_all())
+    assert len({e.name for e in exps}) == 50
+    for i in (0, 1, 48, 49):
+        c = connect(exps[i].uri)
+        assert c.pread(1, 0) == (b"\xab" if i % 2 else b"\xcd")
+        c.shutdown()
+    again = hs.run(boot_all())  # and all of them reboot at once
+    assert not {e.name for e in again} & {e.name for e in exps}
+    hs.wait(lambda: len(hs.m.overlays.ephemeral_files()) == 50)
