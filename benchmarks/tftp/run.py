@@ -11,6 +11,10 @@ row is bootd's windowed transfer against tftpd-hpa's lock-step one). Then 200 co
 over the LAN link (curl, blksize 1468, unpinned): aggregate MB/s and failures.
 Prints MB/s (MiB counted as 1.048576 MB) for each and the bootd/tftpd-hpa ratio; asserts no times.
 
+Timing on a shared 2-CPU machine: loopback cases alternate bootd and tftpd-hpa run by run (medians);
+the LAN lock-step cases run the two servers' transfers at the same time ("paired": both are latency-bound
+and nearly idle, and a load spike from elsewhere then hits both alike); the LAN windowed case alternates.
+
     python benchmarks/tftp/run.py [--quick] [--reps N]
 --quick leaves out the 32 MiB files on the LAN link (lock-step 512-byte blocks over 1 ms RTT take
 over a minute per server).
@@ -60,20 +64,26 @@ def client_argv(kind: str, host: str, port: int, name: str, dest: str) -> list[s
 # The timing runs inside the client's namespace so `ip netns exec` is not part of the time. Each round
 # starts its commands together (one command: a plain timed run) and reports each one's wall time.
 TIMER = r"""
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, tempfile, time
 cpu, rounds = sys.argv[1], json.loads(sys.argv[2])
 if cpu != "-":
     os.sched_setaffinity(0, {int(cpu)})
 out = []
 for cmds in rounds:
+    errs = [tempfile.TemporaryFile() for _ in cmds]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in cmds]
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=e) for c, e in zip(cmds, errs)]
+    ended = {}
+    while len(ended) < len(procs):
+        pid, status = os.wait()  # each child's own end time, whichever finishes first
+        ended[pid] = (time.perf_counter() - t0, status)
     times = []
-    for p in procs:
-        err = p.communicate()[1]
-        times.append(time.perf_counter() - t0)
-        if p.returncode != 0:
-            print(json.dumps({"error": err.decode(errors="replace")[-300:]})); sys.exit(1)
+    for p, e in zip(procs, errs):
+        t, status = ended[p.pid]
+        if status != 0:
+            e.seek(0)
+            print(json.dumps({"error": e.read().decode(errors="replace")[-300:]})); sys.exit(1)
+        times.append(t)
     out.append(times)
 print(json.dumps({"times": out}))
 """
@@ -175,7 +185,7 @@ def main() -> int:
             results.append((link, fname, kind, rb, rh, ratio, target))
             how = "paired" if paired else "alternating"
             print(f"{link:9s} {fname:6s} {kind:13s} bootd {rb:8.2f} MB/s   tftpd-hpa {rh:8.2f} MB/s   "
-                  f"ratio {ratio:5.2f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW'}  "
+                  f"ratio {ratio:6.3f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW'}  "
                   f"[{how}, {reps} rounds]", flush=True)
 
         for name in files:  # page cache warm for both servers

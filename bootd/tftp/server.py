@@ -34,14 +34,12 @@ import asyncio
 import errno
 import fnmatch
 import inspect
-import ipaddress
 import logging
 import os
 import re
 import socket
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined
@@ -64,6 +62,8 @@ def event_kind(path: str, dynamic: bool = False) -> str:
     """Which step of a boot a fetched name is, for the boot timeline."""
     name = path.lower()
     base = name.rsplit("/", 1)[-1]
+    if name.startswith("clients/"):
+        return "config"  # rendered client configs (bootd/clientconfig)
     if (dynamic or name.startswith("pxelinux.cfg/") or base.endswith((".cfg", ".ipxe", ".conf", ".menu"))
             or "grub.cfg" in base):
         return "menu"
@@ -437,7 +437,7 @@ class TftpServer:
         now = _monotonic()  # what loop.time() returns, without the extra call
         for _ in range(32):
             try:
-                data = sock.recv(65536)
+                data = sock.recv(2048)  # ACK or ERROR: small; no 64 KiB buffer per packet
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:
@@ -617,8 +617,10 @@ class TftpServer:
         duration = round(end - s.started_at, 6)
         outcome = s.outcome or "aborted"
         nbytes = s.bytes_acked
-        self._count("retransmits", s.retransmits) if s.retransmits else None
-        self._count("duplicate_acks", s.duplicate_acks) if s.duplicate_acks else None
+        if s.retransmits:
+            self._count("retransmits", s.retransmits)
+        if s.duplicate_acks:
+            self._count("duplicate_acks", s.duplicate_acks)
         self._count("bytes_sent", nbytes)
         if outcome == "complete":
             self.totals["completed"] += 1

@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import struct
-import time
 
 import pytest
 
@@ -146,6 +145,7 @@ def test_event_kinds():
     assert event_kind("debian/initrd.img") == "initrd"
     assert event_kind("anything", dynamic=True) == "menu"
     assert event_kind("README") == "file"
+    assert event_kind("clients/52:54:00:12:34:56/viewer.conf", dynamic=True) == "config"
 
 
 def test_write_request_and_malformed_requests(root):

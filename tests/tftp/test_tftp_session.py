@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from bootd.tftp.session import (OP_ACK, OP_DATA, OP_ERROR, OP_OACK, OP_RRQ, OP_WRQ, ErrorCode, MalformedPacket,
+from bootd.tftp.session import (OP_ACK, OP_DATA, OP_ERROR, OP_OACK, OP_RRQ, ErrorCode, MalformedPacket,
                                 ReadSession, SessionLimits, State, encode_ack, encode_error, encode_request,
                                 negotiate, netascii_encode, parse_oack, parse_request)
 
@@ -324,7 +324,7 @@ def test_retransmission_backoff_then_drop():
 def test_progress_resets_backoff():
     s = session_for(os.urandom(5000), limits=SessionLimits(timeout=1.0, retries=5))
     s.start(0.0)
-    s.feed(s_data := os.urandom(5000), True, 0.0)
+    s.feed(os.urandom(5000), True, 0.0)
     s.on_timer(1.0)
     assert s.deadline == 3.0
     s.receive(encode_ack(1), 3.5)
