@@ -216,6 +216,9 @@ class NbdConfig(Section):
     check_exports: bool = True  # read each new export with libnbd before the host is told its name
     qsd_binary: str = "qemu-storage-daemon"
     tls: Optional[NbdTlsConfig] = None
+    # NBD handshakes through bootd (a host lists and opens only its own export; data path in a C
+    # splicer); the storage daemon then listens on a private unix socket. Off with tls (see nbdexport/gatekeeper.py)
+    gatekeeper: bool = True
 
 
 class ImageConfig(Section):
@@ -227,6 +230,14 @@ class ImageConfig(Section):
     initrd: str = "initrd.img"
     cmdline: str = ""
     disk: Optional[str] = None  # a raw or qcow2 disk image to import as the first snapshot
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _boot_path(cls, v: str) -> str:
+        # pxelinux and GRUB menus cannot quote file names: refuse what they would misread.
+        if not v or any(c.isspace() or ord(c) < 32 or c in "\"'`$;" for c in v) or ".." in v.split("/"):
+            raise ValueError("a path in the boot root without spaces, quotes, '..' or control characters")
+        return v
 
 
 class GroupConfig(Section):

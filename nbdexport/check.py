@@ -28,8 +28,10 @@ class ClientTls:
 
 
 def check_export(host: str, port: int, name: str, expect_size: Optional[int] = None,
-                 tls: Optional[ClientTls] = None, timeout: float = 5.0) -> int:
-    """Blocking (run it in a thread). Returns the export size; raises DiskError if anything is wrong."""
+                 tls: Optional[ClientTls] = None, timeout: float = 5.0, unix: Optional[str] = None) -> int:
+    """Blocking (run it in a thread). Returns the export size; raises DiskError if anything is wrong.
+    `unix`: connect to this unix socket instead of host:port (the daemon's own socket behind the
+    gatekeeper)."""
     import nbd
 
     h = nbd.NBD()
@@ -43,7 +45,10 @@ def check_export(host: str, port: int, name: str, expect_size: Optional[int] = N
                     h.set_tls_username(tls.username)
             else:
                 h.set_tls_certificates(tls.cert_dir)
-        h.aio_connect_tcp(host, str(port))
+        if unix is not None:
+            h.aio_connect_unix(unix)
+        else:
+            h.aio_connect_tcp(host, str(port))
         sock = None
         deadline = time.monotonic() + timeout
         try:

@@ -20,8 +20,10 @@ host is a new boot: new overlay file, new export name; the old one is torn down 
 
 Export names are `secrets.token_urlsafe` tokens, new at every boot, never derived from the MAC. Base
 snapshots are block nodes inside qemu-storage-daemon that are never exported. Caveat: qemu's NBD
-server answers NBD_OPT_LIST with all export names (qemu 7.2 cannot hide them), so the token protects
-against guessing, and TLS (PSK/x509) keeps clients without credentials out entirely.
+server answers NBD_OPT_LIST with all export names (qemu 7.2 cannot hide them) and cannot tie an export
+to a client address: so by default (`nbd.gatekeeper`) bootd does every NBD handshake itself and a
+host lists and opens only its own exports (nbdexport/gatekeeper.py; the daemon then listens on a private
+unix socket). With TLS the gatekeeper is off and the TLS credentials are the access control.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from typing import Any, Callable, Optional
 from nbdexport.check import ClientTls, check_export
 from nbdexport.connections import peers
 from nbdexport.errors import DiskError, NoSpace, StorageDaemonDown
+from nbdexport.gatekeeper import Gatekeeper, Splicer, daemon_socket_path
 from nbdexport.overlays import OverlayStore, SpaceReport, allocated_bytes
 from nbdexport.qsd import StorageDaemon
 
@@ -154,6 +157,7 @@ class DiskSettings:
     listen_all: list = field(default_factory=list)  # every NBD address (the served ones)
     tls: bool = False
     client_tls: Optional[ClientTls] = None
+    gatekeeper: bool = False  # NBD handshakes through bootd's gatekeeper (never with TLS); see gatekeeper.py
 
 
 class DiskManager:
@@ -165,7 +169,8 @@ class DiskManager:
                  snapshot_store: Callable[[], Any] = lambda: None,
                  host_name: Callable[[str], Optional[str]] = lambda mac: None,
                  extra_ips: Callable[[str], Any] = lambda mac: (),
-                 metrics: Any = None):
+                 metrics: Any = None,
+                 owner_of: Callable[[str], Optional[str]] = lambda ip: None):
         self.s = settings
         self.store = store
         self.qsd = qsd
@@ -185,6 +190,13 @@ class DiskManager:
         self._space_low = False
         self.last_space: Optional[SpaceReport] = None
         qsd.on_restart = self._restore
+        self.owner_of = owner_of
+        self.gatekeeper: Optional[Gatekeeper] = None
+        self.gatekeeper_error: Optional[str] = None
+        self._daemon_socket = None
+        if settings.gatekeeper and not settings.tls:
+            qsd.nbd_unix = "nbd.sock"
+            self._daemon_socket = daemon_socket_path(qsd.run_dir, qsd.nbd_unix)
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,14 +206,88 @@ class DiskManager:
         await self.qsd.start()
         async with self.qsd.lock:
             await self._restore()
+        if self._daemon_socket is not None:
+            await self._start_gatekeeper()
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def _start_gatekeeper(self) -> None:
+        def on_event(kind: str, detail: dict) -> None:
+            self._inc(kind)
+            try:
+                self.store.record_event(None, "disk", {"action": kind.replace("_", "-"), **detail})
+            except Exception:
+                pass
+
+        splicer = Splicer(self.qsd.run_dir, on_event=on_event)
+        gk = Gatekeeper(self.s.listen_all or [self.s.listen], self.s.port, self._daemon_socket, self, splicer,
+                        metrics=self.metrics)
+        try:
+            await splicer.start()
+        except Exception as e:
+            # no splicer (no gcc, no room in the run directory): disks must not go away for that.
+            # Serve NBD from the daemon itself as with nbd.gatekeeper: false, and say so loudly.
+            await splicer.stop()
+            self.gatekeeper_error = f"splicer unavailable ({e}); NBD served directly: export names can be listed"
+            log.error("NBD gatekeeper off: %s", self.gatekeeper_error)
+            self._inc("gatekeeper_failed")
+            self._daemon_socket = None
+            await self.qsd.stop()
+            self.qsd.nbd_unix = None
+            await self.qsd.start()
+            async with self.qsd.lock:
+                await self._restore()
+            return
+        try:
+            await gk.start()
+        except BaseException:
+            await gk.stop()
+            await splicer.stop()
+            await self.qsd.stop()
+            raise
+        self.gatekeeper = gk
 
     async def stop(self) -> None:
         if self._reaper:
             self._reaper.cancel()
         for t in list(self._teardowns):
             t.cancel()
+        gk, self.gatekeeper = self.gatekeeper, None
+        if gk is not None:
+            await gk.stop()
         await self.qsd.stop()
+        if gk is not None:
+            await gk.splicer.stop()
+
+    # -- the gatekeeper's policy: a host opens (and lists) only its own exports ------------------
+    def _peer_macs(self, peer_ip: str) -> set[str]:
+        macs = set()
+        try:
+            mac = self.owner_of(peer_ip)
+        except Exception as e:
+            log.debug("owner_of(%s): %s", peer_ip, e)
+            mac = None
+        if mac:
+            macs.add(mac.lower())
+        for mac in {r.mac for r in self._rows.values()} - macs:
+            if peer_ip in self._host_ips(mac):
+                macs.add(mac)
+        return macs
+
+    def exports_for_peer(self, peer_ip: str) -> list[str]:
+        macs = self._peer_macs(peer_ip)
+        return [r.name for r in self._rows.values() if r.mac in macs]
+
+    def may_open(self, peer_ip: str, name: str) -> bool:
+        row = self._rows.get(name)
+        if row is None:
+            return False
+        if peer_ip in self._host_ips(row.mac):
+            return True
+        try:
+            return (self.owner_of(peer_ip) or "").lower() == row.mac
+        except Exception as e:
+            log.debug("owner_of(%s): %s", peer_ip, e)
+            return False
 
     def _inc(self, name: str, **labels: str) -> None:
         if self.metrics is not None:
@@ -442,6 +528,8 @@ class DiskManager:
     def status(self) -> dict:
         rep = self.last_space
         return {"exports": len(self._rows), "qsd": self.qsd.status(),
+                "gatekeeper": (self.gatekeeper.status() if self.gatekeeper is not None
+                               else {"error": self.gatekeeper_error} if self.gatekeeper_error else None),
                 "free_mb": rep.free >> 20 if rep else None, "space_low": bool(rep and rep.low)}
 
     def gauges(self) -> dict[str, float]:
@@ -531,7 +619,8 @@ class DiskManager:
         if self.s.check_exports:
             try:
                 size = await asyncio.to_thread(check_export, "127.0.0.1" if self.s.listen in ("0.0.0.0", "::")
-                                               else self.s.listen, self.s.port, name, None, self.s.client_tls)
+                                               else self.s.listen, self.s.port, name, None, self.s.client_tls,
+                                               unix=self._daemon_socket() if self._daemon_socket else None)
             except DiskError:
                 self._inc("check_failed")
                 self._forget(row)

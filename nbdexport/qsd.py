@@ -75,6 +75,9 @@ class StorageDaemon:
         self._stopping = False
         self._restart_task: Optional[asyncio.Task] = None
         self.lock = asyncio.Lock()  # held by whoever changes the export set (and by the restore)
+        # NBD on a private unix socket in run_dir (this file name) instead of TCP: bootd's gatekeeper
+        # (nbdexport/gatekeeper.py) owns the TCP port then
+        self.nbd_unix: Optional[str] = None
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -91,6 +94,8 @@ class StorageDaemon:
 
     def _identity(self) -> dict:
         """What a running daemon must match to be adopted instead of replaced."""
+        if self.nbd_unix:
+            return {"unix": self.nbd_unix, "binary": self.binary, "tls": None}
         return {"hosts": self.hosts, "port": self.port, "binary": self.binary,
                 "tls": self.tls.object_arg() if self.tls else None}
 
@@ -131,7 +136,7 @@ class StorageDaemon:
                 pass
         self.pid = None
         self.up.clear()
-        for p in (self.pid_path, self.args_path, self.qmp_path, self.run_dir / "qsd.log"):
+        for p in (self.pid_path, self.args_path, self.qmp_path, self.run_dir / "qsd.log", self.run_dir / "nbd.sock"):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -175,14 +180,17 @@ class StorageDaemon:
                 p.unlink()
             except FileNotFoundError:
                 pass
-        listener = listening_socket(self.hosts, self.port)
+        if self.nbd_unix:
+            listener = unix_listening_socket(self.run_dir, self.nbd_unix)
+        else:
+            listener = listening_socket(self.hosts, self.port)
         nbd_server = f"addr.type=fd,addr.str={listener.fileno()}"
         argv = [self.binary,
                 # relative to its working directory (run_dir): a unix socket path has at most 107 bytes
                 "--chardev", "socket,id=qmp0,path=qmp.sock,server=on,wait=off",
                 "--monitor", "chardev=qmp0",
                 "--pidfile", "qsd.pid"]
-        if self.tls:
+        if self.tls and not self.nbd_unix:
             argv += ["--object", self.tls.object_arg()]
             nbd_server += ",tls-creds=tls0"
         argv += ["--nbd-server", nbd_server]
@@ -220,8 +228,12 @@ class StorageDaemon:
         self.args_path.write_text(json.dumps(self._identity()))
         self.started_at = time.time()
         self.up.set()
-        log.info("qemu-storage-daemon pid %d serving NBD on %s port %d%s", self.pid, ", ".join(self.hosts), self.port,
-                 " (TLS)" if self.tls else "")
+        if self.nbd_unix:
+            log.info("qemu-storage-daemon pid %d serving NBD on %s (behind the gatekeeper)", self.pid,
+                     self.run_dir / self.nbd_unix)
+        else:
+            log.info("qemu-storage-daemon pid %d serving NBD on %s port %d%s", self.pid, ", ".join(self.hosts),
+                     self.port, " (TLS)" if self.tls else "")
 
     async def _connect(self) -> None:
         qmp = QMPClient("bootd")
@@ -312,7 +324,9 @@ class StorageDaemon:
 
     def status(self) -> dict:
         return {"pid": self.pid, "up": self.up.is_set(), "restarts": self.restarts, "adopted": self.adopted,
-                "listen": ", ".join(f"{h}:{self.port}" for h in self.hosts), "tls": self.tls.kind if self.tls else None}
+                "listen": (str(self.run_dir / self.nbd_unix) if self.nbd_unix
+                           else ", ".join(f"{h}:{self.port}" for h in self.hosts)),
+                "tls": self.tls.kind if self.tls else None}
 
 
 def _alive(pid: int) -> bool:
@@ -387,5 +401,31 @@ def listening_socket(addresses: list[str], port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise DiskError(f"NBD cannot listen on {', '.join(addresses)} port {port}: {e.strerror}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def unix_listening_socket(run_dir: Path, name: str) -> socket.socket:
+    """The daemon's private NBD listener (gatekeeper mode): `run_dir/name`, mode 0600, made under a
+    temporary name, chmod-ed, then renamed, so it is never reachable with wider permissions. Bound
+    through a directory fd: the path may be longer than a unix address holds."""
+    dirfd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        tmp = f".{name}.{os.getpid()}"
+        for n in (tmp, name):
+            try:
+                os.unlink(n, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
+        sock.bind(f"/proc/self/fd/{dirfd}/{tmp}")
+        os.chmod(tmp, 0o600, dir_fd=dirfd)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise DiskError(f"NBD cannot listen on {run_dir}/{name}: {e.strerror}") from e
+    finally:
+        os.close(dirfd)
     sock.set_inheritable(True)
     return sock

@@ -68,7 +68,8 @@ def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         listen_all=listen_addresses(config),
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
-        check_exports=check, tls=server_tls is not None, client_tls=client_tls), server_tls
+        check_exports=check, tls=server_tls is not None, client_tls=client_tls,
+        gatekeeper=bool(getattr(n, "gatekeeper", True))), server_tls
 
 
 class DiskService(Service):
@@ -106,7 +107,7 @@ class DiskService(Service):
     async def _start(self, ctx) -> None:
         settings, server_tls = settings_from(ctx.config)
         self._key = (settings.directory, settings.run_dir, tuple(settings.listen_all), settings.port, server_tls,
-                     ctx.config.nbd.qsd_binary)
+                     ctx.config.nbd.qsd_binary, settings.gatekeeper)
 
         def on_event(kind: str, detail: dict) -> None:
             ctx.metrics.inc("nbd", f"qsd_{kind}")
@@ -118,7 +119,8 @@ class DiskService(Service):
                                    resolve_snapshot=self._resolve, is_persistent=self._persistent,
                                    snapshot_store=lambda: ctx.snapshots, host_name=self._host_name,
                                    extra_ips=self._configured_ip,
-                                   metrics=ctx.metrics)
+                                   metrics=ctx.metrics,
+                                   owner_of=self._owner_of)
         await self.manager.start()
         ctx.disks = self.manager
         ctx.metrics.add_gauges("nbd", self.manager.gauges)
@@ -142,7 +144,7 @@ class DiskService(Service):
             return
         settings, server_tls = settings_from(ctx.config)
         key = (settings.directory, settings.run_dir, tuple(settings.listen_all), settings.port, server_tls,
-               ctx.config.nbd.qsd_binary)
+               ctx.config.nbd.qsd_binary, settings.gatekeeper)
         if key != self._key:
             await self.stop()
             await self.start(ctx)
@@ -165,6 +167,11 @@ class DiskService(Service):
             return host.persistent
         group = self.ctx.config.group(host.group) if host is not None else None
         return bool(group and group.persistent)
+
+    def _owner_of(self, ip: str):
+        """The MAC of the host at `ip` (configured ip, lease, neighbour table): the gatekeeper's policy."""
+        from bootd.peers import owner_of
+        return owner_of(self.ctx, ip)
 
     def _configured_ip(self, mac: str) -> list[str]:
         host = self._host_cfg(mac)

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,24 +108,28 @@ class QemuNbdPeer:
 
 
 class Bootd:
-    """The DiskManager exactly as the daemon runs it, on its own loop."""
+    """The DiskManager exactly as the daemon runs it (with the NBD gatekeeper and its C splicer unless
+    --no-gatekeeper), its loop running in a thread as in the daemon: the gatekeeper accepts while the
+    clients run. Every host is configured at 127.0.0.1, so the gatekeeper's policy runs for real."""
 
-    def __init__(self, work: Path, base: Path):
+    def __init__(self, work: Path, base: Path, gatekeeper: bool = True):
         self.base = base
         self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
         self.port = free_port()
         self.run_dir = Path(tempfile.mkdtemp(prefix="bnbd", dir="/tmp"))
-        self.store = StateStore(work / "state.db")
+        self.store = StateStore(work / "state.db")  # its connection may be used from any thread
         settings = DiskSettings(directory=str(work / "disks"), run_dir=str(self.run_dir), listen="127.0.0.1",
-                                port=self.port, reap_interval=3600)
+                                port=self.port, reap_interval=3600, gatekeeper=gatekeeper)
         qsd = StorageDaemon(settings.run_dir, "127.0.0.1", self.port)
         self.m = DiskManager(settings, self.store, qsd, resolve_snapshot=lambda mac: None,
-                             is_persistent=lambda mac: False)
+                             is_persistent=lambda mac: False, extra_ips=lambda mac: ["127.0.0.1"])
         self.run(self.m.start())
         self.n = 0
 
     def run(self, coro):
-        return self.loop.run_until_complete(coro)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def boot(self, mac: str = "52:54:00:aa:00:01"):
         t0 = time.perf_counter()
@@ -138,9 +143,12 @@ class Bootd:
         try:
             self.run(self.m.stop())
         finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
             self.loop.close()
             self.store.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
 
 
 def nbdcopy_mbs(uri: str) -> float:
@@ -186,6 +194,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="1 rep, 3 s fio runs")
+    ap.add_argument("--no-gatekeeper", action="store_true",
+                    help="clients straight to qemu-storage-daemon's TCP port (nbd.gatekeeper: false)")
     a = ap.parse_args()
     if a.quick:
         a.reps, a.seconds = 1, 3
@@ -200,7 +210,7 @@ def main() -> int:
     res: dict[str, dict[str, list[float]]] = {k: {"bootd": [], "qemu-nbd": []}
                                               for k in ("seq_read_MBps", "randread_iops", "randwrite_iops")}
     try:
-        bootd = Bootd(work, base)
+        bootd = Bootd(work, base, gatekeeper=not a.no_gatekeeper)
         peer = QemuNbdPeer(work, base)
         for rep in range(a.reps):
             # alternate who goes first: the machine's load drifts, a fixed order would bias the pair
@@ -262,10 +272,11 @@ def main() -> int:
             bootd.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\nNBD benchmark (1 GiB qcow2 snapshot, loopback TCP; bootd = overlay in qemu-storage-daemon,"
+    print("\nNBD benchmark (1 GiB qcow2 snapshot, loopback TCP; bootd = overlay in qemu-storage-daemon"
+          f"{', direct' if a.no_gatekeeper else ' behind the gatekeeper + C splicer'},"
           " qemu-nbd = same overlay layout)")
     print(f"{'measure (medians)':<28}{'bootd':>12}{'qemu-nbd':>12}{'ratio':>8}{'paired':>8}  target (paired)")
-    report = {}
+    report = {"gatekeeper": not a.no_gatekeeper}
     for k, v in res.items():
         b, p = med(v["bootd"]), med(v["qemu-nbd"])
         paired = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd"]) if y])

@@ -85,6 +85,9 @@ def test_example_config_passes_the_checker():
      "bootd.yaml:12 images[0].disk: file not found: /nonexistent/disk.qcow2"),
     # duplicate key in a mapping
     ("  mode: full\n", "  mode: full\n  mode: proxy\n", "bootd.yaml:6: YAML syntax error: duplicate key 'mode' (first on line 5)"),
+    # a kernel path the pxelinux/GRUB menus could not quote
+    ("  - name: debian\n", "  - name: debian\n    kernel: my kernel\n",
+     "bootd.yaml:12 images[0].kernel: a path in the boot root without spaces"),
     # pool start after end
     ("start: 10.90.0.100", "start: 10.90.0.250", "bootd.yaml:7 dhcp.pools[0]: pool end is before its start"),
 ])

@@ -1,0 +1,458 @@
+"""NBD handshake gatekeeper: policy in Python, data path in C.
+
+qemu-storage-daemon 7.2 answers NBD_OPT_LIST with every export name and cannot tie an export to a client
+address, so a PC that lists could open another PC's disk. With the gatekeeper (`nbd.gatekeeper: true`,
+the default) the daemon's NBD server listens only on a private unix socket (`<run dir>/nbd.sock`, mode
+0600), and bootd listens on the NBD TCP port of the served addresses. For each connection bootd does the
+fixed-newstyle negotiation between the client and the daemon:
+
+  * the greeting (NBDMAGIC, IHAVEOPT, handshake flags) and the client flags are passed through;
+  * every client option is read (16-byte header; option data over MAX_OPTION bytes closes the
+    connection) and:
+      - NBD_OPT_LIST is answered here with only the exports the peer may open, never forwarded;
+      - NBD_OPT_GO / NBD_OPT_INFO / NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: the export
+        name is parsed; allowed only if the export belongs to the host whose address is the peer's
+        (DiskManager.may_open: the host's lease, configured ip, last ip, or the neighbour table),
+        else NBD_REP_ERR_UNKNOWN is answered here (counted as nbd.refused);
+      - NBD_OPT_EXPORT_NAME: same check; a refusal closes the connection (the only answer the
+        protocol has);
+      - anything else is forwarded; the daemon's replies are parsed and passed back up to the
+        option's final reply (NBD_REP_ACK or an error);
+  * negotiation ends with the NBD_REP_ACK of a successful GO, or with the EXPORT_NAME reply (8 + 2
+    bytes, + 124 zero bytes unless NO_ZEROES). Only exact byte counts are ever read from either socket,
+    so nothing of the transmission phase is in Python's hands at that point.
+
+Then both sockets are passed over SCM_RIGHTS to `splicer.c`, a small long-running C process (compiled at
+run time into the run directory with gcc -O2 when missing or outdated) that moves the bytes both ways
+with splice(2) through pipes under epoll: the data path never enters Python. bootd supervises it and
+restarts it if it dies; the connections it carried are lost then (the clients reconnect, and their
+export names still work). A splicer outlives a bootd killed hard, serving its connections until they
+end (its control socket closed, it takes no new ones and exits after the last).
+
+With TLS (`nbd.tls`) the handshake cannot be inspected after STARTTLS; bootd then keeps the daemon
+listening on TCP itself (the TLS credentials are the access control) and the gatekeeper is off.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from nbdexport.qsd import listening_socket
+
+log = logging.getLogger("bootd.nbd.gatekeeper")
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+FLAG_FIXED_NEWSTYLE = 1
+FLAG_NO_ZEROES = 2
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_ERR = 1 << 31
+REP_ERR_POLICY = REP_ERR | 2
+REP_ERR_INVALID = REP_ERR | 3
+REP_ERR_UNKNOWN = REP_ERR | 6
+
+MAX_OPTION = 4096 + 1024  # names are at most 4096 bytes (spec); a little room for info requests / queries
+MAX_REPLY = 1 << 20
+HANDSHAKE_TIMEOUT = 30.0
+MAX_HANDSHAKES = 512  # connections in negotiation at once; more are closed at once (the spliced ones do not count)
+
+SPLICER_SOURCE = Path(__file__).with_name("splicer.c")
+SPLICER_NICE = -10
+
+
+class Closed(Exception):
+    """The connection is to be closed (peer gone, malformed, refused EXPORT_NAME)."""
+
+
+async def _recv_exact(loop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise Closed("eof")
+        buf += chunk
+    return bytes(buf)
+
+
+def _reply(option: int, rtype: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QIII", REPLY_MAGIC, option, rtype, len(data)) + data
+
+
+def _name_of(option: int, data: bytes) -> Optional[str]:
+    """The export name in GO/INFO/LIST_META_CONTEXT/SET_META_CONTEXT option data; None if malformed."""
+    if len(data) < 4:
+        return None
+    (n,) = struct.unpack(">I", data[:4])
+    if n > 4096 or 4 + n > len(data):
+        return None
+    rest = len(data) - 4 - n
+    if option in (OPT_GO, OPT_INFO):
+        if rest < 2:
+            return None
+        (k,) = struct.unpack(">H", data[4 + n:6 + n])
+        if rest != 2 + 2 * k:
+            return None
+    elif rest < 4:
+        return None
+    try:
+        return data[4:4 + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def build_splicer(run_dir: Path) -> Path:
+    """The splicer binary for the current source (its hash in the name), compiled if missing."""
+    src = SPLICER_SOURCE.read_bytes()
+    digest = hashlib.sha256(src).hexdigest()[:12]
+    binary = Path(run_dir) / f"nbd-splicer-{digest}"
+    if binary.exists() and os.access(binary, os.X_OK):
+        return binary
+    tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), "-x", "c", "-"], input=src, capture_output=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot compile the NBD splicer: {r.stderr.decode(errors='replace').strip()[-400:]}")
+    os.replace(tmp, binary)
+    for old in Path(run_dir).glob("nbd-splicer-*"):
+        if old != binary:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+    return binary
+
+
+class Splicer:
+    """The supervised C splicer: `hand(client, daemon)` gives it a negotiated connection."""
+
+    BACKOFF = (0.05, 0.2, 1.0, 2.0, 5.0)
+
+    def __init__(self, run_dir: str | Path, on_event: Callable[[str, dict], None] = lambda k, d: None):
+        self.run_dir = Path(run_dir)
+        self.on_event = on_event
+        self.binary: Optional[Path] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.ctl: Optional[socket.socket] = None
+        self.restarts = 0
+        self.handed = 0
+        self._pidfd: Optional[int] = None
+        self._stopping = False
+        self._restart_task: Optional[asyncio.Task] = None
+
+    @property
+    def up(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.ctl is not None
+
+    async def start(self) -> None:
+        self._stopping = False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.binary = await asyncio.to_thread(build_splicer, self.run_dir)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # own session: a kill of bootd's process group (or of bootd) leaves running connections alone
+            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            theirs.close()
+        try:  # a relay: little CPU, but every wake-up it waits for adds to each request's latency
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, SPLICER_NICE)
+        except OSError:
+            pass
+        mine.settimeout(2.0)
+        self.ctl = mine
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._died)
+        log.debug("NBD splicer pid %d started", self.proc.pid)
+
+    def _unwatch(self) -> None:
+        if self._pidfd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            except Exception:
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _close_ctl(self) -> None:
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+
+    def _died(self) -> None:
+        self._unwatch()
+        status = self.proc.poll() if self.proc is not None else None
+        self._close_ctl()
+        if self._stopping:
+            return
+        log.error("NBD splicer died (status %s): its connections are lost; restarting it", status)
+        self.on_event("splicer_died", {"status": status})
+        if self._restart_task is None or self._restart_task.done():
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            await asyncio.sleep(self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)])
+            attempt += 1
+            try:
+                if self.binary is None or not self.binary.exists():
+                    self.binary = await asyncio.to_thread(build_splicer, self.run_dir)
+                self._spawn()
+                self.restarts += 1
+                self.on_event("splicer_restarted", {"pid": self.proc.pid})
+                return
+            except Exception as e:
+                log.error("restarting the NBD splicer failed: %s", e)
+
+    def hand(self, client: socket.socket, daemon: socket.socket) -> None:
+        """Pass both sockets to the splicer (our copies are closed by the caller). Raises OSError."""
+        if self.ctl is None:
+            raise OSError("the NBD splicer is restarting")
+        try:
+            socket.send_fds(self.ctl, [b"c"], [client.fileno(), daemon.fileno()])
+        except OSError:
+            if self.proc is not None and self.proc.poll() is not None:
+                self._died()
+            raise
+        self.handed += 1
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        self._unwatch()
+        self._close_ctl()
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            for _ in range(100):
+                if p.poll() is not None:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                p.kill()
+                p.wait()
+
+    def status(self) -> dict:
+        return {"pid": self.proc.pid if self.proc is not None else None, "up": self.up,
+                "restarts": self.restarts, "connections_handed": self.handed}
+
+
+class Gatekeeper:
+    """Listens on the NBD TCP port; negotiates; hands negotiated connections to the splicer.
+
+    `policy` must offer `exports_for_peer(ip) -> list[str]` and `may_open(ip, name) -> bool`.
+    `daemon_socket()` gives the path to connect to (the daemon's private unix socket)."""
+
+    def __init__(self, addresses: Iterable[str], port: int, daemon_socket: Callable[[], str], policy: Any,
+                 splicer: Splicer, metrics: Any = None, timeout: float = HANDSHAKE_TIMEOUT):
+        self.addresses = list(addresses)
+        self.port = port
+        self.daemon_socket = daemon_socket
+        self.policy = policy
+        self.splicer = splicer
+        self.metrics = metrics
+        self.timeout = timeout
+        self.sock: Optional[socket.socket] = None
+        self._accept_task: Optional[asyncio.Task] = None
+        self._conns: set[asyncio.Task] = set()
+        self.counts = {"accepted": 0, "spliced": 0, "refused": 0, "bad": 0, "listed": 0}
+
+    def _inc(self, name: str, **labels: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if self.metrics is not None:
+            self.metrics.inc("nbd", name if name == "refused" else f"gatekeeper_{name}", **labels)
+
+    async def start(self) -> None:
+        self.sock = listening_socket(self.addresses, self.port)
+        self.sock.set_inheritable(False)
+        self.sock.setblocking(False)
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        log.info("NBD gatekeeper on %s port %d", ", ".join(self.addresses), self.port)
+
+    async def stop(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            try:
+                await self._accept_task
+            except BaseException:
+                pass
+        for t in list(self._conns):
+            t.cancel()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:  # EMFILE and the like: do not spin
+                log.warning("NBD gatekeeper accept: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            self.counts["accepted"] += 1
+            if len(self._conns) >= MAX_HANDSHAKES:
+                self._inc("bad", reason="too-many-handshakes")
+                conn.close()
+                continue
+            t = loop.create_task(self._serve(conn, addr[0]))
+            self._conns.add(t)
+            t.add_done_callback(self._conns.discard)
+
+    async def _serve(self, client: socket.socket, peer: str) -> None:
+        if peer.startswith("::ffff:"):
+            peer = peer[7:]
+        client.setblocking(False)
+        daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        daemon.setblocking(False)
+        handed = False
+        try:
+            handed = await asyncio.wait_for(self._negotiate(client, daemon, peer), self.timeout)
+        except asyncio.TimeoutError:
+            log.info("NBD client %s: no handshake within %.0f s; closed", peer, self.timeout)
+            self._inc("bad", reason="timeout")
+        except Closed as e:
+            log.debug("NBD client %s: closed (%s)", peer, e)
+        except OSError as e:
+            log.debug("NBD client %s: %s", peer, e)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if handed:
+                self._inc("spliced")
+            client.close()
+            daemon.close()
+
+    async def _negotiate(self, client: socket.socket, daemon: socket.socket, peer: str) -> bool:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(daemon, self.daemon_socket())
+        greeting = await _recv_exact(loop, daemon, 18)
+        if greeting[:8] != NBDMAGIC or struct.unpack(">Q", greeting[8:16])[0] != IHAVEOPT:
+            raise Closed("the storage daemon did not greet in fixed-newstyle")
+        (hflags,) = struct.unpack(">H", greeting[16:18])
+        await loop.sock_sendall(client, greeting)
+        cflags_raw = await _recv_exact(loop, client, 4)
+        (cflags,) = struct.unpack(">I", cflags_raw)
+        await loop.sock_sendall(daemon, cflags_raw)
+        no_zeroes = bool(hflags & FLAG_NO_ZEROES and cflags & FLAG_NO_ZEROES)
+        while True:
+            hdr = await _recv_exact(loop, client, 16)
+            magic, option, length = struct.unpack(">QII", hdr)
+            if magic != IHAVEOPT:
+                self._inc("bad", reason="magic")
+                raise Closed("bad option magic")
+            if length > MAX_OPTION:
+                self._inc("bad", reason="oversized")
+                log.warning("NBD client %s sent %d bytes of option data (option %d); closed", peer, length, option)
+                raise Closed("oversized option")
+            data = await _recv_exact(loop, client, length)
+
+            if option == OPT_LIST:
+                if length:
+                    await loop.sock_sendall(client, _reply(option, REP_ERR_INVALID))
+                    continue
+                out = b""
+                for name in self.policy.exports_for_peer(peer):
+                    raw = name.encode()
+                    out += _reply(option, REP_SERVER, struct.pack(">I", len(raw)) + raw)
+                await loop.sock_sendall(client, out + _reply(option, REP_ACK))
+                self._inc("listed")
+                continue
+
+            if option == OPT_EXPORT_NAME:
+                try:
+                    name = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    name = None
+                if name is None or not self.policy.may_open(peer, name):
+                    self._refused(peer, name, option)
+                    raise Closed("export refused")
+                await loop.sock_sendall(daemon, hdr + data)
+                answer = await _recv_exact(loop, daemon, 10 if no_zeroes else 134)
+                await loop.sock_sendall(client, answer)
+                return self._hand(client, daemon)
+
+            if option in (OPT_GO, OPT_INFO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                name = _name_of(option, data)
+                if name is None:
+                    await loop.sock_sendall(client, _reply(option, REP_ERR_INVALID))
+                    continue
+                if not self.policy.may_open(peer, name):
+                    self._refused(peer, name, option)
+                    await loop.sock_sendall(client, _reply(option, REP_ERR_UNKNOWN))
+                    continue
+
+            # forwarded: relay the daemon's replies up to the final one
+            await loop.sock_sendall(daemon, hdr + data)
+            while True:
+                rh = await _recv_exact(loop, daemon, 20)
+                rmagic, ropt, rtype, rlen = struct.unpack(">QIII", rh)
+                if rmagic != REPLY_MAGIC or rlen > MAX_REPLY:
+                    raise Closed("unexpected reply from the storage daemon")
+                rdata = await _recv_exact(loop, daemon, rlen) if rlen else b""
+                await loop.sock_sendall(client, rh + rdata)
+                if rtype == REP_ACK or rtype & REP_ERR:
+                    break
+            if option == OPT_GO and rtype == REP_ACK:
+                return self._hand(client, daemon)
+            if option == OPT_ABORT:
+                raise Closed("client aborted")
+
+    def _refused(self, peer: str, name: Optional[str], option: int) -> None:
+        self._inc("refused", reason="not-the-host")
+        log.warning("NBD: %s asked for export %s… (option %d), which is not its own: refused", peer,
+                    (name or "?")[:6], option)
+
+    def _hand(self, client: socket.socket, daemon: socket.socket) -> bool:
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.splicer.hand(client, daemon)
+        return True
+
+    def status(self) -> dict:
+        return {"listen": ", ".join(f"{a}:{self.port}" for a in self.addresses), **self.counts,
+                "splicer": self.splicer.status()}
+
+
+def daemon_socket_path(run_dir: str | Path, name: str = "nbd.sock") -> Callable[[], str]:
+    """A connectable path to the daemon's socket whatever the run directory's length (sockaddr_un holds
+    107 bytes): through a directory fd kept open for the process's lifetime."""
+    full = os.path.join(str(run_dir), name)
+    if len(full.encode()) <= 100:
+        return lambda: full
+    holder: dict[str, int] = {}
+
+    def path() -> str:
+        fd = holder.get("fd")
+        if fd is None:
+            fd = holder["fd"] = os.open(str(run_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{fd}/{name}"
+    return path

@@ -1,0 +1,244 @@
+/* bootd NBD splicer: the data path of NBD connections after bootd's gatekeeper has done the handshake.
+ *
+ * bootd (nbdexport/gatekeeper.py) negotiates each NBD connection in Python, then passes the two file
+ * descriptors (client TCP socket, qemu-storage-daemon unix socket) over the control socket (a
+ * SOCK_SEQPACKET socket whose fd number is argv[1]) with SCM_RIGHTS. From then on this process moves
+ * the bytes both ways with splice(2) through a pipe per direction, non-blocking under one edge-triggered
+ * epoll, so the data never enters Python. A connection ends (both sockets closed) when either side
+ * closes or fails; bytes already read from the closing side are delivered first.
+ *
+ * When the control socket closes (bootd stopped or was killed) no new connections come; the process
+ * keeps serving the ones it has and exits when the last one ends. Compiled at run time by bootd
+ * (gcc -O2) into the disks run directory.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define PIPE_SIZE (1 << 20)
+#define MAX_EVENTS 256
+
+struct conn;
+struct end {
+    struct conn *c; /* NULL: the control socket */
+    int side;
+};
+struct conn {
+    int fd[2];      /* 0: client, 1: storage daemon */
+    int pr[2], pw[2]; /* pipe of direction d (fd[d] -> fd[1-d]): read end, write end */
+    size_t pend[2]; /* bytes in the pipe of direction d */
+    size_t cap;
+    int dead;
+    struct end e[2];
+    struct conn *next_dead;
+};
+
+static int ep, ctl = -1, nconns;
+static struct conn *dead_list;
+static struct end ctl_end = {NULL, 0};
+
+static void conn_close(struct conn *c) {
+    if (c->dead)
+        return;
+    c->dead = 1;
+    for (int i = 0; i < 2; i++) {
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd[i], NULL);
+        close(c->fd[i]);
+        close(c->pr[i]);
+        close(c->pw[i]);
+    }
+    nconns--;
+    c->next_dead = dead_list;
+    dead_list = c;
+}
+
+/* Move what can be moved in direction d now. 0: would block, -1: EOF or error (end the connection). */
+static int pump(struct conn *c, int d) {
+    int in = c->fd[d], out = c->fd[1 - d];
+    for (;;) {
+        if (c->pend[d] > 0) {
+            ssize_t n = splice(c->pr[d], NULL, out, NULL, c->pend[d], SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n > 0) {
+                c->pend[d] -= (size_t)n;
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && errno == EAGAIN)
+                return 0; /* backpressure: EPOLLOUT on `out` brings us back */
+            return -1;
+        }
+        ssize_t n = splice(in, NULL, c->pw[d], NULL, c->cap, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            c->pend[d] += (size_t)n;
+            continue;
+        }
+        if (n == 0)
+            return -1; /* EOF, the pipe is empty: everything read was delivered */
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN)
+            return 0;
+        return -1;
+    }
+}
+
+static void service(struct conn *c) {
+    if (c->dead)
+        return;
+    if (pump(c, 0) < 0 || pump(c, 1) < 0)
+        conn_close(c);
+}
+
+static void set_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void add_conn(int a, int b) {
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c)
+        goto fail;
+    c->fd[0] = a;
+    c->fd[1] = b;
+    c->pr[0] = c->pr[1] = c->pw[0] = c->pw[1] = -1;
+    for (int d = 0; d < 2; d++) {
+        int p[2];
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
+            for (int i = 0; i < d; i++) {
+                close(c->pr[i]);
+                close(c->pw[i]);
+            }
+            free(c);
+            goto fail;
+        }
+        c->pr[d] = p[0];
+        c->pw[d] = p[1];
+        fcntl(p[1], F_SETPIPE_SZ, PIPE_SIZE); /* best effort; the size actually got is read below */
+    }
+    int sz = fcntl(c->pw[0], F_GETPIPE_SZ);
+    int sz1 = fcntl(c->pw[1], F_GETPIPE_SZ);
+    c->cap = (size_t)(sz > 0 && sz1 > 0 ? (sz < sz1 ? sz : sz1) : 65536);
+    nconns++;
+    for (int i = 0; i < 2; i++) {
+        set_nonblock(c->fd[i]);
+        c->e[i].c = c;
+        c->e[i].side = i;
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->e[i]};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
+            conn_close(c);
+            return;
+        }
+    }
+    service(c);
+    return;
+fail:
+    close(a);
+    close(b);
+}
+
+/* One message from bootd: 1 byte + SCM_RIGHTS [client fd, daemon fd]. 0: go on, -1: control closed. */
+static int read_ctl(void) {
+    char byte;
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
+    ssize_t n = recvmsg(ctl, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n < 0)
+        return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+    if (n == 0)
+        return -1;
+    int fds[4], nfds = 0;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < k && nfds < 4; i++)
+                memcpy(&fds[nfds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+        }
+    }
+    if (nfds == 2 && !(msg.msg_flags & MSG_CTRUNC)) {
+        add_conn(fds[0], fds[1]);
+    } else {
+        for (int i = 0; i < nfds; i++)
+            close(fds[i]);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s CONTROL-FD\n", argv[0]);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    ctl = atoi(argv[1]);
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) {
+        perror("epoll_create1");
+        return 1;
+    }
+    struct epoll_event cev = {.events = EPOLLIN, .data.ptr = &ctl_end};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, ctl, &cev) < 0) {
+        perror("control socket");
+        return 1;
+    }
+    struct epoll_event evs[MAX_EVENTS];
+    for (;;) {
+        if (ctl < 0 && nconns == 0)
+            return 0;
+        int n = epoll_wait(ep, evs, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("epoll_wait");
+            return 1;
+        }
+        for (int i = 0; i < n; i++) {
+            struct end *e = evs[i].data.ptr;
+            if (e->c == NULL) {
+                if (ctl >= 0 && read_ctl() < 0) { /* bootd gone: serve what we have, then exit */
+                    epoll_ctl(ep, EPOLL_CTL_DEL, ctl, NULL);
+                    close(ctl);
+                    ctl = -1;
+                }
+                continue;
+            }
+            struct conn *c = e->c;
+            uint32_t ev = evs[i].events;
+            int s = e->side;
+            if (c->dead)
+                continue;
+            /* readable (or closing): move fd[s]'s data on; writable: finish what waits for fd[s] */
+            int r = 0;
+            if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                r = pump(c, s);
+            if (r == 0 && (ev & EPOLLOUT) && c->pend[1 - s] > 0)
+                r = pump(c, 1 - s);
+            if (r < 0 || (ev & (EPOLLERR | EPOLLHUP)))
+                conn_close(c);
+        }
+        while (dead_list) {
+            struct conn *c = dead_list;
+            dead_list = c->next_dead;
+            free(c);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+"""The NBD gatekeeper (nbdexport/gatekeeper.py) in front of qemu-storage-daemon, with the real daemon in a
+lab network and clients in their own namespaces: a host lists and opens only its own export, its own
+export works at full correctness through the C splicer, malformed handshakes close only their own
+connection, and a killed splicer is restarted."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from nbdtest import make_base, sha256
+
+pytestmark = pytest.mark.netns
+
+SERVER = "10.77.0.1"
+
+OPEN = textwrap.dedent("""
+    import sys, nbd
+    mode, uri = sys.argv[1], sys.argv[2]
+    h = nbd.NBD()
+    if mode == "oldstyle":  # no fixed-newstyle: libnbd sends NBD_OPT_EXPORT_NAME straight away
+        h.set_handshake_flags(0)  # ... and the reply carries the 124 zero bytes
+    if mode == "oldstyle-nz":
+        h.set_handshake_flags(nbd.HANDSHAKE_FLAG_NO_ZEROES)
+    try:
+        h.connect_uri(uri)
+    except nbd.Error as e:
+        print("REFUSED", e); sys.exit(0)
+    print("OPEN", h.get_size())
+    if mode == "write":
+        h.pwrite(sys.argv[3].encode(), 1 << 20); h.flush()
+    print("READ", h.pread(32, 1 << 20).decode(errors="replace").rstrip("\\x00"))
+""")
+
+RAW = textwrap.dedent("""
+    import socket, struct, sys
+    IHAVEOPT = 0x49484156454F5054
+    def session(host, port, header, payload=b""):
+        s = socket.create_connection((host, port), timeout=10)
+        g = b""
+        while len(g) < 18:
+            g += s.recv(18 - len(g))
+        assert g[:8] == b"NBDMAGIC", g
+        s.sendall(struct.pack(">I", 3) + header + payload)
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    return "CLOSED"
+        except socket.timeout:
+            return "OPEN"
+        except ConnectionResetError:
+            return "CLOSED"
+    host, port = sys.argv[1], int(sys.argv[2])
+    # option data far over the cap: closed without reading it all
+    print(session(host, port, struct.pack(">QII", IHAVEOPT, 7, 1 << 24), b"x" * 65536))
+    # wrong option magic
+    print(session(host, port, struct.pack(">QII", 0x1234, 7, 0)))
+    # a GO whose name length points past its data: NBD_REP_ERR_INVALID, then the client hangs up
+    s = socket.create_connection((host, port), timeout=10)
+    s.recv(18)
+    data = struct.pack(">I", 4000) + b"abc"
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
+    r = b""
+    while len(r) < 20:
+        r += s.recv(20 - len(r))
+    print("REPLY", hex(struct.unpack(">QIII", r)[2]))
+    s.close()
+""")
+
+
+def bootctl_json(d, *args):
+    r = d.bootctl("--json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def py(client, script, *args, **kw):
+    return client.ns.run([sys.executable, "-c", script, *map(str, args)], **kw)
+
+
+def disk_status(d):
+    status = bootctl_json(d, "status")
+    return [s for s in status["services"] if s["name"] == "disks"][0]
+
+
+def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path):
+    base = make_base(tmp_path / "base.qcow2", size_mb=32, pattern=0xAB)
+    base.chmod(0o444)
+    before = sha256(base)
+    raw = tmp_path / "base.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(base), str(raw)], check=True)
+    want = sha256(raw)
+    a = lab.add_client("10.77.0.10")
+    b = lab.add_client("10.77.0.11")
+    stranger = lab.add_client("10.77.0.12")  # no host entry, no export
+    cfg = {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
+           "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
+           "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"},
+                     {"mac": b.mac, "name": "pc-b", "ip": "10.77.0.11"}]}
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
+
+    # the TCP port is bootd's; the storage daemon listens on a private unix socket only
+    ss = lab.server.run(["ss", "-Hltnp", "sport = :10809"]).stdout
+    assert f"{SERVER}:10809" in ss and "qemu-storage" not in ss and "0.0.0.0:10809" not in ss
+    disks = disk_status(d)
+    sock = disks["qsd"]["listen"]
+    assert sock.endswith("/nbd.sock") and oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    assert disks["gatekeeper"]["splicer"]["up"]
+
+    # NBD_OPT_LIST: A sees its own export only, the stranger sees none
+    listing = a.ns.run(["nbdinfo", "--list", "--json", f"nbd://{SERVER}:10809"]).stdout
+    names = [e["export-name"] for e in json.loads(listing)["exports"]]
+    assert names == [ea["name"]]
+    assert eb["name"] not in listing
+    r = stranger.ns.run(["nbdinfo", "--list", "--json", f"nbd://{SERVER}:10809"], check=False)
+    assert ea["name"] not in r.stdout and eb["name"] not in r.stdout
+    if r.returncode == 0:
+        assert json.loads(r.stdout)["exports"] == []
+
+    # A with B's exact export name (taken from the API): refused, by NBD_OPT_GO and by NBD_OPT_EXPORT_NAME
+    for mode in ("read", "oldstyle", "oldstyle-nz"):
+        assert py(a, OPEN, mode, eb["uri"]).stdout.startswith("REFUSED")
+    r = a.ns.run(["qemu-img", "info", "--output=json", eb["uri"]], check=False)
+    assert r.returncode != 0
+    assert py(stranger, OPEN, "read", ea["uri"]).stdout.startswith("REFUSED")
+    metrics = bootctl_json(d, "metrics")
+    assert metrics["nbd"]["refused{reason=not-the-host}"] >= 5
+
+    # A's own export at full correctness through the splicer: whole content, write, reconnect, read back
+    out = tmp_path / "a-copy.raw"
+    a.ns.run(["nbdcopy", ea["uri"], str(out)])
+    assert sha256(out) == want
+    r = py(a, OPEN, "write", ea["uri"], "written-by-pc-a")
+    assert r.stdout.splitlines() == [f"OPEN {32 << 20}", "READ written-by-pc-a"]
+    for mode in ("read", "oldstyle", "oldstyle-nz"):  # reconnects, by GO and by EXPORT_NAME (with/without zeroes)
+        assert py(a, OPEN, mode, ea["uri"]).stdout.splitlines()[-1] == "READ written-by-pc-a"
+    assert a.ns.run(["qemu-img", "info", "--output=json", ea["uri"]]).returncode == 0
+    # B's disk is untouched by A's write
+    r = b.ns.run([sys.executable, "-c", "import sys,nbd; h=nbd.NBD(); h.connect_uri(sys.argv[1]);"
+                  "print(bytes(h.pread(16, 1 << 20)).hex())", eb["uri"]])
+    assert r.stdout.strip() == "00" * 16  # the snapshot has zeros past its first MiB
+
+    # malformed / oversized option data close only that connection; the daemon and A go on
+    r = py(a, RAW, SERVER, 10809)
+    assert r.stdout.splitlines() == ["CLOSED", "CLOSED", f"REPLY {hex((1 << 31) | 3)}"]
+    assert py(a, OPEN, "read", ea["uri"]).stdout.splitlines()[-1] == "READ written-by-pc-a"
+    assert bootctl_json(d, "disk", "list")["disks"]
+    metrics = bootctl_json(d, "metrics")["nbd"]
+    assert metrics.get("gatekeeper_bad{reason=oversized}") == 1 and metrics.get("gatekeeper_bad{reason=magic}") == 1
+
+    # a killed splicer is restarted; new connections work again
+    pid = disk_status(d)["gatekeeper"]["splicer"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        g = disk_status(d)["gatekeeper"]["splicer"]
+        if g["up"] and g["pid"] != pid:
+            break
+        assert time.monotonic() < deadline, g
+        time.sleep(0.1)
+    assert g["restarts"] == 1
+    assert py(a, OPEN, "read", ea["uri"]).stdout.splitlines()[-1] == "READ written-by-pc-a"
+
+    assert d.stop() == 0
+    left = [p for p in lab.server.pids()
+            if any(x in open(f"/proc/{p}/cmdline").read() for x in ("qemu-storage", "nbd-splicer"))]
+    assert not left
+    assert sha256(base) == before
+
+
+def test_gatekeeper_off_and_tls_keep_the_direct_path(lab, bootd_daemon, tmp_path):
+    """`nbd.gatekeeper: false` keeps the storage daemon on TCP itself (and so does nbd.tls)."""
+    base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
+    a = lab.add_client("10.77.0.10")
+    cfg = {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
+           "dhcp": {"mode": "off"}, "tftp": {"enabled": False}, "nbd": {"gatekeeper": False},
+           "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"}]}
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    ss = lab.server.run(["ss", "-Hltnp", "sport = :10809"]).stdout
+    assert "qemu-storage" in ss
+    assert disk_status(d)["gatekeeper"] is None
+    assert py(a, OPEN, "read", ea["uri"]).stdout.startswith("OPEN")
+
+
+@pytest.mark.netns
+def test_without_a_splicer_disks_are_served_directly(tmp_path, monkeypatch):
+    """No gcc / no splicer: the disks stay up, served by the daemon itself, and status says why."""
+    import nbd
+
+    import nbdexport.gatekeeper as gatekeeper
+    from nbdtest import Harness
+
+    def no_compiler(run_dir):
+        raise RuntimeError("gcc: not found")
+
+    monkeypatch.setattr(gatekeeper, "build_splicer", no_compiler)
+    base = make_base(tmp_path / "b.qcow2", size_mb=16)
+    h = Harness(tmp_path, gatekeeper=True).start()
+    try:
+        e = h.run(h.m.prepare_boot("52:54:00:00:00:0a", base))
+        c = nbd.NBD()
+        c.connect_uri(h.uri(e.name))
+        assert c.get_size() == 16 << 20
+        st = h.m.status()
+        assert "gcc: not found" in st["gatekeeper"]["error"] and st["qsd"]["listen"].startswith("127.0.0.1:")
+    finally:
+        h.stop()
