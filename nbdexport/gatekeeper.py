@@ -45,6 +45,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from nbdexport.pidwatch import PidWatch
 from nbdexport.qsd import listening_socket
 
 log = logging.getLogger("bootd.nbd.gatekeeper")
@@ -154,7 +155,7 @@ class Splicer:
         self.ctl: Optional[socket.socket] = None
         self.restarts = 0
         self.handed = 0
-        self._pidfd: Optional[int] = None
+        self._pidwatch = PidWatch()
         self._stopping = False
         self._restart_task: Optional[asyncio.Task] = None
 
@@ -182,18 +183,11 @@ class Splicer:
             pass
         mine.settimeout(2.0)
         self.ctl = mine
-        self._pidfd = os.pidfd_open(self.proc.pid)
-        asyncio.get_running_loop().add_reader(self._pidfd, self._died)
+        self._pidwatch.start(self.proc.pid, self._died)
         log.debug("NBD splicer pid %d started", self.proc.pid)
 
     def _unwatch(self) -> None:
-        if self._pidfd is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            except Exception:
-                pass
-            os.close(self._pidfd)
-            self._pidfd = None
+        self._pidwatch.stop()
 
     def _close_ctl(self) -> None:
         if self.ctl is not None:

@@ -28,6 +28,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from nbdexport.errors import DiskError, StorageDaemonDown
+from nbdexport.pidwatch import PidWatch
 
 log = logging.getLogger("bootd.nbd.qsd")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -71,7 +72,7 @@ class StorageDaemon:
         self.restarts = 0
         self.started_at: Optional[float] = None
         self.up = asyncio.Event()
-        self._pidfd: Optional[int] = None
+        self._pidwatch = PidWatch()
         self._stopping = False
         self._restart_task: Optional[asyncio.Task] = None
         self.lock = asyncio.Lock()  # held by whoever changes the export set (and by the restore)
@@ -263,20 +264,13 @@ class StorageDaemon:
         if not self.pid:
             return
         try:
-            self._pidfd = os.pidfd_open(self.pid)
+            self._pidwatch.start(self.pid, self._died)
         except ProcessLookupError:
             self._died()
             return
-        asyncio.get_running_loop().add_reader(self._pidfd, self._died)
 
     def _unwatch(self) -> None:
-        if self._pidfd is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            except Exception:
-                pass
-            os.close(self._pidfd)
-            self._pidfd = None
+        self._pidwatch.stop()
 
     def _died(self) -> None:
         self._unwatch()

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+
 
 log = logging.getLogger("bootd.loaders")
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from bootd.cli.api_client import ApiClient, ApiError, q
+from bootd.cli.api_client import ApiClient, ApiError
 
 # Modules with `register(sub)`. One line per component.
 COMMAND_MODULES = [

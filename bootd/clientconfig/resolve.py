@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from bootd.config import normalize_mac
 
-from .model import ClientsConfig, InstanceConfig, merge_clients, parse_nbd_uri
+from .model import ClientsConfig, InstanceConfig, merge_clients
 from .render import DiskRef, HostRef, RenderError, index_entries, render_host
 
 
