@@ -14,16 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_until(fn, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(step)
-    return fn()
-
-
 def test_ready_status_and_bootctl(bootd_daemon):
     d = bootd_daemon({"menu": {"timeout": 7}})
     assert d.notify.fields("READY=1")
@@ -122,7 +112,6 @@ def test_api_errors_are_4xx_with_reason_and_daemon_keeps_serving(bootd_daemon):
 
 
 def test_api_over_tcp_needs_the_token(bootd_daemon, tmp_path, netns):
-    from bootd.cli.api_client import ApiClient, ApiError
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     d = bootd_daemon({"api": {"tcp": "127.0.0.1:18081", "token_file": str(token)}}, ns=netns)
