@@ -145,6 +145,10 @@ class TftpConfig(Section):
     session_timeout: Annotated[float, Field(gt=0)] = 60.0  # no progress this long: the session is dropped
     addresses: list[ipaddress.IPv4Address] = []  # listen here instead of on every interface's address
     leading_slash: Literal["root", "refuse"] = "root"  # "/x" means <root>/x (GRUB asks so) or is refused
+    # c: the data phase of disk-file transfers runs in a small C process built at run time with gcc
+    # (bootd/tftp/pump.c); python: everything in the event loop (also the fallback without gcc)
+    data_pump: Literal["c", "python"] = "c"
+    run_dir: Optional[str] = None  # where the C pump is built; default <storage.directory>/run
 
 
 class HttpConfig(Section):

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retries", type=int, default=6)
     ap.add_argument("--session-timeout", type=float, default=60.0)
     ap.add_argument("--leading-slash", choices=["root", "refuse"], default="root")
+    ap.add_argument("--data-pump", choices=["c", "python"], default="c",
+                    help="c: the data phase of file transfers in the C pump (default); python: all in Python")
+    ap.add_argument("--run-dir", help="where the C pump is built (default: a private directory in $TMPDIR)")
     ap.add_argument("--state", help="a bootd state database to record boot events in")
     ap.add_argument("--status", help="file SIGUSR1 writes the status JSON to")
     ap.add_argument("--log-level", default="warning")
@@ -50,7 +53,7 @@ async def _run(args) -> int:
                              session_timeout=args.session_timeout),
         server_limits=ServerLimits(max_sessions=args.max_sessions, max_open_files=args.max_open_files,
                                    leading_slash=args.leading_slash),
-        store=store, metrics=metrics)
+        store=store, metrics=metrics, data_pump=args.data_pump, run_dir=args.run_dir)
     addresses = []
     for item in args.listen or ["127.0.0.1:69"]:
         host, _, port = item.rpartition(":")

@@ -25,6 +25,13 @@ an fnmatch glob ('pxelinux.cfg/*') or a compiled regex (fullmatch) on `path`; th
 asked for matching names. A provider that raises is logged and counted, and the client gets
 "file not found". Providers are asked in registration order; `remove_provider` undoes a registration.
 
+The data pump: with `data_pump="c"` (the default; `tftp.data_pump` in the config) the data phase of
+octet-mode transfers of disk files runs in a small C process (bootd/tftp/pump.c, built at run time,
+supervised by bootd/tftp/pump.py): once the session socket, the file and the negotiated options are
+ready, both fds and the ReadSession's parameters go to the pump, which mirrors the ReadSession's rules
+and reports the outcome back; bookkeeping and boot events stay here. Dynamic files, netascii, and every
+transfer while the pump is down or when it cannot be built, use the Python path below.
+
 Boot events: every finished transfer is `store.record_event(mac, kind, {"path": ...}, nbytes=,
 duration=)` with kind loader / menu / kernel / initrd / file guessed from the name.
 """
@@ -43,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined
+from bootd.tftp.pump import DataPump, default_run_dir
 from bootd.tftp.session import (OP_RRQ, OP_WRQ, ErrorCode, MalformedPacket, ReadSession, SessionLimits,
                                 encode_error, parse_request)
 
@@ -150,6 +158,7 @@ class _Transfer:
     timer_at: float = 0.0
     closed: bool = False
     send: Any = None
+    pump_id: int = 0  # non-zero: the data phase runs in the C pump
 
 
 @dataclass
@@ -164,7 +173,10 @@ class TftpServer:
 
     def __init__(self, root: str, *, limits: SessionLimits = SessionLimits(),
                  server_limits: ServerLimits = ServerLimits(), store: Any = None, metrics: Any = None,
-                 mac_resolver: Optional[Callable[[str], Optional[str]]] = None):
+                 mac_resolver: Optional[Callable[[str], Optional[str]]] = None,
+                 data_pump: str = "c", run_dir: Union[str, os.PathLike, None] = None):
+        if data_pump not in ("c", "python"):
+            raise ValueError(f"data_pump must be 'c' or 'python', not {data_pump!r}")
         self.root = os.fspath(root)
         self.limits = limits
         self.server_limits = server_limits
@@ -178,6 +190,13 @@ class TftpServer:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._tasks: set[asyncio.Task] = set()
         self.totals = {"completed": 0, "failed": 0, "refused": 0, "bytes": 0}
+        self.data_pump = data_pump
+        self.run_dir = run_dir
+        self.pump: Optional[DataPump] = None
+        self.pump_fallback: Optional[str] = None  # why the C pump is not used (logged once)
+        self._pumped: dict[int, _Transfer] = {}
+        self._pump_seq = 0
+        self.pumped_sessions = 0
 
     # -- provider seam -------------------------------------------------------------------------------
     def add_provider(self, provider: Provider, pattern: Union[str, re.Pattern, None] = None) -> Provider:
@@ -204,6 +223,7 @@ class TftpServer:
     async def start(self, addresses: list[tuple[str, int]]) -> None:
         self._loop = asyncio.get_running_loop()
         _raise_nofile_limit()
+        await self._start_pump()
         for host, port in addresses:
             await self.listen(host, port)
 
@@ -224,6 +244,18 @@ class TftpServer:
         log.info("tftp: serving %s on %s:%d", self.root, *name)
         return name
 
+    async def _start_pump(self) -> None:
+        if self.data_pump != "c" or self.pump is not None or self.pump_fallback is not None:
+            return
+        pump = DataPump(self.run_dir or default_run_dir(), self._pump_end, self._pump_lost)
+        try:
+            await pump.start()
+        except Exception as e:
+            self.pump_fallback = str(e)
+            log.warning("tftp: the C data pump is not available (%s): file data is served from Python", e)
+            return
+        self.pump = pump
+
     async def close_listeners(self) -> None:
         for sock in self._listeners.values():
             self._loop.remove_reader(sock.fileno())
@@ -234,6 +266,10 @@ class TftpServer:
         await self.close_listeners()
         for task in list(self._tasks):
             task.cancel()
+        if self.pump is not None:
+            pump, self.pump = self.pump, None
+            await pump.stop()  # it ends its transfers with an ERROR, like the loop below
+            self._pump_lost("server shutting down")
         for t in list(self._transfers.values()):
             if t.session is not None and not t.session.finished:
                 self._send(t, t.session.abort("server shutting down", self._loop.time()))
@@ -248,7 +284,18 @@ class TftpServer:
             "open_files": len(self._files),
             "providers": len(self._providers),
             **self.totals,
+            "data_pump": self.pump_status(),
         }
+
+    def pump_status(self) -> dict:
+        """`mode` as configured; `active`: where new file transfers go now (c or python)."""
+        out = {"mode": self.data_pump, "active": "c" if self.pump is not None and self.pump.up else "python",
+               "sessions": self.pumped_sessions, "running": len(self._pumped)}
+        if self.pump is not None:
+            out.update(self.pump.status())
+        if self.pump_fallback:
+            out["fallback"] = self.pump_fallback
+        return out
 
     def gauges(self) -> dict:
         return {"active_sessions": len(self._transfers), "open_files": len(self._files)}
@@ -368,6 +415,8 @@ class TftpServer:
                     except OSError:
                         continue
             self._count("sessions_started")
+            if t.file is not None and not t.session.netascii and self._hand_to_pump(t):
+                return
             self._loop.add_reader(t.sock.fileno(), self._on_readable, t)
             self._send(t, t.session.start(now))
             self._fill(t)
@@ -427,6 +476,56 @@ class TftpServer:
             sock.close()
             raise
         return sock
+
+    # -- the C data pump ---------------------------------------------------------------------------
+    def _hand_to_pump(self, t: _Transfer) -> bool:
+        """Give the data phase of `t` to the pump; False: serve it from Python (pump down or busy)."""
+        pump = self.pump
+        if pump is None or not pump.up:
+            return False
+        s = t.session
+        limits = s.limits
+        self._pump_seq += 1
+        ident = self._pump_seq
+        try:
+            pump.hand(ident, t.sock, t.file.opened.fd, size=t.file.opened.size, blksize=s.blksize,
+                      windowsize=s.windowsize, retries=limits.retries, rto=s.rto_base,
+                      max_timeout=max(limits.max_timeout, s.rto_base), session_timeout=limits.session_timeout,
+                      oack=s.oack)
+        except OSError as e:
+            log.debug("tftp: handing a transfer to the pump failed (%s): served from Python", e)
+            self._count("pump_hand_failed")
+            return False
+        t.pump_id = ident
+        self._pumped[ident] = t
+        self.pumped_sessions += 1
+        self._count("sessions_pumped")
+        t.sock.close()  # the pump holds its own copy
+        t.sock = None
+        return True
+
+    def _pump_end(self, ident: int, outcome: str, nbytes: int, end: float, retransmits: int, dup_acks: int,
+                  blocks: int, ignored: int) -> None:
+        t = self._pumped.pop(ident, None)
+        if t is None:
+            return
+        t.session.finished_elsewhere(outcome, end, bytes_acked=nbytes, retransmits=retransmits,
+                                     duplicate_acks=dup_acks, blocks_sent=blocks, ignored=ignored)
+        self._close(t)
+
+    def _pump_lost(self, why: str = "data pump died") -> None:
+        """The pump is gone with its sessions: free their bookkeeping (their clients retry)."""
+        lost = list(self._pumped.values())
+        self._pumped.clear()
+        if lost and why == "data pump died":
+            self._count("pump_sessions_lost", len(lost))
+        if why == "data pump died":
+            self._count("pump_deaths")
+        now = self._loop.time()
+        for t in lost:
+            t.session.finished_elsewhere("aborted", now)
+            t.session.error_message = why
+            self._close(t)
 
     # -- the data path -------------------------------------------------------------------------------
     def _on_readable(self, t: _Transfer) -> None:

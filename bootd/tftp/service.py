@@ -3,7 +3,7 @@
 `ctx.service("tftp").server` and `ctx.extras["tftp"]` are the running TftpServer, so other
 components (the menus) can call `add_provider(...)` on it; see bootd/tftp/server.py.
 A reload keeps transfers running: only the listeners are rebound when addresses or port change,
-and new limits apply to new transfers.
+and new limits apply to new transfers. `tftp.data_pump` and `tftp.run_dir` apply at the next start.
 """
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def limits_from_config(tftp) -> tuple[SessionLimits, ServerLimits]:
     return session, server
 
 
+def pump_run_dir(cfg) -> Path:
+    """Where the C data pump is built: `tftp.run_dir`, default <storage.directory>/run."""
+    return Path(cfg.tftp.run_dir) if cfg.tftp.run_dir else cfg.storage_dir / "run"
+
+
 class TftpService(Service):
     name = "tftp"
 
@@ -51,7 +56,8 @@ class TftpService(Service):
         session_limits, server_limits = limits_from_config(cfg.tftp)
         if self.server is None:
             self.server = TftpServer(str(root), limits=session_limits, server_limits=server_limits,
-                                     store=ctx.store, metrics=ctx.metrics)
+                                     store=ctx.store, metrics=ctx.metrics, data_pump=cfg.tftp.data_pump,
+                                     run_dir=pump_run_dir(cfg))
         ctx.extras["tftp"] = self.server
         ctx.metrics.add_gauges("tftp", self.server.gauges)
         self._addresses = listen_addresses(cfg)

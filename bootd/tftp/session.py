@@ -365,6 +365,24 @@ class ReadSession:
         self.error_message = message
         return [encode_error(code, message)]
 
+    def finished_elsewhere(self, outcome: str, now: float, *, bytes_acked: int = 0, retransmits: int = 0,
+                           duplicate_acks: int = 0, blocks_sent: int = 0, ignored: int = 0) -> None:
+        """The data phase ran outside this object (the C pump, bootd/tftp/pump.c, which mirrors these
+        rules): take over its outcome and counters so the adapter accounts for it like any session."""
+        if self.state >= State.COMPLETE:
+            return
+        self._finish(State.COMPLETE if outcome == "complete" else State.FAILED, outcome, now)
+        self.bytes_acked = bytes_acked
+        self.retransmits = retransmits
+        self.duplicate_acks = duplicate_acks
+        self.blocks_sent = blocks_sent
+        self.ignored = ignored
+
+    @property
+    def oack(self) -> Optional[bytes]:
+        """The OACK datagram this session starts with (None: it starts with DATA 1)."""
+        return self._oack
+
     def prepare(self) -> None:
         """Optional, for the adapter to call after sending: build the window that the ACK now awaited
         will release and drop acknowledged bytes, so the ACK itself is answered without this work."""

@@ -1,7 +1,9 @@
 """Real TFTP clients (curl, atftp, tftp-hpa's tftp, tftpy) against bootd's TFTP server in a private lab.
 
 The server (`python -m bootd.tftp`, the same TftpServer the daemon runs) listens on 10.77.0.1 in the
-lab's server namespace; clients run in a client namespace behind a veth pair and a bridge.
+lab's server namespace; clients run in a client namespace behind a veth pair and a bridge. Port 69
+runs the default data path (the C pump, bootd/tftp/pump.c), port 1069 a second server with
+`--data-pump python`: the key transfers run against both, and each test checks which path served it.
 """
 from __future__ import annotations
 
@@ -25,17 +27,22 @@ UDP_TOOL = str(Path(__file__).with_name("udp_tool.py"))
 S = "10.77.0.1"
 PY = sys.executable
 SIZES = {"empty": 0, "one": 1, "b511": 511, "b512": 512, "b513": 513, "f1m": (1 << 20) + 123}
+PORTS = {"c": 69, "python": 1069}
+PUMPS = list(PORTS)
 
 
 class TftpRunner:
     """`python -m bootd.tftp` in a namespace, with its state DB and status file."""
 
-    def __init__(self, ns, root: Path, work: Path, *extra: str):
+    def __init__(self, ns, root: Path, work: Path, *extra: str, pump: str = "c"):
         self.ns = ns
+        self.pump = pump
+        work = work / f"server-{pump}"
+        work.mkdir(exist_ok=True)
         self.state = work / "state.db"
         self.status_path = work / "status.json"
-        argv = [PY, "-m", "bootd.tftp", "--root", str(root), "--listen", f"{S}:69", "--state", str(self.state),
-                "--status", str(self.status_path), *extra]
+        argv = [PY, "-m", "bootd.tftp", "--root", str(root), "--listen", f"{S}:{PORTS[pump]}", "--state",
+                str(self.state), "--status", str(self.status_path), "--data-pump", pump, *extra]
         self.proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=open(work / "tftp.log", "ab"), cwd=str(ROOT),
                              text=True)
         line = self.proc.stdout.readline()
@@ -50,6 +57,12 @@ class TftpRunner:
                 return json.loads(self.status_path.read_text())
             time.sleep(0.01)
         raise AssertionError("no status from the tftp server")
+
+    def pumped(self) -> int:
+        """Transfers the C pump has served so far (checks this server runs the path it should)."""
+        st = self.status()["status"]["data_pump"]
+        assert st["mode"] == self.pump and st["active"] == self.pump, st
+        return st["sessions"]
 
     def mark(self) -> int:
         """The newest event id now: pass it to last_event to wait for an event of a later fetch."""
@@ -124,39 +137,46 @@ def env(tmp_path_factory):
     out.mkdir()
     os.chmod(out, 0o777)
     lab = Lab()
-    runner = None
+    runners = {}
     try:
         client = lab.add_client(address="10.77.0.10")
         set_mtu(lab, client, 9000)
-        runner = TftpRunner(lab.server, root, base)
-        yield {"lab": lab, "client": client, "root": root, "out": out, "runner": runner, "base": base}
+        for pump in PUMPS:
+            runners[pump] = TftpRunner(lab.server, root, base, pump=pump)
+        yield {"lab": lab, "client": client, "root": root, "out": out, "runner": runners["c"], "runners": runners,
+               "base": base}
     finally:
-        if runner:
+        for runner in runners.values():
             runner.stop()
         lab.close()
 
 
-def fetch_cmd(client: str, name: str, dest: str, blksize=None, windowsize=None) -> list[str]:
+def on(env, pump: str) -> dict:
+    """The env with `pump`'s server as the one fetched from."""
+    return {**env, "runner": env["runners"][pump], "port": PORTS[pump]}
+
+
+def fetch_cmd(client: str, name: str, dest: str, blksize=None, windowsize=None, port=69) -> list[str]:
     if client == "curl":
         argv = ["curl", "-sS", "--max-time", "60", "-o", dest]
         if blksize:
             argv += ["--tftp-blksize", str(blksize)]
-        return argv + [f"tftp://{S}/{name}"]
+        return argv + [f"tftp://{S}:{port}/{name}"]
     if client == "atftp":
         argv = ["atftp", "-g", "-r", name, "-l", dest]
         if blksize:
             argv += ["--option", f"blksize {blksize}"]
         if windowsize:
             argv += ["--option", f"windowsize {windowsize}"]
-        return argv + [S]
+        return argv + [S, str(port)]
     if client == "tftp-hpa":
         assert not blksize and not windowsize
-        return ["tftp", S, "-c", "get", name, dest]
+        return ["tftp", S, str(port), "-c", "get", name, dest]
     if client == "tftpy":
         opts = {"blksize": blksize} if blksize else {}
-        code = ("import sys, tftpy, json; tftpy.TftpClient(sys.argv[1], 69, json.loads(sys.argv[4]))"
+        code = ("import sys, tftpy, json; tftpy.TftpClient(sys.argv[1], int(sys.argv[5]), json.loads(sys.argv[4]))"
                 ".download(sys.argv[2], sys.argv[3], timeout=5)")
-        return [PY, "-c", code, S, name, dest, json.dumps(opts)]
+        return [PY, "-c", code, S, name, dest, json.dumps(opts), str(port)]
     raise ValueError(client)
 
 
@@ -164,19 +184,25 @@ def fetch(env, client: str, name: str, **kw) -> bytes:
     dest = env["out"] / f"{client}-{name.replace('/', '_')}-{kw.get('blksize')}-{kw.get('windowsize')}"
     if dest.exists():
         dest.unlink()
-    r = env["client"].ns.run(fetch_cmd(client, name, str(dest), **kw), check=False, timeout=120)
+    r = env["client"].ns.run(fetch_cmd(client, name, str(dest), port=env.get("port", 69), **kw), check=False,
+                             timeout=120)
     assert r.returncode == 0, f"{client} {name} {kw}: rc={r.returncode}\n{r.stdout}\n{r.stderr}"
     return dest.read_bytes()
 
 
 @pytest.mark.parametrize("client", ["curl", "atftp", "tftp-hpa", "tftpy"])
 def test_default_options_byte_identical(env, client):
+    pumped = env["runner"].pumped()
+    fetched = 0
     for name in SIZES:
         if client == "curl" and name == "empty":
             continue  # curl 7.88 fails any empty TFTP file ("getpeername() failed"), tftpd-hpa's too
         mark = env["runner"].mark()
         assert fetch(env, client, name) == (env["root"] / name).read_bytes(), (client, name)
+        fetched += 1
     ev = env["runner"].last_event("f1m", after=mark)
+    # the C pump served every octet transfer; tftp-hpa's netascii ones are Python's
+    assert env["runner"].pumped() - pumped == (0 if client == "tftp-hpa" else fetched)
     assert ev["outcome"] == "complete" and ev["blksize"] == 512
     if client == "tftp-hpa":   # its default mode is netascii: more octets on the wire, same file after
         assert ev["mode"] == "netascii" and ev["nbytes"] > SIZES["f1m"]
@@ -186,33 +212,44 @@ def test_default_options_byte_identical(env, client):
     assert ev["kind"] == "file" and ev["duration"] > 0
 
 
+@pytest.mark.parametrize("pump", PUMPS)
 @pytest.mark.parametrize("client", ["curl", "atftp", "tftpy"])
 @pytest.mark.parametrize("blksize", [512, 1468, 8192])
-def test_blksize_byte_identical(env, client, blksize):
-    mark = env["runner"].mark()
+def test_blksize_byte_identical(env, client, blksize, pump):
+    env = on(env, pump)
+    mark, pumped = env["runner"].mark(), env["runner"].pumped()
     assert fetch(env, client, "f1m", blksize=blksize) == (env["root"] / "f1m").read_bytes()
-    assert env["runner"].last_event("f1m", after=mark)["blksize"] == blksize   # the 9000-byte MTU allows 8192
+    ev = env["runner"].last_event("f1m", after=mark)
+    assert ev["blksize"] == blksize and ev["outcome"] == "complete"  # the 9000-byte MTU allows 8192
+    assert ev["nbytes"] == SIZES["f1m"] and ev["mac"] == env["client"].mac
+    assert env["runner"].pumped() - pumped == (1 if pump == "c" else 0)
 
 
+@pytest.mark.parametrize("pump", PUMPS)
 @pytest.mark.parametrize("windowsize", [1, 4, 16])
 @pytest.mark.parametrize("blksize", [None, 1468])
-def test_atftp_windowsize_byte_identical(env, windowsize, blksize):
-    mark = env["runner"].mark()
+def test_atftp_windowsize_byte_identical(env, windowsize, blksize, pump):
+    env = on(env, pump)
+    mark, pumped = env["runner"].mark(), env["runner"].pumped()
     assert fetch(env, "atftp", "f1m", blksize=blksize, windowsize=windowsize) == (env["root"] / "f1m").read_bytes()
     ev = env["runner"].last_event("f1m", after=mark)
     assert ev["windowsize"] == windowsize and ev["blksize"] == (blksize or 512)
+    assert env["runner"].pumped() - pumped == (1 if pump == "c" else 0)
 
 
-def test_40_mib_file_rolls_block_numbers_over(env):
+@pytest.mark.parametrize("pump", PUMPS)
+def test_40_mib_file_rolls_block_numbers_over(env, pump):
+    env = on(env, pump)
     big = os.urandom(40 << 20)
     (env["root"] / "big40").write_bytes(big)
     try:
         # 81 920 blocks of 512 bytes: the 16-bit block number wraps once
-        mark = env["runner"].mark()
+        mark, pumped = env["runner"].mark(), env["runner"].pumped()
         assert fetch(env, "curl", "big40") == big
         ev = env["runner"].last_event("big40", after=mark)
         assert ev["nbytes"] == 40 << 20 and ev["blksize"] == 512 and ev["outcome"] == "complete"
         assert fetch(env, "atftp", "big40", blksize=1468, windowsize=16) == big
+        assert env["runner"].pumped() - pumped == (2 if pump == "c" else 0)
     finally:
         (env["root"] / "big40").unlink()
         for p in env["out"].glob("*big40*"):
@@ -285,6 +322,7 @@ def test_200_clients_at_once(env):
     assert not bad, bad
     st = env["runner"].status()
     assert st["status"]["active_sessions"] == 0 and st["status"]["open_files"] == 0
+    assert st["status"]["data_pump"]["running"] == 0 and st["status"]["data_pump"]["restarts"] == 0
 
 
 def test_fuzzed_packets_do_not_stop_valid_transfers(env):
@@ -306,18 +344,21 @@ def test_fuzzed_packets_do_not_stop_valid_transfers(env):
     assert fetch(env, "tftp-hpa", "f1m") == want   # and it still serves afterwards
     after = env["runner"].status()["metrics"]["tftp"]
     assert after.get("malformed", 0) - before.get("malformed", 0) > 1000
+    assert after["sessions_pumped"] - before.get("sessions_pumped", 0) >= fetches
     assert env["runner"].proc.poll() is None
 
 
 # -- limits and timeouts: a server with short timers and few sessions, on a 1500-byte MTU -------------
 
-@pytest.fixture
-def strict(tmp_path, lab):
+@pytest.fixture(params=["c"])
+def strict(request, tmp_path, lab):
     root = make_root(tmp_path)
     client = lab.add_client(address="10.77.0.20")
-    runner = TftpRunner(lab.server, root, tmp_path, "--timeout", "0.2", "--retries", "2", "--max-sessions", "4")
+    runner = TftpRunner(lab.server, root, tmp_path, "--timeout", "0.2", "--retries", "2", "--max-sessions", "4",
+                        pump=request.param)
     try:
-        yield {"lab": lab, "client": client, "root": root, "runner": runner, "out": tmp_path}
+        yield {"lab": lab, "client": client, "root": root, "runner": runner, "out": tmp_path,
+               "port": PORTS[request.param]}
     finally:
         runner.stop()
 
@@ -327,9 +368,11 @@ def _udp_sockets(ns) -> list[str]:
     return [line for line in out.splitlines() if S in line]
 
 
+@pytest.mark.parametrize("strict", PUMPS, indirect=True)
 def test_silent_client_dropped_and_session_freed(strict):
     c = strict["client"].ns
-    r = c.run([PY, UDP_TOOL, "silent", S, "69", "f1m", "10"], timeout=30)
+    pumped = strict["runner"].pumped()
+    r = c.run([PY, UDP_TOOL, "silent", S, str(strict["port"]), "f1m", "10"], timeout=30)
     replies = json.loads(r.stdout)
     kinds = [k for _, k in replies]
     assert kinds == [3, 3, 3, 5], replies               # DATA 1, two retransmissions, then ERROR
@@ -339,6 +382,8 @@ def test_silent_client_dropped_and_session_freed(strict):
     st = strict["runner"].status()
     assert st["status"]["active_sessions"] == 0 and st["status"]["open_files"] == 0
     assert st["metrics"]["tftp"]["sessions_failed{reason=timeout}"] == 1
+    assert st["status"]["data_pump"]["sessions"] - pumped == (1 if strict["runner"].pump == "c" else 0)
+    assert st["status"]["data_pump"]["running"] == 0
     assert len(_udp_sockets(strict["lab"].server)) == 1   # only the listener is left
 
 
