@@ -50,9 +50,11 @@ def test_daemon_serves_tftp_and_records_the_boot_timeline(lab, bootd_daemon, tmp
     metrics = d.api.get("/api/v1/metrics")
     tftp = metrics["tftp"] if "tftp" in metrics else metrics["metrics"]["tftp"]
     assert tftp["sessions_completed"] == 3
+    assert tftp["sessions_pumped"] == 3                       # all three through the C data pump
     assert tftp["refused{reason=not-found}"] == 1
     assert tftp["active_sessions"] == 0
     status = d.api.get("/api/v1/status")
     svc = [s for s in status["services"] if s["name"] == "tftp"][0]
     assert svc["addresses"] == ["10.77.0.1:69"] and svc["completed"] == 3
+    assert svc["data_pump"]["mode"] == "c" and svc["data_pump"]["up"] and svc["data_pump"]["running"] == 0
     assert d.stop() == 0

@@ -14,8 +14,8 @@ from bootd.tftp.session import OP_DATA, encode_ack, encode_request
 
 def _config(root, port, **tftp):
     import yaml
-    return parse_config(yaml.safe_dump({"tftp": {"root": str(root), "port": port,
-                                                 "addresses": ["127.0.0.1"], **tftp}}))
+    return parse_config(yaml.safe_dump({"tftp": {"root": str(root), "port": port, "addresses": ["127.0.0.1"],
+                                                 "run_dir": str(root.parent / "run"), **tftp}}))
 
 
 def _free_port() -> int:
@@ -40,6 +40,8 @@ def test_service_start_reload_stop(tmp_path):
         await svc.start(ctx)
         assert ctx.extras["tftp"] is svc.server
         assert svc.status()["addresses"] == [f"127.0.0.1:{port}"]
+        assert svc.status()["data_pump"]["active"] == "c"          # tftp.data_pump defaults to c
+        assert list((tmp_path / "run").glob("tftp-pump-*"))       # built in tftp.run_dir
         loop = asyncio.get_running_loop()
         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         c.setblocking(False)
@@ -64,7 +66,7 @@ def test_service_start_reload_stop(tmp_path):
                 break
         assert bytes(got) == data
         await asyncio.sleep(0.05)
-        assert svc.status()["completed"] == 1
+        assert svc.status()["completed"] == 1 and svc.status()["data_pump"]["sessions"] == 1
         await svc.stop()
         c.close()
         store.close()
@@ -75,7 +77,7 @@ def test_service_start_reload_stop(tmp_path):
 def test_no_interfaces_means_no_listener(tmp_path):
     async def main():
         store = StateStore(tmp_path / "state.db")
-        cfg = parse_config(f"tftp: {{root: {tmp_path}}}\n")
+        cfg = parse_config(f"tftp: {{root: {tmp_path}, data_pump: python}}\n")
         svc = TftpService()
         await svc.start(Context(config=cfg, config_path="x", store=store))
         assert svc.status()["addresses"] == []
