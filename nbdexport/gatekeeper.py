@@ -24,7 +24,11 @@ fixed-newstyle negotiation between the client and the daemon:
 
 Then both sockets are passed over SCM_RIGHTS to `splicer.c`, a small long-running C process (compiled at
 run time into the run directory with gcc -O2 when missing or outdated) that moves the bytes both ways
-with splice(2) through pipes under epoll: the data path never enters Python. bootd supervises it and
+under epoll (replies with splice(2), requests through a buffer where their NBD headers are counted): the
+data path never enters Python. Each handed connection gets a slot in a shared counter array (a memfd):
+the splicer adds the bytes and requests of every READ and WRITE to it, and bootd sums the slots of an
+export (`Splicer.io(name)`), which is what `bootctl disk list` and /metrics show per export, since
+qemu 7.2's query-blockstats counts nothing for NBD exports. bootd supervises it and
 restarts it if it dies; the connections it carried are lost then (the clients reconnect, and their
 export names still work). A splicer outlives a bootd killed hard, serving its connections until they
 end (its control socket closed, it takes no new ones and exits after the last).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -79,6 +84,9 @@ MAX_HANDSHAKES = 512  # connections in negotiation at once; more are closed at o
 
 SPLICER_SOURCE = Path(__file__).with_name("splicer.c")
 SPLICER_NICE = -10
+COUNTER_SLOTS = 8192  # connections counted at once (more are relayed uncounted)
+SLOT = struct.Struct("=QQQQ")  # rd_bytes, wr_bytes, rd_ops, wr_ops: splicer.c's struct slot
+IO_FIELDS = ("read_bytes", "written_bytes", "read_requests", "write_requests")
 
 
 class Closed(Exception):
@@ -142,8 +150,39 @@ def build_splicer(run_dir: Path) -> Path:
     return binary
 
 
+class _Counters:
+    """The shared counter array of one splicer process, and which export each slot counts for."""
+
+    def __init__(self, slots: int = COUNTER_SLOTS):
+        self.fd = os.memfd_create("bootd-nbd-counters", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, slots * SLOT.size)
+        self.map = mmap.mmap(self.fd, slots * SLOT.size)
+        self.free = list(range(slots - 1, -1, -1))
+        self.owner: dict[int, str] = {}
+
+    def take(self, name: str) -> Optional[int]:
+        if not self.free:
+            return None
+        slot = self.free.pop()
+        self.owner[slot] = name
+        return slot
+
+    def read(self, slot: int) -> tuple[int, int, int, int]:
+        return SLOT.unpack_from(self.map, slot * SLOT.size)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except (BufferError, ValueError):
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 class Splicer:
-    """The supervised C splicer: `hand(client, daemon)` gives it a negotiated connection."""
+    """The supervised C splicer: `hand(client, daemon, name)` gives it a negotiated connection."""
 
     BACKOFF = (0.05, 0.2, 1.0, 2.0, 5.0)
 
@@ -158,6 +197,11 @@ class Splicer:
         self._pidwatch = PidWatch()
         self._stopping = False
         self._restart_task: Optional[asyncio.Task] = None
+        self._counters: Optional[_Counters] = None
+        self._totals: dict[str, list[int]] = {}  # export -> IO_FIELDS of its ended connections
+        self._reader_fd: Optional[int] = None
+        self._ctl_rx: Optional[socket.socket] = None
+        self.known: Callable[[str], bool] = lambda name: True  # exports still worth totals (set by the manager)
 
     @property
     def up(self) -> bool:
@@ -171,18 +215,32 @@ class Splicer:
 
     def _spawn(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        counters = _Counters()
         try:
             # own session: a kill of bootd's process group (or of bootd) leaves running connections alone
-            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno())], pass_fds=[theirs.fileno()],
+            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno()), str(counters.fd)],
+                                         pass_fds=[theirs.fileno(), counters.fd],
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            counters.close()
+            raise
         finally:
             theirs.close()
+        self._counters = counters
         try:  # a relay: little CPU, but every wake-up it waits for adds to each request's latency
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, SPLICER_NICE)
         except OSError:
             pass
-        mine.settimeout(2.0)
+        mine.settimeout(2.0)  # sends wait a little for a busy splicer
         self.ctl = mine
+        rx = mine.dup()  # receives never wait: a timeout socket would block the loop in recv
+        rx.settimeout(0)
+        self._ctl_rx = rx
+        try:
+            asyncio.get_running_loop().add_reader(rx.fileno(), self._on_ctl)
+            self._reader_fd = rx.fileno()
+        except RuntimeError:  # no loop (tools): slots are then folded only when the splicer goes
+            pass
         self._pidwatch.start(self.proc.pid, self._died)
         log.debug("NBD splicer pid %d started", self.proc.pid)
 
@@ -190,14 +248,76 @@ class Splicer:
         self._pidwatch.stop()
 
     def _close_ctl(self) -> None:
+        if self._reader_fd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._reader_fd)
+            except RuntimeError:
+                pass
+            self._reader_fd = None
+        if self._ctl_rx is not None:
+            self._ctl_rx.close()
+            self._ctl_rx = None
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
 
+    def _on_ctl(self) -> None:
+        """The splicer says which connections ended (4-byte slot numbers): fold their counts."""
+        while self._ctl_rx is not None:
+            try:
+                msg = self._ctl_rx.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = b""
+            if not msg:  # the splicer closed its end: it is going; _died follows
+                self._close_ctl()
+                return
+            if len(msg) == 4 and self._counters is not None:
+                self._fold(self._counters, struct.unpack("=I", msg)[0])
+
+    def _fold(self, counters: _Counters, slot: int) -> None:
+        name = counters.owner.pop(slot, None)
+        if name is None:
+            return
+        if self.known(name):
+            tot = self._totals.setdefault(name, [0, 0, 0, 0])
+            for i, v in enumerate(counters.read(slot)):
+                tot[i] += v
+        counters.free.append(slot)
+
+    def _drop_counters(self) -> None:
+        """The splicer is gone: every connection it carried ended; keep what they counted."""
+        counters, self._counters = self._counters, None
+        if counters is None:
+            return
+        for slot in list(counters.owner):
+            self._fold(counters, slot)
+        counters.close()
+
+    def io(self, name: str) -> dict:
+        """An export's NBD I/O so far (ended and live connections) and its live connection count."""
+        tot = list(self._totals.get(name, (0, 0, 0, 0)))
+        live = 0
+        counters = self._counters
+        if counters is not None:
+            for slot, owner in list(counters.owner.items()):
+                if owner == name:
+                    live += 1
+                    for i, v in enumerate(counters.read(slot)):
+                        tot[i] += v
+        return {**dict(zip(IO_FIELDS, tot)), "connections": live}
+
+    def forget(self, name: str) -> None:
+        """An export is gone for good (its boot ended): drop its totals."""
+        self._totals.pop(name, None)
+
     def _died(self) -> None:
         self._unwatch()
         status = self.proc.poll() if self.proc is not None else None
+        self._on_ctl()  # the last "ended" messages it sent
         self._close_ctl()
+        self._drop_counters()
         if self._stopping:
             return
         log.error("NBD splicer died (status %s): its connections are lost; restarting it", status)
@@ -220,13 +340,20 @@ class Splicer:
             except Exception as e:
                 log.error("restarting the NBD splicer failed: %s", e)
 
-    def hand(self, client: socket.socket, daemon: socket.socket) -> None:
-        """Pass both sockets to the splicer (our copies are closed by the caller). Raises OSError."""
+    def hand(self, client: socket.socket, daemon: socket.socket, name: Optional[str] = None) -> None:
+        """Pass both sockets to the splicer (our copies are closed by the caller), counted for export
+        `name`. Raises OSError."""
         if self.ctl is None:
             raise OSError("the NBD splicer is restarting")
+        counters = self._counters
+        slot = counters.take(name) if counters is not None and name is not None else None
+        msg = b"c" if slot is None else b"s" + struct.pack("<I", slot)
         try:
-            socket.send_fds(self.ctl, [b"c"], [client.fileno(), daemon.fileno()])
+            socket.send_fds(self.ctl, [msg], [client.fileno(), daemon.fileno()])
         except OSError:
+            if slot is not None:
+                counters.owner.pop(slot, None)
+                counters.free.append(slot)
             if self.proc is not None and self.proc.poll() is not None:
                 self._died()
             raise
@@ -238,6 +365,7 @@ class Splicer:
             self._restart_task.cancel()
         self._unwatch()
         self._close_ctl()
+        self._drop_counters()
         p, self.proc = self.proc, None
         if p is not None and p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -390,7 +518,7 @@ class Gatekeeper:
                 await loop.sock_sendall(daemon, hdr + data)
                 answer = await _recv_exact(loop, daemon, 10 if no_zeroes else 134)
                 await loop.sock_sendall(client, answer)
-                return self._hand(client, daemon)
+                return self._hand(client, daemon, name)
 
             if option in (OPT_GO, OPT_INFO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
                 name = _name_of(option, data)
@@ -414,7 +542,7 @@ class Gatekeeper:
                 if rtype == REP_ACK or rtype & REP_ERR:
                     break
             if option == OPT_GO and rtype == REP_ACK:
-                return self._hand(client, daemon)
+                return self._hand(client, daemon, _name_of(option, data))
             if option == OPT_ABORT:
                 raise Closed("client aborted")
 
@@ -423,12 +551,12 @@ class Gatekeeper:
         log.warning("NBD: %s asked for export %s… (option %d), which is not its own: refused", peer,
                     (name or "?")[:6], option)
 
-    def _hand(self, client: socket.socket, daemon: socket.socket) -> bool:
+    def _hand(self, client: socket.socket, daemon: socket.socket, name: Optional[str]) -> bool:
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self.splicer.hand(client, daemon)
+        self.splicer.hand(client, daemon, name)
         return True
 
     def status(self) -> dict:

@@ -219,6 +219,7 @@ class DiskManager:
                 pass
 
         splicer = Splicer(self.qsd.run_dir, on_event=on_event)
+        splicer.known = lambda name: name in self._rows
         gk = Gatekeeper(self.s.listen_all or [self.s.listen], self.s.port, self._daemon_socket, self, splicer,
                         metrics=self.metrics)
         try:
@@ -494,7 +495,10 @@ class DiskManager:
         seen_layers = set()
         for r in sorted(self._rows.values(), key=lambda r: (r.mac, not r.main)):
             st = stats.get(r.node, {})
-            connected = self._connected(r.mac, conn)
+            io = self.export_io(r.name)
+            # a connection the splicer counts, or any from the host's addresses (one an earlier bootd's
+            # splicer still carries after a kill -9 is counted by no one here)
+            connected = bool(io and io["connections"]) or self._connected(r.mac, conn)
             if r.persistent:
                 seen_layers.add(r.overlay)
             out.append({"mac": r.mac, "host": self.host_name(r.mac) or r.mac, "export": r.name,
@@ -502,7 +506,8 @@ class DiskManager:
                         "boot": r.boot, "main": r.main, "size": r.size,
                         "overlay_bytes": allocated_bytes(r.overlay), "connected": connected,
                         "since": r.created, "last_active": max(r.last_active, time.time() if connected else 0),
-                        "wr_highest_offset": st.get("wr_highest_offset"), "uri": r.export(self.s.port, False).uri})
+                        "wr_highest_offset": st.get("wr_highest_offset"), "uri": r.export(self.s.port, False).uri,
+                        **(io or {})})
         for lr in self.store.query("SELECT * FROM disk_layers"):
             if lr["path"] in seen_layers:
                 continue
@@ -532,6 +537,13 @@ class DiskManager:
                                else {"error": self.gatekeeper_error} if self.gatekeeper_error else None),
                 "free_mb": rep.free >> 20 if rep else None, "space_low": bool(rep and rep.low)}
 
+    def export_io(self, name: str) -> Optional[dict]:
+        """Bytes and requests read and written through export `name` and its live connections, as the
+        splicer counted them (None without the gatekeeper: qemu 7.2 counts nothing per NBD export)."""
+        if self.gatekeeper is None:
+            return None
+        return self.gatekeeper.splicer.io(name)
+
     def gauges(self) -> dict[str, float]:
         rep = self.last_space
         out = {"exports": len(self._rows), "qsd_restarts": self.qsd.restarts, "qsd_up": int(self.qsd.up.is_set())}
@@ -549,6 +561,14 @@ class DiskManager:
             out["free_bytes"] = rep.free
             out["space_low"] = int(rep.low)
         out["overlay_bytes"] = sum(allocated_bytes(r.overlay) for r in self._rows.values())
+        for r in self._rows.values():  # per export, labelled by host (the export name is a secret)
+            io = self.export_io(r.name)
+            if io is None:
+                break
+            host = str(self.host_name(r.mac) or r.mac).replace("\\", "\\\\").replace('"', '\\"')
+            labels = f'{{host="{host}",mac="{r.mac}",disk="{"main" if r.main else r.node}"}}'
+            for k in ("read_bytes", "written_bytes", "read_requests", "write_requests", "connections"):
+                out[f"export_{k}{labels}"] = io[k]
         return out
 
     # -- internals ---------------------------------------------------------------------------------
@@ -634,6 +654,8 @@ class DiskManager:
 
     def _forget(self, row: _Row) -> None:
         self._rows.pop(row.name, None)
+        if self.gatekeeper is not None:
+            self.gatekeeper.splicer.forget(row.name)
         with self.store.transaction() as cur:
             cur.execute("DELETE FROM disk_exports WHERE name=?", (row.name,))
 

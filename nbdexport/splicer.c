@@ -7,6 +7,14 @@
  * epoll, so the data never enters Python. A connection ends (both sockets closed) when either side
  * closes or fails; bytes already read from the closing side are delivered first.
  *
+ * Per-export I/O counts (qemu 7.2's query-blockstats has none for NBD exports): the client->daemon
+ * direction is copied through a buffer rather than spliced, and its NBD request headers are parsed on
+ * the way (28 bytes: magic, flags, type, handle, offset, length; a WRITE's payload follows). The bytes
+ * and requests of READ and WRITE are added to the connection's slot in a shared counter array (a memfd
+ * bootd passes as argv[2], 32 bytes per slot, written only here, read by bootd). Replies (the big
+ * direction of a read) are still spliced. When a connection ends its slot number goes back to bootd on
+ * the control socket (4 bytes), so bootd folds the final counts into the export's totals.
+ *
  * When the control socket closes (bootd stopped or was killed) no new connections come; the process
  * keeps serving the ones it has and exits when the last one ends. Compiled at run time by bootd
  * (gcc -O2) into the disks run directory.
@@ -20,12 +28,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #define PIPE_SIZE (1 << 20)
 #define MAX_EVENTS 256
+#define C2S_BUF (128 * 1024)
+#define NBD_REQUEST_MAGIC 0x25609513u
+#define NBD_CMD_READ 0
+#define NBD_CMD_WRITE 1
+
+struct slot { /* one per connection in the shared counter array; bootd reads it */
+    uint64_t rd_bytes, wr_bytes, rd_ops, wr_ops;
+};
+static struct slot *slots;
+static size_t nslots;
 
 struct conn;
 struct end {
@@ -38,6 +58,15 @@ struct conn {
     size_t pend[2]; /* bytes in the pipe of direction d */
     size_t cap;
     int dead;
+    /* client -> daemon: copied through buf so the NBD requests can be counted */
+    unsigned char *buf;
+    size_t blen, boff;
+    struct slot *slot; /* NULL: not counted */
+    long slot_no;
+    unsigned char hdr[28];
+    size_t hlen;
+    uint64_t skip; /* payload bytes of a WRITE still to pass */
+    int parsing;   /* 0 after anything that is not an NBD request: no more counting */
     struct end e[2];
     struct conn *next_dead;
 };
@@ -57,6 +86,12 @@ static void conn_close(struct conn *c) {
         close(c->pw[i]);
     }
     nconns--;
+    if (c->slot_no >= 0 && ctl >= 0) {
+        uint32_t no = (uint32_t)c->slot_no;
+        send(ctl, &no, sizeof no, MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    free(c->buf);
+    c->buf = NULL;
     c->next_dead = dead_list;
     dead_list = c;
 }
@@ -92,10 +127,88 @@ static int pump(struct conn *c, int d) {
     }
 }
 
+static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* Count the NBD requests in bytes the client sent (transmission phase: bootd handed the connection over
+ * right after the negotiation, so the stream starts at a request header). */
+static void count(struct conn *c, const unsigned char *p, size_t n) {
+    while (n > 0 && c->parsing) {
+        if (c->skip > 0) {
+            size_t k = n < c->skip ? n : (size_t)c->skip;
+            c->skip -= k;
+            p += k;
+            n -= k;
+            continue;
+        }
+        size_t k = sizeof c->hdr - c->hlen;
+        if (k > n)
+            k = n;
+        memcpy(c->hdr + c->hlen, p, k);
+        c->hlen += k;
+        p += k;
+        n -= k;
+        if (c->hlen < sizeof c->hdr)
+            return;
+        c->hlen = 0;
+        if (be32(c->hdr) != NBD_REQUEST_MAGIC) { /* extended headers or garbage: relay, stop counting */
+            c->parsing = 0;
+            return;
+        }
+        unsigned type = (unsigned)c->hdr[6] << 8 | c->hdr[7];
+        uint32_t len = be32(c->hdr + 24);
+        if (type == NBD_CMD_READ) {
+            __atomic_store_n(&c->slot->rd_bytes, c->slot->rd_bytes + len, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->slot->rd_ops, c->slot->rd_ops + 1, __ATOMIC_RELAXED);
+        } else if (type == NBD_CMD_WRITE) {
+            __atomic_store_n(&c->slot->wr_bytes, c->slot->wr_bytes + len, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->slot->wr_ops, c->slot->wr_ops + 1, __ATOMIC_RELAXED);
+            c->skip = len;
+        }
+    }
+}
+
+/* Client -> daemon through the buffer (counted). Same contract as pump(). */
+static int pump_c2s(struct conn *c) {
+    int in = c->fd[0], out = c->fd[1];
+    for (;;) {
+        if (c->blen > c->boff) {
+            ssize_t w = send(out, c->buf + c->boff, c->blen - c->boff, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (w > 0) {
+                c->boff += (size_t)w;
+                continue;
+            }
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0 && errno == EAGAIN)
+                return 0;
+            return -1;
+        }
+        c->blen = c->boff = 0;
+        ssize_t n = recv(in, c->buf, C2S_BUF, MSG_DONTWAIT);
+        if (n > 0) {
+            if (c->slot)
+                count(c, c->buf, (size_t)n);
+            c->blen = (size_t)n;
+            continue;
+        }
+        if (n == 0)
+            return -1;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN)
+            return 0;
+        return -1;
+    }
+}
+
+static int move(struct conn *c, int d) { return d == 0 && c->buf ? pump_c2s(c) : pump(c, d); }
+
+static int pending(struct conn *c, int d) { return d == 0 && c->buf ? c->blen > c->boff : c->pend[d] > 0; }
+
 static void service(struct conn *c) {
     if (c->dead)
         return;
-    if (pump(c, 0) < 0 || pump(c, 1) < 0)
+    if (move(c, 0) < 0 || move(c, 1) < 0)
         conn_close(c);
 }
 
@@ -105,10 +218,18 @@ static void set_nonblock(int fd) {
         fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
-static void add_conn(int a, int b) {
+static void add_conn(int a, int b, long slot_no) {
     struct conn *c = calloc(1, sizeof *c);
     if (!c)
         goto fail;
+    c->slot_no = -1;
+    c->buf = malloc(C2S_BUF);
+    if (c->buf && slot_no >= 0 && (size_t)slot_no < nslots) {
+        c->slot_no = slot_no;
+        c->slot = &slots[slot_no];
+        memset(c->slot, 0, sizeof *c->slot);
+        c->parsing = 1;
+    }
     c->fd[0] = a;
     c->fd[1] = b;
     c->pr[0] = c->pr[1] = c->pw[0] = c->pw[1] = -1;
@@ -119,6 +240,7 @@ static void add_conn(int a, int b) {
                 close(c->pr[i]);
                 close(c->pw[i]);
             }
+            free(c->buf);
             free(c);
             goto fail;
         }
@@ -147,14 +269,15 @@ fail:
     close(b);
 }
 
-/* One message from bootd: 1 byte + SCM_RIGHTS [client fd, daemon fd]. 0: go on, -1: control closed. */
+/* One message from bootd: 'c' (not counted) or 's' + u32 slot (little-endian), with SCM_RIGHTS
+ * [client fd, daemon fd]. 0: go on, -1: control closed. */
 static int read_ctl(void) {
-    char byte;
+    unsigned char byte[8];
     union {
         char buf[CMSG_SPACE(sizeof(int) * 4)];
         struct cmsghdr align;
     } u;
-    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct iovec iov = {.iov_base = byte, .iov_len = sizeof byte};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
     ssize_t n = recvmsg(ctl, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (n < 0)
@@ -169,8 +292,11 @@ static int read_ctl(void) {
                 memcpy(&fds[nfds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
         }
     }
+    long slot_no = -1;
+    if (n == 5 && byte[0] == 's')
+        slot_no = (long)((uint32_t)byte[1] | (uint32_t)byte[2] << 8 | (uint32_t)byte[3] << 16 | (uint32_t)byte[4] << 24);
     if (nfds == 2 && !(msg.msg_flags & MSG_CTRUNC)) {
-        add_conn(fds[0], fds[1]);
+        add_conn(fds[0], fds[1], slot_no);
     } else {
         for (int i = 0; i < nfds; i++)
             close(fds[i]);
@@ -179,9 +305,23 @@ static int read_ctl(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s CONTROL-FD\n", argv[0]);
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: %s CONTROL-FD [COUNTERS-FD]\n", argv[0]);
         return 2;
+    }
+    if (argc == 3) {
+        int cfd = atoi(argv[2]);
+        struct stat st;
+        if (fstat(cfd, &st) == 0 && st.st_size >= (off_t)sizeof(struct slot)) {
+            void *m = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, cfd, 0);
+            if (m != MAP_FAILED) {
+                slots = m;
+                nslots = (size_t)st.st_size / sizeof(struct slot);
+            } else {
+                perror("counters");
+            }
+        }
+        close(cfd);
     }
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
@@ -229,9 +369,9 @@ int main(int argc, char **argv) {
             /* readable (or closing): move fd[s]'s data on; writable: finish what waits for fd[s] */
             int r = 0;
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-                r = pump(c, s);
-            if (r == 0 && (ev & EPOLLOUT) && c->pend[1 - s] > 0)
-                r = pump(c, 1 - s);
+                r = move(c, s);
+            if (r == 0 && (ev & EPOLLOUT) && pending(c, 1 - s))
+                r = move(c, 1 - s);
             if (r < 0 || (ev & (EPOLLERR | EPOLLHUP)))
                 conn_close(c);
         }

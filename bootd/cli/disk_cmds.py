@@ -23,13 +23,15 @@ def cmd_list(args, api) -> int:
     now = data.get("now") or time.time()
     rows = []
     for d in data["disks"]:
+        io = "-" if d.get("read_bytes") is None else f"{_size(d['read_bytes'])} / {_size(d['written_bytes'])}"
         rows.append([d["host"], d["mac"], d["snapshot"], _size(d["overlay_bytes"]),
-                     "yes" if d["connected"] else "no",
+                     "yes" if d["connected"] else "no", io,
                      f"{fmt_time(d['since'])} ({fmt_age(now - d['since'])} ago)" if d["since"] else "-",
                      "persistent" if d["persistent"] else "ephemeral",
                      (d["export"][:8] + "…") if d["export"] else "(idle layer)"])
     sp = data["space"]
-    lines = [table(rows, ["HOST", "MAC", "SNAPSHOT", "OVERLAY", "CONNECTED", "SINCE", "KIND", "EXPORT"])
+    lines = [table(rows, ["HOST", "MAC", "SNAPSHOT", "OVERLAY", "CONNECTED", "READ / WRITTEN", "SINCE", "KIND",
+                          "EXPORT"])
              if rows else "no disks"]
     lines.append(f"disk directory {sp['path']}: {_size(sp['free'])} free of {_size(sp['total'])}"
                  + ("  WARNING: nearly full" if sp["low"] else ""))
@@ -66,7 +68,7 @@ def register(sub, common) -> None:
     p = sub.add_parser("disk", parents=[common], help="hosts' NBD disks: list, boot, reset, commit")
     dsub = p.add_subparsers(dest="disk_cmd", metavar="ACTION")
     dsub.required = True
-    x = dsub.add_parser("list", parents=[common], help="each export: host, snapshot, overlay size, connected, since")
+    x = dsub.add_parser("list", parents=[common], help="each export: host, snapshot, overlay size, connected, bytes read/written, since")
     x.set_defaults(func=cmd_list)
     x = dsub.add_parser("boot", parents=[common], help="prepare a fresh disk for HOST now (what its menu fetch does)")
     x.add_argument("host", help="host name or MAC")

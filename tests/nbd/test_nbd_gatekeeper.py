@@ -215,3 +215,84 @@ def test_without_a_splicer_disks_are_served_directly(tmp_path, monkeypatch):
         assert "gcc: not found" in st["gatekeeper"]["error"] and st["qsd"]["listen"].startswith("127.0.0.1:")
     finally:
         h.stop()
+
+
+IO = textwrap.dedent("""
+    import sys, nbd
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    for i in range(3):
+        h.pread(65536, i << 20)
+    h.pwrite(b"w" * 4096, 0); h.pwrite(b"x" * 4096, 8192); h.pwrite(b"y" * (1 << 20), 4 << 20)
+    h.flush()
+    print("DONE", flush=True)
+    if len(sys.argv) > 2:  # hold the connection open until told
+        sys.stdin.readline()
+        h.pread(512, 0)
+        print("AGAIN", flush=True)
+        sys.stdin.readline()
+""")
+
+
+def test_per_export_io_counts(lab, bootd_daemon, tmp_path):
+    """Bytes and requests read and written are counted per export (by the splicer, since qemu 7.2's
+    query-blockstats counts nothing for NBD exports): exact, kept when the connection ends and when the
+    splicer dies, shown by `disk list` and /metrics, and a new boot starts from zero."""
+    base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
+    a = lab.add_client("10.77.0.10")
+    b = lab.add_client("10.77.0.11")
+    cfg = {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
+           "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
+           "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"},
+                     {"mac": b.mac, "name": "pc-b", "ip": "10.77.0.11"}]}
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
+
+    def row(host):
+        return [x for x in bootctl_json(d, "disk", "list")["disks"] if x["host"] == host][0]
+
+    assert py(a, IO, ea["uri"]).stdout.strip() == "DONE"
+    want = {"read_bytes": 3 * 65536, "written_bytes": 2 * 4096 + (1 << 20), "read_requests": 3,
+            "write_requests": 3, "connections": 0}
+    deadline = time.monotonic() + 10
+    while {k: row("pc-a")[k] for k in want} != want:  # the end of the connection reaches bootd just after
+        assert time.monotonic() < deadline, row("pc-a")
+        time.sleep(0.05)
+    assert row("pc-a")["connected"] is False
+    assert "192.0 KiB / 1.0 MiB" in d.bootctl("disk", "list").stdout
+    assert {k: row("pc-b")[k] for k in want} == dict.fromkeys(want, 0)  # B did nothing
+
+    # a live connection counts as it goes and shows as connected; a killed splicer loses no count
+    p = a.ns.popen([sys.executable, "-c", IO, ea["uri"], "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                   text=True)
+    try:
+        assert p.stdout.readline().strip() == "DONE"
+        r = row("pc-a")
+        assert r["connected"] is True and r["connections"] == 1
+        assert r["read_bytes"] == 2 * want["read_bytes"] and r["written_bytes"] == 2 * want["written_bytes"]
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "AGAIN"
+        prom = d.api.get("/metrics", raw=True).decode()
+        line = f'bootd_nbd_export_read_bytes{{host="pc-a",mac="{a.mac}",disk="main"}} {2 * 3 * 65536 + 512}'
+        assert line in prom, [x for x in prom.splitlines() if "export_read" in x]
+        os.kill(disk_status(d)["gatekeeper"]["splicer"]["pid"], signal.SIGKILL)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.monotonic() + 10
+    while not disk_status(d)["gatekeeper"]["splicer"]["up"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = row("pc-a")
+    assert (r["read_bytes"], r["read_requests"], r["connections"]) == (2 * 3 * 65536 + 512, 7, 0)
+
+    # the next boot is a new disk: its counts start from zero
+    ea2 = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    assert ea2["name"] != ea["name"]
+    assert {k: row("pc-a")[k] for k in want} == dict.fromkeys(want, 0)
+    assert d.stop() == 0
