@@ -24,7 +24,7 @@ fixed-newstyle negotiation between the client and the daemon:
 
 Then both sockets are passed over SCM_RIGHTS to `splicer.c`, a small long-running C process (compiled at
 run time into the run directory with gcc -O2 when missing or outdated) that moves the bytes both ways
-under epoll (replies with splice(2), requests through a buffer where their NBD headers are counted): the
+under epoll (through a buffer per direction; the NBD headers of the requests are counted on the way): the
 data path never enters Python. Each handed connection gets a slot in a shared counter array (a memfd):
 the splicer adds the bytes and requests of every READ and WRITE to it, and bootd sums the slots of an
 export (`Splicer.io(name)`), which is what `bootctl disk list` and /metrics show per export, since

@@ -3,17 +3,18 @@
  * bootd (nbdexport/gatekeeper.py) negotiates each NBD connection in Python, then passes the two file
  * descriptors (client TCP socket, qemu-storage-daemon unix socket) over the control socket (a
  * SOCK_SEQPACKET socket whose fd number is argv[1]) with SCM_RIGHTS. From then on this process moves
- * the bytes both ways with splice(2) through a pipe per direction, non-blocking under one edge-triggered
- * epoll, so the data never enters Python. A connection ends (both sockets closed) when either side
+ * the bytes both ways, non-blocking under one edge-triggered epoll, so the data never enters Python.
+ * Each direction is copied through a buffer of its own (recv + send: measured here as fast as or faster
+ * than splice(2) through a pipe, and it lets the requests be counted); splice through pipes is the
+ * fallback when a buffer cannot be allocated. A connection ends (both sockets closed) when either side
  * closes or fails; bytes already read from the closing side are delivered first.
  *
- * Per-export I/O counts (qemu 7.2's query-blockstats has none for NBD exports): the client->daemon
- * direction is copied through a buffer rather than spliced, and its NBD request headers are parsed on
- * the way (28 bytes: magic, flags, type, handle, offset, length; a WRITE's payload follows). The bytes
- * and requests of READ and WRITE are added to the connection's slot in a shared counter array (a memfd
- * bootd passes as argv[2], 32 bytes per slot, written only here, read by bootd). Replies (the big
- * direction of a read) are still spliced. When a connection ends its slot number goes back to bootd on
- * the control socket (4 bytes), so bootd folds the final counts into the export's totals.
+ * Per-export I/O counts (qemu 7.2's query-blockstats has none for NBD exports): the NBD request headers
+ * of the client->daemon direction are parsed on the way (28 bytes: magic, flags, type, handle, offset,
+ * length; a WRITE's payload follows), and the bytes and requests of READ and WRITE are added to the
+ * connection's slot in a shared counter array (a memfd bootd passes as argv[2], 32 bytes per slot,
+ * written only here, read by bootd). When a connection ends its slot number goes back to bootd on the
+ * control socket (4 bytes), so bootd folds the final counts into the export's totals.
  *
  * When the control socket closes (bootd stopped or was killed) no new connections come; the process
  * keeps serving the ones it has and exits when the last one ends. Compiled at run time by bootd
@@ -37,6 +38,7 @@
 #define PIPE_SIZE (1 << 20)
 #define MAX_EVENTS 256
 #define C2S_BUF (128 * 1024)
+#define S2C_BUF (256 * 1024)
 #define NBD_REQUEST_MAGIC 0x25609513u
 #define NBD_CMD_READ 0
 #define NBD_CMD_WRITE 1
@@ -58,9 +60,10 @@ struct conn {
     size_t pend[2]; /* bytes in the pipe of direction d */
     size_t cap;
     int dead;
-    /* client -> daemon: copied through buf so the NBD requests can be counted */
-    unsigned char *buf;
-    size_t blen, boff;
+    /* both directions are copied through a buffer (client -> daemon: so the NBD requests can be counted);
+     * splice() through the pipes is the fallback when a buffer cannot be had */
+    unsigned char *buf[2];
+    size_t blen[2], boff[2];
     struct slot *slot; /* NULL: not counted */
     long slot_no;
     unsigned char hdr[28];
@@ -90,8 +93,9 @@ static void conn_close(struct conn *c) {
         uint32_t no = (uint32_t)c->slot_no;
         send(ctl, &no, sizeof no, MSG_DONTWAIT | MSG_NOSIGNAL);
     }
-    free(c->buf);
-    c->buf = NULL;
+    free(c->buf[0]);
+    free(c->buf[1]);
+    c->buf[0] = c->buf[1] = NULL;
     c->next_dead = dead_list;
     dead_list = c;
 }
@@ -167,14 +171,15 @@ static void count(struct conn *c, const unsigned char *p, size_t n) {
     }
 }
 
-/* Client -> daemon through the buffer (counted). Same contract as pump(). */
-static int pump_c2s(struct conn *c) {
-    int in = c->fd[0], out = c->fd[1];
+/* Direction d through its buffer (client -> daemon counted). Same contract as pump(). */
+static int pump_buf(struct conn *c, int d) {
+    int in = c->fd[d], out = c->fd[1 - d];
+    size_t cap = d == 0 ? C2S_BUF : S2C_BUF;
     for (;;) {
-        if (c->blen > c->boff) {
-            ssize_t w = send(out, c->buf + c->boff, c->blen - c->boff, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (c->blen[d] > c->boff[d]) {
+            ssize_t w = send(out, c->buf[d] + c->boff[d], c->blen[d] - c->boff[d], MSG_DONTWAIT | MSG_NOSIGNAL);
             if (w > 0) {
-                c->boff += (size_t)w;
+                c->boff[d] += (size_t)w;
                 continue;
             }
             if (w < 0 && errno == EINTR)
@@ -183,12 +188,12 @@ static int pump_c2s(struct conn *c) {
                 return 0;
             return -1;
         }
-        c->blen = c->boff = 0;
-        ssize_t n = recv(in, c->buf, C2S_BUF, MSG_DONTWAIT);
+        c->blen[d] = c->boff[d] = 0;
+        ssize_t n = recv(in, c->buf[d], cap, MSG_DONTWAIT);
         if (n > 0) {
-            if (c->slot)
-                count(c, c->buf, (size_t)n);
-            c->blen = (size_t)n;
+            if (d == 0 && c->slot)
+                count(c, c->buf[0], (size_t)n);
+            c->blen[d] = (size_t)n;
             continue;
         }
         if (n == 0)
@@ -201,9 +206,9 @@ static int pump_c2s(struct conn *c) {
     }
 }
 
-static int move(struct conn *c, int d) { return d == 0 && c->buf ? pump_c2s(c) : pump(c, d); }
+static int move(struct conn *c, int d) { return c->buf[d] ? pump_buf(c, d) : pump(c, d); }
 
-static int pending(struct conn *c, int d) { return d == 0 && c->buf ? c->blen > c->boff : c->pend[d] > 0; }
+static int pending(struct conn *c, int d) { return c->buf[d] ? c->blen[d] > c->boff[d] : c->pend[d] > 0; }
 
 static void service(struct conn *c) {
     if (c->dead)
@@ -223,8 +228,9 @@ static void add_conn(int a, int b, long slot_no) {
     if (!c)
         goto fail;
     c->slot_no = -1;
-    c->buf = malloc(C2S_BUF);
-    if (c->buf && slot_no >= 0 && (size_t)slot_no < nslots) {
+    c->buf[0] = malloc(C2S_BUF);
+    c->buf[1] = malloc(S2C_BUF);
+    if (c->buf[0] && slot_no >= 0 && (size_t)slot_no < nslots) {
         c->slot_no = slot_no;
         c->slot = &slots[slot_no];
         memset(c->slot, 0, sizeof *c->slot);
@@ -240,7 +246,8 @@ static void add_conn(int a, int b, long slot_no) {
                 close(c->pr[i]);
                 close(c->pw[i]);
             }
-            free(c->buf);
+            free(c->buf[0]);
+            free(c->buf[1]);
             free(c);
             goto fail;
         }

@@ -12,9 +12,15 @@ plus the median of the per-pair ratios (pairs run seconds apart, so load drift c
     processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
   * boot event to export ready: `prepare_boot` (new overlay, node, export, libnbd check), 50 hosts.
 Prints numbers and bootd/qemu-nbd ratios (targets: >= 0.95 each; boot-to-ready < 50 ms); asserts no
-times. Everything runs on 127.0.0.1 and is killed at the end.
+times. Everything is killed at the end.
 
-    python benchmarks/nbd/run.py [--reps N] [--seconds S] [--quick]
+Two links (--link), both sides always on the same one:
+  * loopback: servers and clients on 127.0.0.1 (the CPU-bound worst case for bootd's extra relay hop);
+  * lan: the servers in a server namespace and the clients in a client namespace, joined by a veth pair
+    (10.98.0.1 / 10.98.0.2, no added delay): the path a lab PC's NBD traffic takes through the kernel.
+    The namespaces are created for the run and deleted after it.
+
+    python benchmarks/nbd/run.py [--link loopback|lan] [--reps N] [--seconds S] [--quick]
 """
 from __future__ import annotations
 
@@ -44,10 +50,49 @@ GiB = 1 << 30
 MiB = 1 << 20
 CACHE = REPO / ".cache" / "bench-nbd"
 
+# where the servers listen, where clients connect from, and how client programs are run (set by --link)
+SERVER = "127.0.0.1"
+CLIENT = "127.0.0.1"
+CLIENT_CMD: list[str] = []
+
+
+class LanLink:
+    """A server namespace and a client namespace joined by a veth pair; this thread (and the threads and
+    processes it starts afterwards) moves into the server namespace."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.server_ns, self.client_ns = f"bnbds{tag}", f"bnbdc{tag}"
+        self.orig = os.open("/proc/self/ns/net", os.O_RDONLY)
+
+    def up(self) -> None:
+        global SERVER, CLIENT, CLIENT_CMD
+        run = lambda *a: subprocess.run(["ip", *a], check=True)  # noqa: E731
+        run("netns", "add", self.server_ns)
+        run("netns", "add", self.client_ns)
+        run("-n", self.server_ns, "link", "add", "vs0", "type", "veth", "peer", "name", "vc0", "netns",
+            self.client_ns)
+        for ns, dev, addr in ((self.server_ns, "vs0", "10.98.0.1/24"), (self.client_ns, "vc0", "10.98.0.2/24")):
+            run("-n", ns, "addr", "add", addr, "dev", dev)
+            run("-n", ns, "link", "set", dev, "up")
+            run("-n", ns, "link", "set", "lo", "up")
+        from pyroute2 import netns
+        netns.setns(self.server_ns)
+        SERVER, CLIENT, CLIENT_CMD = "10.98.0.1", "10.98.0.2", ["ip", "netns", "exec", self.client_ns]
+
+    def down(self) -> None:
+        try:
+            from pyroute2 import netns
+            netns.setns(self.orig)
+        except Exception:
+            pass
+        for ns in (self.client_ns, self.server_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
 
 def free_port() -> int:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((SERVER, 0))
     p = s.getsockname()[1]
     s.close()
     return p
@@ -84,13 +129,13 @@ class QemuNbdPeer:
             self.overlay.unlink()
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "qcow2",
                         str(self.overlay)], check=True)
-        self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-b", "127.0.0.1", "-p", str(self.port),
+        self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-b", SERVER, "-p", str(self.port),
                                       "-x", self.name, "--persistent", "--shared=0", str(self.overlay)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                socket.create_connection((SERVER, self.port), 0.2).close()
                 return self
             except OSError:
                 time.sleep(0.01)
@@ -98,7 +143,7 @@ class QemuNbdPeer:
 
     @property
     def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{self.name}"
+        return f"nbd://{SERVER}:{self.port}/{self.name}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -110,7 +155,7 @@ class QemuNbdPeer:
 class Bootd:
     """The DiskManager exactly as the daemon runs it (with the NBD gatekeeper and its C splicer unless
     --no-gatekeeper), its loop running in a thread as in the daemon: the gatekeeper accepts while the
-    clients run. Every host is configured at 127.0.0.1, so the gatekeeper's policy runs for real."""
+    clients run. Every host is configured at the clients' address, so the gatekeeper's policy runs for real."""
 
     def __init__(self, work: Path, base: Path, gatekeeper: bool = True):
         self.base = base
@@ -120,11 +165,11 @@ class Bootd:
         self.port = free_port()
         self.run_dir = Path(tempfile.mkdtemp(prefix="bnbd", dir="/tmp"))
         self.store = StateStore(work / "state.db")  # its connection may be used from any thread
-        settings = DiskSettings(directory=str(work / "disks"), run_dir=str(self.run_dir), listen="127.0.0.1",
+        settings = DiskSettings(directory=str(work / "disks"), run_dir=str(self.run_dir), listen=SERVER,
                                 port=self.port, reap_interval=3600, gatekeeper=gatekeeper)
-        qsd = StorageDaemon(settings.run_dir, "127.0.0.1", self.port)
+        qsd = StorageDaemon(settings.run_dir, SERVER, self.port)
         self.m = DiskManager(settings, self.store, qsd, resolve_snapshot=lambda mac: None,
-                             is_persistent=lambda mac: False, extra_ips=lambda mac: ["127.0.0.1"])
+                             is_persistent=lambda mac: False, extra_ips=lambda mac: [CLIENT])
         self.run(self.m.start())
         self.n = 0
 
@@ -153,12 +198,12 @@ class Bootd:
 
 def nbdcopy_mbs(uri: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    subprocess.run([*CLIENT_CMD, "nbdcopy", uri, "null:"], check=True)
     return GiB / (time.perf_counter() - t0) / 1e6
 
 
 def fio_iops(uri: str, rw: str, seconds: int) -> float:
-    out = subprocess.run(["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+    out = subprocess.run([*CLIENT_CMD, "fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
                           "--iodepth=16", f"--runtime={seconds}", "--time_based", "--size=1G",
                           "--output-format=json", "--randrepeat=0"],
                          check=True, capture_output=True, text=True).stdout
@@ -168,7 +213,7 @@ def fio_iops(uri: str, rw: str, seconds: int) -> float:
 
 def fio_many(uris: list[str], size_mb: int = 64) -> tuple[float, float, int]:
     """Every uri read by its own fio job at the same time: (aggregate MB/s, slowest job s, failures)."""
-    args = ["fio", "--output-format=json", "--ioengine=nbd", "--rw=read", "--bs=256k", "--iodepth=4",
+    args = [*CLIENT_CMD, "fio", "--output-format=json", "--ioengine=nbd", "--rw=read", "--bs=256k", "--iodepth=4",
             f"--size={size_mb}M"]
     for i, u in enumerate(uris):
         args += [f"--name=c{i}", f"--uri={u}"]
@@ -194,6 +239,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="1 rep, 3 s fio runs")
+    ap.add_argument("--link", choices=("loopback", "lan"), default="loopback",
+                    help="loopback: all on 127.0.0.1; lan: clients in their own namespace over a veth pair")
     ap.add_argument("--no-gatekeeper", action="store_true",
                     help="clients straight to qemu-storage-daemon's TCP port (nbd.gatekeeper: false)")
     a = ap.parse_args()
@@ -205,11 +252,14 @@ def main() -> int:
             return 2
     base = base_image()
     work = Path(tempfile.mkdtemp(prefix="bench-nbd-"))
+    link = LanLink() if a.link == "lan" else None
     bootd = peer = None
     peers: list[QemuNbdPeer] = []
     res: dict[str, dict[str, list[float]]] = {k: {"bootd": [], "qemu-nbd": []}
                                               for k in ("seq_read_MBps", "randread_iops", "randwrite_iops")}
     try:
+        if link is not None:
+            link.up()
         bootd = Bootd(work, base, gatekeeper=not a.no_gatekeeper)
         peer = QemuNbdPeer(work, base)
         for rep in range(a.reps):
@@ -270,13 +320,15 @@ def main() -> int:
             peer.stop()
         if bootd:
             bootd.stop()
+        if link is not None:
+            link.down()
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\nNBD benchmark (1 GiB qcow2 snapshot, loopback TCP; bootd = overlay in qemu-storage-daemon"
+    print(f"\nNBD benchmark (1 GiB qcow2 snapshot, {a.link} link; bootd = overlay in qemu-storage-daemon"
           f"{', direct' if a.no_gatekeeper else ' behind the gatekeeper + C splicer'},"
           " qemu-nbd = same overlay layout)")
     print(f"{'measure (medians)':<28}{'bootd':>12}{'qemu-nbd':>12}{'ratio':>8}{'paired':>8}  target (paired)")
-    report = {"gatekeeper": not a.no_gatekeeper}
+    report = {"gatekeeper": not a.no_gatekeeper, "link": a.link}
     for k, v in res.items():
         b, p = med(v["bootd"]), med(v["qemu-nbd"])
         paired = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd"]) if y])
@@ -296,7 +348,7 @@ def main() -> int:
     report["many"] = {"bootd": many_b, "qemu-nbd": many_p}
     report["boot_to_ready_ms"] = {"median": med(times), "p95": q[-1], "max": max(times),
                                   "reboot_median": med(re_times), "reboot_p95": rq[-1]}
-    (CACHE / "last-report.json").write_text(json.dumps(report, indent=2))
+    (CACHE / f"last-report-{a.link}.json").write_text(json.dumps(report, indent=2))
     return 0
 
 
