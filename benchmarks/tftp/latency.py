@@ -35,6 +35,8 @@ def turnarounds(pcap: Path, ports: dict) -> dict:
     last_ack: dict[tuple, float] = {}
     server_of: dict[str, str] = {}
     gaps: dict[str, list[float]] = {k: [] for k in ports}
+    span: dict[str, list[float]] = {}
+    rrq_at: dict[str, float] = {}
     for line in r.stdout.splitlines():
         parts = line.split()
         if len(parts) < 5 or parts[1] != "IP":
@@ -47,13 +49,46 @@ def turnarounds(pcap: Path, ports: dict) -> dict:
             for label, p in ports.items():
                 if dport == p:
                     server_of[src] = label  # the client's TID belongs to this server's transfer
+                    rrq_at[src] = t
             if size == 4:
                 last_ack[src] = t
         elif src.startswith(SERVER_IP):
             peer = dst
+            if peer in rrq_at:
+                print(f"  {server_of[peer]:9s} RRQ to first answer: {(t - rrq_at.pop(peer)) * 1e6:.0f} us")
+            if peer in server_of:
+                sp = span.setdefault(server_of[peer], [t, t])
+                sp[1] = t
             if peer in last_ack and peer in server_of and size > 4:
                 gaps[server_of[peer]].append((t - last_ack.pop(peer)) * 1e6)
+    for k, (t0, t1) in span.items():
+        print(f"  {k:9s} first to last DATA on the wire: {t1 - t0:.4f} s")
     return gaps
+
+
+def coupling(pcap: Path) -> None:
+    """Paired runs: how close in time DATA of the two servers reach the client (a shared relay releases
+    frames due within its own wake-up latency together, which locks two lock-step flows to one pace)."""
+    r = subprocess.run(["tcpdump", "-nn", "-tt", "-r", str(pcap), "udp"], capture_output=True, text=True)
+    arrivals: dict[str, list[float]] = {}
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) > 4 and parts[1] == "IP" and parts[2].startswith(SERVER_IP) and parts[-1].isdigit() \
+                and int(parts[-1]) > 4:
+            arrivals.setdefault(parts[2], []).append(float(parts[0]))
+    if len(arrivals) != 2:
+        return
+    a, b = arrivals.values()
+    import bisect
+    gaps = []
+    for t in a:
+        i = bisect.bisect_left(b, t)
+        near = [abs(t - b[j]) for j in (i - 1, i) if 0 <= j < len(b)]
+        gaps.append(min(near) * 1e6)
+    gaps.sort()
+    within = sum(g < 20 for g in gaps) / len(gaps)
+    print(f"paired: DATA of the two servers reach the client within 20 us of each other for {within:.0%} "
+          f"of blocks (median gap {statistics.median(gaps):.1f} us)", flush=True)
 
 
 def main() -> int:
@@ -97,6 +132,9 @@ def main() -> int:
             pcap = work / f"{mode}.pcap"
             dump = server.popen(["tcpdump", "-i", "bsrv0", "-s", "64", "-w", str(pcap), "-U", "udp"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cpcap = work / f"{mode}-client.pcap"
+            cdump = client.popen(["tcpdump", "-i", "bcli0", "-s", "64", "-w", str(cpcap), "-U", "udp"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             cmds = {k: ["taskset", "-c", CPU, "curl", "-sS", "--tftp-blksize", str(args.blksize), "-o", "/dev/null",
                         f"tftp://{SERVER_IP}:{p}/f"] for k, p in PORTS.items()}
@@ -113,6 +151,10 @@ def main() -> int:
             time.sleep(0.5)
             dump.terminate()
             dump.wait()
+            cdump.terminate()
+            cdump.wait()
+            if mode == "paired":
+                coupling(cpcap)
             gaps = turnarounds(pcap, PORTS)
             for k, g in gaps.items():
                 if not g:

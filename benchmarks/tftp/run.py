@@ -15,9 +15,18 @@ Timing on a shared 2-CPU machine: loopback cases alternate bootd and tftpd-hpa r
 the LAN lock-step cases run the two servers' transfers at the same time ("paired": both are latency-bound
 and nearly idle, and a load spike from elsewhere then hits both alike); the LAN windowed case alternates.
 
-    python benchmarks/tftp/run.py [--quick] [--reps N]
+    python benchmarks/tftp/run.py [--quick] [--reps N] [--lan-lockstep paired|alternating|both]
+                                  [--data-pump c|python]
 --quick leaves out the 32 MiB files on the LAN link (lock-step 512-byte blocks over 1 ms RTT take
 over a minute per server).
+
+Paired LAN runs lock the two flows to one pace: they share the relay and the CPU, so a frame of the
+faster flow is released with, or queued behind, the slower one's (benchmarks/tftp/latency.py measures
+it: most DATA of the two servers reach the client within 20 us of each other). Paired ratios therefore
+show a slower server but squash a faster one towards 1.0; `--lan-lockstep alternating` (or `both`)
+times the lock-step cases one transfer at a time instead (needs a quiet machine: run under flock).
+bootd's TFTP data path is the C pump by default (bootd/tftp/pump.c); `--data-pump python` measures the
+pure-Python path.
 """
 from __future__ import annotations
 
@@ -105,6 +114,9 @@ def main() -> int:
     ap.add_argument("--links", default="loopback,lan", help="comma-separated subset of loopback,lan")
     ap.add_argument("--kinds", default="curl512,curl1468,atftp1468w16", help="comma-separated client cases")
     ap.add_argument("--no-concurrent", action="store_true", help="leave out the 200 concurrent fetches")
+    ap.add_argument("--lan-lockstep", choices=["paired", "alternating", "both"], default="paired",
+                    help="how the LAN lock-step cases are timed (see the module doc)")
+    ap.add_argument("--data-pump", choices=["c", "python"], default="c", help="bootd's tftp data path")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -147,7 +159,8 @@ def main() -> int:
         print(f"LAN link (tap relay, {DELAY_US} us each way): {ping[-1] if ping else 'no ping'}", flush=True)
 
         bootd = server.popen(["taskset", "-c", CPU, sys.executable, "-m", "bootd.tftp", "--root", str(root),
-                              "--listen", f"0.0.0.0:{BOOTD_PORT}"], stdout=subprocess.PIPE, stderr=log,
+                              "--listen", f"0.0.0.0:{BOOTD_PORT}", "--data-pump", args.data_pump],
+                             stdout=subprocess.PIPE, stderr=log,
                              cwd=str(REPO), text=True)
         procs.append(bootd)
         if not bootd.stdout.readline().startswith("READY"):
@@ -185,7 +198,7 @@ def main() -> int:
             results.append((link, fname, kind, rb, rh, ratio, target))
             how = "paired" if paired else "alternating"
             print(f"{link:9s} {fname:6s} {kind:13s} bootd {rb:8.2f} MB/s   tftpd-hpa {rh:8.2f} MB/s   "
-                  f"ratio {ratio:6.3f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW'}  "
+                  f"ratio {ratio:6.4f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW'}  "
                   f"[{how}, {reps} rounds]", flush=True)
 
         for name in files:  # page cache warm for both servers
@@ -206,7 +219,13 @@ def main() -> int:
             for fname in (("1MiB",) if args.quick else ("32MiB", "1MiB")):
                 for kind in kinds:
                     reps = 1 if fname == "32MiB" else args.reps
-                    case("lan", client, SERVER_IP, kind, fname, reps, paired=not kind.startswith("atftp"))
+                    if kind.startswith("atftp"):
+                        case("lan", client, SERVER_IP, kind, fname, reps, paired=False)
+                        continue
+                    if args.lan_lockstep in ("paired", "both"):
+                        case("lan", client, SERVER_IP, kind, fname, reps, paired=True)
+                    if args.lan_lockstep in ("alternating", "both"):
+                        case("lan", client, SERVER_IP, kind, fname, reps if fname == "1MiB" else 2, paired=False)
         if args.no_concurrent:
             return 0
 

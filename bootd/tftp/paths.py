@@ -90,6 +90,76 @@ def open_confined(root: str, relative: str) -> OpenedFile:
     return OpenedFile(fd, real, st.st_size, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
 
 
+# openat2(2) without blocking (RESOLVE_CACHED, Linux >= 5.12) for the event loop's fast path
+_SYS_OPENAT2 = 437  # the same number on every architecture (allocated after the syscall table unification)
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH, _RESOLVE_CACHED = 0x02, 0x08, 0x20
+_openat2 = None  # (syscall function, how structure type), False once found unusable
+
+
+def _openat2_call():
+    global _openat2
+    if _openat2 is None:
+        try:
+            import ctypes
+
+            class OpenHow(ctypes.Structure):
+                _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.syscall
+            fn.restype = ctypes.c_long
+            _openat2 = (fn, OpenHow, ctypes)
+        except (OSError, AttributeError, ImportError):
+            _openat2 = False
+    return _openat2
+
+
+def _cached_open(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+    """openat2(dirfd, path, flags, resolve | RESOLVE_CACHED): an fd, or -errno."""
+    global _openat2
+    fn, OpenHow, ctypes = _openat2
+    how = OpenHow(flags, 0, resolve | _RESOLVE_CACHED)
+    fd = fn(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(path), ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.E2BIG, errno.EPERM):  # no openat2 here (or a seccomp filter)
+            _openat2 = False
+        return -err
+    return fd
+
+
+def open_confined_cached(root: str, relative: str) -> Optional[OpenedFile]:
+    """The common case of `open_confined` without blocking, for the event loop: a regular file that the
+    kernel resolves beneath the root from cached metadata alone, without following any symlink out of
+    it (RESOLVE_BENEATH: no absolute symlinks, no '..' above the root) and with no symlink as the last
+    component. None whenever that does not settle it (not cached, a symlink, missing, an error, no
+    openat2): the caller then runs `open_confined` off the loop, which has the last word. So this path
+    only ever serves what `open_confined` would serve."""
+    if not _openat2_call():
+        return None
+    rootfd = _cached_open(-100, os.fsencode(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0)  # AT_FDCWD
+    if rootfd < 0:
+        return None
+    try:
+        fd = _cached_open(rootfd, os.fsencode(relative), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                          _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    finally:
+        os.close(rootfd)
+    if fd < 0:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        real = os.path.join(root, relative)  # for logs only; the slow path's is the resolved one
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenedFile(fd, real, st.st_size, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+
+
 def resolve(root: str, requested: str, leading_slash: str = "root") -> Optional[str]:
     """The real path a request would be served from, or None if it is refused (for tools/tests)."""
     try:

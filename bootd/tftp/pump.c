@@ -37,6 +37,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -639,11 +640,38 @@ static int read_ctl(double now) {
     return 0;
 }
 
+/* The pump is a relay: every wake-up it waits for adds to each lock-step block's latency. Ask for nice
+ * `nice` (as the NBD splicer gets) and, on EEVDF kernels (Linux >= 6.12), a short time slice: a task that
+ * runs some microseconds per wake-up then lets its wake-up preempt a CPU-bound task instead of queueing
+ * behind it. Best effort: without the privilege, or on older kernels, the defaults stay. */
+static void latency_hints(int nice) {
+#ifdef SYS_sched_setattr
+    struct {
+        uint32_t size, policy;
+        uint64_t flags;
+        int32_t nice;
+        uint32_t priority;
+        uint64_t runtime, deadline, period;
+    } attr = {.size = 48, .policy = 0 /* SCHED_OTHER */, .nice = nice, .runtime = 100 * 1000 /* ns */};
+    if (syscall(SYS_sched_setattr, 0, &attr, 0) == 0)
+        return;
+    errno = 0;
+    int cur = getpriority(PRIO_PROCESS, 0);
+    if (errno == 0) {
+        attr.nice = cur;
+        if (syscall(SYS_sched_setattr, 0, &attr, 0) == 0)
+            return;
+    }
+#endif
+    setpriority(PRIO_PROCESS, 0, nice);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s CONTROL-FD\n", argv[0]);
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s CONTROL-FD NICE\n", argv[0]);
         return 2;
     }
+    latency_hints(atoi(argv[2]));
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {

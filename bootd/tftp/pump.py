@@ -40,6 +40,7 @@ log = logging.getLogger("bootd.tftp.pump")
 PUMP_SOURCE = Path(__file__).with_name("pump.c")
 CC = "gcc"
 PUMP_NICE = -10  # a relay: every wake-up it waits for adds to each block's latency (like the NBD splicer)
+#                  the pump sets it itself, with a short EEVDF time slice (see latency_hints in pump.c)
 
 START = struct.Struct("<QQIIIIddd")   # id, size, blksize, windowsize, retries, len(oack), rto, max rto, session timeout
 END = struct.Struct("<QIQdQQQQ")      # id, outcome, bytes acked, end (CLOCK_MONOTONIC), retransmits, dup ACKs, blocks, ignored
@@ -122,18 +123,14 @@ class DataPump:
     def _spawn(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno())], pass_fds=[theirs.fileno()],
+            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno()), str(PUMP_NICE)],
+                                         pass_fds=[theirs.fileno()],
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         except BaseException:
             mine.close()
             raise
         finally:
             theirs.close()
-        if PUMP_NICE:
-            try:
-                os.setpriority(os.PRIO_PROCESS, self.proc.pid, PUMP_NICE)
-            except OSError:
-                pass
         mine.setblocking(False)
         self.ctl = mine
         self._loop.add_reader(mine.fileno(), self._on_ctl)

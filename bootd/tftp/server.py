@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
-from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined
+from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined, open_confined_cached
 from bootd.tftp.pump import DataPump, default_run_dir
 from bootd.tftp.session import (OP_RRQ, OP_WRQ, ErrorCode, MalformedPacket, ReadSession, SessionLimits,
                                 encode_error, parse_request)
@@ -451,7 +451,10 @@ class TftpServer:
         return None
 
     async def _open(self, path: str) -> _SharedFile:
-        opened = await self._loop.run_in_executor(None, open_confined, self.root, path)
+        # the common case (cached metadata, no symlink) without a thread hop; the rest off the loop
+        opened = open_confined_cached(self.root, path)
+        if opened is None:
+            opened = await self._loop.run_in_executor(None, open_confined, self.root, path)
         shared = self._files.get(opened.inode)
         if shared is not None:
             os.close(opened.fd)

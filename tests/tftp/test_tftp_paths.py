@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from bootd.tftp.paths import PathRefused, normalize, open_confined, resolve
+from bootd.tftp.paths import PathRefused, normalize, open_confined, open_confined_cached, resolve
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -74,3 +74,38 @@ def test_open_confined_reports_size_and_identity(tree):
         os.close(f.fd)
     with pytest.raises(PathRefused):
         open_confined(str(tree), "escape")
+
+
+ALL_NAMES = ["kernel", "sub/inner", "alias", "sub/up", "escape", "escape-rel", "dirlink/secret", "passwd",
+             "../outside/secret", "sub", "fifo", "missing", "kernel/x", "sub/../../outside/secret", "/etc/passwd",
+             "dirlink/../root/kernel"]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_cached_open_serves_only_what_open_confined_serves(tree, name):
+    """The event loop's non-blocking open: None (ask open_confined) or the very file open_confined opens."""
+    fast = open_confined_cached(str(tree), name)
+    try:
+        slow = open_confined(str(tree), name)
+    except PathRefused:
+        assert fast is None
+        return
+    try:
+        if fast is not None:
+            assert fast.inode == slow.inode and fast.size == slow.size
+    finally:
+        os.close(slow.fd)
+        if fast is not None:
+            os.close(fast.fd)
+
+
+def test_cached_open_takes_plain_names_and_leaves_symlinks_to_the_slow_path(tree):
+    f = open_confined_cached(str(tree), "sub/inner")
+    assert f is not None and os.pread(f.fd, 5, 0) == b"inner" and f.size == 5
+    os.close(f.fd)
+    assert open_confined_cached(str(tree), "alias") is None      # a symlink: open_confined decides
+    link = tree.parent / "rootlink"
+    os.symlink(tree, link)                                       # the root itself may be a symlink
+    f = open_confined_cached(str(link), "kernel")
+    assert f is not None and f.size == 100
+    os.close(f.fd)
