@@ -7,7 +7,8 @@ plus the median of the per-pair ratios (pairs run seconds apart, so load drift c
   * sequential read of the whole disk with nbdcopy (to null:);
   * 4 KiB random read and random write, queue depth 16, fio's nbd engine (libnbd), --seconds each
     (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd; the other
-    side's written overlay is deleted and `sync`ed first, or its page cache slows the second writer);
+    side's written overlay is deleted and `sync`ed first, and a throw-away write run goes before the pair,
+    else whoever writes first after the reads is ~2x slower);
   * 50 clients at once, each its own disk (bootd: 50 hosts' exports in one daemon; peer: 50 qemu-nbd
     processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
   * boot event to export ready: `prepare_boot` (new overlay, node, export, libnbd check), 50 hosts.
@@ -182,7 +183,12 @@ class Bootd:
         return exp, (time.perf_counter() - t0) * 1000
 
     def settle(self) -> None:
-        self.run(asyncio.sleep(0.2))
+        """Wait for the background teardowns of earlier boots (export, node, overlay file) to end."""
+        async def idle():
+            while self.m._teardowns:
+                await asyncio.gather(*list(self.m._teardowns), return_exceptions=True)
+            await asyncio.sleep(0.05)
+        self.run(idle())
 
     def stop(self) -> None:
         try:
@@ -266,6 +272,7 @@ def main() -> int:
             # alternate who goes first: the machine's load drifts, a fixed order would bias the pair
             order = ("bootd", "qemu-nbd") if rep % 2 == 0 else ("qemu-nbd", "bootd")
             exp, _ = bootd.boot()
+            bootd.settle()  # the previous boot's teardown is not part of what is measured
             peer.start()
             uri = {"bootd": exp.uri, "qemu-nbd": peer.uri}
             for who in order:
@@ -273,11 +280,20 @@ def main() -> int:
             for who in order:
                 res["randread_iops"][who].append(fio_iops(uri[who], "randread", a.seconds))
             peer.stop()
+            # a throw-away write run first: the first writer after the reads is ~2x slower whoever it
+            # is (its dirty pages push out the page cache the reads filled; the next writer finds the pages
+            # the deleted overlay freed), so without it the measured pair is decided by its order
+            warm = QemuNbdPeer(work, base, "warm").start()
+            fio_iops(warm.uri, "randwrite", max(1, a.seconds // 2))
+            warm.stop()
+            warm.overlay.unlink()
+            os.sync()
             for who in order:
                 # each on a fresh overlay, and the other side's written overlay deleted first: its ~1 GiB
                 # of page cache (dirty, then clean) would otherwise slow down whoever writes second
                 if who == "bootd":
                     exp, _ = bootd.boot()
+                    bootd.settle()
                     w_uri = exp.uri
                 else:
                     w_uri = peer.start().uri
