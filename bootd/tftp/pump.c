@@ -17,6 +17,10 @@
  * after `retries` retransmissions or `session_timeout` without progress (ERROR to the client), an
  * ERROR from the client, an ICMP port unreachable, and the final short (possibly empty) block.
  *
+ * Reads are plain preadv(2) in this loop: a read from a cold disk stalls the pump (never bootd's event
+ * loop) for that long; boot files are in the page cache after the first client, and POSIX_FADV_SEQUENTIAL
+ * widens the kernel's read-ahead for the rest.
+ *
  * Speed: every session has a ring of 2*windowsize pre-built DATA packets (4-byte header + payload in
  * one buffer, allocated once per session). After a window is sent the next one is read ahead, so an
  * ACK costs one recv and one send (sendmmsg for a window). Timers are one lazy min-heap.

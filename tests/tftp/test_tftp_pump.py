@@ -58,7 +58,7 @@ class Client:
             self.data_packets += 1
         return data
 
-    async def quiet(self, wait=0.15) -> list[bytes]:
+    async def quiet(self, wait=0.1) -> list[bytes]:
         """Everything that arrives until nothing has come for `wait` seconds."""
         got = []
         while True:
