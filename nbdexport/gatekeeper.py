@@ -39,18 +39,16 @@ listening on TCP itself (the TLS credentials are the access control) and the gat
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import mmap
 import os
 import signal
 import socket
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from nbdexport.pidwatch import PidWatch
+from bootd.chelper import SupervisedHelper, build_c_program
 from nbdexport.qsd import listening_socket
 
 log = logging.getLogger("bootd.nbd.gatekeeper")
@@ -131,23 +129,8 @@ def _name_of(option: int, data: bytes) -> Optional[str]:
 
 def build_splicer(run_dir: Path) -> Path:
     """The splicer binary for the current source (its hash in the name), compiled if missing."""
-    src = SPLICER_SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:12]
-    binary = Path(run_dir) / f"nbd-splicer-{digest}"
-    if binary.exists() and os.access(binary, os.X_OK):
-        return binary
-    tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
-    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), "-x", "c", "-"], input=src, capture_output=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"cannot compile the NBD splicer: {r.stderr.decode(errors='replace').strip()[-400:]}")
-    os.replace(tmp, binary)
-    for old in Path(run_dir).glob("nbd-splicer-*"):
-        if old != binary:
-            try:
-                old.unlink()
-            except OSError:
-                pass
-    return binary
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return build_c_program(SPLICER_SOURCE, run_dir, "nbd-splicer-", "NBD splicer")
 
 
 class _Counters:
@@ -181,100 +164,51 @@ class _Counters:
             pass
 
 
-class Splicer:
+class Splicer(SupervisedHelper):
     """The supervised C splicer: `hand(client, daemon, name)` gives it a negotiated connection."""
 
-    BACKOFF = (0.05, 0.2, 1.0, 2.0, 5.0)
+    what = "NBD splicer"
+    SEND_TIMEOUT = 2.0  # sends wait a little for a busy splicer
+    STOP_SIGNAL = signal.SIGTERM  # it would otherwise serve its connections on after the control socket closed
+    STOP_POLL = 0.02
 
     def __init__(self, run_dir: str | Path, on_event: Callable[[str, dict], None] = lambda k, d: None):
-        self.run_dir = Path(run_dir)
+        super().__init__(run_dir)
         self.on_event = on_event
-        self.binary: Optional[Path] = None
-        self.proc: Optional[subprocess.Popen] = None
-        self.ctl: Optional[socket.socket] = None
-        self.restarts = 0
         self.handed = 0
-        self._pidwatch = PidWatch()
-        self._stopping = False
-        self._restart_task: Optional[asyncio.Task] = None
         self._counters: Optional[_Counters] = None
         self._totals: dict[str, list[int]] = {}  # export -> IO_FIELDS of its ended connections
-        self._reader_fd: Optional[int] = None
-        self._ctl_rx: Optional[socket.socket] = None
         self.known: Callable[[str], bool] = lambda name: True  # exports still worth totals (set by the manager)
 
-    @property
-    def up(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.ctl is not None
+    def _build(self) -> Path:
+        return build_splicer(self.run_dir)
 
-    async def start(self) -> None:
-        self._stopping = False
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.binary = await asyncio.to_thread(build_splicer, self.run_dir)
-        self._spawn()
+    def _command(self, ctl_fd: int) -> tuple[list[str], list[int]]:
+        self._drop_counters()
+        self._counters = _Counters()
+        return [str(self.binary), str(ctl_fd), str(self._counters.fd)], [self._counters.fd]
 
-    def _spawn(self) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        counters = _Counters()
-        try:
-            # own session: a kill of bootd's process group (or of bootd) leaves running connections alone
-            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno()), str(counters.fd)],
-                                         pass_fds=[theirs.fileno(), counters.fd],
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        except BaseException:
-            counters.close()
-            raise
-        finally:
-            theirs.close()
-        self._counters = counters
+    def _spawned(self) -> None:
         try:  # a relay: little CPU, but every wake-up it waits for adds to each request's latency
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, SPLICER_NICE)
         except OSError:
             pass
-        mine.settimeout(2.0)  # sends wait a little for a busy splicer
-        self.ctl = mine
-        rx = mine.dup()  # receives never wait: a timeout socket would block the loop in recv
-        rx.settimeout(0)
-        self._ctl_rx = rx
-        try:
-            asyncio.get_running_loop().add_reader(rx.fileno(), self._on_ctl)
-            self._reader_fd = rx.fileno()
-        except RuntimeError:  # no loop (tools): slots are then folded only when the splicer goes
-            pass
-        self._pidwatch.start(self.proc.pid, self._died)
-        log.debug("NBD splicer pid %d started", self.proc.pid)
-
-    def _unwatch(self) -> None:
-        self._pidwatch.stop()
-
-    def _close_ctl(self) -> None:
-        if self._reader_fd is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._reader_fd)
-            except RuntimeError:
-                pass
-            self._reader_fd = None
-        if self._ctl_rx is not None:
-            self._ctl_rx.close()
-            self._ctl_rx = None
-        if self.ctl is not None:
-            self.ctl.close()
-            self.ctl = None
 
     def _on_ctl(self) -> None:
         """The splicer says which connections ended (4-byte slot numbers): fold their counts."""
-        while self._ctl_rx is not None:
-            try:
-                msg = self._ctl_rx.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                msg = b""
-            if not msg:  # the splicer closed its end: it is going; _died follows
-                self._close_ctl()
-                return
+        while (msg := self._recv(64)):
             if len(msg) == 4 and self._counters is not None:
                 self._fold(self._counters, struct.unpack("=I", msg)[0])
+
+    def _gone(self, status: Optional[int]) -> None:
+        self._drop_counters()
+        if self._stopping:
+            return
+        log.error("NBD splicer died (status %s): its connections are lost; restarting it", status)
+        self.on_event("splicer_died", {"status": status})
+
+    def _restarted(self) -> None:
+        self.on_event("splicer_restarted", {"pid": self.proc.pid})
 
     def _fold(self, counters: _Counters, slot: int) -> None:
         name = counters.owner.pop(slot, None)
@@ -312,34 +246,6 @@ class Splicer:
         """An export is gone for good (its boot ended): drop its totals."""
         self._totals.pop(name, None)
 
-    def _died(self) -> None:
-        self._unwatch()
-        status = self.proc.poll() if self.proc is not None else None
-        self._on_ctl()  # the last "ended" messages it sent
-        self._close_ctl()
-        self._drop_counters()
-        if self._stopping:
-            return
-        log.error("NBD splicer died (status %s): its connections are lost; restarting it", status)
-        self.on_event("splicer_died", {"status": status})
-        if self._restart_task is None or self._restart_task.done():
-            self._restart_task = asyncio.get_running_loop().create_task(self._restart())
-
-    async def _restart(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            await asyncio.sleep(self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)])
-            attempt += 1
-            try:
-                if self.binary is None or not self.binary.exists():
-                    self.binary = await asyncio.to_thread(build_splicer, self.run_dir)
-                self._spawn()
-                self.restarts += 1
-                self.on_event("splicer_restarted", {"pid": self.proc.pid})
-                return
-            except Exception as e:
-                log.error("restarting the NBD splicer failed: %s", e)
-
     def hand(self, client: socket.socket, daemon: socket.socket, name: Optional[str] = None) -> None:
         """Pass both sockets to the splicer (our copies are closed by the caller), counted for export
         `name`. Raises OSError."""
@@ -358,24 +264,6 @@ class Splicer:
                 self._died()
             raise
         self.handed += 1
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._restart_task is not None:
-            self._restart_task.cancel()
-        self._unwatch()
-        self._close_ctl()
-        self._drop_counters()
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            for _ in range(100):
-                if p.poll() is not None:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                p.kill()
-                p.wait()
 
     def status(self) -> dict:
         return {"pid": self.proc.pid if self.proc is not None else None, "up": self.up,

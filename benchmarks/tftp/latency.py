@@ -22,11 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(HERE))
 from netns import Netns  # noqa: E402
+from run import BOOTD_PORT, CLIENT_IP, CPU, DELAY_US, HPA_PORT, RELAY_CPU, SERVER_IP, stop_all  # noqa: E402
 
-CPU, RELAY_CPU, DELAY_US = "1", "0", 500
-SERVER_IP, CLIENT_IP = "10.88.0.1", "10.88.0.2"
-PORTS = {"bootd": 1069, "tftpd-hpa": 2069}
+PORTS = {"bootd": BOOTD_PORT, "tftpd-hpa": HPA_PORT}
 
 
 def turnarounds(pcap: Path, ports: dict) -> dict:
@@ -167,13 +167,7 @@ def main() -> int:
                       + (f"   transfer {t[k]:.3f} s" if k in t else ""), flush=True)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_all(procs)
         client.close()
         server.close()
         subprocess.run(["rm", "-rf", str(work)])

@@ -55,6 +55,17 @@ CLIENT_IP = "10.88.0.2"
 TARGETS = {"loopback": 0.8, "lan": 1.0, "lan-window": 3.0}
 
 
+def stop_all(procs: list) -> None:
+    """Terminate the benchmark's processes (SIGKILL after 5 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -250,13 +261,7 @@ def main() -> int:
         print(f"{len(results) - len(below)}/{len(results)} cases meet their target", flush=True)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_all(procs)
         client.close()
         server.close()
         subprocess.run(["rm", "-rf", str(work)])

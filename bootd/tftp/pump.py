@@ -21,19 +21,15 @@ Control protocol (SOCK_SEQPACKET, one message each):
 """
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import os
-import signal
 import socket
 import struct
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from nbdexport.pidwatch import PidWatch
+from bootd.chelper import SupervisedHelper, build_c_program
 
 log = logging.getLogger("bootd.tftp.pump")
 
@@ -61,101 +57,36 @@ def _private_dir(path: Path) -> None:
 
 def build_pump(run_dir: Path, cc: Optional[str] = None) -> Path:
     """The pump binary for the current source (its hash in the name), compiled if missing."""
-    run_dir = Path(run_dir)
-    _private_dir(run_dir)
-    src = PUMP_SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:12]
-    binary = run_dir / f"tftp-pump-{digest}"
-    if binary.exists() and os.access(binary, os.X_OK):
-        return binary
-    tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
-    try:
-        r = subprocess.run([cc or CC, "-O2", "-Wall", "-o", str(tmp), "-x", "c", "-"], input=src,
-                           capture_output=True)
-    except OSError as e:
-        raise RuntimeError(f"cannot run the C compiler: {e}") from None
-    if r.returncode != 0:
-        raise RuntimeError(f"cannot compile the TFTP pump: {r.stderr.decode(errors='replace').strip()[-400:]}")
-    os.replace(tmp, binary)
-    for old in run_dir.glob("tftp-pump-*"):
-        if old != binary:
-            try:
-                old.unlink()
-            except OSError:
-                pass
-    return binary
+    _private_dir(Path(run_dir))
+    return build_c_program(PUMP_SOURCE, run_dir, "tftp-pump-", "TFTP pump", cc or CC)
 
 
-class DataPump:
+class DataPump(SupervisedHelper):
     """The supervised pump process. `on_end(id, outcome, nbytes, end, retransmits, dup_acks, blocks, ignored)`
-    is called for each finished session; `on_lost()` when the process died with sessions in it."""
+    is called for each finished session; `on_lost()` when the process died with sessions in it.
+    Closing its control socket (stop) makes it end every transfer with an ERROR and exit."""
 
-    BACKOFF = (0.05, 0.2, 1.0, 2.0, 5.0)
+    what = "TFTP pump"
 
     def __init__(self, run_dir: str | Path, on_end: Callable[..., None], on_lost: Callable[[], None],
                  cc: Optional[str] = None):
-        self.run_dir = Path(run_dir)
+        super().__init__(run_dir)
         self.on_end = on_end
         self.on_lost = on_lost
         self.cc = cc
-        self.binary: Optional[Path] = None
-        self.proc: Optional[subprocess.Popen] = None
-        self.ctl: Optional[socket.socket] = None
-        self.restarts = 0
         self.deaths = 0
         self.handed = 0
-        self._pidwatch = PidWatch()
-        self._stopping = False
-        self._restart_task: Optional[asyncio.Task] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
-    @property
-    def up(self) -> bool:
-        return self.ctl is not None and self.proc is not None and self.proc.poll() is None
+    def _build(self) -> Path:
+        return build_pump(self.run_dir, self.cc)
 
-    async def start(self) -> None:
-        """Build (if needed) and start. Raises RuntimeError/OSError when the pump cannot run."""
-        self._stopping = False
-        self._loop = asyncio.get_running_loop()
-        self.binary = await asyncio.to_thread(build_pump, self.run_dir, self.cc)
-        self._spawn()
-
-    def _spawn(self) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = subprocess.Popen([str(self.binary), str(theirs.fileno()), str(PUMP_NICE)],
-                                         pass_fds=[theirs.fileno()],
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        except BaseException:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
-        mine.setblocking(False)
-        self.ctl = mine
-        self._loop.add_reader(mine.fileno(), self._on_ctl)
-        self._pidwatch.start(self.proc.pid, self._died)
-        log.debug("TFTP pump pid %d started", self.proc.pid)
-
-    def _close_ctl(self) -> None:
-        if self.ctl is not None:
-            try:
-                self._loop.remove_reader(self.ctl.fileno())
-            except Exception:
-                pass
-            self.ctl.close()
-            self.ctl = None
+    def _command(self, ctl_fd: int) -> tuple[list[str], list[int]]:
+        return [str(self.binary), str(ctl_fd), str(PUMP_NICE)], []
 
     def _on_ctl(self) -> None:
         for _ in range(256):
-            try:
-                msg = self.ctl.recv(256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                msg = b""
-            if not msg:  # the pump is gone; the pidfd tells when it has really exited
-                self._close_ctl()
+            msg = self._recv()
+            if not msg:
                 return
             if msg[:1] == b"E" and len(msg) == 1 + END.size:
                 ident, outcome, *rest = END.unpack_from(msg, 1)
@@ -166,34 +97,15 @@ class DataPump:
             else:
                 log.error("tftp: unexpected message from the pump: %r", msg[:40])
 
-    def _died(self) -> None:
-        self._pidwatch.stop()
-        if self.ctl is not None:
-            self._on_ctl()  # reports it sent before it died
-        status = self.proc.poll() if self.proc is not None else None
-        self._close_ctl()
+    def _gone(self, status: Optional[int]) -> None:
         if self._stopping:
             return
         self.deaths += 1
         log.error("TFTP pump died (status %s): its transfers are lost (clients retry); restarting it", status)
         self.on_lost()
-        if self._restart_task is None or self._restart_task.done():
-            self._restart_task = self._loop.create_task(self._restart())
 
-    async def _restart(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            await asyncio.sleep(self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)])
-            attempt += 1
-            try:
-                if self.binary is None or not self.binary.exists():
-                    self.binary = await asyncio.to_thread(build_pump, self.run_dir, self.cc)
-                self._spawn()
-                self.restarts += 1
-                log.warning("TFTP pump restarted (pid %d)", self.proc.pid)
-                return
-            except Exception as e:
-                log.error("restarting the TFTP pump failed: %s", e)
+    def _restarted(self) -> None:
+        log.warning("TFTP pump restarted (pid %d)", self.proc.pid)
 
     def hand(self, ident: int, sock: socket.socket, file_fd: int, *, size: int, blksize: int, windowsize: int,
              retries: int, rto: float, max_timeout: float, session_timeout: float, oack: Optional[bytes]) -> None:
@@ -206,23 +118,6 @@ class DataPump:
                                 session_timeout) + oack
         socket.send_fds(self.ctl, [msg], [sock.fileno(), file_fd])
         self.handed += 1
-
-    async def stop(self) -> None:
-        """Close the control socket: the pump ends every transfer with an ERROR and exits."""
-        self._stopping = True
-        if self._restart_task is not None:
-            self._restart_task.cancel()
-        self._pidwatch.stop()
-        self._close_ctl()
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            for _ in range(100):
-                if p.poll() is not None:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                p.kill()
-                p.wait()
 
     def status(self) -> dict:
         return {"pid": self.proc.pid if self.proc is not None else None, "up": self.up,

@@ -85,6 +85,14 @@ def py(client, script, *args, **kw):
     return client.ns.run([sys.executable, "-c", script, *map(str, args)], **kw)
 
 
+def two_hosts(a, b):
+    """A lab config with clients `a` and `b` as hosts pc-a and pc-b; NBD only."""
+    return {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
+            "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
+            "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"},
+                      {"mac": b.mac, "name": "pc-b", "ip": "10.77.0.11"}]}
+
+
 def disk_status(d):
     status = bootctl_json(d, "status")
     return [s for s in status["services"] if s["name"] == "disks"][0]
@@ -100,11 +108,7 @@ def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path):
     a = lab.add_client("10.77.0.10")
     b = lab.add_client("10.77.0.11")
     stranger = lab.add_client("10.77.0.12")  # no host entry, no export
-    cfg = {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
-           "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
-           "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"},
-                     {"mac": b.mac, "name": "pc-b", "ip": "10.77.0.11"}]}
-    d = bootd_daemon(cfg, ns=lab.server)
+    d = bootd_daemon(two_hosts(a, b), ns=lab.server)
     ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
     eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
 
@@ -241,11 +245,7 @@ def test_per_export_io_counts(lab, bootd_daemon, tmp_path):
     base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
     a = lab.add_client("10.77.0.10")
     b = lab.add_client("10.77.0.11")
-    cfg = {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
-           "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
-           "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"},
-                     {"mac": b.mac, "name": "pc-b", "ip": "10.77.0.11"}]}
-    d = bootd_daemon(cfg, ns=lab.server)
+    d = bootd_daemon(two_hosts(a, b), ns=lab.server)
     ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
     eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
 

@@ -1,0 +1,206 @@
+"""Small C helper programs that bootd builds at run time and keeps running (the NBD splicer, the TFTP pump).
+
+Both are one C file compiled with gcc into a run directory (the source's hash in the binary's name, so
+an update rebuilds), started in their own session with a SOCK_SEQPACKET control socket, watched with a
+pidfd, and restarted with a backoff when they die. What each says over its control socket, and what a
+death costs, is the subclass's business.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from nbdexport.pidwatch import PidWatch
+
+log = logging.getLogger("bootd.chelper")
+
+
+def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Optional[str] = None) -> Path:
+    """`run_dir/<prefix><hash of source>`, compiled from `source` if missing; older builds are removed.
+    Raises RuntimeError when it cannot be built."""
+    src = Path(source).read_bytes()
+    binary = Path(run_dir) / f"{prefix}{hashlib.sha256(src).hexdigest()[:12]}"
+    if binary.exists() and os.access(binary, os.X_OK):
+        return binary
+    tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
+    try:
+        r = subprocess.run([cc or "gcc", "-O2", "-Wall", "-o", str(tmp), "-x", "c", "-"], input=src,
+                           capture_output=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot run the C compiler: {e}") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot compile the {what}: {r.stderr.decode(errors='replace').strip()[-400:]}")
+    os.replace(tmp, binary)
+    for old in Path(run_dir).glob(f"{prefix}*"):
+        if old != binary:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+    return binary
+
+
+class SupervisedHelper:
+    """One helper process and its control socket (`self.ctl`; messages from it go to `_on_ctl`).
+
+    Subclasses give `what` (for logs), `_build()`, `_command(ctl_fd)` and may override the hooks
+    `_spawned()`, `_gone()` (after the process ended, before any restart) and `_restarted()`."""
+
+    what = "helper"
+    BACKOFF = (0.05, 0.2, 1.0, 2.0, 5.0)
+    SEND_TIMEOUT: Optional[float] = None  # None: sends never wait (a full queue raises BlockingIOError)
+    STOP_SIGNAL: Optional[int] = None     # sent at stop after the control socket closed (None: it exits by itself)
+    STOP_POLL = 0.01                      # stop waits 100 of these before a SIGKILL
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.binary: Optional[Path] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.ctl: Optional[socket.socket] = None
+        self.restarts = 0
+        self._rx: Optional[socket.socket] = None
+        self._reader_fd: Optional[int] = None
+        self._pidwatch = PidWatch()
+        self._stopping = False
+        self._restart_task: Optional[asyncio.Task] = None
+
+    # -- to be provided ----------------------------------------------------------------------------
+    def _build(self) -> Path:
+        raise NotImplementedError
+
+    def _command(self, ctl_fd: int) -> tuple[list[str], list[int]]:
+        """(argv, extra fds to pass) for a new process whose control socket is `ctl_fd`."""
+        raise NotImplementedError
+
+    def _on_ctl(self) -> None:
+        """Read what the helper sent (`self._recv()` until None)."""
+
+    def _spawned(self) -> None:
+        pass
+
+    def _gone(self, status: Optional[int]) -> None:
+        """The process is gone (died, or stop() was called: then `self._stopping` is set)."""
+
+    def _restarted(self) -> None:
+        pass
+
+    # -- life cycle --------------------------------------------------------------------------------
+    @property
+    def up(self) -> bool:
+        return self.ctl is not None and self.proc is not None and self.proc.poll() is None
+
+    async def start(self) -> None:
+        """Build (if needed) and start. Raises RuntimeError/OSError when the helper cannot run."""
+        self._stopping = False
+        self.binary = await asyncio.to_thread(self._build)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv, fds = self._command(theirs.fileno())
+            # own session: a kill of bootd's process group leaves the helper (and its clients) alone
+            self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), *fds], stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        if self.SEND_TIMEOUT is None:
+            mine.setblocking(False)
+            rx = mine
+        else:
+            mine.settimeout(self.SEND_TIMEOUT)
+            rx = mine.dup()  # receives never wait: a timeout socket would block the loop in recv
+            rx.setblocking(False)
+        self.ctl, self._rx = mine, rx
+        try:
+            asyncio.get_running_loop().add_reader(rx.fileno(), self._on_ctl)
+            self._reader_fd = rx.fileno()
+        except RuntimeError:  # no loop (tools)
+            pass
+        self._spawned()
+        self._pidwatch.start(self.proc.pid, self._died)
+        log.debug("%s pid %d started", self.what, self.proc.pid)
+
+    def _recv(self, size: int = 256) -> Optional[bytes]:
+        """One message from the helper; None when there is none now; b"" when it closed its end (then
+        the control socket is closed here: the pidfd tells when the process has really exited)."""
+        if self._rx is None:
+            return None
+        try:
+            msg = self._rx.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            msg = b""
+        if not msg:
+            self._close_ctl()
+        return msg
+
+    def _close_ctl(self) -> None:
+        if self._reader_fd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._reader_fd)
+            except RuntimeError:
+                pass
+            self._reader_fd = None
+        if self._rx is not None and self._rx is not self.ctl:
+            self._rx.close()
+        self._rx = None
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+
+    def _died(self) -> None:
+        self._pidwatch.stop()
+        status = self.proc.poll() if self.proc is not None else None
+        self._on_ctl()  # what it sent before it died
+        self._close_ctl()
+        self._gone(status)
+        if self._stopping:
+            return
+        if self._restart_task is None or self._restart_task.done():
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            await asyncio.sleep(self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)])
+            attempt += 1
+            try:
+                if self.binary is None or not self.binary.exists():
+                    self.binary = await asyncio.to_thread(self._build)
+                self._spawn()
+                self.restarts += 1
+                self._restarted()
+                return
+            except Exception as e:
+                log.error("restarting the %s failed: %s", self.what, e)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        self._pidwatch.stop()
+        self._close_ctl()
+        self._gone(None)
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            if self.STOP_SIGNAL is not None:
+                p.send_signal(self.STOP_SIGNAL)
+            for _ in range(100):
+                if p.poll() is not None:
+                    break
+                await asyncio.sleep(self.STOP_POLL)
+            else:
+                p.kill()
+                p.wait()
+
