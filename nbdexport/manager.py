@@ -158,6 +158,8 @@ class DiskSettings:
     tls: bool = False
     client_tls: Optional[ClientTls] = None
     gatekeeper: bool = False  # NBD handshakes through bootd's gatekeeper (never with TLS); see gatekeeper.py
+    aio: str = "io_uring"  # how the storage daemon reads and writes files: io_uring, or threads (qemu's default)
+    subclusters: bool = True  # new overlays with qcow2 extended L2 entries (see overlays.py)
 
 
 class DiskManager:
@@ -174,7 +176,10 @@ class DiskManager:
         self.s = settings
         self.store = store
         self.qsd = qsd
-        self.overlays = OverlayStore(settings.directory)
+        self.overlays = OverlayStore(settings.directory, subclusters=settings.subclusters)
+        self.aio = settings.aio
+        self.aio_error: Optional[str] = None
+        self._aio_probed = False
         self.resolve_snapshot = resolve_snapshot
         self.is_persistent = is_persistent
         self.snapshot_store = snapshot_store
@@ -209,6 +214,35 @@ class DiskManager:
         if self._daemon_socket is not None:
             await self._start_gatekeeper()
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def _choose_aio(self) -> None:
+        """io_uring unless this kernel or qemu refuses it (io_uring_disabled, a seccomp profile, a qemu
+        built without liburing): then qemu's thread pool, said once. Probed on a throw-away node so that
+        no export ever fails for it; the first start decides for the daemon's lifetime (restarts reuse it)."""
+        if self.aio != "io_uring" or self._aio_probed:
+            return
+        self._aio_probed = True
+        probe = Path(self.qsd.run_dir) / "aio-probe"
+        node = "aioprobe" + secrets.token_hex(4)  # unique: an adopted daemon may hold a crashed start's probe
+        try:
+            probe.write_bytes(b"\0" * 4096)
+            await self.qsd.execute("blockdev-add", {"driver": "file", "node-name": node, "read-only": True,
+                                                    "filename": str(probe), "aio": "io_uring"})
+            await self.qsd.execute("blockdev-del", {"node-name": node})
+        except StorageDaemonDown:
+            self._aio_probed = False  # the daemon died, not io_uring: ask again once it is back
+        except (DiskError, OSError) as e:
+            self.aio, self.aio_error = "threads", f"io_uring refused ({e}); using threads"
+            log.warning("storage daemon: %s", self.aio_error)
+            self._inc("aio_fallback")
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+
+    def _file(self, path: str, node: str) -> dict:
+        return {"driver": "file", "filename": path, "node-name": node, "aio": self.aio}
 
     async def _start_gatekeeper(self) -> None:
         def on_event(kind: str, detail: dict) -> None:
@@ -532,7 +566,8 @@ class DiskManager:
 
     def status(self) -> dict:
         rep = self.last_space
-        return {"exports": len(self._rows), "qsd": self.qsd.status(),
+        return {"exports": len(self._rows), "qsd": self.qsd.status(), "aio": self.aio,
+                "aio_error": self.aio_error, "subclusters": self.s.subclusters,
                 "gatekeeper": (self.gatekeeper.status() if self.gatekeeper is not None
                                else {"error": self.gatekeeper_error} if self.gatekeeper_error else None),
                 "free_mb": rep.free >> 20 if rep else None, "space_low": bool(rep and rep.low)}
@@ -670,14 +705,12 @@ class DiskManager:
                 return node
             node = "b" + hashlib.sha1(path.encode()).hexdigest()[:16]
             await self.qsd.execute("blockdev-add", {
-                "driver": "qcow2", "node-name": node, "read-only": True,
-                "file": {"driver": "file", "filename": path, "node-name": "f" + node}})
+                "driver": "qcow2", "node-name": node, "read-only": True, "file": self._file(path, "f" + node)})
             self._bases[path] = node
             return node
 
     async def _export(self, row: _Row) -> None:
-        spec = {"driver": "qcow2", "node-name": row.node,
-                "file": {"driver": "file", "filename": row.overlay, "node-name": "f" + row.node}}
+        spec = {"driver": "qcow2", "node-name": row.node, "file": self._file(row.overlay, "f" + row.node)}
         if row.overlay != row.snap.path:  # an overlay: its backing is the shared, never exported base node
             spec["backing"] = await self._base_node(row.snap.path)
         # both commands in flight at once (QMP runs them in order): one round trip to the daemon, not two
@@ -744,6 +777,7 @@ class DiskManager:
     async def _restore(self) -> None:
         """Make the daemon's exports equal to the running boots in the state store (after a start, an
         adoption or a restart of the daemon). Caller holds qsd.lock."""
+        await self._choose_aio()
         exps = {e["id"]: e for e in await self.qsd.execute("query-block-exports")}
         nodes = {n["node-name"] for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
         self._bases = {}
@@ -778,7 +812,7 @@ class DiskManager:
             await asyncio.sleep(0.01)
         keep = wanted | set(self._bases.values())
         for n in sorted(nodes, key=lambda n: n.startswith("b")):
-            if (n.startswith("ov") or n.startswith("b")) and n not in keep:
+            if n.startswith(("ov", "b", "aioprobe")) and n not in keep:
                 try:
                     await self.qsd.execute("blockdev-del", {"node-name": n})
                 except DiskError:

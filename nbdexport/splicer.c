@@ -71,6 +71,7 @@ struct conn {
     uint64_t skip; /* payload bytes of a WRITE still to pass */
     int parsing;   /* 0 after anything that is not an NBD request: no more counting */
     struct end e[2];
+    int armed[2]; /* EPOLLOUT asked for on fd[i]: only while data waits for it (see arm()) */
     struct conn *next_dead;
 };
 
@@ -171,8 +172,10 @@ static void count(struct conn *c, const unsigned char *p, size_t n) {
     }
 }
 
-/* Direction d through its buffer (client -> daemon counted). Same contract as pump(). */
-static int pump_buf(struct conn *c, int d) {
+/* Direction d through its buffer (client -> daemon counted). Same contract as pump(). Unless `drain`,
+ * a short read that was all sent ends the turn without the recv that would only say EAGAIN: a short read
+ * of a stream socket took all there was, and whatever comes later (data or the end) is a new edge. */
+static int pump_buf(struct conn *c, int d, int drain) {
     int in = c->fd[d], out = c->fd[1 - d];
     size_t cap = d == 0 ? C2S_BUF : S2C_BUF;
     for (;;) {
@@ -194,6 +197,15 @@ static int pump_buf(struct conn *c, int d) {
             if (d == 0 && c->slot)
                 count(c, c->buf[0], (size_t)n);
             c->blen[d] = (size_t)n;
+            ssize_t w = send(out, c->buf[d], (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (w == n && (size_t)n < cap && !drain) {
+                c->blen[d] = 0;
+                return 0;
+            }
+            if (w > 0)
+                c->boff[d] = (size_t)w;
+            else if (w < 0 && errno != EAGAIN && errno != EINTR)
+                return -1;
             continue;
         }
         if (n == 0)
@@ -206,14 +218,30 @@ static int pump_buf(struct conn *c, int d) {
     }
 }
 
-static int move(struct conn *c, int d) { return c->buf[d] ? pump_buf(c, d) : pump(c, d); }
-
 static int pending(struct conn *c, int d) { return c->buf[d] ? c->blen[d] > c->boff[d] : c->pend[d] > 0; }
+
+/* EPOLLOUT on fd[i] only while data waits for it. A unix socket signals "writable" each time its peer
+ * reads (qemu-storage-daemon, once per request), so asking for it all the time would wake this process
+ * once more per request for nothing. Arming with EPOLL_CTL_MOD re-checks readiness: no edge is lost. */
+static void arm(struct conn *c, int i, int on) {
+    if (c->armed[i] == on)
+        return;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (on ? EPOLLOUT : 0), .data.ptr = &c->e[i]};
+    if (epoll_ctl(ep, EPOLL_CTL_MOD, c->fd[i], &ev) == 0)
+        c->armed[i] = on;
+}
+
+static int move(struct conn *c, int d, int drain) {
+    int r = c->buf[d] ? pump_buf(c, d, drain) : pump(c, d);
+    if (r == 0 && pending(c, d))
+        arm(c, 1 - d, 1); /* the other side is full: come back when it can take more */
+    return r;
+}
 
 static void service(struct conn *c) {
     if (c->dead)
         return;
-    if (move(c, 0) < 0 || move(c, 1) < 0)
+    if (move(c, 0, 1) < 0 || move(c, 1, 1) < 0)
         conn_close(c);
 }
 
@@ -263,7 +291,7 @@ static void add_conn(int a, int b, long slot_no) {
         set_nonblock(c->fd[i]);
         c->e[i].c = c;
         c->e[i].side = i;
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->e[i]};
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->e[i]};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
             conn_close(c);
             return;
@@ -376,9 +404,13 @@ int main(int argc, char **argv) {
             /* readable (or closing): move fd[s]'s data on; writable: finish what waits for fd[s] */
             int r = 0;
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-                r = move(c, s);
-            if (r == 0 && (ev & EPOLLOUT) && pending(c, 1 - s))
-                r = move(c, 1 - s);
+                r = move(c, s, (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
+            if (r == 0 && (ev & EPOLLOUT)) {
+                if (pending(c, 1 - s))
+                    r = move(c, 1 - s, 1);
+                if (r == 0 && !pending(c, 1 - s))
+                    arm(c, s, 0);
+            }
             if (r < 0 || (ev & (EPOLLERR | EPOLLHUP)))
                 conn_close(c);
         }

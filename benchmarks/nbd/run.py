@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """NBD disks: a bootd export (DiskManager + qemu-storage-daemon, an overlay over the snapshot) against
-plain qemu-nbd serving an identical overlay over the same 1 GiB qcow2 snapshot, in the same run.
+plain qemu-nbd on the same 1 GiB qcow2 snapshot, in the same run.
 
-Measured in pairs (bootd and qemu-nbd back to back, who goes first alternating), medians of --reps,
-plus the median of the per-pair ratios (pairs run seconds apart, so load drift cancels):
-  * sequential read of the whole disk with nbdcopy (to null:);
+Three servers, measured back to back (who goes first rotating), medians of --reps, plus the median of
+the per-rep ratios (runs seconds apart, so load drift cancels):
+  * bootd: the export exactly as a lab PC gets it (gatekeeper + C splicer unless --no-gatekeeper, the
+    daemon's aio mode and overlay format from bootd's defaults: io_uring, qcow2 extended L2);
+  * qemu-nbd: plain qemu-nbd (its defaults: aio=threads) on an overlay made by plain `qemu-img create -b`
+    over the snapshot, i.e. what `qemu-nbd --snapshot SNAPSHOT` serves. This is the target's comparison;
+  * same: qemu-nbd given bootd's aio mode and overlay format, so the bootd/same ratio is the cost of
+    bootd's gatekeeper and splicer alone (reported, no target).
+Measures:
+  * sequential read of the whole disk with nbdcopy (to null:), the median of 3 copies per rep;
   * 4 KiB random read and random write, queue depth 16, fio's nbd engine (libnbd), --seconds each
-    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd; the other
-    side's written overlay is deleted and `sync`ed first, and a throw-away write run goes before the pair,
+    (each write run on a fresh overlay: bootd's next boot, a new overlay file for qemu-nbd; the previous
+    writer's overlay is deleted and `sync`ed first, and a throw-away write run goes before the three,
     else whoever writes first after the reads is ~2x slower);
-  * 50 clients at once, each its own disk (bootd: 50 hosts' exports in one daemon; peer: 50 qemu-nbd
-    processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
+  * 50 clients at once, each its own disk (bootd: 50 hosts' exports in one daemon; peer: 50 plain
+    qemu-nbd processes), each reading 64 MiB sequentially: aggregate MB/s and the slowest client;
   * boot event to export ready: `prepare_boot` (new overlay, node, export, libnbd check), 50 hosts.
 Prints numbers and bootd/qemu-nbd ratios (targets: >= 0.95 each; boot-to-ready < 50 ms); asserts no
 times. Everything is killed at the end.
@@ -30,7 +37,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -116,10 +122,16 @@ def base_image() -> Path:
 
 
 class QemuNbdPeer:
-    """qemu-nbd on its own overlay over the same base (same chain depth as a bootd export)."""
+    """qemu-nbd on its own overlay over the same base (same chain depth as a bootd export).
 
-    def __init__(self, work: Path, base: Path, name: str = "peer"):
+    Plain (the default): the overlay `qemu-img create -b` makes and qemu-nbd's defaults (aio=threads), i.e.
+    what `qemu-nbd --snapshot` on the snapshot does. With aio/subclusters: the same file I/O mode and
+    overlay format as bootd's exports, so that the pair differs only in bootd's gatekeeper and splicer."""
+
+    def __init__(self, work: Path, base: Path, name: str = "peer", aio: str | None = None,
+                 subclusters: bool = False):
         self.work, self.base, self.name = work, base, name
+        self.aio, self.subclusters = aio, subclusters
         self.port = free_port()
         self.proc = None
         self.overlay = work / f"{name}.qcow2"
@@ -128,10 +140,12 @@ class QemuNbdPeer:
         self.stop()
         if self.overlay.exists():
             self.overlay.unlink()
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "qcow2",
+        opts = ["-o", "extended_l2=on"] if self.subclusters else []
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, "-b", str(self.base), "-F", "qcow2",
                         str(self.overlay)], check=True)
+        aio = [f"--aio={self.aio}"] if self.aio else []
         self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-b", SERVER, "-p", str(self.port),
-                                      "-x", self.name, "--persistent", "--shared=0", str(self.overlay)],
+                                      "-x", self.name, "--persistent", "--shared=0", *aio, str(self.overlay)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -259,27 +273,30 @@ def main() -> int:
     base = base_image()
     work = Path(tempfile.mkdtemp(prefix="bench-nbd-"))
     link = LanLink() if a.link == "lan" else None
-    bootd = peer = None
+    bootd = None
+    peer: dict[str, QemuNbdPeer] = {}
     peers: list[QemuNbdPeer] = []
-    res: dict[str, dict[str, list[float]]] = {k: {"bootd": [], "qemu-nbd": []}
+    servers = ("bootd", "qemu-nbd", "qemu-nbd-same")
+    res: dict[str, dict[str, list[float]]] = {k: {who: [] for who in servers}
                                               for k in ("seq_read_MBps", "randread_iops", "randwrite_iops")}
     try:
         if link is not None:
             link.up()
         bootd = Bootd(work, base, gatekeeper=not a.no_gatekeeper)
-        peer = QemuNbdPeer(work, base)
+        peer = {"qemu-nbd": QemuNbdPeer(work, base, "peer"),
+                "qemu-nbd-same": QemuNbdPeer(work, base, "same", aio=bootd.m.aio, subclusters=bootd.m.s.subclusters)}
         for rep in range(a.reps):
-            # alternate who goes first: the machine's load drifts, a fixed order would bias the pair
-            order = ("bootd", "qemu-nbd") if rep % 2 == 0 else ("qemu-nbd", "bootd")
+            # rotate who goes first: the machine's load drifts, a fixed order would bias the comparison
+            order = servers[rep % 3:] + servers[:rep % 3]
             exp, _ = bootd.boot()
             bootd.settle()  # the previous boot's teardown is not part of what is measured
-            peer.start()
-            uri = {"bootd": exp.uri, "qemu-nbd": peer.uri}
-            for who in order:
-                res["seq_read_MBps"][who].append(nbdcopy_mbs(uri[who]))
+            uri = {"bootd": exp.uri, **{who: p.start().uri for who, p in peer.items()}}
+            for who in order:  # a whole-disk copy takes ~1 s: the median of 3 per rep
+                res["seq_read_MBps"][who].append(statistics.median(nbdcopy_mbs(uri[who]) for _ in range(3)))
             for who in order:
                 res["randread_iops"][who].append(fio_iops(uri[who], "randread", a.seconds))
-            peer.stop()
+            for p in peer.values():
+                p.stop()
             # a throw-away write run first: the first writer after the reads is ~2x slower whoever it
             # is (its dirty pages push out the page cache the reads filled; the next writer finds the pages
             # the deleted overlay freed), so without it the measured pair is decided by its order
@@ -289,26 +306,25 @@ def main() -> int:
             warm.overlay.unlink()
             os.sync()
             for who in order:
-                # each on a fresh overlay, and the other side's written overlay deleted first: its ~1 GiB
-                # of page cache (dirty, then clean) would otherwise slow down whoever writes second
+                # each on a fresh overlay, and the previous writer's overlay deleted first: its ~1 GiB
+                # of page cache (dirty, then clean) would otherwise slow down whoever writes next
                 if who == "bootd":
                     exp, _ = bootd.boot()
                     bootd.settle()
                     w_uri = exp.uri
                 else:
-                    w_uri = peer.start().uri
+                    w_uri = peer[who].start().uri
                 os.sync()
                 res["randwrite_iops"][who].append(fio_iops(w_uri, "randwrite", a.seconds))
                 if who == "bootd":
                     bootd.boot()  # the next boot discards the written overlay
                     bootd.settle()
                 else:
-                    peer.stop()
-                    peer.overlay.unlink()
+                    peer[who].stop()
+                    peer[who].overlay.unlink()
                 os.sync()
-            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v['bootd'][-1]:.0f}/{v['qemu-nbd'][-1]:.0f}"
-                                                 for k, v in res.items()), flush=True)
-        peer.stop()
+            print(f"rep {rep + 1} (bootd/qemu-nbd/same): " + ", ".join(
+                f"{k} " + "/".join(f"{v[who][-1]:.0f}" for who in servers) for k, v in res.items()), flush=True)
 
         # boot event -> export ready, for N hosts (the first boot of each)
         bootd.settle()
@@ -330,10 +346,8 @@ def main() -> int:
         peers = [QemuNbdPeer(work, base, f"p{i}").start() for i in range(a.clients)]
         many_p = fio_many([p.uri for p in peers])
     finally:
-        for p in peers:
+        for p in [*peers, *peer.values()]:
             p.stop()
-        if peer:
-            peer.stop()
         if bootd:
             bootd.stop()
         if link is not None:
@@ -341,17 +355,22 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nNBD benchmark (1 GiB qcow2 snapshot, {a.link} link; bootd = overlay in qemu-storage-daemon"
-          f"{', direct' if a.no_gatekeeper else ' behind the gatekeeper + C splicer'},"
-          " qemu-nbd = same overlay layout)")
-    print(f"{'measure (medians)':<28}{'bootd':>12}{'qemu-nbd':>12}{'ratio':>8}{'paired':>8}  target (paired)")
-    report = {"gatekeeper": not a.no_gatekeeper, "link": a.link}
+          f"{', direct' if a.no_gatekeeper else ' behind the gatekeeper + C splicer'}"
+          f" (aio={bootd.m.aio if bootd else '?'}, subclusters={bootd.m.s.subclusters if bootd else '?'});"
+          " qemu-nbd = plain qemu-nbd on an overlay of the same snapshot, as `qemu-nbd --snapshot` makes it;"
+          " same = qemu-nbd with bootd's aio and overlay format)")
+    print(f"{'measure (medians)':<22}{'bootd':>9}{'qemu-nbd':>10}{'ratio':>7}{'paired':>8}  target (paired)"
+          f"{'same':>10}{'paired':>8}")
+    report = {"gatekeeper": not a.no_gatekeeper, "link": a.link, "aio": bootd.m.aio if bootd else None,
+              "subclusters": bootd.m.s.subclusters if bootd else None}
     for k, v in res.items():
-        b, p = med(v["bootd"]), med(v["qemu-nbd"])
+        b, p, q = med(v["bootd"]), med(v["qemu-nbd"]), med(v["qemu-nbd-same"])
         paired = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd"]) if y])
+        paired_same = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd-same"]) if y])
         report[k] = {"bootd": b, "qemu-nbd": p, "ratio": b / p, "paired_ratio": paired,
-                     "runs": v}
-        print(f"{k:<28}{b:>12.0f}{p:>12.0f}{b / p:>8.2f}{paired:>8.2f}  >= 0.95 "
-              f"{'ok' if paired >= 0.95 else 'MISSED'}")
+                     "qemu-nbd-same": q, "paired_ratio_same": paired_same, "runs": v}
+        print(f"{k:<22}{b:>9.0f}{p:>10.0f}{b / p:>7.2f}{paired:>8.2f}  >= 0.95 {'ok    ' if paired >= 0.95 else 'MISSED'}"
+              f"{q:>10.0f}{paired_same:>8.2f}")
     print(f"{str(a.clients) + ' clients aggregate MB/s':<28}{many_b[0]:>12.0f}{many_p[0]:>12.0f}"
           f"{many_b[0] / many_p[0] if many_p[0] else float('nan'):>8.2f}")
     print(f"{'  slowest client s':<28}{many_b[1]:>12.2f}{many_p[1]:>12.2f}")

@@ -63,8 +63,10 @@ class Harness:
 
     def __init__(self, tmp: Path, persistent: set[str] | None = None, directory: Path | None = None,
                  resolve=None, snapshots=None, port: int | None = None, tls=None,
-                 listen: list[str] | None = None, run_dir: Path | None = None, **kw):
+                 listen: list[str] | None = None, run_dir: Path | None = None,
+                 qsd_binary: str = "qemu-storage-daemon", **kw):
         self.tmp = tmp
+        self.qsd_binary = qsd_binary
         self.snapshots = snapshots
         self.tls = tls
         self.listen = listen or ["127.0.0.1"]
@@ -82,7 +84,7 @@ class Harness:
 
     def start(self) -> "Harness":
         self.store = self.store or StateStore(self.tmp / "state.db")
-        qsd = StorageDaemon(self.settings.run_dir, self.listen, self.port, tls=self.tls)
+        qsd = StorageDaemon(self.settings.run_dir, self.listen, self.port, tls=self.tls, binary=self.qsd_binary)
         self.m = DiskManager(self.settings, self.store, qsd, resolve_snapshot=lambda mac: self.resolve(mac),
                              is_persistent=lambda mac: mac in self.persistent,
                              snapshot_store=lambda: self.snapshots)
