@@ -14,23 +14,24 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from nbdexport.pidwatch import PidWatch
 
 log = logging.getLogger("bootd.chelper")
 
 
-def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Optional[str] = None) -> Path:
-    """`run_dir/<prefix><hash of source>`, compiled from `source` if missing; older builds are removed.
-    Raises RuntimeError when it cannot be built."""
+def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Optional[str] = None,
+                    flags: Sequence[str] = (), suffix: str = "") -> Path:
+    """`run_dir/<prefix><hash of source><suffix>`, compiled from `source` (with `flags`, e.g. -shared
+    -fPIC for a library) if missing; older builds are removed. Raises RuntimeError when it cannot be built."""
     src = Path(source).read_bytes()
-    binary = Path(run_dir) / f"{prefix}{hashlib.sha256(src).hexdigest()[:12]}"
+    binary = Path(run_dir) / f"{prefix}{hashlib.sha256(src).hexdigest()[:12]}{suffix}"
     if binary.exists() and os.access(binary, os.X_OK):
         return binary
     tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
     try:
-        r = subprocess.run([cc or "gcc", "-O2", "-Wall", "-o", str(tmp), "-x", "c", "-"], input=src,
+        r = subprocess.run([cc or "gcc", "-O2", "-Wall", *flags, "-o", str(tmp), "-x", "c", "-"], input=src,
                            capture_output=True)
     except OSError as e:
         raise RuntimeError(f"cannot run the C compiler: {e}") from None

@@ -223,6 +223,9 @@ class NbdConfig(Section):
     # NBD handshakes through bootd (a host lists and opens only its own export; data path in a C
     # splicer); the storage daemon then listens on a private unix socket. Off with tls (see nbdexport/gatekeeper.py)
     gatekeeper: bool = True
+    # with the gatekeeper: each negotiated connection goes on inside the storage daemon on the client's
+    # own socket (a small library preloaded into it, nbdexport/handoff.c); false: through the C splicer
+    handoff: bool = True
     # how qemu-storage-daemon does file I/O. io_uring: ~2x the 4 KiB random-read IOPS of qemu's thread
     # pool here; where the kernel or qemu refuses it bootd uses threads and says so (bootctl status)
     aio: Literal["io_uring", "threads"] = "io_uring"

@@ -22,16 +22,22 @@ fixed-newstyle negotiation between the client and the daemon:
     bytes, + 124 zero bytes unless NO_ZEROES). Only exact byte counts are ever read from either socket,
     so nothing of the transmission phase is in Python's hands at that point.
 
-Then both sockets are passed over SCM_RIGHTS to `splicer.c`, a small long-running C process (compiled at
-run time into the run directory with gcc -O2 when missing or outdated) that moves the bytes both ways
-under epoll (through a buffer per direction; the NBD headers of the requests are counted on the way): the
-data path never enters Python. Each handed connection gets a slot in a shared counter array (a memfd):
-the splicer adds the bytes and requests of every READ and WRITE to it, and bootd sums the slots of an
-export (`Splicer.io(name)`), which is what `bootctl disk list` and /metrics show per export, since
-qemu 7.2's query-blockstats counts nothing for NBD exports. bootd supervises it and
-restarts it if it dies; the connections it carried are lost then (the clients reconnect, and their
-export names still work). A splicer outlives a bootd killed hard, serving its connections until they
-end (its control socket closed, it takes no new ones and exits after the last).
+Then the data path leaves Python, one of two ways:
+  * hand-off (`nbd.handoff: true`, the default; nbdexport/handoff.py and handoff.c): the client's
+    socket goes into qemu-storage-daemon itself, in place of the daemon's end of the unix connection
+    the handshake went through, so qemu serves the client directly. Used when the daemon has the
+    library loaded (bootd starts it so; an adopted daemon may not have it);
+  * splice (the fallback, and `nbd.handoff: false`): both sockets are passed over SCM_RIGHTS to
+    `splicer.c`, a small long-running C process (compiled at run time into the run directory with gcc
+    -O2 when missing or outdated) that moves the bytes both ways under epoll (through a buffer per
+    direction; the NBD headers of the requests are counted on the way). Each spliced connection gets a
+    slot in a shared counter array (a memfd): the splicer adds the bytes and requests of every READ and
+    WRITE to it, and bootd sums the slots of an export (`Splicer.io(name)`). bootd supervises it and
+    restarts it if it dies; the connections it carried are lost then (the clients reconnect, and their
+    export names still work). A splicer outlives a bootd killed hard, serving its connections until
+    they end (its control socket closed, it takes no new ones and exits after the last).
+Both count per export what `bootctl disk list` and /metrics show, since qemu 7.2's query-blockstats
+counts nothing for NBD exports.
 
 With TLS (`nbd.tls`) the handshake cannot be inspected after STARTTLS; bootd then keeps the daemon
 listening on TCP itself (the TLS credentials are the access control) and the gatekeeper is off.
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from bootd.chelper import SupervisedHelper, build_c_program
+from nbdexport.handoff import NotHanded
 from nbdexport.qsd import listening_socket
 
 log = logging.getLogger("bootd.nbd.gatekeeper")
@@ -277,18 +284,21 @@ class Gatekeeper:
     `daemon_socket()` gives the path to connect to (the daemon's private unix socket)."""
 
     def __init__(self, addresses: Iterable[str], port: int, daemon_socket: Callable[[], str], policy: Any,
-                 splicer: Splicer, metrics: Any = None, timeout: float = HANDSHAKE_TIMEOUT):
+                 splicer: Splicer, metrics: Any = None, timeout: float = HANDSHAKE_TIMEOUT,
+                 handoff: Any = None, daemon_pid: Callable[[], Optional[int]] = lambda: None):
         self.addresses = list(addresses)
         self.port = port
         self.daemon_socket = daemon_socket
         self.policy = policy
         self.splicer = splicer
+        self.handoff = handoff  # handoff.Handoff: into the daemon itself when its library is loaded there
+        self.daemon_pid = daemon_pid
         self.metrics = metrics
         self.timeout = timeout
         self.sock: Optional[socket.socket] = None
         self._accept_task: Optional[asyncio.Task] = None
         self._conns: set[asyncio.Task] = set()
-        self.counts = {"accepted": 0, "spliced": 0, "refused": 0, "bad": 0, "listed": 0}
+        self.counts = {"accepted": 0, "spliced": 0, "handed_off": 0, "refused": 0, "bad": 0, "listed": 0}
 
     def _inc(self, name: str, **labels: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -341,9 +351,8 @@ class Gatekeeper:
         client.setblocking(False)
         daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         daemon.setblocking(False)
-        handed = False
         try:
-            handed = await asyncio.wait_for(self._negotiate(client, daemon, peer), self.timeout)
+            await asyncio.wait_for(self._negotiate(client, daemon, peer), self.timeout)
         except asyncio.TimeoutError:
             log.info("NBD client %s: no handshake within %.0f s; closed", peer, self.timeout)
             self._inc("bad", reason="timeout")
@@ -354,8 +363,6 @@ class Gatekeeper:
         except asyncio.CancelledError:
             pass
         finally:
-            if handed:
-                self._inc("spliced")
             client.close()
             daemon.close()
 
@@ -444,12 +451,21 @@ class Gatekeeper:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if self.handoff is not None and self.handoff.ready(self.daemon_pid()):
+            try:
+                self.handoff.hand(client, daemon, name)
+                self._inc("handed_off")
+                return True
+            except NotHanded as e:  # nothing was given away: the splicer can still take it
+                log.warning("NBD hand-off failed (%s); this connection goes through the splicer", e)
         self.splicer.hand(client, daemon, name)
+        self._inc("spliced")
         return True
 
     def status(self) -> dict:
         return {"listen": ", ".join(f"{a}:{self.port}" for a in self.addresses), **self.counts,
-                "splicer": self.splicer.status()}
+                "splicer": self.splicer.status(),
+                "handoff": self.handoff.status() if self.handoff is not None else None}
 
 
 def daemon_socket_path(run_dir: str | Path, name: str = "nbd.sock") -> Callable[[], str]:

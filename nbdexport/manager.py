@@ -41,6 +41,7 @@ from nbdexport.check import ClientTls, check_export
 from nbdexport.connections import peers
 from nbdexport.errors import DiskError, NoSpace, StorageDaemonDown
 from nbdexport.gatekeeper import Gatekeeper, Splicer, daemon_socket_path
+from nbdexport.handoff import Handoff
 from nbdexport.overlays import OverlayStore, SpaceReport, allocated_bytes
 from nbdexport.qsd import StorageDaemon
 
@@ -159,6 +160,7 @@ class DiskSettings:
     client_tls: Optional[ClientTls] = None
     gatekeeper: bool = False  # NBD handshakes through bootd's gatekeeper (never with TLS); see gatekeeper.py
     aio: str = "io_uring"  # how the storage daemon reads and writes files: io_uring, or threads (qemu's default)
+    handoff: bool = True  # gatekept connections continue inside the daemon (handoff.py), not through the splicer
     subclusters: bool = True  # new overlays with qcow2 extended L2 entries (see overlays.py)
 
 
@@ -199,15 +201,22 @@ class DiskManager:
         self.gatekeeper: Optional[Gatekeeper] = None
         self.gatekeeper_error: Optional[str] = None
         self._daemon_socket = None
+        self.handoff: Optional[Handoff] = None
         if settings.gatekeeper and not settings.tls:
             qsd.nbd_unix = "nbd.sock"
             self._daemon_socket = daemon_socket_path(qsd.run_dir, qsd.nbd_unix)
+            if settings.handoff:
+                self.handoff = Handoff(qsd.run_dir)
+                self.handoff.known = lambda name: name in self._rows
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load state, start/adopt the storage daemon, bring back the exports of running boots."""
         self._load()
         self._remove_stale_files()
+        if self.handoff is not None:
+            await asyncio.to_thread(self.handoff.prepare)
+            self.qsd.extra_env = self.handoff.environment()
         await self.qsd.start()
         async with self.qsd.lock:
             await self._restore()
@@ -255,6 +264,7 @@ class DiskManager:
         splicer = Splicer(self.qsd.run_dir, on_event=on_event)
         splicer.known = lambda name: name in self._rows
         gk = Gatekeeper(self.s.listen_all or [self.s.listen], self.s.port, self._daemon_socket, self, splicer,
+                        handoff=self.handoff, daemon_pid=lambda: self.qsd.pid,
                         metrics=self.metrics)
         try:
             await splicer.start()
@@ -292,6 +302,8 @@ class DiskManager:
         await self.qsd.stop()
         if gk is not None:
             await gk.splicer.stop()
+        if self.handoff is not None:
+            self.handoff.close()
 
     # -- the gatekeeper's policy: a host opens (and lists) only its own exports ------------------
     def _peer_macs(self, peer_ip: str) -> set[str]:
@@ -574,10 +586,15 @@ class DiskManager:
 
     def export_io(self, name: str) -> Optional[dict]:
         """Bytes and requests read and written through export `name` and its live connections, as the
-        splicer counted them (None without the gatekeeper: qemu 7.2 counts nothing per NBD export)."""
+        hand-off library and the splicer counted them (None without the gatekeeper: qemu 7.2 counts
+        nothing per NBD export)."""
         if self.gatekeeper is None:
             return None
-        return self.gatekeeper.splicer.io(name)
+        io = self.gatekeeper.splicer.io(name)
+        if self.handoff is not None:
+            for k, v in self.handoff.io(name).items():
+                io[k] = io.get(k, 0) + v
+        return io
 
     def gauges(self) -> dict[str, float]:
         rep = self.last_space
@@ -691,6 +708,8 @@ class DiskManager:
         self._rows.pop(row.name, None)
         if self.gatekeeper is not None:
             self.gatekeeper.splicer.forget(row.name)
+        if self.handoff is not None:
+            self.handoff.forget(row.name)
         with self.store.transaction() as cur:
             cur.execute("DELETE FROM disk_exports WHERE name=?", (row.name,))
 

@@ -79,6 +79,7 @@ class StorageDaemon:
         # NBD on a private unix socket in run_dir (this file name) instead of TCP: bootd's gatekeeper
         # (nbdexport/gatekeeper.py) owns the TCP port then
         self.nbd_unix: Optional[str] = None
+        self.extra_env: dict[str, str] = {}  # e.g. the NBD hand-off library's LD_PRELOAD (handoff.py)
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -200,7 +201,8 @@ class StorageDaemon:
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                                          start_new_session=True, pass_fds=[listener.fileno()],
-                                         cwd=str(self.run_dir))
+                                         cwd=str(self.run_dir),
+                                         env={**os.environ, **self.extra_env} if self.extra_env else None)
         except FileNotFoundError as e:
             raise DiskError(f"cannot start {self.binary}: {e}") from e
         finally:

@@ -69,7 +69,7 @@ def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
         check_exports=check, tls=server_tls is not None, client_tls=client_tls,
-        gatekeeper=bool(getattr(n, "gatekeeper", True)), aio=n.aio, subclusters=n.subclusters), server_tls
+        gatekeeper=bool(getattr(n, "gatekeeper", True)), aio=n.aio, subclusters=n.subclusters, handoff=n.handoff), server_tls
 
 
 class DiskService(Service):

@@ -1,4 +1,5 @@
-/* bootd NBD splicer: the data path of NBD connections after bootd's gatekeeper has done the handshake.
+/* bootd NBD splicer: the data path of NBD connections after bootd's gatekeeper has done the handshake,
+ * when they are not handed into the storage daemon itself (handoff.c: the default; this is the fallback).
  *
  * bootd (nbdexport/gatekeeper.py) negotiates each NBD connection in Python, then passes the two file
  * descriptors (client TCP socket, qemu-storage-daemon unix socket) over the control socket (a

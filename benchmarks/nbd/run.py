@@ -4,7 +4,8 @@ plain qemu-nbd on the same 1 GiB qcow2 snapshot, in the same run.
 
 Three servers, measured back to back (who goes first rotating), medians of --reps, plus the median of
 the per-rep ratios (runs seconds apart, so load drift cancels):
-  * bootd: the export exactly as a lab PC gets it (gatekeeper + C splicer unless --no-gatekeeper, the
+  * bootd: the export exactly as a lab PC gets it (gatekeeper and hand-off into the daemon unless
+    --no-gatekeeper or --splicer, the
     daemon's aio mode and overlay format from bootd's defaults: io_uring, qcow2 extended L2);
   * qemu-nbd: plain qemu-nbd (its defaults: aio=threads) on an overlay made by plain `qemu-img create -b`
     over the snapshot, i.e. what `qemu-nbd --snapshot SNAPSHOT` serves. This is the target's comparison;
@@ -28,7 +29,7 @@ Two links (--link), both sides always on the same one:
     (10.98.0.1 / 10.98.0.2, no added delay): the path a lab PC's NBD traffic takes through the kernel.
     The namespaces are created for the run and deleted after it.
 
-    python benchmarks/nbd/run.py [--link loopback|lan] [--reps N] [--seconds S] [--quick]
+    python benchmarks/nbd/run.py [--link loopback|lan] [--reps N] [--seconds S] [--quick] [--splicer]
 """
 from __future__ import annotations
 
@@ -168,11 +169,11 @@ class QemuNbdPeer:
 
 
 class Bootd:
-    """The DiskManager exactly as the daemon runs it (with the NBD gatekeeper and its C splicer unless
-    --no-gatekeeper), its loop running in a thread as in the daemon: the gatekeeper accepts while the
-    clients run. Every host is configured at the clients' address, so the gatekeeper's policy runs for real."""
+    """The DiskManager exactly as the daemon runs it (with the NBD gatekeeper, connections handed into
+    the storage daemon, unless --no-gatekeeper / --splicer), its loop running in a thread as in the
+    daemon: the gatekeeper accepts while the clients run. Every host is configured at the clients' address, so the gatekeeper's policy runs for real."""
 
-    def __init__(self, work: Path, base: Path, gatekeeper: bool = True):
+    def __init__(self, work: Path, base: Path, gatekeeper: bool = True, handoff: bool = True):
         self.base = base
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -181,7 +182,7 @@ class Bootd:
         self.run_dir = Path(tempfile.mkdtemp(prefix="bnbd", dir="/tmp"))
         self.store = StateStore(work / "state.db")  # its connection may be used from any thread
         settings = DiskSettings(directory=str(work / "disks"), run_dir=str(self.run_dir), listen=SERVER,
-                                port=self.port, reap_interval=3600, gatekeeper=gatekeeper)
+                                port=self.port, reap_interval=3600, gatekeeper=gatekeeper, handoff=handoff)
         qsd = StorageDaemon(settings.run_dir, SERVER, self.port)
         self.m = DiskManager(settings, self.store, qsd, resolve_snapshot=lambda mac: None,
                              is_persistent=lambda mac: False, extra_ips=lambda mac: [CLIENT])
@@ -263,6 +264,8 @@ def main() -> int:
                     help="loopback: all on 127.0.0.1; lan: clients in their own namespace over a veth pair")
     ap.add_argument("--no-gatekeeper", action="store_true",
                     help="clients straight to qemu-storage-daemon's TCP port (nbd.gatekeeper: false)")
+    ap.add_argument("--splicer", action="store_true",
+                    help="gatekept connections through the C splicer, not handed into the daemon (nbd.handoff: false)")
     a = ap.parse_args()
     if a.quick:
         a.reps, a.seconds = 1, 3
@@ -274,6 +277,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-nbd-"))
     link = LanLink() if a.link == "lan" else None
     bootd = None
+    gk_status = None
     peer: dict[str, QemuNbdPeer] = {}
     peers: list[QemuNbdPeer] = []
     servers = ("bootd", "qemu-nbd", "qemu-nbd-same")
@@ -282,7 +286,7 @@ def main() -> int:
     try:
         if link is not None:
             link.up()
-        bootd = Bootd(work, base, gatekeeper=not a.no_gatekeeper)
+        bootd = Bootd(work, base, gatekeeper=not a.no_gatekeeper, handoff=not a.splicer)
         peer = {"qemu-nbd": QemuNbdPeer(work, base, "peer"),
                 "qemu-nbd-same": QemuNbdPeer(work, base, "same", aio=bootd.m.aio, subclusters=bootd.m.s.subclusters)}
         for rep in range(a.reps):
@@ -343,6 +347,7 @@ def main() -> int:
         bootd.settle()
 
         many_b = fio_many([e.uri for e in exports])
+        gk_status = bootd.m.status()["gatekeeper"]
         peers = [QemuNbdPeer(work, base, f"p{i}").start() for i in range(a.clients)]
         many_p = fio_many([p.uri for p in peers])
     finally:
@@ -354,14 +359,19 @@ def main() -> int:
             link.down()
         shutil.rmtree(work, ignore_errors=True)
 
+    g = gk_status or {}
+    path = ("connections handed into the daemon" if g.get("handed_off") and not g.get("spliced")
+            else "connections through the C splicer" if g.get("spliced") and not g.get("handed_off")
+            else f"handed off {g.get('handed_off')}, spliced {g.get('spliced')}")
     print(f"\nNBD benchmark (1 GiB qcow2 snapshot, {a.link} link; bootd = overlay in qemu-storage-daemon"
-          f"{', direct' if a.no_gatekeeper else ' behind the gatekeeper + C splicer'}"
+          f"{', direct' if a.no_gatekeeper else ' behind the gatekeeper, ' + path}"
           f" (aio={bootd.m.aio if bootd else '?'}, subclusters={bootd.m.s.subclusters if bootd else '?'});"
           " qemu-nbd = plain qemu-nbd on an overlay of the same snapshot, as `qemu-nbd --snapshot` makes it;"
           " same = qemu-nbd with bootd's aio and overlay format)")
     print(f"{'measure (medians)':<22}{'bootd':>9}{'qemu-nbd':>10}{'ratio':>7}{'paired':>8}  target (paired)"
           f"{'same':>10}{'paired':>8}")
-    report = {"gatekeeper": not a.no_gatekeeper, "link": a.link, "aio": bootd.m.aio if bootd else None,
+    report = {"gatekeeper": not a.no_gatekeeper, "data_path": path if not a.no_gatekeeper else "direct",
+              "link": a.link, "aio": bootd.m.aio if bootd else None,
               "subclusters": bootd.m.s.subclusters if bootd else None}
     for k, v in res.items():
         b, p, q = med(v["bootd"]), med(v["qemu-nbd"]), med(v["qemu-nbd-same"])

@@ -110,6 +110,12 @@ class Harness:
     def abandon(self) -> None:
         """Like a kill -9 of bootd: the loop and the state file go, the daemon stays."""
         if self.m is not None:
+            gk = self.m.gatekeeper
+            if gk is not None:  # the kernel closes a killed bootd's listening and control sockets
+                if gk.sock is not None:
+                    gk.sock.close()
+                if gk.splicer.ctl is not None:
+                    gk.splicer.ctl.close()  # the splicer ends once its connections have
             self.m.qsd._unwatch()
             qmp = self.m.qsd.qmp
             if qmp is not None and getattr(qmp, "_writer", None) is not None:

@@ -86,9 +86,13 @@ def test_daemon_serves_disks_and_keeps_running_boots_across_a_kill_9(lab, bootd_
     assert client.stdout.readline().strip() == "client-wrote-this"
     client.stdin.close()
     client.wait(10)
+    # the restarted bootd hands new connections into the adopted daemon as well
+    out = a.ns.run([sys.executable, "-c", TRY_OPEN, ea["uri"]]).stdout
+    assert out.startswith("OPEN")
     status = bootctl_json(d, "status")
     disks = [s for s in status["services"] if s["name"] == "disks"][0]
     assert disks["exports"] == 2 and disks["qsd"]["adopted"]
+    assert disks["gatekeeper"]["handed_off"] == 1 and disks["gatekeeper"]["spliced"] == 0
     metrics = bootctl_json(d, "metrics")
     assert metrics["nbd"]["exports"] == 2
     assert d.stop() == 0

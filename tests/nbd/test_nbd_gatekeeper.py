@@ -1,6 +1,7 @@
 """The NBD gatekeeper (nbdexport/gatekeeper.py) in front of qemu-storage-daemon, with the real daemon in a
 lab network and clients in their own namespaces: a host lists and opens only its own export, its own
-export works at full correctness through the C splicer, malformed handshakes close only their own
+export works at full correctness on both data paths (handed into the daemon, nbdexport/handoff.c, the
+default; or through the C splicer, nbd.handoff: false), malformed handshakes close only their own
 connection, and a killed splicer is restarted."""
 from __future__ import annotations
 
@@ -85,12 +86,27 @@ def py(client, script, *args, **kw):
     return client.ns.run([sys.executable, "-c", script, *map(str, args)], **kw)
 
 
-def two_hosts(a, b):
+def two_hosts(a, b, handoff: bool = True):
     """A lab config with clients `a` and `b` as hosts pc-a and pc-b; NBD only."""
     return {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
-            "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
+            "dhcp": {"mode": "off"}, "tftp": {"enabled": False}, "nbd": {"handoff": handoff},
             "hosts": [{"mac": a.mac, "name": "pc-a", "ip": "10.77.0.10"},
                       {"mac": b.mac, "name": "pc-b", "ip": "10.77.0.11"}]}
+
+
+PATHS = pytest.mark.parametrize("handoff", [True, False], ids=["handoff", "splicer"])
+
+
+def assert_data_path(lab, d, handoff: bool, client_ip: str) -> None:
+    """Who carries the client's live TCP connection on the server: the storage daemon itself (hand-off)
+    or the splicer; and the gatekeeper's counts agree."""
+    ss = lab.server.run(["ss", "-Htnp", "state", "established", "sport = :10809"]).stdout
+    mine = [line for line in ss.splitlines() if client_ip in line]
+    assert mine, ss
+    owner = "qemu-storage" if handoff else "nbd-splicer"
+    assert all(owner in line for line in mine), ss
+    g = disk_status(d)["gatekeeper"]
+    assert (g["handed_off"] > 0, g["spliced"] > 0) == (handoff, not handoff), g
 
 
 def disk_status(d):
@@ -98,7 +114,8 @@ def disk_status(d):
     return [s for s in status["services"] if s["name"] == "disks"][0]
 
 
-def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path):
+@PATHS
+def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path, handoff):
     base = make_base(tmp_path / "base.qcow2", size_mb=32, pattern=0xAB)
     base.chmod(0o444)
     before = sha256(base)
@@ -108,7 +125,7 @@ def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path):
     a = lab.add_client("10.77.0.10")
     b = lab.add_client("10.77.0.11")
     stranger = lab.add_client("10.77.0.12")  # no host entry, no export
-    d = bootd_daemon(two_hosts(a, b), ns=lab.server)
+    d = bootd_daemon(two_hosts(a, b, handoff), ns=lab.server)
     ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
     eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
 
@@ -139,7 +156,7 @@ def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path):
     metrics = bootctl_json(d, "metrics")
     assert metrics["nbd"]["refused{reason=not-the-host}"] >= 5
 
-    # A's own export at full correctness through the splicer: whole content, write, reconnect, read back
+    # A's own export at full correctness on this data path: whole content, write, reconnect, read back
     out = tmp_path / "a-copy.raw"
     a.ns.run(["nbdcopy", ea["uri"], str(out)])
     assert sha256(out) == want
@@ -230,22 +247,26 @@ IO = textwrap.dedent("""
     h.pwrite(b"w" * 4096, 0); h.pwrite(b"x" * 4096, 8192); h.pwrite(b"y" * (1 << 20), 4 << 20)
     h.flush()
     print("DONE", flush=True)
-    if len(sys.argv) > 2:  # hold the connection open until told
-        sys.stdin.readline()
-        h.pread(512, 0)
-        print("AGAIN", flush=True)
-        sys.stdin.readline()
+    if len(sys.argv) > 2:  # hold the connection open: a read per empty line, until "q"
+        for line in sys.stdin:
+            if line.strip() == "q":
+                break
+            h.pread(512, 0)
+            print("AGAIN", flush=True)
 """)
 
 
-def test_per_export_io_counts(lab, bootd_daemon, tmp_path):
-    """Bytes and requests read and written are counted per export (by the splicer, since qemu 7.2's
-    query-blockstats counts nothing for NBD exports): exact, kept when the connection ends and when the
-    splicer dies, shown by `disk list` and /metrics, and a new boot starts from zero."""
+@PATHS
+def test_per_export_io_counts(lab, bootd_daemon, tmp_path, handoff):
+    """Bytes and requests read and written are counted per export (by the hand-off library in the
+    daemon or by the splicer, since qemu 7.2's query-blockstats counts nothing for NBD exports): exact,
+    kept when the connection ends and when the splicer dies, shown by `disk list` and /metrics, and a
+    new boot starts from zero. A handed-off connection does not go through the splicer at all: it lives
+    on when the splicer is killed."""
     base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
     a = lab.add_client("10.77.0.10")
     b = lab.add_client("10.77.0.11")
-    d = bootd_daemon(two_hosts(a, b), ns=lab.server)
+    d = bootd_daemon(two_hosts(a, b, handoff), ns=lab.server)
     ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
     eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
 
@@ -271,6 +292,7 @@ def test_per_export_io_counts(lab, bootd_daemon, tmp_path):
         r = row("pc-a")
         assert r["connected"] is True and r["connections"] == 1
         assert r["read_bytes"] == 2 * want["read_bytes"] and r["written_bytes"] == 2 * want["written_bytes"]
+        assert_data_path(lab, d, handoff, "10.77.0.10")
         p.stdin.write("\n")
         p.stdin.flush()
         assert p.stdout.readline().strip() == "AGAIN"
@@ -278,7 +300,13 @@ def test_per_export_io_counts(lab, bootd_daemon, tmp_path):
         line = f'bootd_nbd_export_read_bytes{{host="pc-a",mac="{a.mac}",disk="main"}} {2 * 3 * 65536 + 512}'
         assert line in prom, [x for x in prom.splitlines() if "export_read" in x]
         os.kill(disk_status(d)["gatekeeper"]["splicer"]["pid"], signal.SIGKILL)
-        p.stdin.write("\n")
+        if handoff:  # the connection is the daemon's own: the splicer's death does not touch it
+            time.sleep(0.2)
+            p.stdin.write("\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "AGAIN"
+            assert row("pc-a")["read_bytes"] == 2 * 3 * 65536 + 2 * 512
+        p.stdin.write("q\n")
         p.stdin.flush()
         p.wait(timeout=10)
     finally:
@@ -289,10 +317,78 @@ def test_per_export_io_counts(lab, bootd_daemon, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     r = row("pc-a")
-    assert (r["read_bytes"], r["read_requests"], r["connections"]) == (2 * 3 * 65536 + 512, 7, 0)
+    assert (r["read_bytes"], r["read_requests"], r["connections"]) == (
+        (2 * 3 * 65536 + 2 * 512, 8, 0) if handoff else (2 * 3 * 65536 + 512, 7, 0))
 
     # the next boot is a new disk: its counts start from zero
     ea2 = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
     assert ea2["name"] != ea["name"]
     assert {k: row("pc-a")[k] for k in want} == dict.fromkeys(want, 0)
     assert d.stop() == 0
+
+
+def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
+    """A bootd restarted against a running storage daemon hands connections into it only if that daemon
+    has the library loaded; a daemon started without it (nbd.handoff: false, an older bootd) gets the
+    splicer. Connections handed off before the restart live on in the daemon."""
+    import asyncio
+
+    import nbd
+
+    from nbdtest import Harness
+
+    base = make_base(tmp_path / "b.qcow2", size_mb=16)
+    mac = "52:54:00:00:00:0a"
+
+    def open_and_read(h, uri):
+        def client():
+            c = nbd.NBD()
+            c.connect_uri(uri)
+            assert c.pread(4, 0) == b"\xab" * 4
+            return c
+        return h.run(asyncio.to_thread(client))
+
+    def everyone_may_open(h):  # the policy is not what this test is about: loopback client, no host table
+        h.m.may_open = lambda ip, name: True
+
+    plain = Harness(tmp_path, gatekeeper=True, handoff=False).start()
+    everyone_may_open(plain)
+    e = plain.run(plain.m.prepare_boot(mac, base))
+    c1 = open_and_read(plain, plain.uri(e.name))
+    assert plain.m.status()["gatekeeper"]["spliced"] == 1
+    plain.run(asyncio.to_thread(c1.shutdown))
+    pid = plain.m.qsd.pid
+    plain.abandon()
+    h = Harness(tmp_path, gatekeeper=True, port=plain.port).start()  # handoff on, daemon without the library
+    try:
+        everyone_may_open(h)
+        assert h.m.qsd.adopted and h.m.qsd.pid == pid
+        assert not h.m.handoff.ready(pid)
+        c2 = open_and_read(h, h.uri(e.name))
+        g = h.m.status()["gatekeeper"]
+        assert (g["spliced"], g["handed_off"]) == (1, 0)
+        h.run(asyncio.to_thread(c2.shutdown))
+    finally:
+        h.stop()
+        plain.stop()
+
+    # a daemon started with the library: connections handed off, and one survives a bootd restart
+    first = Harness(tmp_path / "2", gatekeeper=True).start()
+    everyone_may_open(first)
+    e = first.run(first.m.prepare_boot(mac, base))
+    c3 = open_and_read(first, first.uri(e.name))
+    assert first.m.status()["gatekeeper"]["handed_off"] == 1
+    first.abandon()
+    again = Harness(tmp_path / "2", gatekeeper=True, port=first.port).start()
+    try:
+        everyone_may_open(again)
+        assert again.m.qsd.adopted and again.m.handoff.ready(again.m.qsd.pid)
+        assert again.run(asyncio.to_thread(c3.pread, 4, 0)) == b"\xab" * 4  # the old connection goes on
+        assert again.m.export_io(e.name)["connections"] == 1  # found by its slot's name after the restart
+        c4 = open_and_read(again, again.uri(e.name))
+        assert again.m.status()["gatekeeper"]["handed_off"] == 1
+        for c in (c3, c4):
+            again.run(asyncio.to_thread(c.shutdown))
+    finally:
+        again.stop()
+        first.stop()

@@ -1,0 +1,383 @@
+/* bootd NBD hand-off: preloaded into qemu-storage-daemon (LD_PRELOAD) so that a connection bootd's
+ * gatekeeper has negotiated goes on inside the daemon on the client's own TCP socket: no relay hop.
+ *
+ * Why: qemu-storage-daemon 7.2 lists every export to any client and cannot tie an export to a client,
+ * so bootd does each NBD handshake itself (nbdexport/gatekeeper.py), between the client's TCP socket
+ * and a unix connection to the daemon. When the handshake ends both are at the start of the
+ * transmission phase. Instead of relaying the two (splicer.c: one more process wake-up per request),
+ * bootd gives the client's socket to this library, and the daemon's end of the unix connection is
+ * replaced by it (dup3 onto the same fd number) just before the daemon's next read from it. From then
+ * on qemu reads and writes the client's socket itself.
+ *
+ * The exchange, all from bootd (nbdexport/handoff.py):
+ *   1. connect to <dir>/handoff.sock (SOCK_SEQPACKET, made here at load) and send 16 bytes (u64 id,
+ *      u32 counter slot or ~0, u32 0) with the client's socket in SCM_RIGHTS;
+ *   2. add 1 to the u64 at offset 0 of <dir>/handoff.gen (both map it): "look at handoff.sock";
+ *   3. write the 16-byte token "BOOTDSWP" + id into its end of the unix connection and close it.
+ * The daemon's coroutine for that connection is waiting to read its first request; the token wakes it.
+ * Its recvmsg() comes here first: a changed generation makes us take the queued messages, and while
+ * some are pending each read peeks for a token; a token whose id is pending swaps the fd, and the read
+ * then goes to the client's socket. A token is never an NBD request (their magic is 0x25609513), and
+ * only bootd writes into the daemon's unix connections. Pending sockets not claimed within 30 s are closed.
+ *
+ * qemu's event loop watches fds by number (poll) or through epoll (above 64 fds); the hand-off happens
+ * while the coroutine runs, when qemu has no handler on that fd, and epoll_ctl() is tracked here so a
+ * registration that does exist is moved to the new socket.
+ *
+ * Counting (qemu 7.2's query-blockstats has nothing for NBD exports): each handed connection has a
+ * slot in <dir>/handoff.counters (made by bootd, 128 bytes each: bytes and requests read and written,
+ * state, export name). The NBD request headers read from the client are parsed here (READ/WRITE length
+ * and count; a WRITE's payload skipped); close() marks the slot ended, and bootd folds its counts.
+ *
+ * Without BOOTD_NBD_HANDOFF in the environment the library does nothing but pass calls through.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TOKEN_MAGIC "BOOTDSWP"
+#define TOKEN_LEN 16
+#define MAX_FD 65536
+#define MAX_PENDING 1024
+#define PENDING_TTL 30
+#define NBD_REQUEST_MAGIC 0x25609513u
+#define NBD_CMD_READ 0
+#define NBD_CMD_WRITE 1
+
+enum { SLOT_FREE = 0, SLOT_HANDED = 1, SLOT_LIVE = 2, SLOT_ENDED = 3 };
+
+struct slot { /* handoff.py's SLOT */
+    uint64_t rd_bytes, wr_bytes, rd_ops, wr_ops;
+    uint32_t state, pad;
+    char name[88];
+};
+
+struct fdst {
+    struct slot *slot; /* a handed connection: counted */
+    unsigned char hdr[28];
+    uint32_t hlen;
+    uint64_t skip;
+    int parsing;
+    int ep; /* the epoll fd it is registered in, or -1 */
+    struct epoll_event ev;
+};
+
+struct pending {
+    uint64_t id;
+    int fd;
+    int64_t slot;
+    time_t t;
+};
+
+static ssize_t (*real_recvmsg)(int, struct msghdr *, int);
+static int (*real_close)(int);
+static int (*real_epoll_ctl)(int, int, int, struct epoll_event *);
+
+static int active, lfd = -1;
+static volatile uint64_t *gen;
+static uint64_t seen;
+static struct slot *slots;
+static size_t nslots;
+static char dir[4096];
+static struct fdst *fds[MAX_FD];
+static struct pending pend[MAX_PENDING];
+static int npend;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void *map_file(const char *name, size_t min, int create, size_t *size) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0600);
+    if (fd < 0)
+        return NULL;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || (st.st_size < (off_t)min && (!create || ftruncate(fd, (off_t)min) < 0))) {
+        real_close(fd);
+        return NULL;
+    }
+    size_t len = st.st_size < (off_t)min ? min : (size_t)st.st_size;
+    void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    real_close(fd);
+    if (m == MAP_FAILED)
+        return NULL;
+    if (size)
+        *size = len;
+    return m;
+}
+
+static void map_counters(void) {
+    if (slots)
+        return;
+    size_t len = 0;
+    slots = map_file("handoff.counters", sizeof(struct slot), 0, &len);
+    nslots = slots ? len / sizeof(struct slot) : 0;
+}
+
+__attribute__((constructor)) static void init(void) {
+    real_recvmsg = dlsym(RTLD_NEXT, "recvmsg");
+    real_close = dlsym(RTLD_NEXT, "close");
+    real_epoll_ctl = dlsym(RTLD_NEXT, "epoll_ctl");
+    const char *d = getenv("BOOTD_NBD_HANDOFF");
+    if (!d || !real_recvmsg || !real_close || !real_epoll_ctl || strlen(d) >= sizeof dir - 32)
+        return;
+    strcpy(dir, d);
+    unsetenv("LD_PRELOAD"); /* nothing the daemon starts needs it */
+    gen = map_file("handoff.gen", 4096, 1, NULL);
+    if (!gen)
+        return;
+    seen = *gen;
+    map_counters();
+    for (size_t i = 0; i < nslots; i++) /* a previous daemon's connections ended with it */
+        if (slots[i].state == SLOT_HANDED || slots[i].state == SLOT_LIVE)
+            __atomic_store_n(&slots[i].state, SLOT_ENDED, __ATOMIC_RELEASE);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    /* a relative path: the daemon runs in the run directory, and sun_path holds only 107 bytes */
+    if (snprintf(a.sun_path, sizeof a.sun_path, "handoff.sock") >= (int)sizeof a.sun_path)
+        return;
+    char full[4200];
+    snprintf(full, sizeof full, "%s/handoff.sock", dir);
+    int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return;
+    int cwd = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (cwd < 0 || chdir(dir) < 0) {
+        real_close(s);
+        if (cwd >= 0)
+            real_close(cwd);
+        return;
+    }
+    unlink("handoff.sock");
+    int ok = bind(s, (struct sockaddr *)&a, sizeof a) == 0 && chmod("handoff.sock", 0600) == 0 && listen(s, 512) == 0;
+    if (fchdir(cwd) < 0)
+        ok = 0;
+    real_close(cwd);
+    if (!ok) {
+        real_close(s);
+        return;
+    }
+    lfd = s;
+    active = 1;
+}
+
+static struct fdst *st_get(int fd, int make) {
+    if (fd < 0 || fd >= MAX_FD)
+        return NULL;
+    if (!fds[fd] && make) {
+        fds[fd] = calloc(1, sizeof(struct fdst));
+        if (fds[fd])
+            fds[fd]->ep = -1;
+    }
+    return fds[fd];
+}
+
+static void slot_state(int64_t no, uint32_t state) {
+    if (no >= 0 && (size_t)no < nslots)
+        __atomic_store_n(&slots[no].state, state, __ATOMIC_RELEASE);
+}
+
+static void drop_pending(int i) {
+    real_close(pend[i].fd);
+    slot_state(pend[i].slot, SLOT_ENDED);
+    pend[i] = pend[--npend];
+}
+
+/* Take the hand-off messages queued on handoff.sock. Called with mu held. */
+static void drain(void) {
+    map_counters();
+    for (;;) {
+        int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (c < 0)
+            break;
+        unsigned char b[16];
+        union {
+            char buf[CMSG_SPACE(sizeof(int) * 4)];
+            struct cmsghdr align;
+        } u;
+        struct iovec iov = {.iov_base = b, .iov_len = sizeof b};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
+        ssize_t n = real_recvmsg(c, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        int got[4], ng = 0;
+        if (n >= 0)
+            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
+                if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
+                    for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int) && ng < 4; k++)
+                        memcpy(&got[ng++], CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+        if (n == 16 && ng == 1 && npend < MAX_PENDING && !(m.msg_flags & MSG_CTRUNC)) {
+            uint64_t id;
+            uint32_t slot;
+            memcpy(&id, b, 8);
+            memcpy(&slot, b + 8, 4);
+            pend[npend++] = (struct pending){id, got[0], slot == 0xFFFFFFFFu ? -1 : (int64_t)slot, time(NULL)};
+        } else {
+            for (int k = 0; k < ng; k++)
+                real_close(got[k]);
+        }
+        real_close(c);
+    }
+}
+
+/* Sockets nobody claimed (bootd died between its message and its token): closed, so the client
+ * reconnects, and no read keeps peeking for them. Called with mu held. */
+static void expire(void) {
+    time_t now = time(NULL);
+    for (int i = npend - 1; i >= 0; i--)
+        if (now - pend[i].t > PENDING_TTL)
+            drop_pending(i);
+}
+
+/* If the daemon's socket `fd` carries a hand-off token of a pending connection: swap. Called with mu held. */
+static void try_swap(int fd) {
+    unsigned char t[TOKEN_LEN];
+    struct iovec iov = {.iov_base = t, .iov_len = sizeof t};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (real_recvmsg(fd, &m, MSG_PEEK | MSG_DONTWAIT) != TOKEN_LEN || memcmp(t, TOKEN_MAGIC, 8) != 0)
+        return;
+    int dom = 0;
+    socklen_t dl = sizeof dom;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &dl) < 0 || dom != AF_UNIX)
+        return; /* a client's TCP stream: never a token, whatever its bytes (the id is 64 random bits anyway) */
+    uint64_t id;
+    memcpy(&id, t + 8, 8);
+    for (int i = 0; i < npend; i++) {
+        if (pend[i].id != id)
+            continue;
+        struct fdst *s = st_get(fd, 1);
+        if (!s)
+            return;
+        int ep = s->ep;
+        if (ep >= 0)
+            real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+        if (dup3(pend[i].fd, fd, O_CLOEXEC) < 0) {
+            if (ep >= 0)
+                real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &s->ev);
+            drop_pending(i);
+            return;
+        }
+        if (ep >= 0 && real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &s->ev) < 0)
+            s->ep = -1;
+        real_close(pend[i].fd);
+        s->slot = (pend[i].slot >= 0 && (size_t)pend[i].slot < nslots) ? &slots[pend[i].slot] : NULL;
+        s->hlen = 0;
+        s->skip = 0;
+        s->parsing = s->slot != NULL;
+        slot_state(pend[i].slot, SLOT_LIVE);
+        pend[i] = pend[--npend];
+        return;
+    }
+}
+
+static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+static void add(uint64_t *p, uint64_t v) { __atomic_store_n(p, *p + v, __ATOMIC_RELAXED); }
+
+/* Count the NBD requests in n bytes the daemon read from a handed connection (splicer.c's parser). */
+static void count(struct fdst *s, const unsigned char *p, size_t n) {
+    while (n > 0 && s->parsing) {
+        if (s->skip > 0) {
+            size_t k = n < s->skip ? n : (size_t)s->skip;
+            s->skip -= k;
+            p += k;
+            n -= k;
+            continue;
+        }
+        size_t k = sizeof s->hdr - s->hlen;
+        if (k > n)
+            k = n;
+        memcpy(s->hdr + s->hlen, p, k);
+        s->hlen += k;
+        p += k;
+        n -= k;
+        if (s->hlen < sizeof s->hdr)
+            return;
+        s->hlen = 0;
+        if (be32(s->hdr) != NBD_REQUEST_MAGIC) { /* extended headers or garbage: stop counting */
+            s->parsing = 0;
+            return;
+        }
+        unsigned type = (unsigned)s->hdr[6] << 8 | s->hdr[7];
+        uint32_t len = be32(s->hdr + 24);
+        if (type == NBD_CMD_READ) {
+            add(&s->slot->rd_bytes, len);
+            add(&s->slot->rd_ops, 1);
+        } else if (type == NBD_CMD_WRITE) {
+            add(&s->slot->wr_bytes, len);
+            add(&s->slot->wr_ops, 1);
+            s->skip = len;
+        }
+    }
+}
+
+ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
+    if (!real_recvmsg)
+        real_recvmsg = dlsym(RTLD_NEXT, "recvmsg");
+    if (active) {
+        if (*gen != seen || npend > 0) {
+            pthread_mutex_lock(&mu);
+            if (*gen != seen) {
+                seen = *gen;
+                drain();
+            }
+            if (npend > 0) {
+                try_swap(fd);
+                expire();
+            }
+            pthread_mutex_unlock(&mu);
+        }
+    }
+    ssize_t n = real_recvmsg(fd, msg, flags);
+    struct fdst *s;
+    if (n > 0 && !(flags & MSG_PEEK) && fd >= 0 && fd < MAX_FD && (s = fds[fd]) != NULL && s->parsing) {
+        size_t left = (size_t)n;
+        for (size_t i = 0; i < (size_t)msg->msg_iovlen && left > 0; i++) {
+            size_t k = msg->msg_iov[i].iov_len < left ? msg->msg_iov[i].iov_len : left;
+            count(s, msg->msg_iov[i].iov_base, k);
+            left -= k;
+        }
+    }
+    return n;
+}
+
+int close(int fd) {
+    if (!real_close)
+        real_close = dlsym(RTLD_NEXT, "close");
+    if (fd >= 0 && fd < MAX_FD && fds[fd]) {
+        struct fdst *s = fds[fd];
+        if (s->slot)
+            __atomic_store_n(&s->slot->state, SLOT_ENDED, __ATOMIC_RELEASE);
+        s->slot = NULL;
+        s->parsing = 0;
+        s->ep = -1;
+    }
+    return real_close(fd);
+}
+
+int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
+    if (!real_epoll_ctl)
+        real_epoll_ctl = dlsym(RTLD_NEXT, "epoll_ctl");
+    int r = real_epoll_ctl(epfd, op, fd, ev);
+    if (r == 0 && active) {
+        struct fdst *s = st_get(fd, op != EPOLL_CTL_DEL);
+        if (s) {
+            if (op == EPOLL_CTL_DEL) {
+                s->ep = -1;
+            } else if (ev) {
+                s->ep = epfd;
+                s->ev = *ev;
+            }
+        }
+    }
+    return r;
+}
