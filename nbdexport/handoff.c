@@ -194,38 +194,58 @@ static void drop_pending(int i) {
     pend[i] = pend[--npend];
 }
 
-/* Take the hand-off messages queued on handoff.sock. Called with mu held. */
+#define MAX_WAITING 64
+static int waiting[MAX_WAITING], nwait;
+
+/* Read one hand-off message from control connection c. 1: done with c (closed), 0: nothing there yet. */
+static int take_message(int c) {
+    unsigned char b[16];
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {.iov_base = b, .iov_len = sizeof b};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
+    ssize_t n = real_recvmsg(c, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0; /* accepted before bootd's message arrived: look again at the next generation */
+    int got[4], ng = 0;
+    if (n >= 0)
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
+            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
+                for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int) && ng < 4; k++)
+                    memcpy(&got[ng++], CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+    if (n == 16 && ng == 1 && npend < MAX_PENDING && !(m.msg_flags & MSG_CTRUNC)) {
+        uint64_t id;
+        uint32_t slot;
+        memcpy(&id, b, 8);
+        memcpy(&slot, b + 8, 4);
+        pend[npend++] = (struct pending){id, got[0], slot == 0xFFFFFFFFu ? -1 : (int64_t)slot, time(NULL)};
+    } else {
+        for (int k = 0; k < ng; k++)
+            real_close(got[k]);
+    }
+    real_close(c);
+    return 1;
+}
+
+/* Take the hand-off messages queued on handoff.sock (bootd adds to the generation after each send, so
+ * a connection accepted before its message came is read at a later call). Called with mu held. */
 static void drain(void) {
     map_counters();
+    for (int i = nwait - 1; i >= 0; i--)
+        if (take_message(waiting[i]))
+            waiting[i] = waiting[--nwait];
     for (;;) {
         int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (c < 0)
             break;
-        unsigned char b[16];
-        union {
-            char buf[CMSG_SPACE(sizeof(int) * 4)];
-            struct cmsghdr align;
-        } u;
-        struct iovec iov = {.iov_base = b, .iov_len = sizeof b};
-        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
-        ssize_t n = real_recvmsg(c, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        int got[4], ng = 0;
-        if (n >= 0)
-            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
-                if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
-                    for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int) && ng < 4; k++)
-                        memcpy(&got[ng++], CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
-        if (n == 16 && ng == 1 && npend < MAX_PENDING && !(m.msg_flags & MSG_CTRUNC)) {
-            uint64_t id;
-            uint32_t slot;
-            memcpy(&id, b, 8);
-            memcpy(&slot, b + 8, 4);
-            pend[npend++] = (struct pending){id, got[0], slot == 0xFFFFFFFFu ? -1 : (int64_t)slot, time(NULL)};
-        } else {
-            for (int k = 0; k < ng; k++)
-                real_close(got[k]);
+        if (!take_message(c)) {
+            if (nwait < MAX_WAITING)
+                waiting[nwait++] = c;
+            else
+                real_close(c);
         }
-        real_close(c);
     }
 }
 
