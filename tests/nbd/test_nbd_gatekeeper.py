@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -392,3 +393,47 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
     finally:
         again.stop()
         first.stop()
+
+
+def test_handoff_reads_a_control_message_that_comes_after_its_connection(tmp_path):
+    """bootd connects to the daemon's handoff.sock, then sends. If the daemon accepts the connection in
+    between (another hand-off's generation, any read), the connection must wait for its message, not be
+    closed (that hand-off would fail: seen as EPIPE under load in the benchmark)."""
+    import asyncio
+    import socket
+
+    import nbd
+
+    from nbdtest import Harness
+
+    base = make_base(tmp_path / "b.qcow2", size_mb=16)
+    h = Harness(tmp_path, gatekeeper=True).start()
+    try:
+        h.m.may_open = lambda ip, name: True
+        e = h.run(h.m.prepare_boot("52:54:00:00:00:0a", base))
+
+        def client():
+            c = nbd.NBD()
+            c.connect_uri(h.uri(e.name))
+            return c
+        c = h.run(asyncio.to_thread(client))
+        assert h.m.status()["gatekeeper"]["handed_off"] == 1
+        early = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        early.connect(str(h.run_dir / "handoff.sock"))
+        gen = h.m.handoff._gen
+        struct.pack_into("=Q", gen, 0, struct.unpack_from("=Q", gen, 0)[0] + 1)
+        assert h.run(asyncio.to_thread(c.pread, 4, 0)) == b"\xab" * 4  # the daemon reads: takes handoff.sock
+        time.sleep(0.1)
+        a, b = socket.socketpair()
+        # the daemon has accepted `early`; it must still be open for the message that follows
+        socket.send_fds(early, [struct.pack("=QII", 12345, 0xFFFFFFFF, 0)], [a.fileno()])
+        for s in (early, a, b):
+            s.close()
+        # and the next real hand-off still works
+        c2 = h.run(asyncio.to_thread(client))
+        assert h.run(asyncio.to_thread(c2.pread, 4, 0)) == b"\xab" * 4
+        assert h.m.status()["gatekeeper"]["handed_off"] == 2
+        for x in (c, c2):
+            h.run(asyncio.to_thread(x.shutdown))
+    finally:
+        h.stop()
