@@ -20,13 +20,21 @@ from nbdexport.pidwatch import PidWatch
 
 log = logging.getLogger("bootd.chelper")
 
+CFDS_HEADER = Path(__file__).with_name("cfds.h")  # scm_fds(): every helper's control messages carry fds
+
 
 def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Optional[str] = None,
-                    flags: Sequence[str] = (), suffix: str = "") -> Path:
-    """`run_dir/<prefix><hash of source><suffix>`, compiled from `source` (with `flags`, e.g. -shared
-    -fPIC for a library) if missing; older builds are removed. Raises RuntimeError when it cannot be built."""
+                    flags: Sequence[str] = (), suffix: str = "", headers: Sequence[Path] = ()) -> Path:
+    """`run_dir/<prefix><hash><suffix>`, compiled from `source` (with `flags`, e.g. -shared -fPIC for a
+    library) if missing; older builds are removed. `headers` are the files it #includes by name (their
+    directories go on the include path and their text into the hash, so a change to one rebuilds).
+    Raises RuntimeError when it cannot be built."""
     src = Path(source).read_bytes()
-    binary = Path(run_dir) / f"{prefix}{hashlib.sha256(src).hexdigest()[:12]}{suffix}"
+    digest = hashlib.sha256(src)
+    for h in headers:
+        digest.update(Path(h).read_bytes())
+    binary = Path(run_dir) / f"{prefix}{digest.hexdigest()[:12]}{suffix}"
+    flags = [*flags, *dict.fromkeys(f"-I{Path(h).resolve().parent}" for h in headers)]
     if binary.exists() and os.access(binary, os.X_OK):
         return binary
     tmp = binary.with_name(f".{binary.name}.{os.getpid()}")

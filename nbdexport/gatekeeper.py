@@ -54,8 +54,8 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from bootd.chelper import SupervisedHelper, build_c_program
-from nbdexport.handoff import NotHanded
+from bootd.chelper import CFDS_HEADER, SupervisedHelper, build_c_program
+from nbdexport.handoff import NBDCOUNT_HEADER, NotHanded
 from nbdexport.qsd import listening_socket
 
 log = logging.getLogger("bootd.nbd.gatekeeper")
@@ -137,7 +137,8 @@ def _name_of(option: int, data: bytes) -> Optional[str]:
 def build_splicer(run_dir: Path) -> Path:
     """The splicer binary for the current source (its hash in the name), compiled if missing."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return build_c_program(SPLICER_SOURCE, run_dir, "nbd-splicer-", "NBD splicer")
+    return build_c_program(SPLICER_SOURCE, run_dir, "nbd-splicer-", "NBD splicer",
+                           headers=[CFDS_HEADER, NBDCOUNT_HEADER])
 
 
 class _Counters:
@@ -466,19 +467,3 @@ class Gatekeeper:
         return {"listen": ", ".join(f"{a}:{self.port}" for a in self.addresses), **self.counts,
                 "splicer": self.splicer.status(),
                 "handoff": self.handoff.status() if self.handoff is not None else None}
-
-
-def daemon_socket_path(run_dir: str | Path, name: str = "nbd.sock") -> Callable[[], str]:
-    """A connectable path to the daemon's socket whatever the run directory's length (sockaddr_un holds
-    107 bytes): through a directory fd kept open for the process's lifetime."""
-    full = os.path.join(str(run_dir), name)
-    if len(full.encode()) <= 100:
-        return lambda: full
-    holder: dict[str, int] = {}
-
-    def path() -> str:
-        fd = holder.get("fd")
-        if fd is None:
-            fd = holder["fd"] = os.open(str(run_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return f"/proc/self/fd/{fd}/{name}"
-    return path

@@ -26,8 +26,8 @@
  *
  * Counting (qemu 7.2's query-blockstats has nothing for NBD exports): each handed connection has a
  * slot in <dir>/handoff.counters (made by bootd, 128 bytes each: bytes and requests read and written,
- * state, export name). The NBD request headers read from the client are parsed here (READ/WRITE length
- * and count; a WRITE's payload skipped); close() marks the slot ended, and bootd folds its counts.
+ * state, export name). What the daemon reads from the client goes through nbdcount.h's parser (the
+ * splicer's too); close() marks the slot ended, and bootd folds its counts.
  *
  * Without BOOTD_NBD_HANDOFF in the environment the library does nothing but pass calls through.
  */
@@ -48,29 +48,26 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cfds.h"
+#include "nbdcount.h"
+
 #define TOKEN_MAGIC "BOOTDSWP"
 #define TOKEN_LEN 16
 #define MAX_FD 65536
 #define MAX_PENDING 1024
 #define PENDING_TTL 30
-#define NBD_REQUEST_MAGIC 0x25609513u
-#define NBD_CMD_READ 0
-#define NBD_CMD_WRITE 1
 
 enum { SLOT_FREE = 0, SLOT_HANDED = 1, SLOT_LIVE = 2, SLOT_ENDED = 3 };
 
 struct slot { /* handoff.py's SLOT */
-    uint64_t rd_bytes, wr_bytes, rd_ops, wr_ops;
+    uint64_t io[4]; /* nbdcount.h's IO_* order */
     uint32_t state, pad;
     char name[88];
 };
 
 struct fdst {
     struct slot *slot; /* a handed connection: counted */
-    unsigned char hdr[28];
-    uint32_t hlen;
-    uint64_t skip;
-    int parsing;
+    struct nbd_parse parse;
     int ep; /* the epoll fd it is registered in, or -1 */
     struct epoll_event ev;
 };
@@ -209,12 +206,8 @@ static int take_message(int c) {
     ssize_t n = real_recvmsg(c, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return 0; /* accepted before bootd's message arrived: look again at the next generation */
-    int got[4], ng = 0;
-    if (n >= 0)
-        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
-            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
-                for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int) && ng < 4; k++)
-                    memcpy(&got[ng++], CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+    int got[4];
+    int ng = n >= 0 ? scm_fds(&m, got, 4) : 0;
     if (n == 16 && ng == 1 && npend < MAX_PENDING && !(m.msg_flags & MSG_CTRUNC)) {
         uint64_t id;
         uint32_t slot;
@@ -290,53 +283,10 @@ static void try_swap(int fd) {
             s->ep = -1;
         real_close(pend[i].fd);
         s->slot = (pend[i].slot >= 0 && (size_t)pend[i].slot < nslots) ? &slots[pend[i].slot] : NULL;
-        s->hlen = 0;
-        s->skip = 0;
-        s->parsing = s->slot != NULL;
+        s->parse = (struct nbd_parse){.parsing = s->slot != NULL};
         slot_state(pend[i].slot, SLOT_LIVE);
         pend[i] = pend[--npend];
         return;
-    }
-}
-
-static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-
-static void add(uint64_t *p, uint64_t v) { __atomic_store_n(p, *p + v, __ATOMIC_RELAXED); }
-
-/* Count the NBD requests in n bytes the daemon read from a handed connection (splicer.c's parser). */
-static void count(struct fdst *s, const unsigned char *p, size_t n) {
-    while (n > 0 && s->parsing) {
-        if (s->skip > 0) {
-            size_t k = n < s->skip ? n : (size_t)s->skip;
-            s->skip -= k;
-            p += k;
-            n -= k;
-            continue;
-        }
-        size_t k = sizeof s->hdr - s->hlen;
-        if (k > n)
-            k = n;
-        memcpy(s->hdr + s->hlen, p, k);
-        s->hlen += k;
-        p += k;
-        n -= k;
-        if (s->hlen < sizeof s->hdr)
-            return;
-        s->hlen = 0;
-        if (be32(s->hdr) != NBD_REQUEST_MAGIC) { /* extended headers or garbage: stop counting */
-            s->parsing = 0;
-            return;
-        }
-        unsigned type = (unsigned)s->hdr[6] << 8 | s->hdr[7];
-        uint32_t len = be32(s->hdr + 24);
-        if (type == NBD_CMD_READ) {
-            add(&s->slot->rd_bytes, len);
-            add(&s->slot->rd_ops, 1);
-        } else if (type == NBD_CMD_WRITE) {
-            add(&s->slot->wr_bytes, len);
-            add(&s->slot->wr_ops, 1);
-            s->skip = len;
-        }
     }
 }
 
@@ -359,11 +309,11 @@ ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     }
     ssize_t n = real_recvmsg(fd, msg, flags);
     struct fdst *s;
-    if (n > 0 && !(flags & MSG_PEEK) && fd >= 0 && fd < MAX_FD && (s = fds[fd]) != NULL && s->parsing) {
+    if (n > 0 && !(flags & MSG_PEEK) && fd >= 0 && fd < MAX_FD && (s = fds[fd]) != NULL && s->parse.parsing) {
         size_t left = (size_t)n;
         for (size_t i = 0; i < (size_t)msg->msg_iovlen && left > 0; i++) {
             size_t k = msg->msg_iov[i].iov_len < left ? msg->msg_iov[i].iov_len : left;
-            count(s, msg->msg_iov[i].iov_base, k);
+            nbd_count(&s->parse, s->slot->io, msg->msg_iov[i].iov_base, k);
             left -= k;
         }
     }
@@ -378,7 +328,7 @@ int close(int fd) {
         if (s->slot)
             __atomic_store_n(&s->slot->state, SLOT_ENDED, __ATOMIC_RELEASE);
         s->slot = NULL;
-        s->parsing = 0;
+        s->parse.parsing = 0;
         s->ep = -1;
     }
     return real_close(fd);

@@ -23,11 +23,13 @@ import struct
 from pathlib import Path
 from typing import Callable, Optional
 
-from bootd.chelper import build_c_program
+from bootd.chelper import CFDS_HEADER, build_c_program
+from nbdexport.qsd import daemon_socket_path
 
 log = logging.getLogger("bootd.nbd.handoff")
 
 SOURCE = Path(__file__).with_name("handoff.c")
+NBDCOUNT_HEADER = Path(__file__).with_name("nbdcount.h")  # the request counting handoff.c and splicer.c share
 SLOTS = 8192
 SLOT = struct.Struct("=QQQQII88s")  # handoff.c's struct slot: counts, state, pad, export name
 FREE, HANDED, LIVE, ENDED = 0, 1, 2, 3
@@ -43,7 +45,7 @@ def build_library(run_dir: Path) -> Path:
     """The preload library for the current source (its hash in the name), compiled if missing."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return build_c_program(SOURCE, run_dir, "nbd-handoff-", "NBD hand-off library",
-                           flags=["-shared", "-fPIC"], suffix=".so")
+                           flags=["-shared", "-fPIC"], suffix=".so", headers=[CFDS_HEADER, NBDCOUNT_HEADER])
 
 
 class Handoff:
@@ -60,6 +62,8 @@ class Handoff:
         self._owner: dict[int, str] = {}
         self._free: list[int] = []
         self.known: Callable[[str], bool] = lambda name: True
+        self._sock_path = daemon_socket_path(self.run_dir, "handoff.sock")
+        self._ready_pid: Optional[int] = None  # the daemon found with the library loaded
 
     # -- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> Optional[Path]:
@@ -91,6 +95,8 @@ class Handoff:
         """The daemon `pid` has the library loaded and listening (an adopted daemon may not)."""
         if self.library is None or not pid:
             return False
+        if pid == self._ready_pid:  # a process's libraries do not change: read its maps once
+            return True
         try:
             with open(f"/proc/{pid}/maps") as f:
                 if str(self.library) not in f.read():
@@ -108,6 +114,7 @@ class Handoff:
                 self._gen = mmap.mmap(fd, 4096)
             finally:
                 os.close(fd)
+        self._ready_pid = pid
         return True
 
     def close(self) -> None:
@@ -147,21 +154,13 @@ class Handoff:
         daemon.sendall(TOKEN_MAGIC + struct.pack("=Q", ident))
         self.handed += 1
 
-    def _sock_path(self) -> str:
-        full = str(self.run_dir / "handoff.sock")
-        if len(full.encode()) <= 100:
-            return full
-        if not hasattr(self, "_dirfd"):
-            self._dirfd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return f"/proc/self/fd/{self._dirfd}/handoff.sock"
-
     # -- counters -------------------------------------------------------------------------------------
     def _load_slots(self) -> None:
         """Which slots are in use (a restarted bootd finds its predecessor's connections by name)."""
         self._owner: dict[int, str] = {}
         self._free: list[int] = []
         for slot in range(SLOTS - 1, -1, -1):
-            state, raw = self._read(slot)[4], self._read(slot)[6]
+            *_, state, _, raw = self._read(slot)
             if state == FREE:
                 self._free.append(slot)
             else:

@@ -40,10 +40,10 @@ from typing import Any, Callable, Optional
 from nbdexport.check import ClientTls, check_export
 from nbdexport.connections import peers
 from nbdexport.errors import DiskError, NoSpace, StorageDaemonDown
-from nbdexport.gatekeeper import Gatekeeper, Splicer, daemon_socket_path
+from nbdexport.gatekeeper import Gatekeeper, Splicer
 from nbdexport.handoff import Handoff
 from nbdexport.overlays import OverlayStore, SpaceReport, allocated_bytes
-from nbdexport.qsd import StorageDaemon
+from nbdexport.qsd import StorageDaemon, daemon_socket_path
 
 log = logging.getLogger("bootd.nbd")
 

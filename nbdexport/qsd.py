@@ -425,3 +425,19 @@ def unix_listening_socket(run_dir: Path, name: str) -> socket.socket:
         os.close(dirfd)
     sock.set_inheritable(True)
     return sock
+
+
+def daemon_socket_path(run_dir: str | Path, name: str = "nbd.sock") -> Callable[[], str]:
+    """A connectable path to the daemon's socket whatever the run directory's length (sockaddr_un holds
+    107 bytes): through a directory fd kept open for the process's lifetime."""
+    full = os.path.join(str(run_dir), name)
+    if len(full.encode()) <= 100:
+        return lambda: full
+    holder: dict[str, int] = {}
+
+    def path() -> str:
+        fd = holder.get("fd")
+        if fd is None:
+            fd = holder["fd"] = os.open(str(run_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{fd}/{name}"
+    return path

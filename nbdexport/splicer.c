@@ -36,16 +36,16 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "cfds.h"
+#include "nbdcount.h"
+
 #define PIPE_SIZE (1 << 20)
 #define MAX_EVENTS 256
 #define C2S_BUF (128 * 1024)
 #define S2C_BUF (256 * 1024)
-#define NBD_REQUEST_MAGIC 0x25609513u
-#define NBD_CMD_READ 0
-#define NBD_CMD_WRITE 1
 
 struct slot { /* one per connection in the shared counter array; bootd reads it */
-    uint64_t rd_bytes, wr_bytes, rd_ops, wr_ops;
+    uint64_t io[4]; /* nbdcount.h's IO_* order */
 };
 static struct slot *slots;
 static size_t nslots;
@@ -67,10 +67,7 @@ struct conn {
     size_t blen[2], boff[2];
     struct slot *slot; /* NULL: not counted */
     long slot_no;
-    unsigned char hdr[28];
-    size_t hlen;
-    uint64_t skip; /* payload bytes of a WRITE still to pass */
-    int parsing;   /* 0 after anything that is not an NBD request: no more counting */
+    struct nbd_parse parse; /* the client's requests, counted into slot */
     struct end e[2];
     int armed[2]; /* EPOLLOUT asked for on fd[i]: only while data waits for it (see arm()) */
     struct conn *next_dead;
@@ -133,46 +130,6 @@ static int pump(struct conn *c, int d) {
     }
 }
 
-static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-
-/* Count the NBD requests in bytes the client sent (transmission phase: bootd handed the connection over
- * right after the negotiation, so the stream starts at a request header). */
-static void count(struct conn *c, const unsigned char *p, size_t n) {
-    while (n > 0 && c->parsing) {
-        if (c->skip > 0) {
-            size_t k = n < c->skip ? n : (size_t)c->skip;
-            c->skip -= k;
-            p += k;
-            n -= k;
-            continue;
-        }
-        size_t k = sizeof c->hdr - c->hlen;
-        if (k > n)
-            k = n;
-        memcpy(c->hdr + c->hlen, p, k);
-        c->hlen += k;
-        p += k;
-        n -= k;
-        if (c->hlen < sizeof c->hdr)
-            return;
-        c->hlen = 0;
-        if (be32(c->hdr) != NBD_REQUEST_MAGIC) { /* extended headers or garbage: relay, stop counting */
-            c->parsing = 0;
-            return;
-        }
-        unsigned type = (unsigned)c->hdr[6] << 8 | c->hdr[7];
-        uint32_t len = be32(c->hdr + 24);
-        if (type == NBD_CMD_READ) {
-            __atomic_store_n(&c->slot->rd_bytes, c->slot->rd_bytes + len, __ATOMIC_RELAXED);
-            __atomic_store_n(&c->slot->rd_ops, c->slot->rd_ops + 1, __ATOMIC_RELAXED);
-        } else if (type == NBD_CMD_WRITE) {
-            __atomic_store_n(&c->slot->wr_bytes, c->slot->wr_bytes + len, __ATOMIC_RELAXED);
-            __atomic_store_n(&c->slot->wr_ops, c->slot->wr_ops + 1, __ATOMIC_RELAXED);
-            c->skip = len;
-        }
-    }
-}
-
 /* Direction d through its buffer (client -> daemon counted). Same contract as pump(). Unless `drain`,
  * a short read that was all sent ends the turn without the recv that would only say EAGAIN: a short read
  * of a stream socket took all there was, and whatever comes later (data or the end) is a new edge. */
@@ -196,7 +153,7 @@ static int pump_buf(struct conn *c, int d, int drain) {
         ssize_t n = recv(in, c->buf[d], cap, MSG_DONTWAIT);
         if (n > 0) {
             if (d == 0 && c->slot)
-                count(c, c->buf[0], (size_t)n);
+                nbd_count(&c->parse, c->slot->io, c->buf[0], (size_t)n);
             c->blen[d] = (size_t)n;
             ssize_t w = send(out, c->buf[d], (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
             if (w == n && (size_t)n < cap && !drain) {
@@ -263,7 +220,7 @@ static void add_conn(int a, int b, long slot_no) {
         c->slot_no = slot_no;
         c->slot = &slots[slot_no];
         memset(c->slot, 0, sizeof *c->slot);
-        c->parsing = 1;
+        c->parse.parsing = 1;
     }
     c->fd[0] = a;
     c->fd[1] = b;
@@ -320,14 +277,8 @@ static int read_ctl(void) {
         return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
     if (n == 0)
         return -1;
-    int fds[4], nfds = 0;
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
-        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-            int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            for (int i = 0; i < k && nfds < 4; i++)
-                memcpy(&fds[nfds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-        }
-    }
+    int fds[4];
+    int nfds = scm_fds(&msg, fds, 4);
     long slot_no = -1;
     if (n == 5 && byte[0] == 's')
         slot_no = (long)((uint32_t)byte[1] | (uint32_t)byte[2] << 8 | (uint32_t)byte[3] << 16 | (uint32_t)byte[4] << 24);

@@ -46,6 +46,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cfds.h"
+
 #define OP_DATA 3
 #define OP_ACK 4
 #define OP_ERROR 5
@@ -626,14 +628,8 @@ static int read_ctl(double now) {
         return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
     if (n == 0)
         return -1;
-    int fds[4], nfds = 0;
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
-        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-            int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            for (int i = 0; i < k && nfds < 4; i++)
-                memcpy(&fds[nfds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-        }
-    }
+    int fds[4];
+    int nfds = scm_fds(&msg, fds, 4);
     if (buf[0] == 'S' && nfds == 2 && n >= 1 + START_LEN && !(msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC))) {
         start_session(buf + 1, (size_t)n - 1, fds[0], fds[1], now);
     } else {

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from bootd.chelper import SupervisedHelper, build_c_program
+from bootd.chelper import CFDS_HEADER, SupervisedHelper, build_c_program
 
 log = logging.getLogger("bootd.tftp.pump")
 
@@ -58,7 +58,7 @@ def _private_dir(path: Path) -> None:
 def build_pump(run_dir: Path, cc: Optional[str] = None) -> Path:
     """The pump binary for the current source (its hash in the name), compiled if missing."""
     _private_dir(Path(run_dir))
-    return build_c_program(PUMP_SOURCE, run_dir, "tftp-pump-", "TFTP pump", cc or CC)
+    return build_c_program(PUMP_SOURCE, run_dir, "tftp-pump-", "TFTP pump", cc or CC, headers=[CFDS_HEADER])
 
 
 class DataPump(SupervisedHelper):
