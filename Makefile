@@ -12,6 +12,13 @@ setup:
 assets: setup
 	@bash scripts/build-assets.sh
 
+# Quality gates: ruff (lint + import order) on everything, mypy (strict on the sans-IO cores and the
+# boot plan, see pyproject.toml), and the C helpers compiled with warnings as errors and hardening flags.
+lint: setup
+	@.venv/bin/ruff check .
+	@.venv/bin/mypy
+	@$(PY) -m bootd.chelper --check
+
 test: setup assets
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc

@@ -28,7 +28,10 @@ def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Opt
     """`run_dir/<prefix><hash><suffix>`, compiled from `source` (with `flags`, e.g. -shared -fPIC for a
     library) if missing; older builds are removed. `headers` are the files it #includes by name (their
     directories go on the include path and their text into the hash, so a change to one rebuilds).
-    Raises RuntimeError when it cannot be built."""
+    Raises RuntimeError when it cannot be built, or cannot run from `run_dir` (a `noexec` mount: the
+    kernel refuses to exec or to map it executable there, so building it would only hide the reason)."""
+    if os.statvfs(run_dir).f_flag & os.ST_NOEXEC:
+        raise RuntimeError(f"{run_dir} is on a noexec mount: the {what} cannot run from there")
     src = Path(source).read_bytes()
     digest = hashlib.sha256(src)
     for h in headers:

@@ -16,21 +16,14 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from bootd.clientconfig.model import ClientsConfig  # client helper: what a client boots into
+from bootd.macaddr import normalize_mac  # the one MAC normaliser (also for the modules importing it from here)
 from bootd.nfs import NfsConfig  # client helper: NFS exports of client roots
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
 DEFAULT_CONFIG_PATH = "/etc/bootd/bootd.yaml"
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-
-
-def normalize_mac(value: str) -> str:
-    """`AA-BB-CC-DD-EE-FF` -> `aa:bb:cc:dd:ee:ff`; raises ValueError if it is not a MAC."""
-    if not isinstance(value, str) or not _MAC_RE.match(value.strip()):
-        raise ValueError("not a MAC address")
-    return value.strip().lower().replace("-", ":")
 
 
 def _check_name(value: str) -> str:
@@ -107,6 +100,15 @@ class RelaySubnetConfig(AddressRange):
         return self
 
 
+class DhcpRateLimitConfig(Section):
+    """Packets bootd spends work on (issue 13): the rest is dropped unread and counted, never queued."""
+
+    per_mac: Annotated[float, Field(gt=0)] = 10.0  # packets/s from one client MAC (chaddr)
+    per_mac_burst: Annotated[int, Field(ge=1)] = 30  # packets one MAC may send at once
+    unknown: Annotated[float, Field(gt=0)] = 1000.0  # packets/s from all MACs without host entry, reservation or lease
+    unknown_burst: Annotated[int, Field(ge=1)] = 2000  # a room of unknown PCs booting at once
+
+
 class DhcpConfig(Section):
     mode: Literal["full", "proxy", "off"] = "off"
     lease_time: Annotated[int, Field(ge=60, le=31_536_000)] = 3600
@@ -121,6 +123,7 @@ class DhcpConfig(Section):
     ipxe_script_url: str = "http://{server}:{http_port}/boot/{mac}.ipxe"
     # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`
     http_boot_url: str = "http://{server}:{http_port}/boot/files/{file}"
+    rate_limit: DhcpRateLimitConfig = DhcpRateLimitConfig()
 
     @field_validator("ipxe_script_url", "http_boot_url")
     @classmethod
@@ -137,6 +140,7 @@ class TftpConfig(Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 69
     root: Optional[str] = None  # default: <storage.directory>/boot
     max_sessions: Annotated[int, Field(ge=1)] = 500
+    max_sessions_per_client: Annotated[int, Field(ge=1)] = 16  # one client address cannot take every slot
     max_open_files: Annotated[int, Field(ge=1)] = 400
     max_blksize: Annotated[int, Field(ge=8, le=65464)] = 65464
     max_windowsize: Annotated[int, Field(ge=1, le=64)] = 64
@@ -183,9 +187,20 @@ class ApiConfig(Section):
         return v
 
 
+class EventsConfig(Section):
+    """The boot-event log in state.db (bootctl hosts PC): kept bounded in age and in rows."""
+
+    retention: Annotated[int, Field(ge=60)] = 7 * 86400  # seconds an event is kept
+    max_rows: Annotated[int, Field(ge=100)] = 200_000  # newest rows kept; older ones are pruned
+    coalesce: Annotated[float, Field(ge=0)] = 60.0  # seconds a repeat of a host's last event counts on its row
+
+
 class StorageConfig(Section):
     directory: str = "/var/lib/bootd"
     min_free_mb: Annotated[int, Field(ge=0)] = 1024  # warn, then refuse writes, below this
+    # space kept for the state database in a file next to it (state.db.reserve), freed when SQLite
+    # finds the filesystem full, so leases and `bootctl disk reset` still write (bootd/state.py)
+    state_reserve_mb: Annotated[int, Field(ge=0, le=1024)] = 16
 
 
 class MenuConfig(Section):
@@ -221,8 +236,13 @@ class NbdConfig(Section):
     qsd_binary: str = "qemu-storage-daemon"
     tls: Optional[NbdTlsConfig] = None
     # NBD handshakes through bootd (a host lists and opens only its own export; data path in a C
-    # splicer); the storage daemon then listens on a private unix socket. Off with tls (see nbdexport/gatekeeper.py)
+    # splicer, or a Python relay when no C helper can run); the storage daemon then listens on a private
+    # unix socket only. With tls the gatekeeper terminates TLS itself (see nbdexport/gatekeeper.py)
     gatekeeper: bool = True
+    # gatekeeper: seconds a client has for its whole NBD handshake (qemu itself allows 10 since CVE-2024-7409)
+    handshake_timeout: Annotated[float, Field(gt=0, le=300)] = 10
+    # gatekeeper: NBD handshakes in progress at once from one address; more are closed (counted in metrics)
+    handshakes_per_address: Annotated[int, Field(ge=1, le=512)] = 8
     # with the gatekeeper: each negotiated connection goes on inside the storage daemon on the client's
     # own socket (a small library preloaded into it, nbdexport/handoff.c); false: through the C splicer
     handoff: bool = True
@@ -232,6 +252,16 @@ class NbdConfig(Section):
     # new overlays and persistent layers with qcow2 extended L2 entries: a client's first small write
     # into a cluster does not copy the snapshot's cluster first (see nbdexport/overlays.py)
     subclusters: bool = True
+    # most one PC's overlay (or persistent layer) may take on disk ("20GiB", "512MiB", bytes); past it
+    # that PC's writes fail with ENOSPC, nobody else's. 0: no limit (nbdexport/manager.py _capped)
+    overlay_max: ByteSize = ByteSize(0)
+
+    @field_validator("overlay_max")
+    @classmethod
+    def _overlay_max(cls, v: ByteSize) -> ByteSize:
+        if v and v < 16 << 20:
+            raise ValueError("0 (no limit) or at least 16MiB")
+        return v
 
 
 class ImageConfig(Section):
@@ -293,6 +323,7 @@ class Config(Section):
     nbd: NbdConfig = NbdConfig()
     nfs: NfsConfig = NfsConfig()
     log: LogConfig = LogConfig()
+    events: EventsConfig = EventsConfig()
     images: list[ImageConfig] = []
     groups: list[GroupConfig] = []
     hosts: list[HostConfig] = []
@@ -408,8 +439,67 @@ class _Positions:
             loc = loc[:-1]
 
 
+# Limits on what the loader accepts (issue 13): a broken or hostile file gets an error within a few
+# seconds and ~100 MB (a reload parses it off the event loop), never blocks bootd or grows it by
+# gigabytes. A big lab's config (5000 hosts) is ~400 KB, ~45 000 nodes, 6 levels deep.
+MAX_CONFIG_BYTES = 1024 * 1024  # the file's size
+MAX_CONFIG_NODES = 100_000  # YAML nodes, counting what aliases (`*name`) and merges expand to
+MAX_CONFIG_DEPTH = 40  # nesting of mappings and lists, also through aliases
+
+
+class ConfigLimitError(yaml.MarkedYAMLError):
+    """The YAML is over one of the loader's limits (size, nodes, depth, recursive alias)."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of keeping the last one silently."""
+    """SafeLoader that refuses duplicate keys instead of keeping the last one silently, and refuses
+    documents over MAX_CONFIG_NODES / MAX_CONFIG_DEPTH while composing them (so an alias bomb or a
+    20 000-deep nesting is stopped before it costs memory or recursion)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0  # nesting of the node being composed, in the text
+        self._nodes = 0  # nodes composed so far, each alias counted as what it expands to
+        self._expanded: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, expanded depth)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None and id(target) not in self._expanded:
+                raise ConfigLimitError(None, None, f"alias *{event.anchor} refers to a node that contains it",
+                                       event.start_mark)
+            node = super().compose_node(parent, index)
+            self._count(*self._expanded[id(node)], event.start_mark)
+            return node
+        start = self.peek_event().start_mark
+        if self._depth >= MAX_CONFIG_DEPTH:
+            raise ConfigLimitError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", start)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1 + sum(self._expanded[id(c)][0] for c in children)
+        depth = 1 + max((self._expanded[id(c)][1] for c in children), default=0)
+        self._expanded[id(node)] = (size, depth)
+        self._count(1, depth, start)
+        return node
+
+    def _count(self, size: int, depth: int, mark) -> None:
+        self._nodes += size
+        if self._nodes > MAX_CONFIG_NODES:
+            raise ConfigLimitError(None, None, f"more than {MAX_CONFIG_NODES} nodes (counting what aliases "
+                                   f"expand to): refused, a config is far smaller", mark)
+        if self._depth + depth > MAX_CONFIG_DEPTH:
+            raise ConfigLimitError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels (through aliases)",
+                                   mark)
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -442,15 +532,24 @@ def _friendly(err: dict) -> str:
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
     """Validate YAML text; raises ConfigError with every problem found."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigProblem(filename, None, "", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: "
+                                                             f"refused, a config is far smaller")])
+    loader = _UniqueKeyLoader(text)
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        node = loader.get_single_node()  # composed once, within the limits; then built from the nodes
+        data = loader.construct_document(node) if node is not None else None
+    except ConfigLimitError as e:
+        mark = e.problem_mark
+        raise ConfigError([ConfigProblem(filename, mark.line + 1 if mark else None, "", e.problem)]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         raise ConfigError([ConfigProblem(filename, line, "", f"YAML syntax error: {e.problem or e}")]) from None
     except yaml.YAMLError as e:
         raise ConfigError([ConfigProblem(filename, None, "", f"YAML error: {e}")]) from None
+    finally:
+        loader.dispose()
     positions = _Positions()
     if node is not None:
         positions.walk(node)
@@ -477,9 +576,16 @@ def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a config file; raises ConfigError (also for a missing or unreadable file)."""
     filename = os.fspath(path)
     try:
-        text = Path(filename).read_text()
+        with open(filename, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more: a huge file is refused unread
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([ConfigProblem(filename, None, "", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: "
+                                                                 f"refused, a config is far smaller")])
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([ConfigProblem(filename, None, "", "file not found")]) from None
+    except IsADirectoryError:
+        raise ConfigError([ConfigProblem(filename, None, "", "is a directory, not a file")]) from None
     except OSError as e:
         raise ConfigError([ConfigProblem(filename, None, "", f"cannot read: {e.strerror}")]) from None
     except UnicodeDecodeError:
@@ -571,6 +677,14 @@ def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
         out.append((("api", "token_file"), f"file not found: {cfg.api.token_file}"))
     if cfg.api.tcp is not None and cfg.api.token_file is None:
         out.append((("api", "tcp"), "the API on TCP needs api.token_file (a bearer token)"))
+    if cfg.api.tcp is not None and cfg.http.enabled:
+        api_host, _, api_port = cfg.api.tcp.rpartition(":")
+        api_host = api_host.strip("[]")
+        for iface in cfg.interfaces:
+            if int(api_port) == cfg.http.port and api_host in ("", "0.0.0.0", "::", "*", str(iface.address.ip)):
+                out.append((("api", "tcp"), f"{cfg.api.tcp} takes the boot port {iface.address.ip}:{cfg.http.port} "
+                                            f"(http.port on {iface.name}): give the API another port"))
+                break
     for section, root in (("tftp", cfg.tftp.root), ("http", cfg.http.root)):
         if root is not None and not Path(root).is_dir():
             out.append(((section, "root"), f"directory not found: {root}"))

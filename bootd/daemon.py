@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from bootd.bootplan import Planner
 from bootd.config import Config, ConfigError, load_config
 from bootd.logsetup import setup_logging
 from bootd.metrics import Metrics
 from bootd.notify import Notifier
 from bootd.service import Service
-from bootd.state import StateStore
+from bootd.state import StateError, StateStore
 
 log = logging.getLogger("bootd")
 
@@ -39,11 +40,15 @@ class Context:
     started_at: float = field(default_factory=time.time)
     services: list[Service] = field(default_factory=list)
     booter: Any = None  # pxe.booter.Booter: what a host boots (menus)
+    planner: Planner = field(init=False)  # bootd.bootplan: the one boot decision per host, read by all
     disks: Any = None  # nbdexport DiskManager: per-host NBD exports
     snapshots: Any = None  # snapshots store
     extras: dict = field(default_factory=dict)
     reload_errors: list[str] = field(default_factory=list)
     last_reload: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.planner = Planner(self)  # reads self.config and self.snapshots at every call
 
     def service(self, name: str) -> Optional[Service]:
         for s in self.services:
@@ -84,6 +89,7 @@ class Daemon:
         self.ctx: Optional[Context] = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task] = set()  # running reloads (a task needs a reference)
 
     async def run(self) -> int:
         try:
@@ -96,14 +102,18 @@ class Daemon:
         setup_logging(config.log.level)
         storage = Path(config.storage.directory)
         storage.mkdir(parents=True, exist_ok=True)
-        store = StateStore(storage / "state.db")
+        try:
+            store = StateStore(storage / "state.db", reserve_bytes=config.storage.state_reserve_mb << 20)
+        except StateError as e:  # corrupt, unreadable, not a database: say which file and why, no traceback
+            log.error("cannot open the state database: %s", e)
+            return 1
         ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)
-        ctx.extras["reload"] = self.reload
+        ctx.extras["reload"] = self.request_reload
         self._prepare_boot_root(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
         ctx.services = build_services(ctx)
         started: list[Service] = []
@@ -131,6 +141,10 @@ class Daemon:
         log.info("stopping")
         self.notifier.stopping()
         self.notifier.stop_watchdog()
+        for task in list(self._reload_tasks):  # a reload half done when asked to stop: stop it first
+            task.cancel()
+        if self._reload_tasks:
+            await asyncio.wait(list(self._reload_tasks), timeout=1.0)
         await self._stop_services(started)
         store.close()
         log.info("stopped")
@@ -149,7 +163,9 @@ class Daemon:
         if ctx is None:
             return "starting"
         ifaces = ",".join(i.name for i in ctx.config.interfaces) or "none"
-        return f"serving on {ifaces}; services: {', '.join(s.name for s in ctx.services)}"
+        line = f"serving on {ifaces}; services: {', '.join(s.name for s in ctx.services)}"
+        warnings = [w for w in (s.warning() for s in ctx.services) if w]
+        return "; ".join(["WARNING " + w for w in warnings] + [line])
 
     async def _stop_services(self, started: list[Service]) -> None:
         deadline = time.monotonic() + STOP_BUDGET
@@ -163,36 +179,65 @@ class Daemon:
             except Exception as e:
                 log.error("error stopping %s: %s", svc.name, e)
 
+    def request_reload(self) -> "asyncio.Task[bool]":
+        """Start a reload in a task of its own and return it. A reload restarts services (the HTTP one
+        among them), so it must not run inside a request or signal handler those services could cancel;
+        an API request awaits the task shielded. Reloads run one after another (`_reload_lock`)."""
+        task = asyncio.get_running_loop().create_task(self.reload(), name="bootd-reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+        return task
+
     async def reload(self) -> bool:
-        """Re-read the config; apply it if valid, else keep the old one. Returns whether it applied."""
+        """Re-read the config; apply it if valid, else keep the old one. Returns whether it applied.
+
+        Every reload ends with READY=1 (systemd waits for it after RELOADING=1), whatever happened.
+        """
         ctx = self.ctx
         if ctx is None:
             return False
         async with self._reload_lock:
             self.notifier.reloading()
+            ready_status = "reload did not finish"
             try:
-                new = load_config(self.config_path)
-            except ConfigError as e:
-                ctx.reload_errors = [str(p) for p in e.problems]
-                for p in e.problems:
-                    log.error("reload refused, keeping the running config: %s", p)
-                self.notifier.ready(f"config reload refused ({len(e.problems)} problems); {self.status_line()}")
-                return False
-            old = ctx.config
-            ctx.config = new
-            self._prepare_boot_root(new)
-            ctx.reload_errors = []
-            ctx.last_reload = time.time()
-            for svc in ctx.services:
                 try:
-                    await svc.reload(ctx)
-                except Exception as e:
-                    log.error("%s could not apply the new config: %s", svc.name, e)
-                    ctx.reload_errors.append(f"{svc.name}: {e}")
-            log.info("configuration reloaded from %s", self.config_path)
-            del old
-            self.notifier.ready(self.status_line())
-            return True
+                    # off the loop: a big file takes seconds to parse, and DHCP/TFTP/HTTP keep serving
+                    new = await asyncio.to_thread(load_config, self.config_path)
+                except ConfigError as e:
+                    ctx.reload_errors = [str(p) for p in e.problems]
+                    for p in e.problems:
+                        log.error("reload refused, keeping the running config: %s", p)
+                    ready_status = f"config reload refused ({len(e.problems)} problems)"
+                    return False
+                except Exception as e:  # a loader bug must not leave systemd waiting or the loop dead
+                    log.exception("reload refused, keeping the running config: cannot load %s", self.config_path)
+                    ctx.reload_errors = [f"{self.config_path}: cannot load: {type(e).__name__}: {e}"]
+                    ready_status = "config reload refused (loader error)"
+                    return False
+                ctx.config = new
+                self._prepare_boot_root(new)
+                ctx.reload_errors = []
+                ctx.last_reload = time.time()
+                reloaded = []
+                for svc in ctx.services:
+                    try:
+                        await svc.reload(ctx)
+                        reloaded.append(svc.name)
+                    except asyncio.CancelledError:
+                        log.error("reload cancelled while %s applied the new config; services not "
+                                  "reloaded: %s", svc.name,
+                                  ", ".join(s.name for s in ctx.services if s.name not in reloaded) or "none")
+                        raise
+                    except Exception as e:
+                        log.error("%s could not apply the new config: %s", svc.name, e)
+                        ctx.reload_errors.append(f"{svc.name}: {e}")
+                log.info("configuration reloaded from %s; services reloaded: %s%s", self.config_path,
+                         ", ".join(reloaded) or "none",
+                         f"; {len(ctx.reload_errors)} failed" if ctx.reload_errors else "")
+                ready_status = "configuration reloaded"
+                return True
+            finally:
+                self.notifier.ready(f"{ready_status}; {self.status_line()}")
 
 
 def run_daemon(config_path: str) -> int:

@@ -25,3 +25,7 @@ class Service:
 
     def status(self) -> dict:
         return {}
+
+    def warning(self) -> "str | None":
+        """A degraded or unsafe state worth the unit's STATUS= line (systemctl status), or None."""
+        return None

@@ -12,6 +12,8 @@ mid-migration leaves the old version intact.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -19,6 +21,37 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+
+EVENT_LOG_MANAGED = 6  # the schema version from which events are coalesced and pruned
+
+
+log = logging.getLogger("bootd.state")
+
+
+class StateError(sqlite3.DatabaseError):
+    """The state database cannot be used (corrupt, not a database, unreadable); the message names the
+    file. A sqlite3.DatabaseError, so callers that catch sqlite3.Error still do."""
+
+
+def _is_damage(e: sqlite3.Error) -> bool:
+    """A file that is not (or no longer) a valid database, as opposed to a constraint or a busy lock."""
+    return type(e) is sqlite3.DatabaseError or getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+@dataclass
+class EventLimits:
+    """How much boot-event log state.db keeps (config `events`): at 1 000 answered packets a second an
+    unbounded log grew by ~30 GB a day."""
+
+    retention: float = 7 * 86400.0  # seconds an event is kept
+    max_rows: int = 200_000  # the newest rows kept
+    coalesce: float = 60.0  # a repeat of a MAC's last event within this many seconds counts on its row
+
+    @property
+    def slack(self) -> int:
+        """Inserts between two row-cap prunes; each prune keeps max_rows - slack rows, so the cap holds."""
+        return max(1, min(1000, self.max_rows // 10))
 
 
 @dataclass(frozen=True)
@@ -163,6 +196,10 @@ MIGRATIONS: list[Migration] = [
             created    REAL NOT NULL
         );
     """),
+    Migration(6, "boot events: repeats counted on one row (bootd/dhcp owner, issue 13)", """
+        ALTER TABLE boot_events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE boot_events ADD COLUMN last_ts REAL;
+    """),
 ]
 
 
@@ -172,18 +209,50 @@ class StateStore:
     Calls are short and synchronous on purpose: a lease write is ~20 µs, cheaper than a thread hop.
     """
 
-    def __init__(self, path: str | Path, migrations: Optional[list[Migration]] = None):
+    def __init__(self, path: str | Path, migrations: Optional[list[Migration]] = None, reserve_bytes: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                    timeout=10.0)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA busy_timeout=10000")
+        self.conn = self._open_checked()
         self._lock = threading.RLock()
+        # space held for this file on its filesystem (storage.state_reserve_mb): see _release_reserve
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self.reserve_bytes = reserve_bytes
+        self.reserve_releases = 0
+        self._reserve_retry_at: Optional[float] = None  # set while the reserve is given away
+        self._hold_reserve()
+        self.event_limits = EventLimits()
+        # per MAC: its last event row, (id, kind, detail, nbytes, duration, first ts), for coalescing
+        self._last_event: dict[Optional[str], tuple] = {}
+        self._inserts_until_prune = 0  # 0: the next insert prunes first (the file may be over the cap)
+        self._next_retention_prune = 0.0
         self.migrate(MIGRATIONS if migrations is None else migrations)
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """Open the file and check it is a sound database (PRAGMA quick_check), or raise StateError
+        naming the file: bootd must not start on, or start over beside, a damaged state."""
+        conn = None
+        try:
+            if self.path.is_dir():
+                raise StateError(f"{self.path}: is a directory, not a database file")
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=10.0)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=10000")
+            found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            if found != ["ok"]:
+                raise StateError(f"{self.path}: the database is damaged (quick_check: {'; '.join(found)}); "
+                                 f"restore it from a backup, or move it aside to start with an empty one")
+            return conn
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, StateError):
+                raise
+            raise StateError(f"{self.path}: cannot open the state database: {e}"
+                             + ("; restore it from a backup, or move it aside to start with an empty one"
+                                if _is_damage(e) else "")) from None
 
     # -- schema --------------------------------------------------------------------------------
     @property
@@ -206,6 +275,11 @@ class StateStore:
                         self.conn.execute(stmt)
                     self.conn.execute(f"PRAGMA user_version={int(m.version)}")
                     self.conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    # the same error class (callers tell them apart), with the file and the migration
+                    raise type(e)(f"{self.path}: migration {m.version} ({m.name}) failed: {e}") from e
                 except BaseException:
                     self.conn.execute("ROLLBACK")
                     raise
@@ -213,22 +287,124 @@ class StateStore:
         return applied
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
-        """BEGIN IMMEDIATE .. COMMIT; rolled back on any exception, so a change is all or nothing."""
+    def transaction(self) -> Iterator["ReplayCursor"]:
+        """BEGIN IMMEDIATE .. COMMIT; rolled back on any exception, so a change is all or nothing.
+        On a full filesystem (SQLITE_FULL, which rolls the transaction back) the space reserve is
+        released and the transaction's statements run again into it, once."""
         with self._lock:
-            cur = self.conn.cursor()
+            cur = ReplayCursor(self)
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
             except BaseException:
-                cur.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
-            else:
-                cur.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                if not (disk_full(e) and self._release_reserve()):
+                    raise
+                try:
+                    cur.replay()
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            self._keep_reserve()
+
+    # -- the space reserve -------------------------------------------------------------------------
+    def _hold_reserve(self) -> bool:
+        """Make the reserve file (allocated blocks, not a sparse file) if there is room for it and
+        as much again: the reserve must not itself be what fills the filesystem."""
+        if self.reserve_bytes <= 0:
+            try:
+                self.reserve_path.unlink()
+            except FileNotFoundError:
+                pass
+            return False
+        try:
+            st = os.stat(self.reserve_path)
+            if st.st_blocks * 512 >= self.reserve_bytes:
+                self._reserve_retry_at = None
+                return True
+            vfs = os.statvfs(self.path.parent)
+            if vfs.f_bavail * vfs.f_frsize < 2 * self.reserve_bytes:
+                return False
+        except FileNotFoundError:
+            vfs = os.statvfs(self.path.parent)
+            if vfs.f_bavail * vfs.f_frsize < 2 * self.reserve_bytes:
+                return False
+        tmp = self.reserve_path.with_name(self.reserve_path.name + ".new")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.reserve_bytes)
+                except OSError as e:
+                    if e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: no fallocate here, write zeros
+                        raise
+                    chunk = b"\0" * (1 << 20)
+                    for off in range(0, self.reserve_bytes, len(chunk)):
+                        os.pwrite(fd, chunk[:self.reserve_bytes - off], off)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            log.warning("state: cannot hold %d MiB for %s (%s)", self.reserve_bytes >> 20, self.path, e)
+            return False
+        if self._reserve_retry_at is not None:
+            log.info("state: %d MiB held for %s again", self.reserve_bytes >> 20, self.path)
+        self._reserve_retry_at = None
+        return True
+
+    def _release_reserve(self) -> bool:
+        """The filesystem is full: give the reserve's space to SQLite. False if there was none left."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        self.reserve_releases += 1
+        self._reserve_retry_at = time.monotonic() + 10.0
+        log.error("state: the filesystem of %s is full; released its %d MiB reserve so that leases and disk "
+                  "resets still write (free space there, e.g. bootctl disk reset)", self.path, self.reserve_bytes >> 20)
+        return True
+
+    def _keep_reserve(self) -> None:
+        """After a write: take the reserve back once the filesystem has room again (checked every 10 s)."""
+        if self._reserve_retry_at is not None and time.monotonic() >= self._reserve_retry_at:
+            self._reserve_retry_at = time.monotonic() + 10.0
+            self._hold_reserve()
+
+    def write(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+        """One statement in its own (implicit) transaction, run again into the reserve if the
+        filesystem was full."""
+        with self._lock:
+            try:
+                cur = self.conn.execute(sql, params)
+            except sqlite3.Error as e:
+                if not (disk_full(e) and self._release_reserve()):
+                    raise
+                cur = self.conn.execute(sql, params)
+            self._keep_reserve()
+            return cur
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self.conn.execute(sql, params).fetchall()
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as e:
+                if _is_damage(e):  # a file damaged while running: say which one
+                    raise StateError(f"{self.path}: {e}") from e
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -243,7 +419,7 @@ class StateStore:
                    name: Optional[str] = None, now: Optional[float] = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
-            self.conn.execute(
+            self.write(
                 """INSERT INTO hosts(mac, name, first_seen, last_seen, last_ip, arch)
                    VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT(mac) DO UPDATE SET last_seen=excluded.last_seen,
@@ -259,24 +435,44 @@ class StateStore:
         rows = self.query("SELECT * FROM hosts WHERE mac=?", (mac.lower(),))
         return dict(rows[0]) if rows else None
 
-    def mac_for_ip(self, ip: str) -> Optional[str]:
-        """The MAC that holds (or last held) an address: for protocols that only see the peer IP."""
-        rows = self.query("SELECT mac FROM leases WHERE ip=? AND state IN ('bound','offered')", (ip,))
-        if rows:
-            return rows[0]["mac"]
-        rows = self.query("SELECT mac FROM hosts WHERE last_ip=? ORDER BY last_seen DESC LIMIT 1", (ip,))
+    def mac_for_ip(self, ip: str, now: Optional[float] = None) -> Optional[str]:
+        """The MAC holding a bound, unexpired lease on `ip`, else None. Only a live binding: a released
+        or expired lease, or `hosts.last_ip`, says who *was* there, not who is (bootd/peers.py)."""
+        now = time.time() if now is None else now
+        rows = self.query("SELECT mac FROM leases WHERE ip=? AND state='bound' AND expires>?", (ip, now))
         return rows[0]["mac"] if rows else None
 
     # -- boot events -------------------------------------------------------------------------------
     def record_event(self, mac: Optional[str], kind: str, detail: Optional[dict] = None,
                      nbytes: Optional[int] = None, duration: Optional[float] = None,
                      ts: Optional[float] = None) -> None:
+        """Append an event, or count it on the MAC's last row when it repeats that row within
+        `event_limits.coalesce` seconds (a PC retrying DHCP adds one row, not one per packet). Every
+        `slack` inserts the log is pruned to its row cap, and once a minute to its retention."""
         ts = time.time() if ts is None else ts
+        mac = mac.lower() if mac else None
+        text = json.dumps(detail, sort_keys=True) if detail else None
+        limits = self.event_limits
         with self._lock:
-            self.conn.execute(
+            if self.version < EVENT_LOG_MANAGED:  # a store held at an older schema (tests of migrations)
+                self.conn.execute("INSERT INTO boot_events(ts, mac, kind, detail, nbytes, duration) "
+                                  "VALUES (?,?,?,?,?,?)", (ts, mac, kind, text, nbytes, duration))
+                return
+            last = self._last_event.get(mac)
+            if last is not None and last[1:5] == (kind, text, nbytes, duration) and \
+                    0 <= ts - last[5] <= limits.coalesce:
+                if self.conn.execute("UPDATE boot_events SET count=count+1, last_ts=? WHERE id=? AND mac IS ? "
+                                     "AND kind=?", (ts, last[0], mac, kind)).rowcount:  # not rolled back
+                    return
+            cur = self.conn.execute(
                 "INSERT INTO boot_events(ts, mac, kind, detail, nbytes, duration) VALUES (?,?,?,?,?,?)",
-                (ts, mac.lower() if mac else None, kind, json.dumps(detail, sort_keys=True) if detail else None,
-                 nbytes, duration))
+                (ts, mac, kind, text, nbytes, duration))
+            if len(self._last_event) >= 65536:  # many MACs at once (a flood): start over, stay bounded
+                self._last_event.clear()
+            self._last_event[mac] = (cur.lastrowid, kind, text, nbytes, duration, ts)
+            self._inserts_until_prune -= 1
+            if self._inserts_until_prune <= 0 or ts >= self._next_retention_prune:
+                self.enforce_event_limits(ts)
 
     def events(self, mac: Optional[str] = None, limit: int = 100, since: Optional[float] = None) -> list[dict]:
         sql = "SELECT * FROM boot_events"
@@ -301,7 +497,45 @@ class StateStore:
 
     def prune_events(self, older_than: float) -> int:
         with self._lock:
-            return self.conn.execute("DELETE FROM boot_events WHERE ts < ?", (older_than,)).rowcount
+            return self._delete_events("ts < ?", older_than)
+
+    def set_event_limits(self, retention: float, max_rows: int, coalesce: float) -> None:
+        with self._lock:
+            self.event_limits = EventLimits(float(retention), int(max_rows), float(coalesce))
+            self._inserts_until_prune = 0
+            self._next_retention_prune = 0.0
+
+    def enforce_event_limits(self, now: Optional[float] = None) -> int:
+        """Prune the event log to its retention and row cap; returns the rows deleted. Called on
+        inserts (see record_event) and periodically, so an idle log also ages out."""
+        now = time.time() if now is None else now
+        limits = self.event_limits
+        with self._lock:
+            n = 0
+            if now >= self._next_retention_prune:
+                n += self._delete_events("ts < ?", now - limits.retention)
+                self._next_retention_prune = now + 60.0
+            keep = max(1, limits.max_rows - limits.slack)
+            row = self.conn.execute("SELECT id FROM boot_events ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                    (keep - 1,)).fetchone()
+            if row is not None:
+                n += self._delete_events("id < ?", row[0])
+            self._inserts_until_prune = limits.slack
+            return n
+
+    def _delete_events(self, where: str, param: float) -> int:
+        """Delete the events matching `where`, and the host rows that had nothing else: a host row goes
+        with its last event unless a lease or a reservation still names it, so MACs seen once (a flood
+        of random ones in proxy mode) do not pile up in `hosts`."""
+        macs = [(r[0],) for r in self.conn.execute(
+            f"SELECT DISTINCT mac FROM boot_events WHERE {where} AND mac IS NOT NULL", (param,))]
+        n = self.conn.execute(f"DELETE FROM boot_events WHERE {where}", (param,)).rowcount
+        self.conn.executemany(
+            """DELETE FROM hosts WHERE mac = ?
+                 AND NOT EXISTS (SELECT 1 FROM boot_events e WHERE e.mac = hosts.mac)
+                 AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.mac = hosts.mac)
+                 AND NOT EXISTS (SELECT 1 FROM dhcp_reservations r WHERE r.mac = hosts.mac)""", macs)
+        return n
 
 
 def _split_sql(script: str) -> list[str]:
@@ -325,3 +559,58 @@ def _split_sql(script: str) -> list[str]:
 
 def json_default(o: Any) -> Any:
     return str(o)
+
+
+SQLITE_FULL = 13
+
+
+def disk_full(e: BaseException) -> bool:
+    """Did SQLite fail for want of space (SQLITE_FULL, whatever the extended code)?"""
+    # sqlite_errorcode is set on errors SQLite raised (Python >= 3.11), absent on ones raised by hand
+    return isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
+
+
+class ReplayCursor:
+    """The cursor a transaction hands out: it keeps each statement so that the transaction can run
+    again after SQLITE_FULL (which rolls it back) once the space reserve is free. Running the same
+    statements again inside BEGIN IMMEDIATE, from the same starting state, gives the same rows and
+    the same lastrowid values the caller has already seen."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self._cur = store.conn.cursor()
+        self._done: list[tuple[str, tuple | dict]] = []
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> "ReplayCursor":
+        try:
+            self._cur.execute(sql, params)
+        except sqlite3.Error as e:
+            if not self._done or not (disk_full(e) and self._store._release_reserve()):
+                raise
+            if not self._store.conn.in_transaction:  # rolled back: from the start again
+                self.replay()
+            self._cur.execute(sql, params)
+        self._done.append((sql, params))
+        return self
+
+    def replay(self) -> None:
+        """Run every statement so far again (the first one is the BEGIN)."""
+        for sql, params in self._done:
+            self._cur.execute(sql, params)
+
+    def fetchone(self) -> Optional[sqlite3.Row]:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[sqlite3.Row]:
+        return self._cur.fetchall()
+
+    def __iter__(self) -> Iterator[sqlite3.Row]:
+        return iter(self._cur)
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    @property
+    def lastrowid(self) -> Optional[int]:
+        return self._cur.lastrowid

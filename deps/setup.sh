@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine, run as root: Debian packages from
 # deps/debian-packages.txt, then a venv made from Debian's python3 with --system-site-packages
-# (so python3-libnbd and python3-systemd import), then `pip install -e .[test]`.
+# (so python3-libnbd and python3-systemd import), then `pip install -e .[test,lint]`.
 # Every step is skipped when its result is already there (stamp files under .venv/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +32,8 @@ if [ ${#missing[@]} -gt 0 ]; then
       || { tail -30 /tmp/bootd-apt.log; exit 1; }
   fi
   restore; trap - EXIT
-  # Packages whose init scripts ran anyway under systemd-less hosts: make sure nothing listens.
-  for svc in dnsmasq tftpd-hpa atftpd kea-dhcp4-server nbd-server nfs-ganesha nginx; do
-    pkill -x "${svc%-server}" 2>/dev/null || true
-  done
+  # Nothing is killed here: the policy-rc.d above keeps every postinst from starting a server, and a
+  # real server may run other dnsmasq/nginx/kea processes that are not ours to stop.
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -44,8 +42,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp=$VENV/.bootd-installed
 if [ ! -e "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: pip install -e .[test]"
+  echo "setup: pip install -e .[test,lint]"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,lint]"
   touch "$stamp"
 fi

@@ -12,7 +12,7 @@ fixed-newstyle negotiation between the client and the daemon:
       - NBD_OPT_LIST is answered here with only the exports the peer may open, never forwarded;
       - NBD_OPT_GO / NBD_OPT_INFO / NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: the export
         name is parsed; allowed only if the export belongs to the host whose address is the peer's
-        (DiskManager.may_open: the host's lease, configured ip, last ip, or the neighbour table),
+        (DiskManager.may_open: the MAC at the peer's address by a live binding, bootd/peers.py),
         else NBD_REP_ERR_UNKNOWN is answered here (counted as nbd.refused);
       - NBD_OPT_EXPORT_NAME: same check; a refusal closes the connection (the only answer the
         protocol has);
@@ -39,17 +39,33 @@ Then the data path leaves Python, one of two ways:
 Both count per export what `bootctl disk list` and /metrics show, since qemu 7.2's query-blockstats
 counts nothing for NBD exports.
 
-With TLS (`nbd.tls`) the handshake cannot be inspected after STARTTLS; bootd then keeps the daemon
-listening on TCP itself (the TLS credentials are the access control) and the gatekeeper is off.
+When neither C path can run (no compiler, the run directory on a `noexec` mount, the splicer down and
+not coming back) the gatekeeper does NOT fall back to exposing the daemon on TCP (qemu would list and
+open every export for anyone): the negotiated connection is relayed in Python instead (`_relay`: asyncio
+streams both ways, requests counted like the C helpers count them). Slow, but the access control holds;
+`bootctl status` shows the data path (`data_path`: handoff / splicer / python-relay) and why.
+
+With TLS (`nbd.tls`) the gatekeeper stays in front as well: it answers NBD_OPT_STARTTLS itself and
+terminates TLS with Python's ssl module (`tls_server_context`), so every option inside TLS is checked
+exactly as without TLS (LIST shows a host its own exports, GO/EXPORT_NAME of another host's export is
+refused) and the transmission phase goes through the Python relay (a TLS session cannot be handed to
+qemu). A lab sharing one PSK therefore still gets per-host isolation. qemu's own TLS cannot give it:
+its tls-authz is per server, not per export, and qemu 7.2 answers LIST with every name.
+
+Handshakes are bounded: `timeout` (default 10 s, as qemu drops an unfinished handshake since its
+CVE-2024-7409 fix), at most MAX_HANDSHAKES at once and at most `per_address` (nbd.handshakes_per_address)
+from one address, so one address holding idle handshakes cannot lock every other host out.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import mmap
 import os
 import signal
 import socket
+import ssl
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -80,12 +96,14 @@ REP_SERVER = 2
 REP_ERR = 1 << 31
 REP_ERR_POLICY = REP_ERR | 2
 REP_ERR_INVALID = REP_ERR | 3
+REP_ERR_TLS_REQD = REP_ERR | 5
 REP_ERR_UNKNOWN = REP_ERR | 6
 
 MAX_OPTION = 4096 + 1024  # names are at most 4096 bytes (spec); a little room for info requests / queries
 MAX_REPLY = 1 << 20
-HANDSHAKE_TIMEOUT = 30.0
-MAX_HANDSHAKES = 512  # connections in negotiation at once; more are closed at once (the spliced ones do not count)
+HANDSHAKE_TIMEOUT = 10.0  # as qemu since its CVE-2024-7409 fix (nbd.handshake_timeout)
+MAX_HANDSHAKES = 512  # connections in negotiation at once; more are closed at once (negotiated ones do not count)
+HANDSHAKES_PER_ADDRESS = 8  # in negotiation at once from one address (nbd.handshakes_per_address)
 
 SPLICER_SOURCE = Path(__file__).with_name("splicer.c")
 SPLICER_NICE = -10
@@ -278,28 +296,173 @@ class Splicer(SupervisedHelper):
                 "restarts": self.restarts, "connections_handed": self.handed}
 
 
+REQUEST_MAGIC = 0x25609513
+CMD_READ, CMD_WRITE = 0, 1
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length (28 bytes)
+RELAY_CHUNK = 256 << 10
+
+DATA_PATHS = ("handoff", "splicer", "python-relay")
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
+    """The OpenSSL SSL_CTX* inside a Python SSLContext (CPython's PySSLContext: the object header, then
+    the pointer). Checked against the context's own options before use, so a layout change fails loudly."""
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or _libssl().SSL_CTX_get_options(ptr) != int(ctx.options):
+        raise RuntimeError("cannot reach OpenSSL's SSL_CTX of Python's ssl module (PSK needs it)")
+    return ptr
+
+
+_PSK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p,
+                                 ctypes.POINTER(ctypes.c_ubyte), ctypes.c_uint)
+
+
+def _libssl() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libssl.so.3")  # the one Python's _ssl is linked against (already loaded)
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_set_psk_server_callback.argtypes = [ctypes.c_void_p, _PSK_CALLBACK]
+    lib.SSL_CTX_set_psk_server_callback.restype = None
+    return lib
+
+
+def read_psk_file(path: str | Path) -> dict[bytes, bytes]:
+    """qemu's keys.psk format: `identity:hexkey` lines (one shared lab key, or one per host)."""
+    keys: dict[bytes, bytes] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        ident, sep, hexkey = line.strip().partition(":")
+        try:
+            keys[ident.encode()] = bytes.fromhex(hexkey)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: not an identity:hexkey line") from None
+        if not sep or not ident or not keys[ident.encode()]:
+            raise ValueError(f"{path}:{n}: not an identity:hexkey line")
+    if not keys:
+        raise ValueError(f"{path}: no keys")
+    return keys
+
+
+def tls_server_context(kind: str, directory: str, verify_peer: bool = True) -> ssl.SSLContext:
+    """The gatekeeper's TLS server side, from the same files qemu's tls-creds objects read: x509
+    (ca-cert.pem, server-cert.pem, server-key.pem) or psk (keys.psk). Python 3.11's ssl has no PSK API
+    (set_psk_server_callback came in 3.13), so for psk OpenSSL's SSL_CTX_set_psk_server_callback is set
+    through ctypes on the context's SSL_CTX (checked: libnbd/GnuTLS clients connect over TLS 1.3)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    d = Path(directory)
+    if kind == "x509":
+        ctx.load_cert_chain(d / "server-cert.pem", d / "server-key.pem")
+        if verify_peer:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(d / "ca-cert.pem")
+        return ctx
+    keys = read_psk_file(d / "keys.psk")
+
+    def lookup(_ssl_ptr, identity, out, max_len) -> int:
+        key = keys.get(identity or b"")
+        if key is None or len(key) > max_len:
+            return 0  # unknown identity: the handshake fails
+        ctypes.memmove(out, key, len(key))
+        return len(key)
+
+    callback = _PSK_CALLBACK(lookup)
+    ctx.set_ciphers("PSK")  # TLS 1.2 PSK suites; TLS 1.3 uses the PSK with its own suites
+    _libssl().SSL_CTX_set_psk_server_callback(_ssl_ctx_pointer(ctx), callback)
+    ctx.bootd_psk_callback = callback  # OpenSSL holds only the C pointer: keep the ctypes object alive
+    return ctx
+
+
+async def _server_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over an accepted socket, made the way asyncio.start_server makes them: only then does
+    StreamWriter.start_tls take the server side."""
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.StreamWriter] = []
+    reader = asyncio.StreamReader(limit=RELAY_CHUNK)
+    protocol = asyncio.StreamReaderProtocol(reader, lambda r, w: made.append(w))
+    await loop.connect_accepted_socket(lambda: protocol, sock=sock)
+    return reader, made[0]
+
+
+class _SocketPeer:
+    """The client's side of a plain handshake: the raw socket (it can be handed off afterwards)."""
+
+    tls = False
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def recv_exact(self, n: int) -> bytes:
+        return await _recv_exact(self.loop, self.sock, n)
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await _server_streams(self.sock)
+
+
+class _StreamPeer:
+    """The client's side of a TLS handshake: asyncio streams, upgraded at NBD_OPT_STARTTLS."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.tls = False
+
+    async def recv_exact(self, n: int) -> bytes:
+        try:
+            return await self.reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            raise Closed("eof") from None
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def start_tls(self, ctx: ssl.SSLContext) -> None:
+        try:
+            await self.writer.start_tls(ctx)
+        except (ssl.SSLError, ConnectionError) as e:
+            raise Closed(f"TLS handshake failed: {e}") from None
+        self.tls = True
+
+    async def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return self.reader, self.writer
+
+
 class Gatekeeper:
-    """Listens on the NBD TCP port; negotiates; hands negotiated connections to the splicer.
+    """Listens on the NBD TCP port; negotiates; hands negotiated connections on (see the module docstring).
 
     `policy` must offer `exports_for_peer(ip) -> list[str]` and `may_open(ip, name) -> bool`.
-    `daemon_socket()` gives the path to connect to (the daemon's private unix socket)."""
+    `daemon_socket()` gives the path to connect to (the daemon's private unix socket). `tls`: the
+    server context when clients must STARTTLS (tls_server_context)."""
 
     def __init__(self, addresses: Iterable[str], port: int, daemon_socket: Callable[[], str], policy: Any,
                  splicer: Splicer, metrics: Any = None, timeout: float = HANDSHAKE_TIMEOUT,
-                 handoff: Any = None, daemon_pid: Callable[[], Optional[int]] = lambda: None):
+                 handoff: Any = None, daemon_pid: Callable[[], Optional[int]] = lambda: None,
+                 per_address: int = HANDSHAKES_PER_ADDRESS, tls: Optional[ssl.SSLContext] = None):
         self.addresses = list(addresses)
         self.port = port
         self.daemon_socket = daemon_socket
         self.policy = policy
         self.splicer = splicer
+        self.splicer_error: Optional[str] = None  # why the splicer never started (set by the manager)
         self.handoff = handoff  # handoff.Handoff: into the daemon itself when its library is loaded there
         self.daemon_pid = daemon_pid
         self.metrics = metrics
         self.timeout = timeout
+        self.per_address = per_address
+        self.tls = tls
         self.sock: Optional[socket.socket] = None
         self._accept_task: Optional[asyncio.Task] = None
         self._conns: set[asyncio.Task] = set()
-        self.counts = {"accepted": 0, "spliced": 0, "handed_off": 0, "refused": 0, "bad": 0, "listed": 0}
+        self._handshaking: dict[str, int] = {}  # peer address -> handshakes in progress
+        self._warned: set[str] = set()  # addresses told about (at the per-address cap)
+        self._relay_totals: dict[str, list[int]] = {}  # export -> IO_FIELDS of ended relayed connections
+        self._relay_live: dict[int, tuple[str, list[int]]] = {}  # id -> (export, IO_FIELDS so far)
+        self.counts = {"accepted": 0, "spliced": 0, "handed_off": 0, "relayed": 0, "refused": 0, "bad": 0,
+                       "listed": 0}
 
     def _inc(self, name: str, **labels: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -311,7 +474,8 @@ class Gatekeeper:
         self.sock.set_inheritable(False)
         self.sock.setblocking(False)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-        log.info("NBD gatekeeper on %s port %d", ", ".join(self.addresses), self.port)
+        log.info("NBD gatekeeper on %s port %d%s", ", ".join(self.addresses), self.port,
+                 " (TLS)" if self.tls is not None else "")
 
     async def stop(self) -> None:
         if self._accept_task is not None:
@@ -322,9 +486,14 @@ class Gatekeeper:
                 pass
         for t in list(self._conns):
             t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+    def handshakes(self) -> int:
+        return sum(self._handshaking.values())
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -338,22 +507,52 @@ class Gatekeeper:
                 await asyncio.sleep(0.1)
                 continue
             self.counts["accepted"] += 1
-            if len(self._conns) >= MAX_HANDSHAKES:
+            peer = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+            if self.handshakes() >= MAX_HANDSHAKES:
                 self._inc("bad", reason="too-many-handshakes")
                 conn.close()
                 continue
-            t = loop.create_task(self._serve(conn, addr[0]))
+            mine = self._handshaking.get(peer, 0)
+            if mine >= self.per_address:
+                self._inc("bad", reason="handshakes-per-address")
+                if peer not in self._warned:  # once per burst, not once per connection
+                    self._warned.add(peer)
+                    log.warning("NBD client %s holds %d handshakes (nbd.handshakes_per_address); closing more",
+                                peer, mine)
+                conn.close()
+                continue
+            self._handshaking[peer] = mine + 1
+            t = loop.create_task(self._serve(conn, peer))
             self._conns.add(t)
             t.add_done_callback(self._conns.discard)
 
+    def _handshake_done(self, peer: str) -> None:
+        n = self._handshaking.get(peer, 0) - 1
+        if n > 0:
+            self._handshaking[peer] = n
+        else:
+            self._handshaking.pop(peer, None)
+            self._warned.discard(peer)
+
     async def _serve(self, client: socket.socket, peer: str) -> None:
-        if peer.startswith("::ffff:"):
-            peer = peer[7:]
         client.setblocking(False)
         daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         daemon.setblocking(False)
+        writers: list[asyncio.StreamWriter] = []
         try:
-            await asyncio.wait_for(self._negotiate(client, daemon, peer), self.timeout)
+            try:
+                if self.tls is not None:
+                    reader, writer = await _server_streams(client)
+                    writers.append(writer)
+                    cpeer: Any = _StreamPeer(reader, writer)
+                else:
+                    cpeer = _SocketPeer(client)
+                name = await asyncio.wait_for(self._negotiate(cpeer, daemon, peer), self.timeout)
+            finally:
+                self._handshake_done(peer)
+            path = self._hand(cpeer, client, daemon, name)
+            if path == "python-relay":
+                await self._relay(cpeer, daemon, name, writers)
         except asyncio.TimeoutError:
             log.info("NBD client %s: no handshake within %.0f s; closed", peer, self.timeout)
             self._inc("bad", reason="timeout")
@@ -364,23 +563,27 @@ class Gatekeeper:
         except asyncio.CancelledError:
             pass
         finally:
+            for w in writers:  # at once: closing the sockets under a transport still flushing is unsafe
+                w.transport.abort()
             client.close()
             daemon.close()
 
-    async def _negotiate(self, client: socket.socket, daemon: socket.socket, peer: str) -> bool:
+    async def _negotiate(self, client: Any, daemon: socket.socket, peer: str) -> Optional[str]:
+        """The fixed-newstyle negotiation between `client` (_SocketPeer / _StreamPeer) and the daemon;
+        returns the export name once the transmission phase begins (raises Closed otherwise)."""
         loop = asyncio.get_running_loop()
         await loop.sock_connect(daemon, self.daemon_socket())
         greeting = await _recv_exact(loop, daemon, 18)
         if greeting[:8] != NBDMAGIC or struct.unpack(">Q", greeting[8:16])[0] != IHAVEOPT:
             raise Closed("the storage daemon did not greet in fixed-newstyle")
         (hflags,) = struct.unpack(">H", greeting[16:18])
-        await loop.sock_sendall(client, greeting)
-        cflags_raw = await _recv_exact(loop, client, 4)
+        await client.send(greeting)
+        cflags_raw = await client.recv_exact(4)
         (cflags,) = struct.unpack(">I", cflags_raw)
         await loop.sock_sendall(daemon, cflags_raw)
         no_zeroes = bool(hflags & FLAG_NO_ZEROES and cflags & FLAG_NO_ZEROES)
         while True:
-            hdr = await _recv_exact(loop, client, 16)
+            hdr = await client.recv_exact(16)
             magic, option, length = struct.unpack(">QII", hdr)
             if magic != IHAVEOPT:
                 self._inc("bad", reason="magic")
@@ -389,17 +592,31 @@ class Gatekeeper:
                 self._inc("bad", reason="oversized")
                 log.warning("NBD client %s sent %d bytes of option data (option %d); closed", peer, length, option)
                 raise Closed("oversized option")
-            data = await _recv_exact(loop, client, length)
+            data = await client.recv_exact(length)
+
+            if self.tls is not None and not client.tls:
+                # before TLS only STARTTLS (and ABORT) mean anything; nothing reaches the daemon
+                if option == OPT_STARTTLS and not length:
+                    await client.send(_reply(option, REP_ACK))
+                    await client.start_tls(self.tls)
+                    continue
+                if option in (OPT_EXPORT_NAME, OPT_ABORT):
+                    raise Closed("no TLS")
+                await client.send(_reply(option, REP_ERR_TLS_REQD if option != OPT_STARTTLS else REP_ERR_INVALID))
+                continue
+            if option == OPT_STARTTLS:  # plain gatekeeper, or TLS already on
+                await client.send(_reply(option, REP_ERR_INVALID if self.tls is not None else REP_ERR_POLICY))
+                continue
 
             if option == OPT_LIST:
                 if length:
-                    await loop.sock_sendall(client, _reply(option, REP_ERR_INVALID))
+                    await client.send(_reply(option, REP_ERR_INVALID))
                     continue
                 out = b""
                 for name in self.policy.exports_for_peer(peer):
                     raw = name.encode()
                     out += _reply(option, REP_SERVER, struct.pack(">I", len(raw)) + raw)
-                await loop.sock_sendall(client, out + _reply(option, REP_ACK))
+                await client.send(out + _reply(option, REP_ACK))
                 self._inc("listed")
                 continue
 
@@ -413,17 +630,17 @@ class Gatekeeper:
                     raise Closed("export refused")
                 await loop.sock_sendall(daemon, hdr + data)
                 answer = await _recv_exact(loop, daemon, 10 if no_zeroes else 134)
-                await loop.sock_sendall(client, answer)
-                return self._hand(client, daemon, name)
+                await client.send(answer)
+                return name
 
             if option in (OPT_GO, OPT_INFO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
                 name = _name_of(option, data)
                 if name is None:
-                    await loop.sock_sendall(client, _reply(option, REP_ERR_INVALID))
+                    await client.send(_reply(option, REP_ERR_INVALID))
                     continue
                 if not self.policy.may_open(peer, name):
                     self._refused(peer, name, option)
-                    await loop.sock_sendall(client, _reply(option, REP_ERR_UNKNOWN))
+                    await client.send(_reply(option, REP_ERR_UNKNOWN))
                     continue
 
             # forwarded: relay the daemon's replies up to the final one
@@ -434,11 +651,11 @@ class Gatekeeper:
                 if rmagic != REPLY_MAGIC or rlen > MAX_REPLY:
                     raise Closed("unexpected reply from the storage daemon")
                 rdata = await _recv_exact(loop, daemon, rlen) if rlen else b""
-                await loop.sock_sendall(client, rh + rdata)
+                await client.send(rh + rdata)
                 if rtype == REP_ACK or rtype & REP_ERR:
                     break
             if option == OPT_GO and rtype == REP_ACK:
-                return self._hand(client, daemon, _name_of(option, data))
+                return _name_of(option, data)
             if option == OPT_ABORT:
                 raise Closed("client aborted")
 
@@ -447,23 +664,144 @@ class Gatekeeper:
         log.warning("NBD: %s asked for export %s… (option %d), which is not its own: refused", peer,
                     (name or "?")[:6], option)
 
-    def _hand(self, client: socket.socket, daemon: socket.socket, name: Optional[str]) -> bool:
+    def _hand(self, cpeer: Any, client: socket.socket, daemon: socket.socket, name: Optional[str]) -> str:
+        """Which way the negotiated connection goes on; handoff and splicer take it here (our copies of
+        the sockets are closed by the caller), "python-relay" is then served by the caller."""
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if cpeer.tls:
+            self._inc("relayed")
+            return "python-relay"
         if self.handoff is not None and self.handoff.ready(self.daemon_pid()):
             try:
                 self.handoff.hand(client, daemon, name)
                 self._inc("handed_off")
-                return True
+                return "handoff"
             except NotHanded as e:  # nothing was given away: the splicer can still take it
-                log.warning("NBD hand-off failed (%s); this connection goes through the splicer", e)
-        self.splicer.hand(client, daemon, name)
-        self._inc("spliced")
-        return True
+                log.warning("NBD hand-off failed (%s); this connection goes another way", e)
+        if self.splicer.up:
+            try:
+                self.splicer.hand(client, daemon, name)
+                self._inc("spliced")
+                return "splicer"
+            except OSError as e:
+                log.warning("NBD splicer refused a connection (%s); it is relayed in Python", e)
+        self._inc("relayed")
+        return "python-relay"
+
+    async def _relay(self, cpeer: Any, daemon: socket.socket, name: Optional[str],
+                     writers: list[asyncio.StreamWriter]) -> None:
+        """The transmission phase in Python: the client's requests to the daemon (READ and WRITE counted
+        from their headers, as nbdcount.h does), the daemon's replies back, until either side closes."""
+        creader, cwriter = await cpeer.streams()
+        if cwriter not in writers:
+            writers.append(cwriter)
+        dreader, dwriter = await asyncio.open_unix_connection(sock=daemon)
+        writers.append(dwriter)
+        io = [0, 0, 0, 0]
+        key = id(io)
+        if name is not None:
+            self._relay_live[key] = (name, io)
+
+        async def requests() -> None:
+            parsing = True
+            while True:
+                if not parsing:
+                    data = await creader.read(RELAY_CHUNK)
+                    if not data:
+                        return
+                    dwriter.write(data)
+                    await dwriter.drain()
+                    continue
+                try:
+                    hdr = await creader.readexactly(REQUEST.size)
+                except asyncio.IncompleteReadError:
+                    return
+                dwriter.write(hdr)
+                magic, _flags, kind, _handle, _offset, length = REQUEST.unpack(hdr)
+                if magic != REQUEST_MAGIC:  # not an NBD request: relay on, stop counting
+                    parsing = False
+                elif kind == CMD_READ:
+                    io[0] += length
+                    io[2] += 1
+                elif kind == CMD_WRITE:
+                    io[1] += length
+                    io[3] += 1
+                    while length:
+                        data = await creader.read(min(length, RELAY_CHUNK))
+                        if not data:
+                            return
+                        dwriter.write(data)
+                        length -= len(data)
+                        if dwriter.transport.get_write_buffer_size() > RELAY_CHUNK:
+                            await dwriter.drain()
+                await dwriter.drain()
+
+        async def replies() -> None:
+            while True:
+                data = await dreader.read(RELAY_CHUNK)
+                if not data:
+                    return
+                cwriter.write(data)
+                await cwriter.drain()
+
+        up = asyncio.ensure_future(requests())
+        down = asyncio.ensure_future(replies())
+        try:
+            done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+            if up in done and not down.done():  # the client is done (NBD_CMD_DISC): let the daemon finish
+                try:
+                    dwriter.write_eof()
+                    await asyncio.wait_for(down, 10)
+                except (OSError, asyncio.TimeoutError):
+                    pass
+        finally:
+            for t in (up, down):
+                t.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            self._relay_live.pop(key, None)
+            if name is not None and self.splicer.known(name):
+                tot = self._relay_totals.setdefault(name, [0, 0, 0, 0])
+                for i, v in enumerate(io):
+                    tot[i] += v
+
+    def relay_io(self, name: str) -> dict:
+        """An export's NBD I/O through the Python relay (ended and live connections)."""
+        tot = list(self._relay_totals.get(name, (0, 0, 0, 0)))
+        live = 0
+        for owner, io in list(self._relay_live.values()):
+            if owner == name:
+                live += 1
+                for i, v in enumerate(io):
+                    tot[i] += v
+        return {**dict(zip(IO_FIELDS, tot)), "connections": live}
+
+    def forget(self, name: str) -> None:
+        self.splicer.forget(name)
+        self._relay_totals.pop(name, None)
+
+    def data_path(self) -> tuple[str, Optional[str]]:
+        """How new connections go on after their handshake, and why not a faster way."""
+        if self.tls is not None:
+            return "python-relay", "nbd.tls: the gatekeeper terminates TLS, so it relays the data itself"
+        why = []
+        if self.handoff is not None:
+            if self.handoff.ready(self.daemon_pid()):
+                return "handoff", None
+            why.append(self.handoff.error or "the storage daemon has not loaded the hand-off library "
+                       "(see qsd.log in the run directory)")
+        if self.splicer.up:
+            return "splicer", "; ".join(why) or None
+        why.append(self.splicer_error or "the splicer is restarting")
+        return "python-relay", "; ".join(why)
 
     def status(self) -> dict:
+        path, why = self.data_path()
         return {"listen": ", ".join(f"{a}:{self.port}" for a in self.addresses), **self.counts,
+                "data_path": path, "data_path_reason": why, "tls": self.tls is not None,
+                "handshakes": self.handshakes(), "handshakes_per_address": self.per_address,
+                "handshake_timeout": self.timeout,
                 "splicer": self.splicer.status(),
                 "handoff": self.handoff.status() if self.handoff is not None else None}

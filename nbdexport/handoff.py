@@ -54,6 +54,7 @@ class Handoff:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.library: Optional[Path] = None
+        self.error: Optional[str] = None  # why there is no library (shown as the data path's reason)
         self.handed = 0
         self.failed = 0
         self._gen: Optional[mmap.mmap] = None
@@ -71,10 +72,12 @@ class Handoff:
         The library's path, for the daemon's LD_PRELOAD; None (logged) if it cannot be built."""
         try:
             self.library = build_library(self.run_dir)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
+            self.error = f"no hand-off library: {e}"
             log.warning("NBD hand-off unavailable (%s): connections go through the splicer", e)
             self.library = None
             return None
+        self.error = None
         path = self.run_dir / "handoff.counters"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

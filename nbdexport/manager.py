@@ -23,7 +23,8 @@ snapshots are block nodes inside qemu-storage-daemon that are never exported. Ca
 server answers NBD_OPT_LIST with all export names (qemu 7.2 cannot hide them) and cannot tie an export
 to a client address: so by default (`nbd.gatekeeper`) bootd does every NBD handshake itself and a
 host lists and opens only its own exports (nbdexport/gatekeeper.py; the daemon then listens on a private
-unix socket). With TLS the gatekeeper is off and the TLS credentials are the access control.
+unix socket, and never on TCP while the gatekeeper is on: without the C data paths the gatekeeper relays
+in Python). With TLS the gatekeeper terminates TLS itself and keeps the same per-host policy.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from bootd.macaddr import normalize_mac
 from nbdexport.check import ClientTls, check_export
 from nbdexport.connections import peers
 from nbdexport.errors import DiskError, NoSpace, StorageDaemonDown
@@ -49,13 +51,11 @@ log = logging.getLogger("bootd.nbd")
 
 
 def norm_mac(mac: str) -> str:
-    m = mac.strip().lower().replace("-", ":")
-    if len(m) == 12 and ":" not in m:
-        m = ":".join(m[i:i + 2] for i in range(0, 12, 2))
-    parts = m.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
-        raise DiskError(f"not a MAC address: {mac!r}", status=400)
-    return m
+    """bootd.macaddr.normalize_mac, as a DiskError (HTTP 400) when it is not a MAC."""
+    try:
+        return normalize_mac(mac)
+    except ValueError:
+        raise DiskError(f"not a MAC address: {mac!r}", status=400) from None
 
 
 @dataclass(frozen=True)
@@ -158,10 +158,13 @@ class DiskSettings:
     listen_all: list = field(default_factory=list)  # every NBD address (the served ones)
     tls: bool = False
     client_tls: Optional[ClientTls] = None
-    gatekeeper: bool = False  # NBD handshakes through bootd's gatekeeper (never with TLS); see gatekeeper.py
+    gatekeeper: bool = False  # NBD handshakes through bootd's gatekeeper (with TLS too); see gatekeeper.py
+    handshake_timeout: float = 10.0  # gatekeeper: seconds a client has for its whole NBD handshake
+    handshakes_per_address: int = 8  # gatekeeper: handshakes in progress at once from one address
     aio: str = "io_uring"  # how the storage daemon reads and writes files: io_uring, or threads (qemu's default)
     handoff: bool = True  # gatekept connections continue inside the daemon (handoff.py), not through the splicer
     subclusters: bool = True  # new overlays with qcow2 extended L2 entries (see overlays.py)
+    overlay_max: int = 0  # bytes one overlay or persistent layer may use on disk; 0: no limit (see _capped)
 
 
 class DiskManager:
@@ -174,7 +177,7 @@ class DiskManager:
                  host_name: Callable[[str], Optional[str]] = lambda mac: None,
                  extra_ips: Callable[[str], Any] = lambda mac: (),
                  metrics: Any = None,
-                 owner_of: Callable[[str], Optional[str]] = lambda ip: None):
+                 owner_of: Optional[Callable[[str], Optional[str]]] = None):
         self.s = settings
         self.store = store
         self.qsd = qsd
@@ -197,15 +200,15 @@ class DiskManager:
         self._space_low = False
         self.last_space: Optional[SpaceReport] = None
         qsd.on_restart = self._restore
-        self.owner_of = owner_of
+        self.owner_of = owner_of or self._configured_owner  # who is at an address (the daemon: peers.mac_at)
         self.gatekeeper: Optional[Gatekeeper] = None
         self.gatekeeper_error: Optional[str] = None
         self._daemon_socket = None
         self.handoff: Optional[Handoff] = None
-        if settings.gatekeeper and not settings.tls:
-            qsd.nbd_unix = "nbd.sock"
+        if settings.gatekeeper:
+            qsd.nbd_unix = "nbd.sock"  # TLS, if any, is the gatekeeper's (qsd.py adds none on the unix socket)
             self._daemon_socket = daemon_socket_path(qsd.run_dir, qsd.nbd_unix)
-            if settings.handoff:
+            if settings.handoff and not settings.tls:  # a TLS session cannot be handed to qemu
                 self.handoff = Handoff(qsd.run_dir)
                 self.handoff.known = lambda name: name in self._rows
 
@@ -261,27 +264,34 @@ class DiskManager:
             except Exception:
                 pass
 
+        tls = None
+        if self.s.tls and self.qsd.tls is not None:
+            from nbdexport.gatekeeper import tls_server_context
+            try:
+                tls = tls_server_context(self.qsd.tls.kind, self.qsd.tls.dir, self.qsd.tls.verify_peer)
+            except (OSError, ValueError, RuntimeError) as e:  # ssl.SSLError is an OSError
+                await self.qsd.stop()
+                raise DiskError(f"nbd.tls: {e}") from e
         splicer = Splicer(self.qsd.run_dir, on_event=on_event)
         splicer.known = lambda name: name in self._rows
         gk = Gatekeeper(self.s.listen_all or [self.s.listen], self.s.port, self._daemon_socket, self, splicer,
                         handoff=self.handoff, daemon_pid=lambda: self.qsd.pid,
-                        metrics=self.metrics)
-        try:
-            await splicer.start()
-        except Exception as e:
-            # no splicer (no gcc, no room in the run directory): disks must not go away for that.
-            # Serve NBD from the daemon itself as with nbd.gatekeeper: false, and say so loudly.
-            await splicer.stop()
-            self.gatekeeper_error = f"splicer unavailable ({e}); NBD served directly: export names can be listed"
-            log.error("NBD gatekeeper off: %s", self.gatekeeper_error)
-            self._inc("gatekeeper_failed")
-            self._daemon_socket = None
-            await self.qsd.stop()
-            self.qsd.nbd_unix = None
-            await self.qsd.start()
-            async with self.qsd.lock:
-                await self._restore()
-            return
+                        metrics=self.metrics, timeout=self.s.handshake_timeout,
+                        per_address=self.s.handshakes_per_address, tls=tls)
+        if tls is None:  # also with the hand-off: it takes what the hand-off cannot (an adopted daemon)
+            try:
+                await splicer.start()
+            except Exception as e:
+                # no C data path (no gcc, a noexec run directory): never expose the daemon on TCP (it
+                # would list and open every export for anyone); the gatekeeper relays in Python instead
+                await splicer.stop()
+                gk.splicer_error = f"no NBD splicer: {e}"
+                self._inc("data_path_fallback")
+        self.gatekeeper_error = None
+        path, why = gk.data_path()
+        if path == "python-relay" and tls is None:
+            self.gatekeeper_error = f"NBD data path is the slow Python relay: {why}"
+            log.error("%s (access control stays on; fix the C build to get full speed)", self.gatekeeper_error)
         try:
             await gk.start()
         except BaseException:
@@ -306,35 +316,28 @@ class DiskManager:
             self.handoff.close()
 
     # -- the gatekeeper's policy: a host opens (and lists) only its own exports ------------------
-    def _peer_macs(self, peer_ip: str) -> set[str]:
-        macs = set()
+    def _peer_mac(self, peer_ip: str) -> Optional[str]:
+        """The MAC at the peer's address by a live binding (bootd/peers.py: configured ip, live lease,
+        fresh neighbour entry; None when unknown or when they disagree). Never an old address."""
         try:
             mac = self.owner_of(peer_ip)
-        except Exception as e:
+        except Exception as e:  # no answer is no identity: refused
             log.debug("owner_of(%s): %s", peer_ip, e)
-            mac = None
-        if mac:
-            macs.add(mac.lower())
-        for mac in {r.mac for r in self._rows.values()} - macs:
-            if peer_ip in self._host_ips(mac):
-                macs.add(mac)
-        return macs
+            return None
+        return mac.lower() if mac else None
+
+    def _configured_owner(self, peer_ip: str) -> Optional[str]:
+        """Without a daemon's owner_of (a bare DiskManager): the host configured at that address."""
+        macs = {r.mac for r in self._rows.values() if peer_ip in set(self.extra_ips(r.mac) or ())}
+        return macs.pop() if len(macs) == 1 else None
 
     def exports_for_peer(self, peer_ip: str) -> list[str]:
-        macs = self._peer_macs(peer_ip)
-        return [r.name for r in self._rows.values() if r.mac in macs]
+        mac = self._peer_mac(peer_ip)
+        return [r.name for r in self._rows.values() if mac is not None and r.mac == mac]
 
     def may_open(self, peer_ip: str, name: str) -> bool:
         row = self._rows.get(name)
-        if row is None:
-            return False
-        if peer_ip in self._host_ips(row.mac):
-            return True
-        try:
-            return (self.owner_of(peer_ip) or "").lower() == row.mac
-        except Exception as e:
-            log.debug("owner_of(%s): %s", peer_ip, e)
-            return False
+        return row is not None and self._peer_mac(peer_ip) == row.mac
 
     def _inc(self, name: str, **labels: str) -> None:
         if self.metrics is not None:
@@ -380,6 +383,17 @@ class DiskManager:
             old = [r for r in self._rows.values() if r.mac == mac]
             persistent = bool(self.is_persistent(mac))
             now = time.time()
+            for r in old:
+                del self._rows[r.name]
+            # the old exports go in the background, except a persistent layer's (same file, file lock)
+            # and, on a nearly full disk, the old overlays whose space the new one may need: those go
+            # first, before the state store writes (on a full filesystem it can write only after)
+            low = self.space().low
+            sync = [r for r in old if r.persistent or low]
+            for r in sync:
+                await self._teardown(r, delete_file=not r.persistent)
+            if not snap.draft and not (persistent and self._layer_path(mac)):
+                self._check_room()  # a new overlay: refuse before the state store writes anything
             with self.store.transaction() as cur:
                 cur.execute("INSERT INTO disk_boots(mac, boot, started) VALUES (?, 1, ?) ON CONFLICT(mac) DO "
                             "UPDATE SET boot=boot+1, started=excluded.started", (mac, now))
@@ -387,16 +401,8 @@ class DiskManager:
                 for r in old:
                     cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
             for r in old:
-                del self._rows[r.name]
-            # the old exports go in the background, except a persistent layer's (same file, file lock)
-            # and, on a nearly full disk, the old overlays whose space the new one may need
-            low = self.space().low
-            sync = [r for r in old if r.persistent or low]
-            for r in old:
                 if r not in sync:
                     self._spawn_teardown(r)
-            for r in sync:
-                await self._teardown(r, delete_file=not r.persistent)
             if snap.draft:
                 # a draft assigned to this host for maintenance: it writes the draft itself
                 path, persistent = snap.path, True
@@ -472,15 +478,17 @@ class DiskManager:
             layer = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
             if not rows and not layer:
                 raise DiskError(f"{mac} has no disk", status=404)
+            # files first, rows after: on a full filesystem the state store can only write once the
+            # overlay's space is back (a row whose file is gone is dropped at the next start)
+            for r in rows:
+                del self._rows[r.name]
+                await self._teardown(r, delete_file=r.overlay != r.snap.path)  # never a draft's own file
+            for lr in layer:
+                self.overlays.remove(lr["path"])
             with self.store.transaction() as cur:
                 for r in rows:
                     cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
                 cur.execute("DELETE FROM disk_layers WHERE mac=?", (mac,))
-            for r in rows:
-                del self._rows[r.name]
-                await self._teardown(r, delete_file=True)
-            for lr in layer:
-                self.overlays.remove(lr["path"])
         self.store.record_event(mac, "disk", {"action": "reset"})
         return {"mac": mac, "exports_removed": len(rows), "layer_removed": bool(layer)}
 
@@ -550,7 +558,8 @@ class DiskManager:
             out.append({"mac": r.mac, "host": self.host_name(r.mac) or r.mac, "export": r.name,
                         "snapshot": r.snap.name, "snapshot_id": r.snap.id, "persistent": r.persistent,
                         "boot": r.boot, "main": r.main, "size": r.size,
-                        "overlay_bytes": allocated_bytes(r.overlay), "connected": connected,
+                        "overlay_bytes": allocated_bytes(r.overlay), "overlay_max": self.overlay_limit(r),
+                        "connected": connected,
                         "since": r.created, "last_active": max(r.last_active, time.time() if connected else 0),
                         "wr_highest_offset": st.get("wr_highest_offset"), "uri": r.export(self.s.port, False).uri,
                         **(io or {})})
@@ -578,11 +587,31 @@ class DiskManager:
 
     def status(self) -> dict:
         rep = self.last_space
-        return {"exports": len(self._rows), "qsd": self.qsd.status(), "aio": self.aio,
+        path, why = self.data_path()
+        return {"exports": len(self._rows), "data_path": path, "data_path_reason": why,
+                "qsd": self.qsd.status(), "aio": self.aio,
                 "aio_error": self.aio_error, "subclusters": self.s.subclusters,
                 "gatekeeper": (self.gatekeeper.status() if self.gatekeeper is not None
                                else {"error": self.gatekeeper_error} if self.gatekeeper_error else None),
                 "free_mb": rep.free >> 20 if rep else None, "space_low": bool(rep and rep.low)}
+
+    def data_path(self) -> tuple[str, Optional[str]]:
+        """How negotiated NBD connections reach the daemon (handoff / splicer / python-relay), and why not
+        faster; "direct" when the daemon serves TCP itself (nbd.gatekeeper: false: no per-host policy)."""
+        if self.gatekeeper is not None:
+            return self.gatekeeper.data_path()
+        if self._daemon_socket is None:
+            return "direct", "nbd.gatekeeper is false: any client can list and open every export"
+        return "refused", self.gatekeeper_error or "the NBD gatekeeper is not running"
+
+    def warning(self) -> Optional[str]:
+        """One line for the unit's STATUS= when disks are served in a degraded or unsafe way."""
+        path, why = self.data_path()
+        if path in ("python-relay", "refused") and not self.s.tls:
+            return f"NBD data path {path}: {why}"
+        if path == "direct":
+            return "NBD without access control (nbd.gatekeeper: false)"
+        return None
 
     def export_io(self, name: str) -> Optional[dict]:
         """Bytes and requests read and written through export `name` and its live connections, as the
@@ -591,6 +620,8 @@ class DiskManager:
         if self.gatekeeper is None:
             return None
         io = self.gatekeeper.splicer.io(name)
+        for k, v in self.gatekeeper.relay_io(name).items():
+            io[k] = io.get(k, 0) + v
         if self.handoff is not None:
             for k, v in self.handoff.io(name).items():
                 io[k] = io.get(k, 0) + v
@@ -634,10 +665,18 @@ class DiskManager:
                 raise DiskError(f"no snapshot to boot for {mac}", status=404)
         return SnapshotRef.of(snapshot, self.snapshot_store())
 
-    async def _create_overlay(self, base: str, path: str) -> None:
+    def _check_room(self) -> None:
         rep = self.space()
         if rep.free < (1 << 20):
             raise NoSpace(f"disk directory {rep.path} is full ({rep.free} bytes free)")
+
+    def _layer_path(self, mac: str) -> Optional[str]:
+        """The host's persistent layer file, if it has one on disk."""
+        rows = self.store.query("SELECT path FROM disk_layers WHERE mac=?", (mac,))
+        return rows[0]["path"] if rows and os.path.exists(rows[0]["path"]) else None
+
+    async def _create_overlay(self, base: str, path: str) -> None:
+        self._check_room()
         if not os.path.exists(base):
             raise DiskError(f"snapshot file missing: {base}", status=404)
         if not self.overlays.has_template(base):
@@ -691,7 +730,9 @@ class DiskManager:
         if self.s.check_exports:
             try:
                 size = await asyncio.to_thread(check_export, "127.0.0.1" if self.s.listen in ("0.0.0.0", "::")
-                                               else self.s.listen, self.s.port, name, None, self.s.client_tls,
+                                               else self.s.listen, self.s.port, name, None,
+                                               # the daemon's private socket has no TLS (the gatekeeper's is)
+                                               None if self._daemon_socket else self.s.client_tls,
                                                unix=self._daemon_socket() if self._daemon_socket else None)
             except DiskError:
                 self._inc("check_failed")
@@ -707,7 +748,7 @@ class DiskManager:
     def _forget(self, row: _Row) -> None:
         self._rows.pop(row.name, None)
         if self.gatekeeper is not None:
-            self.gatekeeper.splicer.forget(row.name)
+            self.gatekeeper.forget(row.name)
         if self.handoff is not None:
             self.handoff.forget(row.name)
         with self.store.transaction() as cur:
@@ -728,8 +769,40 @@ class DiskManager:
             self._bases[path] = node
             return node
 
+    def _capped(self, row: _Row) -> dict:
+        """The overlay's file as its qcow2 node sees it: with nbd.overlay_max, behind a `raw` node of
+        that size, so qemu itself answers ENOSPC to a write the overlay file has no room for (the host's
+        writes fail; its reads, other hosts and the filesystem are untouched).
+
+        Why this and not qemu 7.2's write threshold: `block-set-write-threshold` only sends a
+        BLOCK_WRITE_THRESHOLD event after the write went through, and what bootd could do then costs
+        more than that host's writes: `blockdev-reopen` to read-only is refused while a writable export
+        holds the node, and deleting the export cuts the PC off, reads included. A raw node with
+        `size` refuses writes past its end synchronously (raw_adjust_offset: -ENOSPC), and qcow2 only
+        ever appends clusters to an overlay, so the highest file offset bounds what the overlay
+        uses. The raw node must not be longer than its file: the file is made sparse up to the limit
+        (no blocks used). A layer already larger than the limit keeps its size (and cannot grow)."""
+        spec = self._file(row.overlay, "f" + row.node)
+        if not self.s.overlay_max or row.overlay == row.snap.path:  # no limit, or a draft (no overlay)
+            return spec
+        step = 64 << 10
+        length = os.stat(row.overlay).st_size
+        size = max(self.s.overlay_max // step * step, -(-length // step) * step)
+        if length < size:
+            os.truncate(row.overlay, size)
+        return {"driver": "raw", "node-name": "c" + row.node, "offset": 0, "size": size, "file": spec}
+
+    def overlay_limit(self, row: _Row) -> Optional[int]:
+        """The bytes this export's overlay may grow to (None: no limit)."""
+        if not self.s.overlay_max or row.overlay == row.snap.path:
+            return None
+        try:
+            return max(self.s.overlay_max, os.stat(row.overlay).st_size)
+        except OSError:
+            return self.s.overlay_max
+
     async def _export(self, row: _Row) -> None:
-        spec = {"driver": "qcow2", "node-name": row.node, "file": self._file(row.overlay, "f" + row.node)}
+        spec = {"driver": "qcow2", "node-name": row.node, "file": self._capped(row)}
         if row.overlay != row.snap.path:  # an overlay: its backing is the shared, never exported base node
             spec["backing"] = await self._base_node(row.snap.path)
         # both commands in flight at once (QMP runs them in order): one round trip to the daemon, not two
@@ -844,7 +917,8 @@ class DiskManager:
         return peers(self.s.port, self.qsd.pid)
 
     def _host_ips(self, mac: str) -> set[str]:
-        """Addresses the host may connect from: its lease, the last address seen, a configured one."""
+        """Addresses the host was seen at (lease, last address, configured one): for reaping only, to
+        tell whether it is still connected; never who may open an export (that is _peer_mac)."""
         ips = set(self.extra_ips(mac) or ())
         host = self.store.host(mac)
         if host and host.get("last_ip"):

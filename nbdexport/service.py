@@ -60,7 +60,9 @@ def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
     server_tls, client_tls = tls_settings(config)
     n = config.nbd
     check = n.check_exports
-    if server_tls is not None and client_tls is None and check:
+    gatekeeper = n.gatekeeper
+    if server_tls is not None and client_tls is None and check and not gatekeeper:
+        # (behind the gatekeeper bootd checks on the daemon's private socket, which has no TLS)
         log.warning("nbd.tls x509 without client_dir: exports cannot be checked with libnbd; checks off")
         check = False
     return DiskSettings(
@@ -69,7 +71,8 @@ def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
         check_exports=check, tls=server_tls is not None, client_tls=client_tls,
-        gatekeeper=bool(getattr(n, "gatekeeper", True)), aio=n.aio, subclusters=n.subclusters, handoff=n.handoff), server_tls
+        gatekeeper=gatekeeper, aio=n.aio, subclusters=n.subclusters, handoff=n.handoff, overlay_max=int(n.overlay_max),
+        handshake_timeout=n.handshake_timeout, handshakes_per_address=n.handshakes_per_address), server_tls
 
 
 class DiskService(Service):
@@ -151,27 +154,32 @@ class DiskService(Service):
             return
         self.ctx = ctx
         self.manager.s = settings
+        gk = self.manager.gatekeeper
+        if gk is not None:  # handshake limits apply to the next connections
+            gk.timeout, gk.per_address = settings.handshake_timeout, settings.handshakes_per_address
 
     def status(self) -> dict:
         if self.manager is None:
             return {"enabled": False, "reason": self.error}
         return self.manager.status()
 
+    def warning(self) -> Optional[str]:
+        if self.manager is None:
+            return f"disks off: {self.error}" if self.error and self.error != "disabled in the config" else None
+        return self.manager.warning()
+
     # -- policy from the config -------------------------------------------------------------------
     def _host_cfg(self, mac: str):
         return self.ctx.config.host_by_mac(mac)
 
     def _persistent(self, mac: str) -> bool:
-        host = self._host_cfg(mac)
-        if host is not None and host.persistent is not None:
-            return host.persistent
-        group = self.ctx.config.group(host.group) if host is not None else None
-        return bool(group and group.persistent)
+        """The boot plan's setting: host over group (bootd/bootplan.py)."""
+        return self.ctx.planner.settings_for(mac).persistent
 
     def _owner_of(self, ip: str):
-        """The MAC of the host at `ip` (configured ip, lease, neighbour table): the gatekeeper's policy."""
-        from bootd.peers import owner_of
-        return owner_of(self.ctx, ip)
+        """The MAC at `ip` by a live binding (bootd/peers.py, as for menus): the gatekeeper's policy."""
+        from bootd.peers import mac_at
+        return mac_at(self.ctx, ip)
 
     def _configured_ip(self, mac: str) -> list[str]:
         host = self._host_cfg(mac)
@@ -185,19 +193,10 @@ class DiskService(Service):
         return row.get("name") if row else None
 
     def _resolve(self, mac: str):
+        """The snapshot under the host's main disk when a boot names none (`bootctl disk boot`): the
+        boot plan's, the same as its menu's default entry (bootd/bootplan.py)."""
         store = self.ctx.snapshots
         if store is None:
             return None
-        cfg = self.ctx.config
-        host = self._host_cfg(mac)
-        group = cfg.group(host.group) if host is not None and host.group else None
-        image = None
-        if host is not None:
-            image = host.default_image or (host.images[0] if host.images else None)
-        if image is None and group is not None:
-            image = group.default_image or (group.images[0] if group.images else None)
-        if image is None and len(cfg.images) == 1:
-            image = cfg.images[0].name
-        if image is None:
-            return None
-        return store.resolve_for_host(mac, group.name if group else None, image)
+        sid = self.ctx.planner.plan_for(mac).disk.snapshot_id
+        return store.get(sid) if sid is not None else None

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-LOCAL_KEY = "local"
+from bootd.bootplan import LOCAL_KEY as LOCAL_KEY  # the plan never gives an image this key
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
+from bootd.macaddr import parse_mac
+
 _IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 ALL_GROUPS = "*"
@@ -12,11 +13,7 @@ ALL_GROUPS = "*"
 
 def normalize_mac(mac: str) -> str | None:
     """`AA-BB-CC-DD-EE-FF`, `aabbccddeeff`, `aa:bb:..` -> `aa:bb:cc:dd:ee:ff`; None if not a MAC."""
-    mac = (mac or "").strip()
-    if not _MAC_RE.match(mac):
-        return None
-    digits = re.sub(r"[^0-9a-fA-F]", "", mac).lower()
-    return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+    return parse_mac(mac or "")
 
 
 def valid_image_name(name: str) -> bool:

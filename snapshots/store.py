@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from bootd.bootplan import snapshot_choice
+
 from . import qemu
 from .crash import crash_point
 from .errors import NoSpace, NotFound, Refused, SnapshotError
@@ -294,38 +296,19 @@ class SnapshotStore:
         img = self._image_row(image)
         return self._active(img["id"], "current", group or ALL_GROUPS)
 
-    def resolve_for_host(self, mac: str, group: str | None, image: str) -> Snapshot | None:
-        """What `mac` boots of `image`: maintenance draft > pin > test > its group's current > all groups' current."""
+    def assigned(self, image: str, kind: str, target: str) -> Snapshot | None:
+        """The snapshot of the active `kind` assignment of `image` to `target` (bootd.bootplan's
+        SnapshotState); None if there is none or no such image."""
         rows = self.state.query("SELECT id FROM images WHERE name = ?", (image,))
-        if not rows:
-            return None
-        image_id = rows[0]["id"]
-        norm = normalize_mac(mac) or mac.lower()
-        for kind, target in (("maintenance", norm), ("pin", norm), ("test", norm),
-                             ("current", group or None), ("current", ALL_GROUPS)):
-            if target is None:
-                continue
-            snap = self._active(image_id, kind, target)
-            if snap is not None:
-                return snap
-        return None
+        return self._active(rows[0]["id"], kind, target) if rows else None
+
+    def resolve_for_host(self, mac: str, group: str | None, image: str) -> Snapshot | None:
+        """What `mac` boots of `image`: the boot plan's rule (bootd.bootplan.snapshot_choice)."""
+        return snapshot_choice(self, mac, group, image)[0]
 
     def boot_choice(self, mac: str, group: str | None, image: str) -> tuple[Snapshot | None, str]:
-        """Like resolve_for_host, plus why: 'maintenance', 'pin', 'test', 'group GROUP' or 'all groups'."""
-        rows = self.state.query("SELECT id FROM images WHERE name = ?", (image,))
-        if not rows:
-            return None, "no such image"
-        image_id = rows[0]["id"]
-        norm = normalize_mac(mac) or mac.lower()
-        for kind, target, why in (("maintenance", norm, "maintenance"), ("pin", norm, "pinned"),
-                                  ("test", norm, "test"), ("current", group, f"group {group}"),
-                                  ("current", ALL_GROUPS, "all groups")):
-            if target is None:
-                continue
-            snap = self._active(image_id, kind, target)
-            if snap is not None:
-                return snap, why
-        return None, "nothing promoted"
+        """Like resolve_for_host, plus why: 'maintenance', 'pinned', 'test', 'group GROUP', 'all groups'."""
+        return snapshot_choice(self, mac, group, image)
 
     def _rollback_stack(self, image_id: int, group: str) -> list:
         """Promotions of (image, group) a rollback can return to, oldest first; last one is active."""
@@ -1007,6 +990,27 @@ class SnapshotStore:
                 self._audit(cur, actor, "purge-lost-found", None, None, None, reason, {"files": removed})
         return removed
 
+    def layer_files(self) -> list[str]:
+        """Committed-looking layer files on disk (`image/name`), lost+found and temp files left out."""
+        return sorted(f"{d.name}/{f.name}" for d in self.root.iterdir() if d.is_dir() and d.name != LOST_FOUND
+                      for f in d.iterdir() if f.is_file() and not f.name.startswith(TEMP_PREFIX))
+
+    def refuse_new_database_beside_layers(self) -> None:
+        """Raise Refused when the database has never held a snapshot but layer files exist: an empty,
+        new or replaced state.db. fsck would take every layer for debris and set it aside in lost+found;
+        the admin must decide (restore the database, or move the files away to start empty)."""
+        if self.state.query("SELECT 1 FROM snapshots LIMIT 1"):
+            return
+        files = self.layer_files()
+        if not files:
+            return
+        shown = ", ".join(str(self.root / f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise Refused(f"{self.state.path} holds no snapshot, but {self.root} holds {len(files)} layer file(s): {shown}. "
+                      f"The database is new, empty or not the one of these layers; the start-up check would set "
+                      f"every layer aside in lost+found. Restore the state database these layers belong to, or "
+                      f"move {self.root} aside to really start an empty store (an interrupted first import "
+                      f"leaves one such file: move it aside).")
+
     def fsck(self, repair: bool = True) -> FsckReport:
         """Make the files and the database agree after a crash; report what could not be repaired.
 
@@ -1016,7 +1020,11 @@ class SnapshotStore:
         - a file's mode follows its row (sealed 0444, draft 0644).
         - a row's backing follows the qcow2 header (a flatten renamed the file but did not commit).
         - rows whose file is missing are reported (never dropped: the admin decides).
+        - a database without any snapshot beside layer files is refused, nothing moved (see
+          refuse_new_database_beside_layers).
         """
+        if repair:
+            self.refuse_new_database_beside_layers()
         rep = FsckReport()
         rows = self.state.query(self._SNAP_SELECT + "ORDER BY s.id")
         by_file = {r["file"]: r for r in rows}

@@ -86,6 +86,7 @@ class BootdProcess:
         self.storage = Path(config.setdefault("storage", {}).setdefault("directory", str(workdir / "storage")))
         self.socket = config.setdefault("api", {}).setdefault("socket", str(workdir / "api.sock"))
         self.extra_env = env or {}
+        self.wrapper: list[str] = []  # argv prefix for the daemon (e.g. unshare -m ... for a private mount)
         self.write_config(config)
         self.api = ApiClient(socket_path=self.socket, timeout=60)
         self.proc: Optional[subprocess.Popen] = None
@@ -107,7 +108,7 @@ class BootdProcess:
         env = dict(os.environ, NOTIFY_SOCKET=str(npath), PYTHONUNBUFFERED="1", **self.extra_env, **(extra_env or {}))
         env.pop("INVOCATION_ID", None)
         env.pop("JOURNAL_STREAM", None)
-        argv = [sys.executable, "-m", "bootd.cli.bootd_main", "--config", str(self.config_path), "run"]
+        argv = [*self.wrapper, sys.executable, "-m", "bootd.cli.bootd_main", "--config", str(self.config_path), "run"]
         log = open(self.log_path, "ab")
         if self.ns is not None:
             self.proc = self.ns.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))

@@ -170,7 +170,8 @@ def main() -> int:
         print(f"LAN link (tap relay, {DELAY_US} us each way): {ping[-1] if ping else 'no ping'}", flush=True)
 
         bootd = server.popen(["taskset", "-c", CPU, sys.executable, "-m", "bootd.tftp", "--root", str(root),
-                              "--listen", f"0.0.0.0:{BOOTD_PORT}", "--data-pump", args.data_pump],
+                              "--listen", f"0.0.0.0:{BOOTD_PORT}", "--data-pump", args.data_pump,
+                              "--max-sessions-per-client", "200"],  # one client address plays 200 PCs
                              stdout=subprocess.PIPE, stderr=log,
                              cwd=str(REPO), text=True)
         procs.append(bootd)

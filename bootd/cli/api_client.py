@@ -7,6 +7,8 @@ import socket
 from typing import Any, Optional
 from urllib.parse import quote
 
+from bootd.cli.text import escape_controls, escape_strings
+
 
 class ApiError(Exception):
     def __init__(self, message: str, status: Optional[int] = None, data: Any = None):
@@ -29,11 +31,13 @@ class _UnixConnection(http.client.HTTPConnection):
 
 class ApiClient:
     def __init__(self, socket_path: str = "/run/bootd/api.sock", url: Optional[str] = None,
-                 token: Optional[str] = None, timeout: float = 600.0):
+                 token: Optional[str] = None, timeout: float = 600.0, escape_text: bool = False):
         self.socket_path = socket_path
         self.url = url
         self.token = token
         self.timeout = timeout
+        # for a terminal: every string in an answer with its control characters escaped (bootd/cli/text.py)
+        self.escape_text = escape_text
 
     def _conn(self) -> http.client.HTTPConnection:
         if self.url:
@@ -42,7 +46,10 @@ class ApiClient:
             return http.client.HTTPConnection(host or rest, int(port or 80), timeout=self.timeout)
         return _UnixConnection(self.socket_path, self.timeout)
 
-    def request(self, method: str, path: str, body: Any = None, raw: bool = False, stream=None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, raw: bool = False, stream=None,
+                document: bool = False) -> Any:
+        """`document`: the answer holds a rendered multi-line file; its newlines stay even with escape_text
+        (the caller prints it with escape_controls(keep_lines=True))."""
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -79,8 +86,11 @@ class ApiClient:
             parsed = None
         if resp.status >= 400:
             reason = parsed.get("error") if isinstance(parsed, dict) else payload.decode(errors="replace")
+            if self.escape_text:
+                reason = escape_controls(str(reason))
+                parsed = escape_strings(parsed)
             raise ApiError(f"{reason} (HTTP {resp.status})", resp.status, parsed)
-        return parsed
+        return escape_strings(parsed) if self.escape_text and not document else parsed
 
     def get(self, path: str, **kw) -> Any:
         return self.request("GET", path, **kw)

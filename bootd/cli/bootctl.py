@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from bootd.cli.api_client import ApiClient, ApiError
+from bootd.cli.text import escape_controls
 
 # Modules with `register(sub)`. One line per component.
 COMMAND_MODULES = [
@@ -27,11 +28,13 @@ COMMAND_MODULES = [
 
 
 def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
-    """Print `data` as JSON with --json, else the human text (or a JSON dump if there is none)."""
+    """Print `data` as JSON with --json, else the human text (or a JSON dump if there is none).
+    The human text's control characters are escaped (its lines stay): the strings in it came from the
+    API already escaped (ApiClient.escape_text), this catches whatever else reached it."""
     if getattr(args, "json", False) or text is None:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
-        print(text)
+        print(escape_controls(text, keep_lines=True))
 
 
 def fmt_time(ts: float | None) -> str:
@@ -88,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"bootctl: cannot read token file: {e}", file=sys.stderr)
             return 2
-    api = ApiClient(socket_path=args.socket, url=args.url, token=token)
+    api = ApiClient(socket_path=args.socket, url=args.url, token=token, escape_text=not args.json)
     try:
         return int(args.func(args, api) or 0)
     except ApiError as e:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(e), "status": e.status}))
-        print(f"bootctl: {e}", file=sys.stderr)
+        print(escape_controls(f"bootctl: {e}", keep_lines=True), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

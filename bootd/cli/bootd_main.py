@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from bootd import __version__
+from bootd.cli.text import escape_controls
 from bootd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(path)
         except ConfigError as e:
             for problem in e.problems:
-                print(problem, file=sys.stderr)
+                print(escape_controls(str(problem)), file=sys.stderr)  # values quoted from the file
             print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
             return 1
         print(f"{path}: OK ({len(cfg.interfaces)} interfaces, {len(cfg.groups)} groups, "

@@ -8,7 +8,7 @@ from bootd.cli.bootctl import emit
 
 
 def cmd_client_render(args, api) -> int:
-    data = api.get(f"/api/v1/clients/{q(args.host)}/render")
+    data = api.get(f"/api/v1/clients/{q(args.host)}/render", document=True)  # files keep their lines
     files = data["files"]
     if args.file:
         if args.file not in files:

@@ -19,6 +19,7 @@ def cmd_status(args, api) -> int:
         extra = {k: v for k, v in s.items() if k != "name"}
         detail = "; ".join(f"{k}={', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in extra.items())
         lines.append(f"  {s['name']:<10} running  {detail}")
+    lines += [f"WARNING {w}" for w in st.get("warnings", [])]
     if st.get("reload_errors"):
         lines.append("last reload refused:")
         lines += [f"  {e}" for e in st["reload_errors"]]

@@ -4,14 +4,15 @@ from __future__ import annotations
 from urllib.parse import quote, urlencode
 
 from bootd.cli.bootctl import emit
+from bootd.cli.text import escape_controls
 
 
 def cmd_menu(args, api) -> int:
     query = {"flavour": args.flavour} if args.flavour else {}
     path = f"/api/v1/hosts/{quote(args.host, safe='')}/menu"
-    data = api.get(path + ("?" + urlencode(query) if query else ""))
+    data = api.get(path + ("?" + urlencode(query) if query else ""), document=args.raw)
     if args.raw:
-        print(data["text"], end="")
+        print(escape_controls(data["text"], keep_lines=True), end="")
         return 0
     lines = [f"{data['host']} ({data['mac']}): {data['flavour']} menu \"{data['title']}\", "
              f"default {data['default']} after {data['timeout']} s"]

@@ -2,7 +2,8 @@
 disk export per instance.
 
 The disk of an instance comes, in this order, from its fixed `disk_uri`, from the NBD manager
-(`ctx.disks.export_for(mac, image)`: the host's per-host export token), or from the host's boot menu
+(`ctx.disks.export_for`: the export of the snapshot the host's boot plan gives the instance's image,
+else the boot's main disk), or from the host's boot menu
 (the `bootd.nbd=HOST:PORT/EXPORT` word its entry's kernel command line carries).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+from bootd.bootplan import BootPlan
 from bootd.config import normalize_mac
 
 from .model import ClientsConfig, InstanceConfig, merge_clients
@@ -91,19 +93,11 @@ def disk_from_export(export, config, source: str) -> DiskRef:
     return DiskRef(f"nbd://{host}:{int(port)}/{name}", fmt, source)
 
 
-def _snapshot_for_image(ctx, mac: str, image: str | None):
-    """The snapshot id the host's menu boots for `image` (None: the host's main disk)."""
-    booter = getattr(ctx, "booter", None)
-    if image is None or booter is None or not hasattr(booter, "entries"):
-        return None
-    try:
-        entries = booter.entries(booter.host(mac))
-    except Exception:
-        return None
-    for e in entries:
-        if _get(e, "image") == image and not _get(e, "previous"):
-            return _get(e, "snapshot_id")
-    return None
+def snapshot_for_instance(plan: BootPlan, inst: InstanceConfig) -> int | None:
+    """The snapshot under an instance's disk, from the host's boot plan (bootd/bootplan.py): its image's
+    menu entry, or the plan's main disk when it names no image (or an image the host does not boot)."""
+    sid = plan.snapshot_for_image(inst.image) if inst.image is not None else None
+    return sid if sid is not None else plan.disk.snapshot_id
 
 
 async def disk_for(ctx, mac: str, inst: InstanceConfig) -> DiskRef:
@@ -112,11 +106,14 @@ async def disk_for(ctx, mac: str, inst: InstanceConfig) -> DiskRef:
         return DiskRef(inst.disk_uri, inst.format or "raw", "config")
     disks = getattr(ctx, "disks", None)
     if disks is not None:
-        sid = _snapshot_for_image(ctx, mac, inst.image)
-        export = disks.export_for(mac, sid) if sid is not None else disks.export_for(mac)
+        plan = ctx.planner.plan_for(mac)
+        sid = snapshot_for_instance(plan, inst)
+        # the plan's main disk is the boot's main export (a persistent layer may sit on an older snapshot)
+        main = sid is None or sid == plan.disk.snapshot_id
+        export = disks.export_for(mac) if main else disks.export_for(mac, sid)
         if inspect.isawaitable(export):
             export = await export
-        if export is None and sid is not None and hasattr(disks, "prepare_export"):
+        if export is None and not main and hasattr(disks, "prepare_export"):
             export = await disks.prepare_export(mac, sid, server_ip=config.server_ip)
         if export is None:
             raise RenderError(f"{mac} has no disk export yet (it gets one when it boots from the menu)")

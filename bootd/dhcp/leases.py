@@ -4,14 +4,27 @@ Reads are dict lookups (the hot path never queries SQLite); every change that a 
 (a bound lease, a release, a decline) is written to the store first and only then applied in memory,
 so an ACK never leaves for a lease the store does not hold. Offers are held in memory only: an offer
 that is lost in a crash was never promised.
+
+One exception, on purpose: when the state store's filesystem is full (SQLITE_FULL after the store
+has already given up its space reserve) the change is applied in memory, the reply goes out, and the
+statements wait in `unsaved` to be written first by the next commit (or `save_unsaved`, every 10 s).
+A full disk must not stop DHCP for the whole lab; the cost is that a crash in that window forgets
+those leases (clients keep their addresses and re-confirm them at renewal). Any other store error
+still drops the replies.
 """
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from bootd.state import StateStore
+from bootd.state import StateStore, disk_full
+
+log = logging.getLogger("bootd.dhcp")
+
+UNSAVED_MAX = 50_000  # statements kept in memory while the store's filesystem is full; past it: refused
 
 BOUND, RELEASED, DECLINED = "bound", "released", "declined"
 
@@ -46,6 +59,10 @@ class LeaseTable:
         self.offers: dict[str, tuple[str, float]] = {}  # ip -> (mac, held until)
         self.offer_by_mac: dict[str, str] = {}  # mac -> ip
         self._pending: Optional[list[tuple[str, tuple]]] = None
+        # bumped whenever an address may have become free (a pool's "exhausted" verdict is then stale)
+        self.freed = 0
+        self.unsaved: list[tuple[str, tuple]] = []  # applied in memory, not yet in the store (disk full)
+        self.unsaved_since: Optional[float] = None
         self.load()
 
     # -- writing -----------------------------------------------------------------------------------
@@ -74,15 +91,34 @@ class LeaseTable:
             self._commit(stmts)
 
     def _commit(self, stmts: list[tuple[str, tuple]]) -> None:
+        todo = self.unsaved + stmts
         try:
             with self.store.transaction() as cur:
-                for sql, params in stmts:
+                for sql, params in todo:
                     cur.execute(sql, params)
-        except BaseException:
+        except Exception as e:
+            if disk_full(e) and len(todo) <= UNSAVED_MAX:  # see the module docstring
+                if self.unsaved_since is None:
+                    self.unsaved_since = time.time()
+                    log.error("dhcp: the state store's filesystem is full; serving leases from memory "
+                              "until it can write again (%s)", e)
+                self.unsaved = todo
+                return
+            self.unsaved, self.unsaved_since = [], None
             self.offers.clear()
             self.offer_by_mac.clear()
             self.load()  # memory must not claim what the store does not hold
             raise
+        except BaseException:
+            self.unsaved, self.unsaved_since = [], None
+            self.offers.clear()
+            self.offer_by_mac.clear()
+            self.load()  # memory must not claim what the store does not hold
+            raise
+        if self.unsaved:
+            log.info("dhcp: %d lease change(s) kept in memory since %s are in the state store now",
+                     len(self.unsaved), time.strftime("%H:%M:%S", time.localtime(self.unsaved_since)))
+            self.unsaved, self.unsaved_since = [], None
 
     def load(self) -> None:
         self.by_ip.clear()
@@ -93,6 +129,12 @@ class LeaseTable:
             self.by_ip[lease.ip] = lease
             if lease.state in (BOUND, RELEASED):
                 self.by_mac[lease.mac] = lease
+
+    def save_unsaved(self) -> bool:
+        """Write what a full filesystem kept in memory only; True once nothing is left unsaved."""
+        if self.unsaved and self._pending is None:
+            self._commit([])
+        return not self.unsaved
 
     # -- queries -------------------------------------------------------------------------------
     def holder(self, ip: str, now: float) -> Optional[str]:
@@ -133,6 +175,7 @@ class LeaseTable:
             o = self.offers.get(ip)
             if o is not None and o[0] == mac:
                 del self.offers[ip]
+                self.freed += 1
 
     def expire_offers(self, now: float) -> int:
         gone = [ip for ip, (_, until) in self.offers.items() if until <= now]
@@ -140,6 +183,7 @@ class LeaseTable:
             mac, _ = self.offers.pop(ip)
             if self.offer_by_mac.get(mac) == ip:
                 del self.offer_by_mac[mac]
+        self.freed += len(gone)
         return len(gone)
 
     # -- changes (store first, then memory) ------------------------------------------------------
@@ -154,6 +198,7 @@ class LeaseTable:
         self._exec(stmts)
         if prev is not None and prev.ip != ip and self.by_ip.get(prev.ip) is prev:
             del self.by_ip[prev.ip]
+            self.freed += 1
         old = self.by_ip.get(ip)
         if old is not None and old.mac != mac and self.by_mac.get(old.mac) is old:
             del self.by_mac[old.mac]
@@ -169,6 +214,7 @@ class LeaseTable:
             return False
         self._exec([("UPDATE leases SET state=?, expires=?, updated=? WHERE ip=?", (RELEASED, now, now, ip))])
         lease.state, lease.expires, lease.updated = RELEASED, now, now
+        self.freed += 1
         return True
 
     def decline(self, ip: str, mac: str, until: float, now: float) -> None:

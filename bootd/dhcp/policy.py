@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
+from bootd.bootplan import settings_of
 from bootd.config import Config, HostConfig
 from bootd.dhcp.codec import (ACK, BOOTREPLY, BOOTREQUEST, DECLINE, DISCOVER, INFORM, MESSAGE_TYPE_NAMES, NAK,
                               OFFER, RELEASE, REQUEST, DhcpMessage)
@@ -66,6 +67,9 @@ class Subnet:
     dns: list[str] = field(default_factory=list)
     domain: Optional[str] = None
     cursor: int = 0
+    # a full scan found no free address: until then (and while no address is freed) do not scan again
+    exhausted_until: float = 0.0
+    exhausted_at_freed: int = -1
 
     def __post_init__(self) -> None:
         self.cursor = self.start
@@ -149,13 +153,8 @@ class DhcpPolicy:
         return None
 
     def boot_choice(self, mac: str) -> str:
-        h = self.hosts.get(mac)
-        if h is None:
-            return "ipxe"
-        if h.boot:
-            return h.boot
-        g = self.config.group(h.group) if h.group else None
-        return g.boot if g else "ipxe"
+        """The host's menu flavour from its boot plan's settings (bootd/bootplan.py): picks the loader."""
+        return settings_of(self.config, mac, self.hosts.get(mac)).boot
 
     def ipxe_script_url(self, server: str, mac: str) -> str:
         return self.dhcp.ipxe_script_url.format(server=server, http_port=self.http_port, mac=mac)
@@ -251,8 +250,14 @@ class DhcpPolicy:
         return n not in self.own_ips and n != subnet.net_int and n != (subnet.net_int | (~subnet.mask_int & 0xFFFFFFFF))
 
     def _allocate(self, subnet: Subnet, mac: str, now: float) -> Optional[str]:
-        size = subnet.end - subnet.start + 1
+        """A never-used address, else the free one that expired longest ago, else None.
+
+        An exhausted pool is remembered for up to a second (or until an address is freed): the scan is
+        O(pool), and a flood of DISCOVERs must not pay it per packet."""
         leases = self.leases
+        if now < subnet.exhausted_until and leases.freed == subnet.exhausted_at_freed:
+            return None
+        size = subnet.end - subnet.start + 1
         n = subnet.cursor
         for _ in range(size):  # never-used addresses first, round robin
             if n > subnet.end:
@@ -271,6 +276,8 @@ class DhcpPolicy:
             exp = lease.expires if lease else 0.0
             if best_exp is None or exp < best_exp:
                 best, best_exp = ip, exp
+        if best is None:
+            subnet.exhausted_until, subnet.exhausted_at_freed = now + 1.0, leases.freed
         return best
 
     def _base_reply(self, msg: DhcpMessage, mtype: int, server: str) -> DhcpMessage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, decode, encode
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy
+from bootd.dhcp.ratelimit import Admission
 from bootd.service import Service
 
 if TYPE_CHECKING:
@@ -28,10 +30,15 @@ log = logging.getLogger("bootd.dhcp")
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
-SOCKET_BUFFER = 8 << 20
+# A short receive queue on purpose (issue 13): under a flood a deep one (it was 16 MB) only turned into
+# seconds of latency for every client. What does not fit is dropped by the kernel and counted
+# (dropped{reason=queue}); what is read is admitted by ratelimit.Admission before any work.
+RECV_BUFFER = 256 << 10
+SEND_BUFFER = 1 << 20
+QUEUE_DROPS_EVERY = 1.0  # seconds between readings of the kernel's drop counters
 SIOCSARP = 0x8955
 ATF_COM = 0x02
-READ_BATCH = 64  # datagrams handled per reader wake-up before yielding to the loop
+READ_BATCH = 256  # datagrams read per reader wake-up: known MACs of the batch are answered first
 RECV_SIZE = 4096  # DHCP messages are 300..1500 bytes; anything longer is cut here and fails to decode
 EXPIRE_EVERY = 10.0
 
@@ -43,12 +50,13 @@ def open_udp(ifname: str, port: int) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
-        # a room booting at once arrives as a burst: room for ~8000 requests while the loop is busy
-        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        # ~1000 requests of a room booting at once fit; a flood beyond that is dropped, not delayed
+        for force, plain, size in ((SO_RCVBUFFORCE, socket.SO_RCVBUF, RECV_BUFFER),
+                                   (SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)):
             try:
-                s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)  # beyond rmem_max: needs CAP_NET_ADMIN
+                s.setsockopt(socket.SOL_SOCKET, force, size)  # beyond rmem_max: needs CAP_NET_ADMIN
             except OSError:
-                s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+                s.setsockopt(socket.SOL_SOCKET, plain, size)
         s.bind(("0.0.0.0", port))
         s.setblocking(False)
     except BaseException:
@@ -94,6 +102,9 @@ class DhcpService(Service):
         self.ra = None
         self._missing_logged: set[str] = set()
         self._counts: dict[tuple[str, Optional[tuple[str, str]]], int] = {}
+        self.admission: Optional[Admission] = None
+        self._queue_drops: dict[int, int] = {}  # socket inode -> drops the kernel counted so far
+        self._queue_drops_read = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self, ctx: "Context") -> None:
@@ -101,6 +112,7 @@ class DhcpService(Service):
         self._loop = asyncio.get_running_loop()
         self.leases = LeaseTable(ctx.store)
         self._build_policy()
+        self._apply_event_limits()
         ctx.metrics.add_gauges("dhcp", self._gauges)
         self._sync_interfaces()
         self._tasks.append(asyncio.create_task(self._watch_links(), name="dhcp-links"))
@@ -128,6 +140,7 @@ class DhcpService(Service):
     async def reload(self, ctx: "Context") -> None:
         self.ctx = ctx
         self._build_policy()
+        self._apply_event_limits()
         self._sync_interfaces()
         want_ra = ctx.config.dhcp.router_advertisements and ctx.config.interfaces
         names = [i.name for i in ctx.config.interfaces]
@@ -148,12 +161,21 @@ class DhcpService(Service):
     def _gauges(self) -> dict[str, float]:
         now = self.clock()
         return {"active_leases": float(len(self.leases.active(now))) if self.leases else 0.0,
+                "unsaved_lease_changes": float(len(self.leases.unsaved)) if self.leases else 0.0,
                 "interfaces_bound": float(len(self.bound))}
 
     def _build_policy(self) -> None:
         assert self.ctx is not None and self.leases is not None
         rows = self.ctx.store.query("SELECT mac, ip FROM dhcp_reservations")
         self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows})
+        rl = self.ctx.config.dhcp.rate_limit
+        self.admission = Admission(rl.per_mac, rl.per_mac_burst, rl.unknown, rl.unknown_burst, now=self.clock())
+
+    def _apply_event_limits(self) -> None:
+        """The boot-event log's bounds (config `events`). DHCP writes most of its rows and its
+        housekeeping prunes it, so it also hands the store the limits."""
+        ev = self.ctx.config.events
+        self.ctx.store.set_event_limits(ev.retention, ev.max_rows, ev.coalesce)
 
     # -- run-time reservations ---------------------------------------------------------------------
     def reservations(self) -> list[dict]:
@@ -282,26 +304,31 @@ class DhcpService(Service):
         while True:
             await asyncio.sleep(EXPIRE_EVERY)
             try:
-                self.leases.expire_offers(self.clock())
+                now = self.clock()
+                self.leases.expire_offers(now)
                 self._sync_interfaces()  # backstop for a missed netlink event
+                self.ctx.store.enforce_event_limits(now)  # an idle log ages out too
+                self._count_queue_drops(now)
+                self._flush_counts()
+                self.leases.save_unsaved()  # leases a full filesystem kept in memory only (leases.py)
             except Exception as e:  # never let housekeeping die
                 log.error("dhcp housekeeping: %s", e)
 
     # -- packets -------------------------------------------------------------------------------------
     def _on_readable(self, sock: socket.socket, ifname: str, port: int) -> None:
-        """Drain up to READ_BATCH datagrams, decide them all, commit their lease changes in one
-        transaction, then send the replies (none of them before the commit)."""
+        """Read what the socket holds (up to READ_BATCH), admit it (rate limits; known MACs first),
+        decide the admitted packets, commit their lease changes in one transaction, then send the
+        replies (none of them before the commit) and record their boot events in one more."""
+        now = self.clock()
+        known, strangers = self._read_batch(sock, ifname, now)
         decided: list[tuple] = []
         try:
             with self.leases.batch():
-                for _ in range(READ_BATCH):
-                    try:
-                        data, src = sock.recvfrom(RECV_SIZE)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as e:
-                        log.debug("dhcp recv on %s: %s", ifname, e)
-                        break
+                for data, src in known:
+                    r = self.decide(data, src, ifname, port)
+                    if r is not None:
+                        decided.append(r)
+                for data, src in strangers:
                     r = self.decide(data, src, ifname, port)
                     if r is not None:
                         decided.append(r)
@@ -310,13 +337,76 @@ class DhcpService(Service):
             log.error("dhcp: cannot persist leases, %d replies dropped: %s", len(decided), e)
             self._flush_counts()
             return
-        for msg, out, now in decided:
+        for msg, out, when in decided:
             try:
-                self.deliver(msg, out, now, sock, ifname)
+                self.deliver(msg, out, when, sock, ifname)
             except Exception as e:  # a bug must cost one reply, not the batch or the reader
                 self._count("errors")
                 log.error("dhcp: cannot send the reply to %r: %s", msg, e)
+        self._record_events(decided)
+        if now - self._queue_drops_read >= QUEUE_DROPS_EVERY:
+            self._count_queue_drops(now)
         self._flush_counts()
+
+    def _read_batch(self, sock: socket.socket, ifname: str, now: float) -> tuple[list, list]:
+        """Up to READ_BATCH datagrams, split into those from known MACs (host entry, reservation or
+        lease) and the rest; what Admission refuses is counted and dropped here, undecoded."""
+        known: list[tuple[bytes, tuple]] = []
+        strangers: list[tuple[bytes, tuple]] = []
+        admit = self.admission.admit
+        policy, by_mac = self.policy, self.leases.by_mac
+        count = self._count
+        for _ in range(READ_BATCH):
+            try:
+                data, src = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.debug("dhcp recv on %s: %s", ifname, e)
+                break
+            chaddr = data[28:34]  # BOOTP chaddr; a shorter packet is malformed and a stranger
+            mac = chaddr.hex(":") if len(chaddr) == 6 else ""
+            is_known = bool(mac) and (policy.known(mac) or mac in by_mac)
+            refused = admit(chaddr, is_known, now)
+            if refused is not None:
+                count("received")
+                count("dropped", ("reason", refused))
+            elif is_known:
+                known.append((data, src))
+            else:
+                strangers.append((data, src))
+        return known, strangers
+
+    def _count_queue_drops(self, now: float) -> None:
+        """Datagrams the kernel dropped because our receive queue was full: /proc/net/udp counts them
+        per socket (the last column), read at most once a second."""
+        self._queue_drops_read = now
+        inodes = {}
+        for cur in self.bound.values():
+            for s in cur.socks.values():
+                try:
+                    inodes[os.fstat(s.fileno()).st_ino] = 0
+                except OSError:
+                    pass
+        if not inodes:
+            return
+        try:
+            with open("/proc/self/net/udp") as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            return
+        for line in lines:
+            parts = line.split()
+            if len(parts) >= 13 and parts[9].isdigit() and int(parts[9]) in inodes:
+                inodes[int(parts[9])] = int(parts[-1])
+        new = 0
+        for inode, drops in inodes.items():
+            new += max(0, drops - self._queue_drops.get(inode, 0))
+        self._queue_drops = inodes
+        if new:
+            c = self._counts
+            k = ("dropped", ("reason", "queue"))
+            c[k] = c.get(k, 0) + new
 
     def handle_datagram(self, data: bytes, src: tuple[str, int], sock: socket.socket, ifname: str,
                         port: int) -> None:
@@ -324,6 +414,7 @@ class DhcpService(Service):
         r = self.decide(data, src, ifname, port)
         if r is not None:
             self.deliver(r[0], r[1], r[2], sock, ifname)
+            self._record_events([r])
         self._flush_counts()
 
     def _count(self, name: str, label: Optional[tuple[str, str]] = None) -> None:
@@ -389,16 +480,25 @@ class DhcpService(Service):
                 if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
                     log.warning("dhcp: cannot send to %s on %s: %s", dest, ifname, e)
                 self._count("send_errors")
-        if out.event is not None:
-            try:
-                store = self.ctx.store
-                store.record_event(out.mac, out.event_kind, out.event, ts=now)
-                fw = out.firmware
-                store.touch_host(out.mac, ip=out.event.get("ip"), arch=fw.arch if fw and fw.arch != "unknown" else None,
-                                 name=self._host_name(out.mac), now=now)
-            except Exception as e:
-                self._count("errors")
-                log.error("dhcp: cannot record boot event: %s", e)
+
+    def _record_events(self, decided: list[tuple]) -> None:
+        """The boot events of a batch in one transaction (the store coalesces repeats and keeps the
+        log within its row cap); a failure costs the events, never the replies already sent."""
+        events = [(out, when) for _, out, when in decided if out.event is not None]
+        if not events:
+            return
+        store = self.ctx.store
+        try:
+            with store.transaction():
+                for out, when in events:
+                    store.record_event(out.mac, out.event_kind, out.event, ts=when)
+                    fw = out.firmware
+                    store.touch_host(out.mac, ip=out.event.get("ip"),
+                                     arch=fw.arch if fw and fw.arch != "unknown" else None,
+                                     name=self._host_name(out.mac), now=when)
+        except Exception as e:
+            self._count("errors")
+            log.error("dhcp: cannot record %d boot events: %s", len(events), e)
 
     def _host_name(self, mac: str) -> Optional[str]:
         h = self.policy.hosts.get(mac) if self.policy else None

@@ -1,6 +1,7 @@
 """Core admin API: status, reload, metrics, hosts and their boot timelines."""
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -38,6 +39,7 @@ async def status(request: web.Request) -> web.Response:
         "dhcp_mode": ctx.config.dhcp.mode,
         "interfaces": _interfaces(ctx),
         "services": [{"name": s.name, **s.status()} for s in ctx.services],
+        "warnings": [f"{s.name}: {w}" for s in ctx.services if (w := s.warning())],
         "last_reload": ctx.last_reload,
         "reload_errors": ctx.reload_errors,
         "storage": str(ctx.config.storage_dir),
@@ -47,10 +49,12 @@ async def status(request: web.Request) -> web.Response:
 @routes.post("/api/v1/reload")
 async def reload(request: web.Request) -> web.Response:
     ctx = request.app["ctx"]
-    fn = ctx.extras.get("reload")
-    if fn is None:
+    start_reload = ctx.extras.get("reload")
+    if start_reload is None:
         raise json_error(503, "reload is not available")
-    applied = await fn()
+    # The reload runs in a task of its own (it may replace the very server handling this request);
+    # shielded, so a client that hangs up does not cancel it halfway.
+    applied = await asyncio.shield(start_reload())
     return web.json_response({"applied": applied, "errors": ctx.reload_errors}, status=200 if applied else 422)
 
 

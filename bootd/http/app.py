@@ -7,11 +7,14 @@ API's TCP site; the boot port serves only boot paths. Components add routes thro
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
 import os
+import socket
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,15 +36,26 @@ ROUTE_MODULES = [
 ]
 
 SITE_KEY = web.AppKey("bootd_site_kind", dict)
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")  # api.tcp hosts that listen on every address
+RETIRE_GRACE = 30.0  # seconds a replaced server gets to finish its requests (the reload call itself, downloads)
 
 
 def _site_kind(request: web.Request) -> str:
-    """'unix', 'api' (API on TCP) or 'boot' (boot files on a served interface)."""
+    """'unix', 'api' (API on TCP) or 'boot' (boot files on a served interface).
+
+    A site listening on a wildcard address is registered as ("*", port): its connections arrive on a
+    concrete local address (127.0.0.1, the interface's), never on 0.0.0.0."""
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if isinstance(sockname, (str, bytes)) or sockname is None:
         return "unix"
     kinds = request.app[SITE_KEY]
     return kinds.get((sockname[0], sockname[1]), kinds.get(("*", sockname[1]), "boot"))
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """"HOST:PORT" / "[V6]:PORT" -> (host without brackets, port); validated by the config."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _is_admin_path(path: str) -> bool:
@@ -98,15 +112,46 @@ async def read_json(request: web.Request) -> dict:
     return data
 
 
+@dataclass
+class _Listener:
+    """One listening socket: where (`key`), what it serves (`kind`) and the socket itself."""
+
+    key: tuple  # ("unix", path) or ("tcp", host, port)
+    kind: str  # unix | api | boot
+    sock: socket.socket
+    temp_path: Optional[str] = None  # a new unix socket bound here, renamed onto its path once serving
+
+
+@dataclass
+class _Server:
+    """An app with its runner and listening sockets: what one config's HTTP settings serve."""
+
+    app: web.Application
+    runner: web.AppRunner
+    listeners: dict[tuple, _Listener] = field(default_factory=dict)
+    bound: list[str] = field(default_factory=list)
+
+
 class HttpService(Service):
     name = "http"
 
     def __init__(self) -> None:
-        self.runner: Optional[web.AppRunner] = None
-        self.app: Optional[web.Application] = None
+        self.server: Optional[_Server] = None
         self.ctx = None
-        self.bound: list[str] = []
         self._signature = None
+        self._retiring: set[asyncio.Task] = set()  # replaced servers finishing their requests
+
+    @property
+    def runner(self) -> Optional[web.AppRunner]:
+        return self.server.runner if self.server else None
+
+    @property
+    def app(self) -> Optional[web.Application]:
+        return self.server.app if self.server else None
+
+    @property
+    def bound(self) -> list[str]:
+        return self.server.bound if self.server else []
 
     def _make_app(self, ctx) -> web.Application:
         app = web.Application(middlewares=[access_middleware], client_max_size=4 * 1024 * 1024)
@@ -121,57 +166,172 @@ class HttpService(Service):
         return (cfg.api.socket, cfg.api.socket_mode, cfg.api.tcp, cfg.api.token_file, cfg.http.enabled,
                 cfg.http.port, cfg.http.idle_timeout, tuple((i.name, str(i.address)) for i in cfg.interfaces))
 
-    async def start(self, ctx) -> None:
-        self.ctx = ctx
-        cfg = ctx.config
-        self._signature = self._signature_of(cfg)
-        if cfg.api.token_file:
-            ctx.extras["api_token"] = Path(cfg.api.token_file).read_text().strip()
-        self.app = self._make_app(ctx)
-        self.runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=cfg.http.idle_timeout,
-                                    handle_signals=False, shutdown_timeout=1.0)
-        await self.runner.setup()
-        self.bound = []
-        sock = Path(cfg.api.socket)
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        if sock.exists() or sock.is_symlink():
-            if stat.S_ISSOCK(sock.lstat().st_mode):
-                sock.unlink()
-            else:
-                raise RuntimeError(f"{sock} exists and is not a socket")
-        site = web.UnixSite(self.runner, str(sock))
-        await site.start()
-        os.chmod(sock, int(cfg.api.socket_mode, 8))
-        self.bound.append(f"unix:{sock}")
+    @staticmethod
+    def _wanted(cfg) -> list[tuple[tuple, str]]:
+        """(key, kind) of every socket the config asks for: the API's unix socket, its TCP address,
+        the boot port on each served interface's address."""
+        out: list[tuple[tuple, str]] = [(("unix", str(cfg.api.socket)), "unix")]
         if cfg.api.tcp:
-            host, _, port = cfg.api.tcp.rpartition(":")
-            host = host.strip("[]")
-            await web.TCPSite(self.runner, host, int(port), reuse_address=True).start()
-            self.app[SITE_KEY][(host, int(port))] = "api"
-            self.bound.append(f"api:{host}:{port}")
+            host, port = split_hostport(cfg.api.tcp)
+            out.append((("tcp", host, port), "api"))
         if cfg.http.enabled:
             for iface in cfg.interfaces:
-                host = str(iface.address.ip)
-                await web.TCPSite(self.runner, host, cfg.http.port, reuse_address=True).start()
-                self.app[SITE_KEY][(host, cfg.http.port)] = "boot"
-                self.bound.append(f"boot:{host}:{cfg.http.port}")
+                out.append((("tcp", str(iface.address.ip), cfg.http.port), "boot"))
+        return out
 
-    async def stop(self) -> None:
-        if self.runner:
-            await self.runner.cleanup()
-            self.runner = None
-        if self.ctx is not None:
+    @staticmethod
+    def _bind_tcp(host: str, port: int) -> socket.socket:
+        host = "0.0.0.0" if host in ("", "*") else host
+        family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    def _bind_unix(path: Path, mode: int) -> tuple[socket.socket, str]:
+        """A unix socket bound under a temporary name next to `path` (renamed onto it once it serves,
+        so the API socket never goes missing during a reload)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(path.lstat().st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket")
+        temp = str(path.with_name(f".{path.name}.{os.getpid()}.new"))
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(temp)
+            os.chmod(temp, mode)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
             try:
-                Path(self.ctx.config.api.socket).unlink()
+                os.unlink(temp)
             except OSError:
                 pass
+            raise
+        return sock, temp
+
+    async def _serve(self, ctx, reuse: dict[tuple, _Listener]) -> _Server:
+        """A new app serving `ctx.config`'s sockets, listening before it returns. Sockets already open
+        in `reuse` (same address) are shared, not bound again: no connection is refused during a
+        reload. On any failure everything new is closed and `reuse` is left untouched."""
+        cfg = ctx.config
+        app = self._make_app(ctx)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=cfg.http.idle_timeout,
+                               handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        server = _Server(app, runner)
+        try:
+            for key, kind in self._wanted(cfg):
+                if key in server.listeners:
+                    raise RuntimeError(f"{key[1]}:{key[2]} is asked for twice (api.tcp and the boot port?)")
+                old = reuse.get(key)
+                if old is not None:
+                    listener = _Listener(key, kind, old.sock.dup())
+                elif key[0] == "unix":
+                    sock, temp = self._bind_unix(Path(key[1]), int(cfg.api.socket_mode, 8))
+                    listener = _Listener(key, kind, sock, temp)
+                else:
+                    listener = _Listener(key, kind, self._bind_tcp(key[1], key[2]))
+                server.listeners[key] = listener
+                await web.SockSite(runner, listener.sock).start()
+                if key[0] == "unix":
+                    server.bound.append(f"unix:{key[1]}")
+                else:
+                    app[SITE_KEY][("*" if key[1] in WILDCARD_HOSTS else key[1], key[2])] = kind
+                    server.bound.append(f"{kind}:{key[1]}:{key[2]}")
+            for listener in server.listeners.values():  # serving: now the API socket's name moves over
+                if listener.temp_path:
+                    os.rename(listener.temp_path, listener.key[1])
+                    listener.temp_path = None
+                elif listener.key[0] == "unix":
+                    os.chmod(listener.key[1], int(cfg.api.socket_mode, 8))
+        except BaseException:
+            for listener in server.listeners.values():
+                if listener.temp_path:
+                    try:
+                        os.unlink(listener.temp_path)
+                    except OSError:
+                        pass
+            await runner.cleanup()  # closes the sockets its sites serve (a reused one only as a dup)
+            for listener in server.listeners.values():
+                listener.sock.close()
+            raise
+        return server
+
+    @staticmethod
+    def _read_token(cfg) -> Optional[str]:
+        return Path(cfg.api.token_file).read_text().strip() if cfg.api.token_file else None
+
+    async def start(self, ctx) -> None:
+        self.ctx = ctx
+        token = self._read_token(ctx.config)
+        self.server = await self._serve(ctx, reuse={})
+        ctx.extras["api_token"] = token
+        self._signature = self._signature_of(ctx.config)
+
+    async def stop(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        if self._retiring:
+            await asyncio.wait(list(self._retiring), timeout=2.0)
+        server, self.server = self.server, None
+        if server is not None:
+            await server.runner.cleanup()
+            for key in server.listeners:
+                if key[0] == "unix":
+                    self._unlink_socket(key[1])
+
+    @staticmethod
+    def _unlink_socket(path: str) -> None:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except OSError:
+            pass
 
     async def reload(self, ctx) -> None:
-        # Routes read ctx.config at request time; only a change of sockets needs a restart.
-        if self._signature_of(ctx.config) != self._signature:
-            await self.stop()
-            await self.start(ctx)
+        """Routes read ctx.config at request time; only a change of sockets, token or timeouts needs a new
+        server. It is listening before the old one stops accepting (sockets at unchanged addresses are
+        shared); the old one then finishes its requests, this reload's own API call among them."""
         self.ctx = ctx
+        signature = self._signature_of(ctx.config)
+        if signature == self._signature and self.server is not None:
+            return
+        token = self._read_token(ctx.config)
+        old = self.server
+        self.server = await self._serve(ctx, reuse=old.listeners if old else {})
+        ctx.extras["api_token"] = token
+        self._signature = signature
+        log.info("http: now listening on %s", ", ".join(self.server.bound))
+        if old is not None:
+            for key in old.listeners:
+                if key[0] == "unix" and key not in self.server.listeners:
+                    self._unlink_socket(key[1])
+            task = asyncio.get_running_loop().create_task(self._retire(old), name="bootd-http-retire")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(server: _Server) -> None:
+        """Stop accepting on a replaced server, let its requests finish (RETIRE_GRACE), then close it."""
+        try:
+            for site in list(server.runner.sites):
+                await site.stop()  # closes this server's fds; a socket shared with the new one stays open
+            if server.runner.server is not None:
+                server.runner.server.pre_shutdown()  # idle keep-alive connections close; busy ones finish
+                await server.runner.server.shutdown(RETIRE_GRACE)
+        finally:
+            await server.runner.cleanup()
 
     def status(self) -> dict:
         return {"listening": self.bound}

@@ -20,14 +20,13 @@ from typing import Optional
 
 from aiohttp import web
 
-from bootd.peers import may_act_for, refuse
-from bootd.tftp.server import NeighbourTable, event_kind
+from bootd.peers import mac_at, may_act_for, refuse
+from bootd.tftp.server import event_kind
 from pxe.booter import Booter, parse_mac, render
 
 log = logging.getLogger("bootd.http.boot")
 
 CAP_KEY = web.AppKey("bootd_connection_cap", object)
-NEIGHBOURS = NeighbourTable()
 
 
 # -- confinement -------------------------------------------------------------------------------------
@@ -108,12 +107,6 @@ def local_ip(request: web.Request) -> Optional[str]:
     return None
 
 
-def mac_of_client(ctx, ip: Optional[str]) -> Optional[str]:
-    if not ip:
-        return None
-    return ctx.store.mac_for_ip(ip) or NEIGHBOURS.lookup(ip)
-
-
 def file_kind(ctx, rel: str) -> str:
     for image in ctx.config.images:
         if rel == image.kernel.lstrip("/"):
@@ -149,7 +142,7 @@ class BootFileResponse(web.FileResponse):
             return
         nbytes = self.content_length or 0
         ctx.metrics.inc("http", "bytes", nbytes)
-        mac = mac_of_client(ctx, request.remote)
+        mac = mac_at(ctx, request.remote)
         detail = {"path": self._rel, "proto": "http", "status": self.status, "client": request.remote}
         if request.headers.get("Range"):
             detail["range"] = request.headers.get("Range")

@@ -15,20 +15,35 @@ from bootd.clientconfig.model import ClientsConfig
 from bootd.clientconfig.render import RenderError
 from bootd.clientconfig.resolve import NoClientConfig, UnknownHost, clients_for, render_for
 from bootd.http.app import json_error
+from bootd.peers import may_act_for, refuse
+from pxe.booter import parse_mac
 
 routes = web.RouteTableDef()
 NO_STORE = {"Cache-Control": "no-store"}  # rendered per request: a new boot means a new export token
 
 
+def _owner_check(request: web.Request, key: str) -> str:
+    """A host's files go only to that host: the key (a MAC in any spelling, or a configured name) is
+    resolved to the host's MAC first, and then the asking address must be that MAC's (bootd/peers.py).
+    A key that names no host at all is a 404 that says nothing about anyone. Returns the MAC."""
+    ctx = request.app["ctx"]
+    mac = parse_mac(key)
+    if mac is None:
+        host = ctx.config.host_by_name(key)
+        if host is None:
+            ctx.metrics.inc("clients", "errors", reason="unknown-host")
+            raise web.HTTPNotFound(text="unknown host\n")
+        mac = host.mac
+    if not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
+        refuse(ctx, "clients", request.remote, mac, "client configs")
+        raise web.HTTPForbidden(text="these files belong to another host\n")
+    return mac
+
+
 async def _render(request: web.Request, key: str, api: bool):
     ctx = request.app["ctx"]
     if not api:
-        from bootd.peers import may_act_for, refuse
-        from pxe.booter import parse_mac
-        mac = parse_mac(key)
-        if mac is not None and not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
-            refuse(ctx, "clients", request.remote, mac, "client configs")
-            raise web.HTTPForbidden(text="these files belong to another host\n")
+        key = _owner_check(request, key)
     try:
         return await render_for(ctx, key)
     except UnknownHost as e:

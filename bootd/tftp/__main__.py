@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True)
     ap.add_argument("--listen", action="append", default=[], help="HOST:PORT (repeatable)")
     ap.add_argument("--max-sessions", type=int, default=500)
+    ap.add_argument("--max-sessions-per-client", type=int, default=16)
     ap.add_argument("--max-open-files", type=int, default=400)
     ap.add_argument("--max-blksize", type=int, default=65464)
     ap.add_argument("--max-windowsize", type=int, default=64)
@@ -51,7 +52,8 @@ async def _run(args) -> int:
         limits=SessionLimits(max_blksize=args.max_blksize, max_windowsize=args.max_windowsize,
                              timeout=args.timeout, max_timeout=max(args.timeout, 8.0), retries=args.retries,
                              session_timeout=args.session_timeout),
-        server_limits=ServerLimits(max_sessions=args.max_sessions, max_open_files=args.max_open_files,
+        server_limits=ServerLimits(max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
+                                   max_open_files=args.max_open_files,
                                    leading_slash=args.leading_slash),
         store=store, metrics=metrics, data_pump=args.data_pump, run_dir=args.run_dir)
     addresses = []

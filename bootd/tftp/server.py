@@ -8,8 +8,9 @@ socket's reader callback: recv -> ReadSession.receive -> send, with no task or f
 File bytes are read with preadv2(RWF_NOWAIT) straight from the page cache when they are there, and
 in the default executor when they are not, so a cold disk never stalls the loop. Open files are
 shared between sessions that read the same file version (200 PCs fetching one kernel hold one fd).
-Limits: `max_sessions` transfers at once and `max_open_files` distinct files; a client above either
-gets an ERROR packet at once ("server busy"), never silence.
+Limits: `max_sessions` transfers at once, `max_sessions_per_client` of them from one client address
+(so one host cannot take every slot) and `max_open_files` distinct files; a client above any of them
+gets an ERROR packet at once ("server busy"), never silence, counted as refused{reason=busy|per-client}.
 
 Dynamic files (the provider seam)
 ---------------------------------
@@ -18,8 +19,9 @@ Dynamic files (the provider seam)
     provider(path: str, client_ip: str, client_mac: str | None) -> bytes | str | None   (or async)
 
 `path` is the normalised, root-relative name ('pxelinux.cfg/01-52-54-00-12-34-56', no leading '/';
-names with '..', '\\' or NUL never reach a provider). `client_mac` is 'aa:bb:cc:dd:ee:ff' found in
-the lease/host tables or the neighbour table, or None. bytes (or str, sent as UTF-8) are served as the
+names with '..', '\\' or NUL never reach a provider). `client_mac` is 'aa:bb:cc:dd:ee:ff', the MAC a live
+binding puts at the client's address (bootd/peers.py: configured ip, live lease, fresh neighbour
+entry), or None. bytes (or str, sent as UTF-8) are served as the
 file; None falls through to the next provider and finally to the file under the root. `pattern` is
 an fnmatch glob ('pxelinux.cfg/*') or a compiled regex (fullmatch) on `path`; the provider is only
 asked for matching names. A provider that raises is logged and counted, and the client gets
@@ -49,6 +51,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
+from bootd import peers
 from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined, open_confined_cached
 from bootd.tftp.pump import DataPump, default_run_dir
 from bootd.tftp.session import (OP_RRQ, OP_WRQ, ErrorCode, MalformedPacket, ReadSession, SessionLimits,
@@ -84,55 +87,6 @@ def event_kind(path: str, dynamic: bool = False) -> str:
     return "file"
 
 
-class NeighbourTable:
-    """IP -> MAC from the kernel's ARP table (/proc/net/arp of this network namespace), cached 1 s."""
-
-    def __init__(self, path: str = "/proc/net/arp", ttl: float = 1.0):
-        self.path = path
-        self.ttl = ttl
-        self._at = -1e9
-        self._table: dict[str, str] = {}
-
-    def lookup(self, ip: str) -> Optional[str]:
-        now = time.monotonic()
-        if now - self._at > self.ttl or ip not in self._table:
-            if now - self._at > 0.05:
-                self._table = self._read()
-                self._at = now
-        return self._table.get(ip)
-
-    def _read(self) -> dict[str, str]:
-        table = {}
-        try:
-            with open(self.path) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 4 and parts[3] != "00:00:00:00:00:00" and int(parts[2], 16) & 0x2:
-                        table[parts[0]] = parts[3].lower()
-        except (OSError, ValueError):
-            pass
-        return table
-
-
-class MacResolver:
-    """The MAC behind a client IP: leases and hosts in the state store first, then the ARP table."""
-
-    def __init__(self, store: Any = None, neighbours: Optional[NeighbourTable] = None):
-        self.store = store
-        self.neighbours = neighbours or NeighbourTable()
-
-    def __call__(self, ip: str) -> Optional[str]:
-        if self.store is not None:
-            try:
-                mac = self.store.mac_for_ip(ip)
-                if mac:
-                    return mac.lower()
-            except Exception as e:  # the store must not break a transfer
-                log.debug("mac_for_ip(%s) failed: %s", ip, e)
-        return self.neighbours.lookup(ip)
-
-
 @dataclass
 class _SharedFile:
     opened: OpenedFile
@@ -164,6 +118,7 @@ class _Transfer:
 @dataclass
 class ServerLimits:
     max_sessions: int = 500
+    max_sessions_per_client: int = 16
     max_open_files: int = 400
     leading_slash: str = "root"
 
@@ -182,10 +137,11 @@ class TftpServer:
         self.server_limits = server_limits
         self.store = store
         self.metrics = metrics
-        self.resolve_mac = mac_resolver or MacResolver(store)
+        self.resolve_mac = mac_resolver or peers.resolver(store)  # the daemon passes peers.mac_at
         self._providers: list[tuple[Optional[Callable[[str], bool]], Provider]] = []
         self._listeners: dict[tuple, socket.socket] = {}
         self._transfers: dict[tuple, _Transfer] = {}
+        self._per_client: dict[str, int] = {}  # client address -> its entries in _transfers
         self._files: dict[tuple, _SharedFile] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._tasks: set[asyncio.Task] = set()
@@ -275,6 +231,7 @@ class TftpServer:
                 self._send(t, t.session.abort("server shutting down", self._loop.time()))
             self._close(t)
         self._transfers.clear()
+        self._per_client.clear()
 
     def status(self) -> dict:
         return {
@@ -347,6 +304,10 @@ class TftpServer:
         if len(self._transfers) >= self.server_limits.max_sessions:
             self._refuse(sock, addr, "busy", ErrorCode.NOT_DEFINED, "server busy: too many transfers, retry later")
             return
+        if self._per_client.get(addr[0], 0) >= self.server_limits.max_sessions_per_client:
+            self._refuse(sock, addr, "per-client", ErrorCode.NOT_DEFINED,
+                         "server busy: too many transfers from this address, retry later")
+            return
         try:
             path = normalize(req.filename, self.server_limits.leading_slash)
         except PathRefused as e:
@@ -355,6 +316,7 @@ class TftpServer:
             return
         t = _Transfer(key=key, ip=addr[0], path=path)
         self._transfers[key] = t
+        self._per_client[t.ip] = self._per_client.get(t.ip, 0) + 1
         task = self._loop.create_task(self._begin(t, req, local, sock))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -684,16 +646,28 @@ class TftpServer:
         self._after(t)
 
     # -- the end of a transfer -----------------------------------------------------------------------
+    def _forget(self, t: _Transfer) -> None:
+        """Take `t` out of the session table and its client's count (once; a newer transfer from the
+        same address and port that took its key stays)."""
+        if self._transfers.get(t.key) is not t:
+            return
+        del self._transfers[t.key]
+        left = self._per_client.get(t.ip, 0) - 1
+        if left > 0:
+            self._per_client[t.ip] = left
+        else:
+            self._per_client.pop(t.ip, None)
+
     def _drop(self, t: _Transfer) -> None:
         t.closed = True
-        self._transfers.pop(t.key, None)
+        self._forget(t)
 
     def _close(self, t: _Transfer) -> None:
         if t.closed and t.sock is None:
-            self._transfers.pop(t.key, None)
+            self._forget(t)
             return
         t.closed = True
-        self._transfers.pop(t.key, None)
+        self._forget(t)
         if t.timer is not None:
             t.timer.cancel()
             t.timer = None

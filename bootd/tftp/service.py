@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from bootd import peers
 from bootd.service import Service
 from bootd.tftp.server import ServerLimits, TftpServer, listen_addresses
 from bootd.tftp.session import SessionLimits
@@ -28,6 +29,7 @@ def limits_from_config(tftp) -> tuple[SessionLimits, ServerLimits]:
     )
     server = ServerLimits(
         max_sessions=tftp.max_sessions,
+        max_sessions_per_client=tftp.max_sessions_per_client,
         max_open_files=tftp.max_open_files,
         leading_slash=getattr(tftp, "leading_slash", "root"),
     )
@@ -57,7 +59,7 @@ class TftpService(Service):
         if self.server is None:
             self.server = TftpServer(str(root), limits=session_limits, server_limits=server_limits,
                                      store=ctx.store, metrics=ctx.metrics, data_pump=cfg.tftp.data_pump,
-                                     run_dir=pump_run_dir(cfg))
+                                     run_dir=pump_run_dir(cfg), mac_resolver=lambda ip: peers.mac_at(ctx, ip))
         ctx.extras["tftp"] = self.server
         ctx.metrics.add_gauges("tftp", self.server.gauges)
         self._addresses = listen_addresses(cfg)

@@ -199,8 +199,8 @@ def test_hosts_list_and_open_only_their_own_export(lab, bootd_daemon, tmp_path, 
     assert sha256(base) == before
 
 
-def test_gatekeeper_off_and_tls_keep_the_direct_path(lab, bootd_daemon, tmp_path):
-    """`nbd.gatekeeper: false` keeps the storage daemon on TCP itself (and so does nbd.tls)."""
+def test_gatekeeper_off_keeps_the_direct_path(lab, bootd_daemon, tmp_path):
+    """`nbd.gatekeeper: false` keeps the storage daemon on TCP itself (and says so: no access control)."""
     base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
     a = lab.add_client("10.77.0.10")
     cfg = {"interfaces": [{"name": "br0", "address": f"{SERVER}/24"}],
@@ -214,29 +214,129 @@ def test_gatekeeper_off_and_tls_keep_the_direct_path(lab, bootd_daemon, tmp_path
     assert py(a, OPEN, "read", ea["uri"]).stdout.startswith("OPEN")
 
 
-@pytest.mark.netns
-def test_without_a_splicer_disks_are_served_directly(tmp_path, monkeypatch):
-    """No gcc / no splicer: the disks stay up, served by the daemon itself, and status says why."""
-    import nbd
+NOEXEC = 'mount -t tmpfs -o noexec,nosuid,nodev,mode=0700 bootd-noexec "$0" && exec "$@"'
 
-    import nbdexport.gatekeeper as gatekeeper
-    from nbdtest import Harness
 
-    def no_compiler(run_dir):
-        raise RuntimeError("gcc: not found")
+def test_without_c_helpers_the_gatekeeper_relays_and_stays_closed(lab, bootd_daemon, tmp_path):
+    """The C helpers cannot run (run directory on a noexec tmpfs in bootd's own mount namespace, as
+    hardened hosts have): the storage daemon must still never listen on TCP; the gatekeeper relays the
+    data in Python, strangers still list and open nothing, the owner reads and writes its disk correctly,
+    and `bootctl status` and the unit's STATUS= say so."""
+    base = make_base(tmp_path / "base.qcow2", size_mb=32, pattern=0xAB)
+    base.chmod(0o444)
+    raw = tmp_path / "base.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(base), str(raw)], check=True)
+    a = lab.add_client("10.77.0.10")
+    b = lab.add_client("10.77.0.11")
+    stranger = lab.add_client("10.77.0.12")
+    run_dir = tmp_path / "noexec-run"
+    run_dir.mkdir()
+    cfg = two_hosts(a, b)
+    cfg["nbd"]["run_dir"] = str(run_dir)
+    d = bootd_daemon(cfg, ns=lab.server, start=False)
+    d.wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", NOEXEC, str(run_dir)]
+    d.start()
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
 
-    monkeypatch.setattr(gatekeeper, "build_splicer", no_compiler)
-    base = make_base(tmp_path / "b.qcow2", size_mb=16)
-    h = Harness(tmp_path, gatekeeper=True).start()
+    ss = lab.server.run(["ss", "-Hltnp", "sport = :10809"]).stdout
+    assert f"{SERVER}:10809" in ss and "qemu-storage" not in ss, ss
+    disks = disk_status(d)
+    assert disks["data_path"] == "python-relay", disks
+    assert "no NBD splicer" in disks["data_path_reason"] and "hand-off" in disks["data_path_reason"], disks
+    assert "noexec" in disks["data_path_reason"], disks
+    assert disks["qsd"]["listen"].endswith("/nbd.sock")
+    status = bootctl_json(d, "status")
+    assert any("python-relay" in w for w in status["warnings"]), status["warnings"]
+    assert "WARNING disks: NBD data path python-relay" in d.bootctl("status").stdout
+    assert any("WARNING" in f and "python-relay" in f for f in d.notify.fields("STATUS=")), d.notify.fields("STATUS=")
+
+    # strangers and the other host: nothing listed, nothing opened
+    r = stranger.ns.run(["nbdinfo", "--list", "--json", f"nbd://{SERVER}:10809"], check=False)
+    assert ea["name"] not in r.stdout and eb["name"] not in r.stdout
+    listing = a.ns.run(["nbdinfo", "--list", "--json", f"nbd://{SERVER}:10809"]).stdout
+    assert [e["export-name"] for e in json.loads(listing)["exports"]] == [ea["name"]]
+    assert py(stranger, OPEN, "read", ea["uri"]).stdout.startswith("REFUSED")
+    for mode in ("read", "oldstyle"):
+        assert py(a, OPEN, mode, eb["uri"]).stdout.startswith("REFUSED")
+
+    # the owner through the relay: whole content, a write read back after reconnects (GO and EXPORT_NAME)
+    out = tmp_path / "a-copy.raw"
+    a.ns.run(["nbdcopy", ea["uri"], str(out)])
+    assert sha256(out) == sha256(raw)
+    r = py(a, OPEN, "write", ea["uri"], "relayed-by-python")
+    assert r.stdout.splitlines() == [f"OPEN {32 << 20}", "READ relayed-by-python"]
+    for mode in ("read", "oldstyle", "oldstyle-nz"):
+        assert py(a, OPEN, mode, ea["uri"]).stdout.splitlines()[-1] == "READ relayed-by-python"
+    g = disk_status(d)["gatekeeper"]
+    assert g["relayed"] >= 5 and g["handed_off"] == 0 and g["spliced"] == 0, g
+    row = [x for x in bootctl_json(d, "disk", "list")["disks"] if x["host"] == "pc-a"][0]
+    # counted from the request headers: nbdcopy reads only the allocated first MiB (block status)
+    assert row["read_bytes"] >= 1 << 20 and row["written_bytes"] == len("relayed-by-python"), row
+    assert d.stop() == 0
+    left = [p for p in lab.server.pids() if "qemu-storage" in open(f"/proc/{p}/cmdline").read()]
+    assert not left
+
+
+HOLD = textwrap.dedent("""
+    import resource, socket, sys
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    socks = [socket.create_connection((host, port), timeout=10) for _ in range(n)]
+    held, closed = [], 0
+    for s in socks:  # the admitted ones get the greeting, the others are closed at once
+        try:
+            g = s.recv(18)
+        except (ConnectionResetError, socket.timeout):
+            g = b""
+        if g.startswith(b"NBDMAGIC"):
+            held.append(s)
+        else:
+            closed += 1
+    print("HOLDING", len(held), closed, flush=True)
+    sys.stdin.readline()  # hold the handshakes open until told
+    for s in held:  # the server ends idle handshakes by itself (nbd.handshake_timeout)
+        s.settimeout(60)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    print("ENDED", len(held), flush=True)
+""")
+
+
+def test_one_address_cannot_take_every_handshake_slot(lab, bootd_daemon, tmp_path):
+    """A stranger opening more connections than the global handshake cap and leaving them idle gets
+    nbd.handshakes_per_address of them; the rest are closed and counted, and a real host still gets its
+    disk meanwhile. The idle ones end after nbd.handshake_timeout."""
+    base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
+    a = lab.add_client("10.77.0.10")
+    b = lab.add_client("10.77.0.11")
+    stranger = lab.add_client("10.77.0.12")
+    d = bootd_daemon(two_hosts(a, b), ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    p = stranger.ns.popen([sys.executable, "-c", HOLD, SERVER, "10809", "600"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
     try:
-        e = h.run(h.m.prepare_boot("52:54:00:00:00:0a", base))
-        c = nbd.NBD()
-        c.connect_uri(h.uri(e.name))
-        assert c.get_size() == 16 << 20
-        st = h.m.status()
-        assert "gcc: not found" in st["gatekeeper"]["error"] and st["qsd"]["listen"].startswith("127.0.0.1:")
+        assert p.stdout.readline().split() == ["HOLDING", "8", "592"]
+        g = disk_status(d)["gatekeeper"]
+        assert (g["handshakes"], g["handshakes_per_address"], g["handshake_timeout"]) == (8, 8, 10), g
+        r = py(a, OPEN, "read", ea["uri"])  # while the stranger holds its handshakes
+        assert r.stdout.splitlines()[0] == f"OPEN {16 << 20}", r.stdout
+        assert a.ns.run(["nbdinfo", "--size", ea["uri"]]).stdout.strip() == str(16 << 20)
+        metrics = bootctl_json(d, "metrics")["nbd"]
+        assert metrics["gatekeeper_bad{reason=handshakes-per-address}"] == 592, metrics
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == ["ENDED", "8"]
+        assert p.wait(timeout=10) == 0
     finally:
-        h.stop()
+        if p.poll() is None:
+            p.kill()
+    metrics = bootctl_json(d, "metrics")["nbd"]
+    assert metrics["gatekeeper_bad{reason=timeout}"] == 8, metrics
+    assert disk_status(d)["gatekeeper"]["handshakes"] == 0
+    assert d.stop() == 0
 
 
 IO = textwrap.dedent("""
@@ -437,3 +537,72 @@ def test_handoff_reads_a_control_message_that_comes_after_its_connection(tmp_pat
             h.run(asyncio.to_thread(x.shutdown))
     finally:
         h.stop()
+
+
+TLS_OPEN = textwrap.dedent("""
+    import json, sys, nbd
+    action, uri, psk = sys.argv[1], sys.argv[2], sys.argv[3]
+    h = nbd.NBD()
+    if psk != "-":
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_psk_file(psk)
+        h.set_tls_username("lab")
+    try:
+        if action == "list":
+            h.set_opt_mode(True)
+            h.connect_uri(uri)
+            names = []
+            h.opt_list(lambda name, desc: names.append(name) or 0)
+            print(json.dumps(names)); sys.exit(0)
+        h.connect_uri(uri)
+    except nbd.Error as e:
+        print("REFUSED", e); sys.exit(0)
+    if action == "write":
+        h.pwrite(sys.argv[4].encode(), 1 << 20); h.flush()
+    print("READ", h.pread(4, 0).hex(), h.pread(32, 1 << 20).decode(errors="replace").rstrip("\\x00"))
+""")
+
+
+def test_tls_keeps_per_host_isolation(lab, bootd_daemon, tmp_path):
+    """nbd.tls with one lab PSK: the gatekeeper terminates TLS itself, so a client holding the lab key
+    still lists only its own exports and cannot open another host's; without the key (or with a wrong
+    one) nothing; the storage daemon is not on TCP."""
+    base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
+    a = lab.add_client("10.77.0.10")
+    b = lab.add_client("10.77.0.11")
+    stranger = lab.add_client("10.77.0.12")
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    keys = tls_dir / "keys.psk"
+    keys.write_text(f"lab:{os.urandom(32).hex()}\n")
+    wrong = tmp_path / "wrong.psk"
+    wrong.write_text(f"lab:{os.urandom(32).hex()}\n")
+    cfg = two_hosts(a, b)
+    cfg["nbd"]["tls"] = {"mode": "psk", "dir": str(tls_dir)}
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
+    assert ea["uri"].startswith("nbds://")
+    ss = lab.server.run(["ss", "-Hltnp", "sport = :10809"]).stdout
+    assert f"{SERVER}:10809" in ss and "qemu-storage" not in ss, ss
+    disks = disk_status(d)
+    assert disks["data_path"] == "python-relay" and disks["gatekeeper"]["tls"], disks
+
+    root = f"nbds://{SERVER}:10809/"
+    assert json.loads(py(a, TLS_OPEN, "list", root, keys).stdout) == [ea["name"]]
+    assert json.loads(py(b, TLS_OPEN, "list", root, keys).stdout) == [eb["name"]]
+    assert json.loads(py(stranger, TLS_OPEN, "list", root, keys).stdout) == []
+    assert py(stranger, TLS_OPEN, "read", ea["uri"], keys).stdout.startswith("REFUSED")
+    assert py(a, TLS_OPEN, "read", eb["uri"], keys).stdout.startswith("REFUSED")
+    assert py(a, TLS_OPEN, "read", ea["uri"], wrong).stdout.startswith("REFUSED")
+    assert py(a, TLS_OPEN, "read", f"nbd://{SERVER}:10809/{ea['name']}", "-").stdout.startswith("REFUSED")
+    assert bootctl_json(d, "metrics")["nbd"]["refused{reason=not-the-host}"] >= 2
+
+    r = py(a, TLS_OPEN, "write", ea["uri"], keys, "over-tls")
+    assert r.stdout.split() == ["READ", "abababab", "over-tls"], r.stdout + r.stderr
+    assert py(a, TLS_OPEN, "read", ea["uri"], keys).stdout.split() == ["READ", "abababab", "over-tls"]
+    out = tmp_path / "copy.raw"
+    r = a.ns.run(["nbdcopy", f"nbds://lab@{SERVER}:10809/{ea['name']}?tls-psk-file={keys}", str(out)], check=False)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size == 16 << 20 and out.read_bytes()[:4] == b"\xab" * 4
+    assert d.stop() == 0

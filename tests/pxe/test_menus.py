@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bootd.bootplan import Planner
 from bootd.config import parse_config
 from bootd.state import StateStore
 from pxe.booter import Booter, parse_mac, render
@@ -49,6 +50,7 @@ def ctx(tmp_path):
     store = StateStore(tmp_path / "state.db")
     c = types.SimpleNamespace(config=parse_config(CONFIG), store=store, disks=None, snapshots=None,
                               booter=None, metrics=None)
+    c.planner = Planner(c)
     yield c
     store.close()
 
@@ -124,6 +126,7 @@ def test_host_image_list_override(tmp_path):
     store = StateStore(tmp_path / "s.db")
     try:
         c = types.SimpleNamespace(config=cfg, store=store, disks=None, snapshots=None)
+        c.planner = Planner(c)
         m = menu(c, PC01)
         assert [i.key for i in m.items] == ["windows", "local"] and m.default == "windows"
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bootd.bootplan import Planner
 from bootd.config import parse_config
 from bootd.state import StateStore
 from pxe.booter import Booter, render
@@ -49,6 +50,7 @@ def ctx(tmp_path):
         store.promote(f"{image}@v2", "room1", "t")
     store.pin("windows@v1", PC01, "t")
     c = types.SimpleNamespace(config=parse_config(CONFIG), store=state, disks=None, snapshots=store, booter=None)
+    c.planner = Planner(c)
     yield c
     state.close()
 

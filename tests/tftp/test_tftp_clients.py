@@ -142,7 +142,8 @@ def env(tmp_path_factory):
         client = lab.add_client(address="10.77.0.10")
         set_mtu(lab, client, 9000)
         for pump in PUMPS:
-            runners[pump] = TftpRunner(lab.server, root, base, pump=pump)
+            # one client namespace stands in for a room of PCs (200 at once): lift the per-address cap
+            runners[pump] = TftpRunner(lab.server, root, base, "--max-sessions-per-client", "200", pump=pump)
         yield {"lab": lab, "client": client, "root": root, "out": out, "runner": runners["c"], "runners": runners,
                "base": base}
     finally:
@@ -385,6 +386,26 @@ def test_silent_client_dropped_and_session_freed(strict):
     assert st["status"]["data_pump"]["sessions"] - pumped == (1 if strict["runner"].pump == "c" else 0)
     assert st["status"]["data_pump"]["running"] == 0
     assert len(_udp_sockets(strict["lab"].server)) == 1   # only the listener is left
+
+
+@pytest.mark.parametrize("pump", PUMPS)
+def test_client_timeout_255_ends_at_session_timeout(pump, tmp_path, lab):
+    """A client negotiates timeout=255 and goes silent after the OACK: the server gives up at its
+    session timeout (1 s here), not after 255 s retransmission intervals, and frees the session."""
+    root = make_root(tmp_path)
+    client = lab.add_client(address="10.77.0.30")
+    runner = TftpRunner(lab.server, root, tmp_path, "--retries", "6", "--session-timeout", "1", pump=pump)
+    try:
+        pumped = runner.pumped()
+        r = client.ns.run([PY, UDP_TOOL, "silent", S, str(PORTS[pump]), "f1m", "20", "timeout=255"], timeout=60)
+        assert [kind for _, kind in json.loads(r.stdout)] == [6, 5], r.stdout   # OACK, then ERROR
+        time.sleep(0.2)
+        st = runner.status()
+        assert st["status"]["active_sessions"] == 0 and st["status"]["open_files"] == 0
+        assert st["metrics"]["tftp"]["sessions_failed{reason=timeout}"] == 1
+        assert st["status"]["data_pump"]["sessions"] - pumped == (1 if pump == "c" else 0)
+    finally:
+        runner.stop()
 
 
 def test_excess_clients_get_an_error_not_a_hang(strict):

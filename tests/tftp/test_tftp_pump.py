@@ -277,6 +277,34 @@ def test_retransmission_backoff_and_timeout(root, tmp_path, mode):
     run(main())
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ack0", [False, True], ids=["silent-after-oack", "silent-after-data"])
+def test_client_timeout_255_does_not_outlast_session_timeout(root, tmp_path, mode, ack0):
+    """A client negotiates timeout=255 and goes silent: ERROR at session_timeout (1 s), not after minutes
+    of 255 s retransmission intervals; the session and its file are freed."""
+    async def main():
+        server = await start(root, mode, tmp_path, limits=SessionLimits(timeout=1.0, retries=6, session_timeout=1.0))
+        c = Client(port_of(server))
+        try:
+            c.rrq("kernel", timeout=255, blksize=512)
+            p = await c.recv()
+            assert op(p) == OP_OACK and parse_oack(p) == {"timeout": "255", "blksize": "512"}
+            if ack0:
+                c.send(encode_ack(0))
+                p = await c.recv()
+                assert op(p) == OP_DATA and blk(p) == 1
+            p = await c.recv(timeout=15)                  # without the cap the next packet is 255 s away
+            assert op(p) == OP_ERROR and b"timeout" in p
+            await settle(server)
+            assert server.metrics.get("tftp", "sessions_failed", reason="timeout") == 1
+            st = server.status()
+            assert st["open_files"] == 0 and st["data_pump"]["sessions"] == (1 if mode == "c" else 0)
+        finally:
+            c.close()
+            await server.stop()
+    run(main())
+
+
 def test_pump_killed_mid_transfer_is_restarted(root, tmp_path):
     async def main():
         store = StateStore(tmp_path / "state.db")

@@ -34,10 +34,10 @@ async def curl(port: int, path: str, *opts: str) -> tuple[int, bytes]:
 class RawClient:
     """A UDP socket speaking just enough TFTP to misbehave on purpose."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, address: str = "127.0.0.1"):
         self.port = port
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((address, 0))  # any 127.x address is this host's loopback: a second client address
         self.sock.setblocking(False)
         self.peer = None
 
@@ -241,6 +241,51 @@ def test_session_and_open_file_limits_answer_busy(root):
     run(main())
 
 
+def test_one_address_cannot_take_every_session(root):
+    """max_sessions_per_client: a fourth transfer from one address gets a busy ERROR (counted) while
+    another address still gets its file; a slot freed by that address is its own again."""
+    async def main():
+        server = await start(root, server_limits=ServerLimits(max_sessions=10, max_sessions_per_client=3),
+                             metrics=Metrics())
+        port = port_of(server)
+        holders = [RawClient(port) for _ in range(4)]
+        other = RawClient(port, address="127.0.0.2")
+        try:
+            for c in holders[:3]:
+                c.send_rrq("vmlinuz", blksize=1024)
+                assert opcode(await c.recv()) == OP_OACK
+            holders[3].send_rrq("vmlinuz", blksize=1024)
+            p = await holders[3].recv()
+            assert opcode(p) == OP_ERROR and b"busy" in p and b"from this address" in p
+            assert server.metrics.get("tftp", "refused", reason="per-client") == 1
+            assert server.status()["active_sessions"] == 3
+            # another address: the whole file, lock-step
+            other.send_rrq("initrd.img")
+            got = bytearray()
+            while True:
+                p = await other.recv()
+                assert opcode(p) == OP_DATA
+                got += p[4:]
+                other.send(encode_ack(struct.unpack("!H", p[2:4])[0]))
+                if len(p) < 516:
+                    break
+            assert bytes(got) == (root / "initrd.img").read_bytes()
+            # one of the three ends: the address has a slot again
+            holders[0].send(b"\x00\x05\x00\x00cancel\x00")
+            for _ in range(100):
+                if server.status()["active_sessions"] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            holders[3].send_rrq("vmlinuz", blksize=1024)
+            assert opcode(await holders[3].recv()) == OP_OACK
+            assert server.metrics.get("tftp", "refused", reason="per-client") == 1
+        finally:
+            for c in holders + [other]:
+                c.close()
+            await server.stop()
+    run(main())
+
+
 def test_stop_aborts_running_transfers_with_an_error(root):
     async def main():
         server = await start(root)
@@ -262,7 +307,7 @@ def test_reads_are_chunked_and_served_from_many_sessions(root):
     async def main():
         big = os.urandom(3 * 1024 * 1024 + 5)
         (root / "big").write_bytes(big)
-        server = await start(root)
+        server = await start(root, server_limits=ServerLimits(max_sessions_per_client=24))  # all from 127.0.0.1
         port = port_of(server)
         try:
             jobs = [curl(port, "big", "--tftp-blksize", str(bs)) for bs in (512, 1468, 8192, 65464) * 6]

@@ -5,7 +5,9 @@ import asyncio
 import os
 import socket
 
-from bootd.config import parse_config
+import pytest
+
+from bootd.config import ConfigError, parse_config
 from bootd.daemon import Context
 from bootd.state import StateStore
 from bootd.tftp.service import TftpService
@@ -51,10 +53,12 @@ def test_service_start_reload_stop(tmp_path):
         assert pkt[:4] == bytes([0, OP_DATA, 0, 1])
         got = bytearray(pkt[4:])
         # reload onto another port mid-transfer: the transfer goes on, the listener moves
-        ctx.config = _config(root, port2, max_sessions=7)
+        assert svc.server.server_limits.max_sessions_per_client == 16   # the documented default
+        ctx.config = _config(root, port2, max_sessions=7, max_sessions_per_client=2)
         await svc.reload(ctx)
         assert svc.status()["addresses"] == [f"127.0.0.1:{port2}"]
         assert svc.server.server_limits.max_sessions == 7
+        assert svc.server.server_limits.max_sessions_per_client == 2
         block = 1
         while True:
             c.sendto(encode_ack(block), peer)
@@ -72,6 +76,12 @@ def test_service_start_reload_stop(tmp_path):
         store.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_max_sessions_per_client_is_validated(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        _config(tmp_path, 69, max_sessions_per_client=0)
+    assert "tftp.max_sessions_per_client: Input should be greater than or equal to 1" in str(e.value)
 
 
 def test_no_interfaces_means_no_listener(tmp_path):

@@ -342,6 +342,54 @@ def test_session_timeout_caps_total_silence():
     assert s.outcome == "timeout" and s.deadline is None
 
 
+def _silence(s: ReadSession) -> list[tuple[float, list[int]]]:
+    """Let the timer run with a client that never answers: (time, opcodes sent) per expiry."""
+    fired = []
+    while not s.finished:
+        t = s.deadline
+        fired.append((t, [op(p) for p in s.on_timer(t)]))
+    return fired
+
+
+def test_client_timeout_option_cannot_outlast_session_timeout_waiting_for_ack0():
+    """timeout=255 negotiated, then silence after the OACK: dropped at session_timeout, not after minutes."""
+    limits = SessionLimits(timeout=1.0, retries=6, session_timeout=5.0)
+    data = os.urandom(3000)
+    s = session_for(data, limits=limits, timeout=255, now=10.0)
+    assert s.negotiated.oack == [("timeout", "255")] and s.rto == 255.0
+    assert op(s.start(10.0)[0]) == OP_OACK
+    s.feed(data, True, 10.0)
+    assert s.deadline == 15.0
+    assert _silence(s) == [(15.0, [OP_ERROR])]
+    assert s.outcome == "timeout" and s.finished_at == 15.0
+
+
+def test_client_timeout_option_cannot_outlast_session_timeout_mid_transfer():
+    """Progress moves the limit; silence after it ends the session session_timeout later."""
+    limits = SessionLimits(timeout=1.0, retries=6, session_timeout=5.0)
+    data = os.urandom(3000)
+    s = session_for(data, limits=limits, timeout=255, blksize=512)
+    s.start(0.0)
+    s.feed(data, True, 0.0)
+    assert [blk(p) for p in s.receive(encode_ack(0), 1.0)] == [1]
+    assert s.deadline == 6.0
+    s.prepare()                                        # the fast path arms the timer too
+    assert [blk(p) for p in s.receive(encode_ack(1), 2.0)] == [2]
+    assert s.deadline == 7.0
+    assert _silence(s) == [(7.0, [OP_ERROR])]
+    assert s.outcome == "timeout" and s.bytes_acked == 512
+
+
+def test_backoff_is_cut_short_by_session_timeout():
+    """A retransmission whose doubled interval would end after session_timeout fires at it instead."""
+    limits = SessionLimits(timeout=2.0, max_timeout=8.0, retries=50, session_timeout=5.0)
+    data = os.urandom(100)
+    s = session_for(data, limits=limits)
+    s.start(0.0)
+    s.feed(data, True, 0.0)
+    assert _silence(s) == [(2.0, [OP_DATA]), (5.0, [OP_ERROR])]
+
+
 def test_client_error_after_oack_ends_session():
     s = session_for(b"abc", blksize=1024)
     s.start(0.0)

@@ -2,7 +2,9 @@
 
     python udp_tool.py rrq HOST PORT HEX [HEX...]     send each datagram from a fresh port, print
                                                       the first reply of each as JSON lines
-    python udp_tool.py silent HOST PORT NAME WAIT     RRQ, then never ACK; print every reply opcode
+    python udp_tool.py silent HOST PORT NAME WAIT [OPTION=VALUE...]
+                                                      RRQ (with these options), then never ACK; print
+                                                      every reply as [time, opcode]
     python udp_tool.py fuzz HOST PORT COUNT SEED      send COUNT mutated/random datagrams to the listener
                                                       and to random ports; print how many were sent
 """
@@ -41,9 +43,10 @@ def rrq(host: str, port: int, payloads: list[bytes]) -> None:
         s.close()
 
 
-def silent(host: str, port: int, name: str, wait: float) -> None:
+def silent(host: str, port: int, name: str, wait: float, options: list[str]) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.sendto(b"\x00\x01" + name.encode() + b"\0octet\0", (host, port))
+    opts = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in (o.split("=", 1) for o in options))
+    s.sendto(b"\x00\x01" + name.encode() + b"\0octet\0" + opts, (host, port))
     end = time.monotonic() + wait
     replies = []
     while time.monotonic() < end:
@@ -116,7 +119,7 @@ def main(argv: list[str]) -> int:
     if cmd == "rrq":
         rrq(host, port, [bytes.fromhex(h) for h in argv[3:]])
     elif cmd == "silent":
-        silent(host, port, argv[3], float(argv[4]))
+        silent(host, port, argv[3], float(argv[4]), argv[5:])
     elif cmd == "fuzz":
         fuzz(host, port, int(argv[3]), int(argv[4]))
     else:

@@ -1,0 +1,286 @@
+"""One boot decision per host: what a PC boots, decided once and read by everyone who serves it.
+
+`plan_for(config, snapshots, mac) -> BootPlan` gives a host's effective settings (host over group over
+defaults: group, images, default image, menu flavour, persistent disk), its menu entries with the
+snapshot each boots (and the "previous" entries), the default entry, and the disk its boot gets (an
+overlay over the default entry's snapshot, plus one export per other snapshot the menu offers).
+
+The DHCP loader choice, the menus (pxe/booter.py), the NBD manager's resolver (nbdexport/service.py),
+the snapshot store's resolvers (snapshots/store.py) and the client configs (bootd/clientconfig/resolve.py)
+all read it, so a menu default and the disk under it can no longer come from two rules that disagree.
+The plan is pure given its inputs: the config and what `SnapshotState` reports of the snapshot store.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Protocol, TypeVar
+
+from bootd.config import Config, HostConfig
+from bootd.macaddr import normalize_mac, parse_mac
+from snapshots.model import ALL_GROUPS
+
+LOCAL_KEY = "local"  # the menu's "boot from local disk" entry; no image entry may take this key
+_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+# What a host boots of one image, strongest first: (assignment kind, whose, the reason shown to admins).
+_PRECEDENCE = (("maintenance", "host", "maintenance"), ("pin", "host", "pinned"), ("test", "host", "test"),
+               ("current", "group", "group"), ("current", "all", "all groups"))
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+class PlannedSnapshot(Protocol):
+    """What the plan keeps of a snapshot (snapshots.model.Snapshot has it)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> Optional[int]: ...
+
+
+SnapshotT = TypeVar("SnapshotT", bound=PlannedSnapshot, covariant=True)
+
+
+class SnapshotState(Protocol[SnapshotT]):
+    """What the planner reads of the snapshot store (snapshots/store.py SnapshotStore)."""
+
+    def assigned(self, image: str, kind: str, target: str) -> Optional[SnapshotT]:
+        """The snapshot of the active `kind` assignment ('current', 'pin', 'test', 'maintenance') of
+        `image` to `target` (a group name, '*' for all groups, or a MAC); None if none or no such image."""
+        ...
+
+    def previous_for(self, group: Optional[str], image: str) -> Optional[SnapshotT]:
+        """The snapshot a rollback of (image, group) would make current."""
+        ...
+
+
+class PlanSources(Protocol):
+    """Where a Planner reads its inputs at every call (bootd.daemon.Context): a reload or a promote shows
+    in the next plan."""
+
+    config: Config
+    snapshots: Optional[SnapshotState[PlannedSnapshot]]
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HostSettings:
+    """A PC's effective settings: its identity and host-over-group-over-defaults choices."""
+
+    mac: str
+    name: Optional[str]
+    group: Optional[str]
+    images: tuple[str, ...]
+    default_image: Optional[str]
+    boot: str  # menu flavour and so the loader DHCP hands out: "ipxe" | "pxelinux" | "grub"
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class MenuEntry:
+    """One bootable choice. `cmdline` holds the image's own arguments; bootd's are added by the Booter."""
+
+    key: str
+    image: str
+    title: str
+    kernel: str  # relative to the boot root
+    initrd: str  # relative to the boot root
+    cmdline: str = ""
+    snapshot_id: Optional[int] = None
+    version: Optional[str] = None
+    default: bool = False
+    previous: bool = False
+
+    def __post_init__(self) -> None:
+        if not _KEY_RE.match(self.key):
+            raise ValueError(f"catalog entry key {self.key!r}: use lower-case letters, digits, '_' and '-'")
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """The disks of one boot: the main one, an overlay over `snapshot_id` (the default entry's snapshot;
+    None: nothing to boot a disk from), and one more export for each snapshot in `extra`."""
+
+    image: Optional[str]
+    snapshot_id: Optional[int]
+    persistent: bool
+    extra: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Everything about what one host boots. `default` is an entry key, None for the local disk."""
+
+    settings: HostSettings
+    entries: tuple[MenuEntry, ...]
+    default: Optional[str]
+    disk: DiskPlan
+    notes: tuple[str, ...] = ()
+
+    def entry(self, key: str) -> Optional[MenuEntry]:
+        return next((e for e in self.entries if e.key == key), None)
+
+    def snapshot_for_image(self, image: str) -> Optional[int]:
+        """The snapshot the host boots of `image` (its menu's non-previous entry), None if it has none."""
+        return next((e.snapshot_id for e in self.entries if e.image == image and not e.previous), None)
+
+
+# -- deciding ------------------------------------------------------------------------------------------
+def entry_key(*parts: object) -> str:
+    """A menu key from free text: 'Debian', 'v3' -> 'debian-v3' (safe in iPXE, pxelinux and GRUB)."""
+    raw = "-".join(str(p) for p in parts if p is not None and str(p) != "")
+    key = re.sub(r"[^a-z0-9_-]+", "-", raw.lower()).strip("-_")
+    return (key or "entry")[:63]
+
+
+def settings_of(config: Config, mac: str, host: Optional[HostConfig]) -> HostSettings:
+    """The effective settings of `mac` whose config entry is `host` (None: an unknown PC)."""
+    group = config.group(host.group) if host and host.group else None
+    if host is not None and host.images is not None:
+        images = list(host.images)
+    elif group is not None:
+        images = list(group.images)
+    else:
+        images = [i.name for i in config.images]
+    default = (host.default_image if host and host.default_image else None) or \
+              (group.default_image if group else None)
+    if default not in images:
+        default = images[0] if images else None
+    boot = (host.boot if host and host.boot else None) or (group.boot if group else "ipxe")
+    persistent = host.persistent if host and host.persistent is not None else bool(group and group.persistent)
+    return HostSettings(mac=mac, name=host.name if host else None, group=group.name if group else None,
+                        images=tuple(images), default_image=default, boot=boot, persistent=persistent)
+
+
+def host_settings(config: Config, mac: str) -> HostSettings:
+    """The effective settings of `mac` (unknown PCs included)."""
+    mac = normalize_mac(mac)
+    return settings_of(config, mac, config.host_by_mac(mac))
+
+
+def anonymous_settings(config: Config) -> HostSettings:
+    """A PC whose MAC is unknown (a menu asked for without one): every image, no disk, pxelinux."""
+    names = tuple(i.name for i in config.images)
+    return HostSettings(mac="", name=None, group=None, images=names, default_image=names[0] if names else None,
+                        boot="pxelinux", persistent=False)
+
+
+S = TypeVar("S", bound=PlannedSnapshot)
+
+
+def snapshot_choice(state: SnapshotState[S], mac: str, group: Optional[str], image: str) -> tuple[Optional[S], str]:
+    """What `mac` boots of `image` and why: maintenance draft > pin > test > its group's current > all
+    groups' current ('maintenance', 'pinned', 'test', 'group GROUP', 'all groups', 'nothing promoted')."""
+    who = {"host": parse_mac(mac) or mac.lower(), "group": group or None, "all": ALL_GROUPS}
+    for kind, whose, why in _PRECEDENCE:
+        target = who[whose]
+        if target is None:
+            continue
+        snap = state.assigned(image, kind, target)
+        if snap is not None:
+            return snap, (f"group {group}" if whose == "group" else why)
+    return None, "nothing promoted"
+
+
+def _label(snap: PlannedSnapshot) -> str:
+    return f"v{snap.version}" if snap.version is not None else f"draft-{snap.id}"
+
+
+def _group_current(state: SnapshotState[PlannedSnapshot], group: Optional[str],
+                   image: str) -> Optional[PlannedSnapshot]:
+    """What the host's group boots of `image`, ignoring pins, tests and maintenance."""
+    return (state.assigned(image, "current", group) if group else None) or state.assigned(image, "current", ALL_GROUPS)
+
+
+def image_entries(config: Config, state: Optional[SnapshotState[PlannedSnapshot]],
+                  host: HostSettings) -> list[MenuEntry]:
+    """Per image the host may boot: the snapshot it boots now (or the bare kernel when nothing is
+    promoted) and, when there is one, a "previous" entry: what a rollback would bring back, or for a
+    pinned/testing/maintenance host what its group boots."""
+    out: list[MenuEntry] = []
+    for name in host.images:
+        image = config.image(name)
+        if image is None:
+            continue
+        title = image.title or name
+        is_default = name == host.default_image
+        if state is None or not host.mac:
+            snap, why = None, ""
+        else:
+            snap, why = snapshot_choice(state, host.mac, host.group, name)
+        if state is None or snap is None:  # nothing promoted (or no store): the kernel boots without a disk
+            out.append(MenuEntry(entry_key(name), name, title, image.kernel, image.initrd, image.cmdline,
+                                 default=is_default))
+            continue
+        tag = {"pinned": ", pinned", "test": ", test", "maintenance": ", maintenance (writable)"}.get(why, "")
+        out.append(MenuEntry(entry_key(name), name, f"{title} ({_label(snap)}{tag})", image.kernel, image.initrd,
+                             image.cmdline, snapshot_id=snap.id, version=snap.name, default=is_default))
+        if why in ("pinned", "test", "maintenance"):
+            prev = _group_current(state, host.group, name)
+        else:
+            prev = state.previous_for(host.group if why.startswith("group ") else ALL_GROUPS, name)
+        if prev is not None and prev.id != snap.id:
+            out.append(MenuEntry(entry_key(name, "prev"), name, f"{title} (previous: {_label(prev)})", image.kernel,
+                                 image.initrd, image.cmdline, snapshot_id=prev.id, version=prev.name, previous=True))
+    return out
+
+
+def assemble(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], host: HostSettings,
+             entries: list[MenuEntry]) -> BootPlan:
+    """The plan from a host's candidate entries (the planner's, or an explicit catalog's): menu order
+    (current entries, then previous ones), keys made unique, snapshots filled in from the store, the
+    default entry, and the disks that follow from it."""
+    notes: list[str] = []
+    if not config.menu.previous_snapshot_entry:
+        entries = [e for e in entries if not e.previous]
+    entries = [e for e in entries if not e.previous] + [e for e in entries if e.previous]
+    kept: list[MenuEntry] = []
+    seen: set[str] = set()
+    for e in entries:
+        if e.key in seen or e.key == LOCAL_KEY:
+            notes.append(f"duplicate or reserved menu key {e.key!r} skipped")
+            continue
+        seen.add(e.key)
+        if e.snapshot_id is None and state is not None and host.mac:
+            snap, _ = snapshot_choice(state, host.mac, host.group, e.image)
+            if snap is not None:
+                e = MenuEntry(e.key, e.image, e.title, e.kernel, e.initrd, e.cmdline, snap.id, e.version,
+                              e.default, e.previous)
+        kept.append(e)
+    default = next((e for e in kept if e.default), None) or next((e for e in kept if not e.previous), None)
+    if default is None and kept and not config.menu.local_disk_entry:
+        default = kept[0]  # only "previous" entries and no local disk entry: the first one boots
+    main = default.snapshot_id if default is not None else None
+    extra = tuple(dict.fromkeys(e.snapshot_id for e in kept if e.snapshot_id is not None and e.snapshot_id != main))
+    disk = DiskPlan(image=default.image if default is not None else None, snapshot_id=main,
+                    persistent=host.persistent, extra=extra)
+    return BootPlan(settings=host, entries=tuple(kept), default=default.key if default is not None else None,
+                    disk=disk, notes=tuple(notes))
+
+
+def plan_for(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], mac: Optional[str]) -> BootPlan:
+    """The boot plan of `mac` (None: a PC that did not say who it is: no snapshots, no disk)."""
+    host = host_settings(config, mac) if mac else anonymous_settings(config)
+    return assemble(config, state, host, image_entries(config, state if mac else None, host))
+
+
+class Planner:
+    """`plan_for(config, snapshots, mac)` bound to the running daemon's config and snapshot store
+    (read at every call); `ctx.planner`."""
+
+    def __init__(self, sources: PlanSources):
+        self.sources = sources
+
+    def settings_for(self, mac: str) -> HostSettings:
+        return host_settings(self.sources.config, mac)
+
+    def plan_for(self, mac: Optional[str]) -> BootPlan:
+        return plan_for(self.sources.config, self.sources.snapshots, mac)
+
+    def plan_with(self, host: HostSettings, entries: list[MenuEntry]) -> BootPlan:
+        """The plan of `host` from an explicit catalog's entries (the Booter's catalog seam)."""
+        return assemble(self.sources.config, self.sources.snapshots if host.mac else None, host, entries)
