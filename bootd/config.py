@@ -105,8 +105,8 @@ class DhcpRateLimitConfig(Section):
 
     per_mac: Annotated[float, Field(gt=0)] = 10.0  # packets/s from one client MAC (chaddr)
     per_mac_burst: Annotated[int, Field(ge=1)] = 30  # packets one MAC may send at once
-    unknown: Annotated[float, Field(gt=0)] = 1000.0  # packets/s from all MACs without host entry, reservation or lease
-    unknown_burst: Annotated[int, Field(ge=1)] = 2000  # a room of unknown PCs booting at once
+    unknown: Annotated[float, Field(gt=0)] = 200.0  # packets/s from all MACs without host entry, reservation or lease
+    unknown_burst: Annotated[int, Field(ge=1)] = 1000  # a room of unknown PCs booting at once
 
 
 class DhcpConfig(Section):
@@ -505,6 +505,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by SafeLoader below,
+            continue                                    # where keys written out override merged ones
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(

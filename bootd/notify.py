@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Optional
 
 log = logging.getLogger("bootd.notify")
@@ -38,7 +39,10 @@ class Notifier:
         self.send("STOPPING=1", "STATUS=stopping")
 
     def reloading(self) -> None:
-        self.send("RELOADING=1", "STATUS=reloading configuration")
+        """RELOADING=1 with the time (Type=notify-reload wants MONOTONIC_USEC); the reload must end with
+        ready(), whatever happens in between, or systemd waits for it until its timeout."""
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                  "STATUS=reloading configuration")
 
     @staticmethod
     def watchdog_interval() -> Optional[float]:

@@ -218,6 +218,7 @@ class StateStore:
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self.reserve_bytes = reserve_bytes
         self.reserve_releases = 0
+        self.reserve_retry_after = 10.0  # seconds between tries to take the reserve back
         self._reserve_retry_at: Optional[float] = None  # set while the reserve is given away
         self._hold_reserve()
         self.event_limits = EventLimits()
@@ -373,7 +374,7 @@ class StateStore:
         except FileNotFoundError:
             return False
         self.reserve_releases += 1
-        self._reserve_retry_at = time.monotonic() + 10.0
+        self._reserve_retry_at = time.monotonic() + self.reserve_retry_after
         log.error("state: the filesystem of %s is full; released its %d MiB reserve so that leases and disk "
                   "resets still write (free space there, e.g. bootctl disk reset)", self.path, self.reserve_bytes >> 20)
         return True
@@ -381,7 +382,7 @@ class StateStore:
     def _keep_reserve(self) -> None:
         """After a write: take the reserve back once the filesystem has room again (checked every 10 s)."""
         if self._reserve_retry_at is not None and time.monotonic() >= self._reserve_retry_at:
-            self._reserve_retry_at = time.monotonic() + 10.0
+            self._reserve_retry_at = time.monotonic() + self.reserve_retry_after
             self._hold_reserve()
 
     def write(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from bootd import __version__
 from bootd.http.app import json_error
+from bootd.macaddr import parse_mac
 
 routes = web.RouteTableDef()
 
@@ -87,9 +88,9 @@ def _host_rows(ctx) -> list[dict]:
 
 def find_host(ctx, ident: str) -> dict:
     """A host by name or MAC (configured or only seen), or a 404 that says so."""
-    ident_l = ident.lower().replace("-", ":")
+    mac = parse_mac(ident)
     for row in _host_rows(ctx):
-        if row["mac"] == ident_l or row["name"] == ident:
+        if (mac is not None and row["mac"] == mac) or row["name"] == ident:
             return row
     raise json_error(404, f"no host named or with MAC {ident!r}")
 

@@ -6,13 +6,12 @@ from aiohttp import web
 from bootd.http.api_core import find_host
 from bootd.http.app import json_error
 from pxe.booter import RENDERERS, Booter, render
-from pxe.catalog import boot_host
 
 
 async def host_menu(request: web.Request) -> web.Response:
     ctx = request.app["ctx"]
     row = find_host(ctx, request.match_info["ident"])
-    flavour = request.query.get("flavour") or boot_host(ctx.config, row["mac"]).boot
+    flavour = request.query.get("flavour") or ctx.planner.settings_for(row["mac"]).boot
     if flavour not in RENDERERS:
         raise json_error(400, f"unknown flavour {flavour!r}: use {', '.join(RENDERERS)}")
     booter = ctx.booter or Booter(ctx)

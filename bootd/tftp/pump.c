@@ -14,7 +14,8 @@
  * block numbers that roll over from 65535 to 0, ACKs inside a window (continue from there), duplicate
  * ACKs (never answered in lock-step; with a window the window is resent once, further repeats are
  * left to the timer: no Sorcerer's Apprentice), retransmission with exponential backoff, a give-up
- * after `retries` retransmissions or `session_timeout` without progress (ERROR to the client), an
+ * after `retries` retransmissions or `session_timeout` without progress (ERROR to the client; the timer
+ * never fires later than that, whatever `timeout` up to 255 s the client negotiated), an
  * ERROR from the client, an ICMP port unreachable, and the final short (possibly empty) block.
  *
  * Reads are plain preadv(2) in this loop: a read from a cold disk stalls the pump (never bootd's event
@@ -165,6 +166,13 @@ static void set_deadline(struct sess *s, double d) {
         s->heap_at = d;
         s->armed = 1;
     }
+}
+
+/* ReadSession._arm: the retransmission interval, but never past session_timeout after the last progress */
+static void arm(struct sess *s, double now) {
+    double retransmit_at = now + s->rto;
+    double give_up_at = s->last_progress + s->session_timeout;
+    set_deadline(s, retransmit_at < give_up_at ? retransmit_at : give_up_at);
 }
 
 /* -- control socket ------------------------------------------------------------------------------------- */
@@ -352,7 +360,7 @@ static int send_window(struct sess *s, double now, int retransmit) {
         s->blocks_sent += count;
         if (retransmit)
             s->retransmits += count;
-        set_deadline(s, now + s->rto);
+        arm(s, now);
         total = (int)count;
         int failed = 0;
         if (count == 1) {
@@ -482,7 +490,7 @@ static void readable(struct sess *s, double now) {
 static void on_timer(struct sess *s, double now) {
     if (s->deadline == 0 || now < s->deadline || s->state == ST_DONE)
         return;
-    if (s->retries >= s->max_retries || now - s->last_progress >= s->session_timeout) {
+    if (s->retries >= s->max_retries || now >= s->last_progress + s->session_timeout) {
         send_error(s, 0, "timeout: no acknowledgement from client");
         sess_finish(s, OUT_TIMEOUT, now);
         return;
@@ -496,7 +504,7 @@ static void on_timer(struct sess *s, double now) {
             sess_finish(s, OUT_UNREACHABLE, now);
             return;
         }
-        set_deadline(s, now + s->rto);
+        arm(s, now);
         return;
     }
     s->next = s->base;
@@ -603,7 +611,7 @@ static void start_session(const uint8_t *m, size_t len, int sock, int file, doub
             sess_finish(s, OUT_UNREACHABLE, now);
             return;
         }
-        set_deadline(s, now + s->rto);
+        arm(s, now);
         /* read the first window while the client answers the OACK */
         uint64_t ahead = 1 + s->window;
         if (ahead > s->last_block + 1)

@@ -10,7 +10,8 @@ sent only when an option the client asked for was accepted, and then it carries 
 RFC 2348 blksize (8..65464, capped by the path MTU and the config), RFC 2349 tsize and timeout,
 RFC 7440 windowsize (capped, default cap 64), block numbers that roll over from 65535 to 0 for
 files above 32 MiB at 512-byte blocks, retransmission with exponential backoff, a session timeout
-when the client stops answering, and no Sorcerer's Apprentice: a duplicate ACK never triggers a
+when the client stops answering (the timer never fires later than `session_timeout` after the last
+progress, whatever `timeout` the client negotiated), and no Sorcerer's Apprentice: a duplicate ACK never triggers a
 retransmission by itself in lock-step mode (only the timer does).
 """
 from __future__ import annotations
@@ -236,6 +237,8 @@ class ReadSession:
         self.windowsize = neg.windowsize
         self.rto_base = neg.timeout
         self.rto = neg.timeout
+        # the wait after progress: a client's `timeout` (up to 255 s) never outlasts session_timeout
+        self._progress_wait = min(neg.timeout, limits.session_timeout)
         self.raw_size = size
         self.started_at = now
         self.finished_at: Optional[float] = None
@@ -276,7 +279,7 @@ class ReadSession:
         """The first datagrams: the OACK, or the first window of data when no option was accepted."""
         if self._oack is not None:
             self._last_send = now
-            self.deadline = now + self.rto
+            self._arm(now)
             return [self._oack]
         return self._send(now)
 
@@ -324,7 +327,7 @@ class ReadSession:
             self._last_progress = self._last_send = now
             self._next += len(out)
             self.blocks_sent += len(out)
-            self.deadline = now + self.rto
+            self.deadline = now + self._progress_wait  # _arm(now) with progress at `now`
             return out
         if self.state >= State.COMPLETE or len(datagram) < 4:
             self.ignored += 1
@@ -344,7 +347,7 @@ class ReadSession:
         if self.deadline is None or now < self.deadline or self.state >= State.COMPLETE:
             return []
         if (self._retries >= self.limits.retries
-                or now - self._last_progress >= self.limits.session_timeout):
+                or now >= self._last_progress + self.limits.session_timeout):
             self._finish(State.FAILED, "timeout", now)
             return [encode_error(ErrorCode.NOT_DEFINED, "timeout: no acknowledgement from client")]
         self._retries += 1
@@ -352,7 +355,7 @@ class ReadSession:
         if self.state == State.WAIT_OACK_ACK:
             self.retransmits += 1
             self._last_send = now
-            self.deadline = now + self.rto
+            self._arm(now)
             return [self._oack]
         self._next = self._base
         return self._send(now, retransmit=True)
@@ -459,6 +462,13 @@ class ReadSession:
         self._next = self._base
         return self._send(now)
 
+    def _arm(self, now: float) -> None:
+        """The timer for what was just sent: the retransmission interval, but never past the session
+        timeout counted from the last progress (a silent client is dropped by then)."""
+        retransmit_at = now + self.rto
+        give_up_at = self._last_progress + self.limits.session_timeout
+        self.deadline = retransmit_at if retransmit_at < give_up_at else give_up_at
+
     def _progress(self, now: float) -> None:
         self._retries = 0
         self.rto = self.rto_base
@@ -510,7 +520,7 @@ class ReadSession:
             if retransmit:
                 self.retransmits += len(out)
             self._last_send = now
-            self.deadline = now + self.rto
+            self._arm(now)
         elif self._next == self._base:
             self.deadline = None  # nothing in flight: waiting for file data, not for the client
         return out

@@ -1,7 +1,7 @@
 /* A DHCP flood for tests: valid-looking DISCOVERs from ever new MACs and malformed packets, at a fixed
  * rate, broadcast on one interface (run inside a test's own client namespace).
  *
- *   flood IFNAME PPS SECONDS
+ *   flood IFNAME PPS SECONDS [TARGET]    (TARGET: unicast to this address; default: broadcast)
  *
  * Half the packets are DISCOVERs (a new chaddr each; every other one says PXEClient with an arch), the
  * other half are malformed: cut inside the BOOTP header, an option running past the end, a BOOTREPLY,
@@ -66,8 +66,8 @@ static size_t build(unsigned char *buf, uint64_t n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s IFNAME PPS SECONDS\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s IFNAME PPS SECONDS [TARGET]\n", argv[0]);
         return 2;
     }
     double pps = atof(argv[2]), seconds = atof(argv[3]);
@@ -79,7 +79,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(67)};
-    to.sin_addr.s_addr = htonl(INADDR_BROADCAST);
+    to.sin_addr.s_addr = argc == 5 ? inet_addr(argv[4]) : htonl(INADDR_BROADCAST);
     unsigned char buf[600];
     uint64_t sent = 0, errors = 0, n = 0;
     double t0 = now(), t;

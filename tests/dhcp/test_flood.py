@@ -62,6 +62,7 @@ def big_lab():
 def big_config() -> dict:
     cfg = dhcp_config(hosts=[{"mac": RESERVED_MAC, "name": "pc-real", "ip": RESERVED_IP}])
     cfg["interfaces"] = [{"name": "br0", "address": "10.77.0.1/16"}]
+    cfg["dhcp"]["rate_limit"] = {"unknown": 10, "unknown_burst": 50}
     cfg["dhcp"]["pools"] = [{"interface": "br0", "start": "10.77.1.1", "end": "10.77.254.254", "router": "10.77.0.1"}]
     return cfg
 
@@ -80,9 +81,9 @@ def test_reserved_udhcpc_keeps_getting_leases_under_a_15kpps_flood(big_lab, boot
     def cpu(): f = open(f"/proc/{d.proc.pid}/stat").read().rsplit(")", 1)[1].split(); return int(f[11]) + int(f[12])
     sn0, c0 = softnet(), cpu()
     caps = [lab.server.popen(["tcpdump", "-i", "br0", "-U", "-n", "-w", "/tmp/h/w/srv.pcap", "ether host " + RESERVED_MAC], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-            real.ns.popen(["tcpdump", "-i", "eth0", "-U", "-n", "-w", "/tmp/h/w/cli.pcap", "ether host " + RESERVED_MAC], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+            real.ns.popen(["tcpdump", "-i", "eth0", "-U", "-n", "-w", "/tmp/h/w/cli.pcap", "udp port 68 and (ether host " + RESERVED_MAC + " or udp[8+16:4] = 0x0a4d0021)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     time.sleep(1)
-    sender = bad.ns.popen([str(flood), "eth0", str(FLOOD_PPS), str(FLOOD_SECONDS)], stdout=subprocess.PIPE,
+    sender = bad.ns.popen([str(flood), "eth0", str(FLOOD_PPS), str(FLOOD_SECONDS), "10.77.0.1"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     tries: list[bool] = []
     try:

@@ -61,6 +61,9 @@ def test_client_configs_by_name_or_any_mac_spelling_only_for_the_owner(lab, boot
     refused = d.api.get("/api/v1/metrics")["clients"]["refused{reason=not-the-host}"]
     assert refused == 3 * len(spellings(OWNER_MAC))
     assert "lab-pc-01" not in curl(stranger, f"{base}/lab-pc-01/")[1]
+    # the admin API reads the same spellings through the same normaliser
+    for key in spellings(OWNER_MAC):
+        assert d.api.get(f"/api/v1/hosts/{key}")["mac"] == OWNER_MAC, key
 
 
 def test_the_store_names_only_the_holder_of_a_live_lease(tmp_path):

@@ -160,13 +160,13 @@ WRITE = textwrap.dedent("""
 """)
 
 
-def lab_config(tmp_path, storage: Path, a, b, **nbd_cfg) -> dict:
+def lab_config(tmp_path, storage: Path, a, b, reserve_mb: int = 4, **nbd_cfg) -> dict:
     src = make_base(tmp_path / "deb.qcow2", pattern=0xAB)
     return {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}],
             "dhcp": {"mode": "full", "lease_time": 600, "router_advertisements": False,
                      "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199"}]},
             "tftp": {"enabled": False},
-            "storage": {"directory": str(storage), "min_free_mb": 0, "state_reserve_mb": 4},
+            "storage": {"directory": str(storage), "min_free_mb": 0, "state_reserve_mb": reserve_mb},
             "nbd": nbd_cfg,
             "images": [{"name": "deb", "disk": str(src)}],
             "groups": [{"name": "room1", "images": ["deb"]}],
@@ -256,14 +256,18 @@ def test_overlay_max_in_the_daemon_other_hosts_keep_dhcp_and_disks(lab, bootd_da
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("reserve_mb", [4, 0], ids=["reserve", "no-reserve"])
 def test_filesystem_filled_by_an_overlay_dhcp_answers_and_disk_reset_frees_it(lab, bootd_daemon, tmp_path,
-                                                                              small_fs):
+                                                                              small_fs, reserve_mb):
+    """With a reserve the state store writes B's lease into it; without one (or once it is used up)
+    DHCP keeps B's lease in memory, answers, and stores the lease once there is room again."""
     storage = small_fs(40)
     a = lab.add_client("10.77.0.10")
     b = lab.add_client()
-    d = bootd_daemon(lab_config(tmp_path, storage, a, b), ns=lab.server)  # no overlay_max
+    d = bootd_daemon(lab_config(tmp_path, storage, a, b, reserve_mb), ns=lab.server)  # no overlay_max
     wait_for_image(d)
-    assert (storage / "state.db.reserve").stat().st_blocks * 512 >= 4 << 20
+    reserve = storage / "state.db.reserve"
+    assert (reserve.stat().st_blocks * 512 >= 4 << 20) if reserve_mb else not reserve.exists()
     ua = boot_disk(a, "10.77.0.10")
     res = nbd_write(a, ua, 2, 60)
     assert res["errno"] in ("ENOSPC", "EIO") and res["written"] < 40, res

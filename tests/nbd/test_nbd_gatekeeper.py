@@ -606,3 +606,60 @@ def test_tls_keeps_per_host_isolation(lab, bootd_daemon, tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size == 16 << 20 and out.read_bytes()[:4] == b"\xab" * 4
     assert d.stop() == 0
+
+
+def test_x509_tls_through_the_gatekeeper(lab, bootd_daemon, tmp_path):
+    """nbd.tls x509: the gatekeeper verifies client certificates itself (CA from the same directory as
+    qemu's) and keeps per-host isolation: a client with a valid certificate still lists and opens only its
+    own export; without a certificate nothing."""
+    def openssl(*args, cwd):
+        subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+    base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
+    a = lab.add_client("10.77.0.10")
+    b = lab.add_client("10.77.0.11")
+    srv, cli, ca = tmp_path / "srv", tmp_path / "cli", tmp_path / "ca"
+    for x in (srv, cli, ca):
+        x.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=lab-ca",
+            "-keyout", "ca-key.pem", "-out", "ca-cert.pem", cwd=ca)
+    for x, kind, ext in ((srv, "server", f"subjectAltName=IP:{SERVER}\nextendedKeyUsage=serverAuth"),
+                         (cli, "client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={kind}", "-keyout", f"{kind}-key.pem",
+                "-out", "req.csr", cwd=x)
+        (x / "ext.cnf").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", "req.csr", "-CA", str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
+                "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", f"{kind}-cert.pem", cwd=x)
+        (x / "ca-cert.pem").write_bytes((ca / "ca-cert.pem").read_bytes())
+    cfg = two_hosts(a, b)
+    cfg["nbd"]["tls"] = {"mode": "x509", "dir": str(srv)}
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
+    script = textwrap.dedent("""
+        import json, sys, nbd
+        uri, certs = sys.argv[1], sys.argv[2]
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        if certs != "-":
+            h.set_tls_certificates(certs)
+        else:
+            h.set_tls_verify_peer(False)
+        h.set_opt_mode(True)
+        try:
+            h.connect_uri(uri)
+            names = []
+            h.opt_list(lambda name, desc: names.append(name) or 0)
+            print("LIST", json.dumps(names))
+            h.set_export_name(uri.rsplit("/", 1)[1])
+            h.opt_go()
+        except nbd.Error as e:
+            print("REFUSED", e); sys.exit(0)
+        print("READ", h.pread(4, 0).hex())
+    """)
+    out = py(a, script, ea["uri"], cli).stdout.splitlines()
+    assert out == [f'LIST {json.dumps([ea["name"]])}', "READ abababab"], out
+    out = py(a, script, eb["uri"], cli).stdout.splitlines()
+    assert out[0] == f'LIST {json.dumps([ea["name"]])}' and out[1].startswith("REFUSED"), out
+    assert py(a, script, ea["uri"], "-").stdout.startswith("REFUSED")  # no client certificate
+    assert d.stop() == 0

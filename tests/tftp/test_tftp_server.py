@@ -10,9 +10,11 @@ import os
 import re
 import socket
 import struct
+import time
 
 import pytest
 
+from bootd.dhcp.leases import LeaseTable
 from bootd.metrics import Metrics
 from bootd.state import StateStore
 from bootd.tftp.server import ServerLimits, TftpServer, event_kind
@@ -84,7 +86,8 @@ def port_of(server: TftpServer) -> int:
 def test_providers_answer_before_disk(root, tmp_path):
     async def main():
         store = StateStore(tmp_path / "state.db")
-        store.touch_host("52:54:00:aa:bb:01", ip="127.0.0.1")
+        # the client's MAC comes from a live lease on its address (bootd/peers.py), as bootd's DHCP makes one
+        LeaseTable(store).bind("127.0.0.1", "52:54:00:aa:bb:01", expires=time.time() + 600, now=time.time())
         calls = []
 
         def per_mac(path, ip, mac):
