@@ -17,7 +17,7 @@ assets: setup
 lint: setup
 	@.venv/bin/ruff check .
 	@.venv/bin/mypy
-	@$(PY) -m bootd.chelper --check
+	@$(PY) scripts/check_c_helpers.py
 
 test: setup assets
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

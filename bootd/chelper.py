@@ -11,45 +11,89 @@ import asyncio
 import hashlib
 import logging
 import os
+import shutil
 import socket
+import stat
 import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nbdexport.pidwatch import PidWatch
+from bootd.pidwatch import PidWatch
 
 log = logging.getLogger("bootd.chelper")
 
 CFDS_HEADER = Path(__file__).with_name("cfds.h")  # scm_fds(): every helper's control messages carry fds
 
 
+# Warnings are errors, and the binaries are hardened the way Debian builds its own (dpkg-buildflags).
+WARN_FLAGS = ("-Wall", "-Wextra", "-Werror")
+HARDEN_FLAGS = ("-O2", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-fstack-clash-protection",
+                "-Wl,-z,relro,-z,now")
+PROGRAM_FLAGS = ("-fPIE", "-pie")       # executables
+LIBRARY_FLAGS = ("-fPIC", "-shared")    # preload libraries
+
+
+def compiler_identity(cc: str) -> bytes:
+    """`cc --version` (and its resolved path), hashed into every build's name: a new compiler rebuilds."""
+    try:
+        r = subprocess.run([cc, "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"cannot run the C compiler {cc!r}: {e}") from None
+    return (shutil.which(cc) or cc).encode() + b"\0" + r.stdout
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a build directory that someone else could write into: a binary found there is only trusted
+    because bootd put it there. The directory must be ours and not writable by group or others."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise RuntimeError(f"{path} belongs to uid {st.st_uid}, not to bootd (uid {os.geteuid()}): "
+                           "refusing to build or run helpers from it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                           "refusing to build or run helpers from it")
+
+
 def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Optional[str] = None,
-                    flags: Sequence[str] = (), suffix: str = "", headers: Sequence[Path] = ()) -> Path:
-    """`run_dir/<prefix><hash><suffix>`, compiled from `source` (with `flags`, e.g. -shared -fPIC for a
-    library) if missing; older builds are removed. `headers` are the files it #includes by name (their
-    directories go on the include path and their text into the hash, so a change to one rebuilds).
+                    flags: Sequence[str] = (), suffix: str = "", headers: Sequence[Path] = (),
+                    library: bool = False) -> Path:
+    """`run_dir/<prefix><hash><suffix>`, compiled from `source` (a hardened executable, or with
+    `library` a shared object for LD_PRELOAD; extra `flags` after ours) if missing; older builds are
+    removed. `headers` are the files it #includes by name (their directories go on the include path and
+    their text into the hash, so a change to one rebuilds). The hash also covers the flags and the
+    compiler's identity, so a build is reused only for exactly the same inputs; and `run_dir` must be
+    private to bootd (check_private_dir), so a file found under that name was built by bootd.
     Raises RuntimeError when it cannot be built, or cannot run from `run_dir` (a `noexec` mount: the
     kernel refuses to exec or to map it executable there, so building it would only hide the reason)."""
+    run_dir = Path(run_dir)
+    check_private_dir(run_dir)
     if os.statvfs(run_dir).f_flag & os.ST_NOEXEC:
         raise RuntimeError(f"{run_dir} is on a noexec mount: the {what} cannot run from there")
+    cc = cc or "gcc"
+    argv = [cc, *WARN_FLAGS, *HARDEN_FLAGS, *(LIBRARY_FLAGS if library else PROGRAM_FLAGS), *flags,
+            *dict.fromkeys(f"-I{Path(h).resolve().parent}" for h in headers)]
     src = Path(source).read_bytes()
     digest = hashlib.sha256(src)
     for h in headers:
         digest.update(Path(h).read_bytes())
-    binary = Path(run_dir) / f"{prefix}{digest.hexdigest()[:12]}{suffix}"
-    flags = [*flags, *dict.fromkeys(f"-I{Path(h).resolve().parent}" for h in headers)]
+    digest.update("\0".join(argv[1:]).encode())
+    digest.update(compiler_identity(cc))
+    binary = run_dir / f"{prefix}{digest.hexdigest()[:12]}{suffix}"
     if binary.exists() and os.access(binary, os.X_OK):
-        return binary
+        st = os.lstat(binary)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return binary
+        binary.unlink()  # not a file bootd wrote: build it again
     tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
     try:
-        r = subprocess.run([cc or "gcc", "-O2", "-Wall", *flags, "-o", str(tmp), "-x", "c", "-"], input=src,
-                           capture_output=True)
+        r = subprocess.run([*argv, "-o", str(tmp), "-x", "c", "-"], input=src, capture_output=True)
     except OSError as e:
         raise RuntimeError(f"cannot run the C compiler: {e}") from None
     if r.returncode != 0:
         raise RuntimeError(f"cannot compile the {what}: {r.stderr.decode(errors='replace').strip()[-400:]}")
+    os.chmod(tmp, 0o755)
     os.replace(tmp, binary)
-    for old in Path(run_dir).glob(f"{prefix}*"):
+    for old in run_dir.glob(f"{prefix}*"):
         if old != binary:
             try:
                 old.unlink()

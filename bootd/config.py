@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from bootd.clientconfig.model import ClientsConfig  # client helper: what a client boots into
 from bootd.macaddr import normalize_mac  # the one MAC normaliser (also for the modules importing it from here)
-from bootd.nfs import NfsConfig  # client helper: NFS exports of client roots
+from bootd.nfsconfig import NfsConfig  # client helper: NFS exports of client roots (the pure model)
 from pydantic import (AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 

@@ -328,17 +328,18 @@ class StateStore:
                 pass
             return False
         try:
-            st = os.stat(self.reserve_path)
-            if st.st_blocks * 512 >= self.reserve_bytes:
+            if os.stat(self.reserve_path).st_blocks * 512 >= self.reserve_bytes:
                 self._reserve_retry_at = None
                 return True
-            vfs = os.statvfs(self.path.parent)
-            if vfs.f_bavail * vfs.f_frsize < 2 * self.reserve_bytes:
-                return False
         except FileNotFoundError:
-            vfs = os.statvfs(self.path.parent)
-            if vfs.f_bavail * vfs.f_frsize < 2 * self.reserve_bytes:
-                return False
+            pass
+        vfs = os.statvfs(self.path.parent)
+        if vfs.f_bavail * vfs.f_frsize < 2 * self.reserve_bytes:
+            if self._reserve_retry_at is None:  # at start: say so once, then try again after writes
+                log.warning("state: less than %d MiB free beside %s: no space reserve for it yet",
+                            2 * self.reserve_bytes >> 20, self.path)
+                self._reserve_retry_at = time.monotonic() + self.reserve_retry_after
+            return False
         tmp = self.reserve_path.with_name(self.reserve_path.name + ".new")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -361,6 +362,8 @@ class StateStore:
             except FileNotFoundError:
                 pass
             log.warning("state: cannot hold %d MiB for %s (%s)", self.reserve_bytes >> 20, self.path, e)
+            if self._reserve_retry_at is None:
+                self._reserve_retry_at = time.monotonic() + self.reserve_retry_after
             return False
         if self._reserve_retry_at is not None:
             log.info("state: %d MiB held for %s again", self.reserve_bytes >> 20, self.path)
@@ -442,6 +445,41 @@ class StateStore:
         now = time.time() if now is None else now
         rows = self.query("SELECT mac FROM leases WHERE ip=? AND state='bound' AND expires>?", (ip, now))
         return rows[0]["mac"] if rows else None
+
+    def macs_named(self, name: str) -> list[str]:
+        """The MACs whose host row carries `name` (a name a host reported, not one from the config)."""
+        return [r["mac"] for r in self.query("SELECT mac FROM hosts WHERE name=? ORDER BY mac", (name,))]
+
+    # -- DHCP reservations made at run time (bootd/dhcp) -------------------------------------------
+    def dhcp_reservations(self) -> list[dict]:
+        """Every run-time reservation: mac, ip, name, created; by MAC."""
+        return [dict(r) for r in self.query("SELECT mac, ip, name, created FROM dhcp_reservations ORDER BY mac")]
+
+    def put_dhcp_reservation(self, mac: str, ip: str, name: Optional[str], now: Optional[float] = None) -> None:
+        """Reserve `ip` for `mac` (replacing the MAC's earlier reservation). sqlite3.IntegrityError when
+        another MAC holds `ip`."""
+        now = time.time() if now is None else now
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO dhcp_reservations(mac, ip, name, created) VALUES (?,?,?,?) "
+                        "ON CONFLICT(mac) DO UPDATE SET ip=excluded.ip, name=excluded.name", (mac, ip, name, now))
+
+    def delete_dhcp_reservation(self, mac: str) -> bool:
+        """Drop the MAC's run-time reservation; False if it had none."""
+        with self.transaction() as cur:
+            return cur.execute("DELETE FROM dhcp_reservations WHERE mac=?", (mac,)).rowcount > 0
+
+    # -- PXE fallback export tokens (pxe/tokens.py) ------------------------------------------------
+    def pxe_token(self, mac: str, new_token: str, now: Optional[float] = None) -> str:
+        """The host's export token: the stored one, else `new_token`, stored now. Two callers racing for
+        a new host both get the one that was stored first."""
+        rows = self.query("SELECT token FROM pxe_tokens WHERE mac=?", (mac,))
+        if rows:
+            return rows[0]["token"]
+        now = time.time() if now is None else now
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO pxe_tokens(mac, token, created) VALUES (?, ?, ?) ON CONFLICT(mac) DO NOTHING",
+                        (mac, new_token, now))
+            return cur.execute("SELECT token FROM pxe_tokens WHERE mac=?", (mac,)).fetchone()[0]
 
     # -- boot events -------------------------------------------------------------------------------
     def record_event(self, mac: Optional[str], kind: str, detail: Optional[dict] = None,

@@ -154,7 +154,7 @@ def _name_of(option: int, data: bytes) -> Optional[str]:
 
 def build_splicer(run_dir: Path) -> Path:
     """The splicer binary for the current source (its hash in the name), compiled if missing."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     return build_c_program(SPLICER_SOURCE, run_dir, "nbd-splicer-", "NBD splicer",
                            headers=[CFDS_HEADER, NBDCOUNT_HEADER])
 
@@ -300,8 +300,6 @@ REQUEST_MAGIC = 0x25609513
 CMD_READ, CMD_WRITE = 0, 1
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length (28 bytes)
 RELAY_CHUNK = 256 << 10
-
-DATA_PATHS = ("handoff", "splicer", "python-relay")
 
 
 def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:

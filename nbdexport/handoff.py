@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import secrets
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,16 +45,42 @@ class NotHanded(OSError):
 
 def build_library(run_dir: Path) -> Path:
     """The preload library for the current source (its hash in the name), compiled if missing."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     return build_c_program(SOURCE, run_dir, "nbd-handoff-", "NBD hand-off library",
-                           flags=["-shared", "-fPIC"], suffix=".so", headers=[CFDS_HEADER, NBDCOUNT_HEADER])
+                           library=True, suffix=".so", headers=[CFDS_HEADER, NBDCOUNT_HEADER])
+
+
+# qemu-storage-daemon versions (major.minor) the hand-off library was tested against: it relies on how
+# qemu's NBD server reads its socket (recvmsg on the same fd, epoll registrations), which a newer qemu may
+# change. Other versions get the splicer, and `bootctl status` says why.
+TESTED_QSD_VERSIONS = ("7.2",)
+
+
+def daemon_version(binary: str) -> Optional[str]:
+    """`major.minor.patch` from `qemu-storage-daemon --version`, or None when it cannot be told."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
+    return m.group(1) if m else None
+
+
+def untested_reason(binary: str) -> Optional[str]:
+    """Why the hand-off must not be used with `binary` (None: a tested version)."""
+    version = daemon_version(binary)
+    if version is not None and ".".join(version.split(".")[:2]) in TESTED_QSD_VERSIONS:
+        return None
+    return (f"the hand-off library is tested with qemu-storage-daemon {', '.join(TESTED_QSD_VERSIONS)} only; "
+            f"{binary} is {version or 'of an unknown version'}")
 
 
 class Handoff:
     """bootd's side of handoff.c for one daemon run directory."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, daemon_binary: str = "qemu-storage-daemon"):
         self.run_dir = Path(run_dir)
+        self.daemon_binary = daemon_binary
         self.library: Optional[Path] = None
         self.error: Optional[str] = None  # why there is no library (shown as the data path's reason)
         self.handed = 0
@@ -69,7 +97,14 @@ class Handoff:
     # -- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> Optional[Path]:
         """Build the library and make the counter file (kept if it exists: a running daemon maps it).
-        The library's path, for the daemon's LD_PRELOAD; None (logged) if it cannot be built."""
+        The library's path, for the daemon's LD_PRELOAD; None (logged) if it cannot be built or the
+        daemon is of a version the library was not tested with."""
+        untested = untested_reason(self.daemon_binary)
+        if untested is not None:
+            self.error = f"no hand-off: {untested}"
+            log.warning("NBD hand-off not used (%s): connections go through the splicer", untested)
+            self.library = None
+            return None
         try:
             self.library = build_library(self.run_dir)
         except (RuntimeError, OSError) as e:

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,7 @@ class _Row:
     server_ip: str
     created: float
     last_active: float = 0.0
+    full: bool = False  # a write past nbd.overlay_max was refused (memory only: until the next boot)
 
     def export(self, port: int, tls: bool) -> Export:
         return Export(self.mac, self.name, self.server_ip, port, self.snap.id, self.snap.name, self.size,
@@ -200,6 +202,7 @@ class DiskManager:
         self._space_low = False
         self.last_space: Optional[SpaceReport] = None
         qsd.on_restart = self._restore
+        qsd.on_write_threshold = self._overlay_full
         self.owner_of = owner_of or self._configured_owner  # who is at an address (the daemon: peers.mac_at)
         self.gatekeeper: Optional[Gatekeeper] = None
         self.gatekeeper_error: Optional[str] = None
@@ -209,7 +212,7 @@ class DiskManager:
             qsd.nbd_unix = "nbd.sock"  # TLS, if any, is the gatekeeper's (qsd.py adds none on the unix socket)
             self._daemon_socket = daemon_socket_path(qsd.run_dir, qsd.nbd_unix)
             if settings.handoff and not settings.tls:  # a TLS session cannot be handed to qemu
-                self.handoff = Handoff(qsd.run_dir)
+                self.handoff = Handoff(qsd.run_dir, qsd.binary)
                 self.handoff.known = lambda name: name in self._rows
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -559,6 +562,7 @@ class DiskManager:
                         "snapshot": r.snap.name, "snapshot_id": r.snap.id, "persistent": r.persistent,
                         "boot": r.boot, "main": r.main, "size": r.size,
                         "overlay_bytes": allocated_bytes(r.overlay), "overlay_max": self.overlay_limit(r),
+                        "overlay_full": r.full,
                         "connected": connected,
                         "since": r.created, "last_active": max(r.last_active, time.time() if connected else 0),
                         "wr_highest_offset": st.get("wr_highest_offset"), "uri": r.export(self.s.port, False).uri,
@@ -745,14 +749,17 @@ class DiskManager:
         self._inc("exports_added")
         return row
 
-    def _forget(self, row: _Row) -> None:
+    def _forget(self, row: _Row, stored: bool = True) -> None:
+        """The export is no more: in memory (nobody opens it), and in the state store unless `stored`
+        is False (the caller deletes the row itself, after freeing the file)."""
         self._rows.pop(row.name, None)
         if self.gatekeeper is not None:
             self.gatekeeper.forget(row.name)
         if self.handoff is not None:
             self.handoff.forget(row.name)
-        with self.store.transaction() as cur:
-            cur.execute("DELETE FROM disk_exports WHERE name=?", (row.name,))
+        if stored:
+            with self.store.transaction() as cur:
+                cur.execute("DELETE FROM disk_exports WHERE name=?", (row.name,))
 
     async def _base_node(self, path: str) -> str:
         node = self._bases.get(path)
@@ -792,6 +799,22 @@ class DiskManager:
             os.truncate(row.overlay, size)
         return {"driver": "raw", "node-name": "c" + row.node, "offset": 0, "size": size, "file": spec}
 
+    def _overlay_full(self, node: str) -> None:
+        """qemu's BLOCK_WRITE_THRESHOLD on an overlay's size-limited node: a write went past
+        nbd.overlay_max and was refused (ENOSPC to that host). Said once per export."""
+        row = next((r for r in self._rows.values() if "c" + r.node == node), None)
+        if row is None or row.full:
+            return
+        row.full = True
+        limit = self.overlay_limit(row) or 0
+        log.warning("the disk of %s reached nbd.overlay_max (%d MiB): its writes fail with ENOSPC until its "
+                    "next boot or `bootctl disk reset`", self.host_name(row.mac) or row.mac, limit >> 20)
+        self._inc("overlay_full")
+        try:
+            self.store.record_event(row.mac, "disk", {"action": "overlay-full", "limit": limit})
+        except Exception as e:  # e.g. a full state store: the log line above is enough
+            log.debug("recording overlay-full of %s: %s", row.mac, e)
+
     def overlay_limit(self, row: _Row) -> Optional[int]:
         """The bytes this export's overlay may grow to (None: no limit)."""
         if not self.s.overlay_max or row.overlay == row.snap.path:
@@ -819,6 +842,13 @@ class DiskManager:
             except DiskError:
                 pass
             raise exported
+        capped = spec["file"]
+        if capped["driver"] == "raw":  # tell bootd when a write hits the limit (see _capped, _overlay_full)
+            try:
+                await self.qsd.execute("block-set-write-threshold", {"node-name": capped["node-name"],
+                                                                      "write-threshold": capped["size"]})
+            except DiskError as e:
+                log.warning("no write threshold on the overlay of %s: %s", row.mac, e)
 
     def _spawn_teardown(self, row: _Row) -> None:
         t = asyncio.get_running_loop().create_task(self._teardown(row, delete_file=not row.persistent))
@@ -948,16 +978,22 @@ class DiskManager:
             if self._connected(mac, conn):
                 for r in rows:
                     r.last_active = now
-                with self.store.transaction() as cur:
-                    cur.execute("UPDATE disk_exports SET last_active=? WHERE mac=?", (now, mac))
+                try:
+                    with self.store.transaction() as cur:
+                        cur.execute("UPDATE disk_exports SET last_active=? WHERE mac=?", (now, mac))
+                except sqlite3.Error as e:  # a full filesystem: reaping must still go on (it frees space)
+                    log.warning("cannot store the last activity of %s: %s", mac, e)
                 continue
             if now - max(r.last_active for r in rows) < self.s.reap_after:
                 continue
             async with self._mac_lock(mac):
                 rows = [r for r in self._rows.values() if r.mac == mac]
-                for r in rows:
-                    self._forget(r)
+                for r in rows:  # the file first, then the row: on a full filesystem only that order works
+                    self._forget(r, stored=False)
                     await self._teardown(r, delete_file=not r.persistent)
+                with self.store.transaction() as cur:
+                    for r in rows:
+                        cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
             reaped.append(mac)
             self._inc("reaped")
             log.info("reaped the disk of %s (gone for %.0f s)", mac, now - max(r.last_active for r in rows))

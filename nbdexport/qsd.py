@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
 from nbdexport.errors import DiskError, StorageDaemonDown
-from nbdexport.pidwatch import PidWatch
+from bootd.pidwatch import PidWatch
 
 log = logging.getLogger("bootd.nbd.qsd")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -80,6 +80,9 @@ class StorageDaemon:
         # (nbdexport/gatekeeper.py) owns the TCP port then
         self.nbd_unix: Optional[str] = None
         self.extra_env: dict[str, str] = {}  # e.g. the NBD hand-off library's LD_PRELOAD (handoff.py)
+        # called with the node name of each BLOCK_WRITE_THRESHOLD event (an overlay at nbd.overlay_max)
+        self.on_write_threshold: Optional[Callable[[str], None]] = None
+        self._events_task: Optional[asyncio.Task] = None
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -251,9 +254,25 @@ class StorageDaemon:
             if dirfd is not None:
                 os.close(dirfd)
         self.qmp = qmp
+        listener = EventListener(("BLOCK_WRITE_THRESHOLD",))
+        qmp.register_listener(listener)
+        self._events_task = asyncio.get_running_loop().create_task(self._events(listener))
+
+    async def _events(self, listener: EventListener) -> None:
+        """Hand the daemon's write-threshold events to `on_write_threshold` (set by the DiskManager)."""
+        async for event in listener:
+            node = event.get("data", {}).get("node-name")
+            if node and self.on_write_threshold is not None:
+                try:
+                    self.on_write_threshold(node)
+                except Exception as e:  # a bug there must not stop the events
+                    log.error("write threshold event for %s: %s", node, e)
 
     async def _drop_qmp(self) -> None:
         qmp, self.qmp = self.qmp, None
+        task, self._events_task = self._events_task, None
+        if task is not None:
+            task.cancel()
         if qmp is not None:
             try:
                 await asyncio.wait_for(qmp.disconnect(), 2)

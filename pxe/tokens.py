@@ -6,15 +6,10 @@ export across reboots and restarts and no PC can guess another's export from its
 from __future__ import annotations
 
 import secrets
-import time
+
+from bootd.macaddr import normalize_mac
 
 
 def fallback_token(store, mac: str) -> str:
-    mac = mac.lower()
-    rows = store.query("SELECT token FROM pxe_tokens WHERE mac=?", (mac,))
-    if rows:
-        return rows[0]["token"]
-    with store.transaction() as cur:
-        cur.execute("INSERT OR IGNORE INTO pxe_tokens(mac, token, created) VALUES (?, ?, ?)",
-                    (mac, secrets.token_hex(12), time.time()))
-        return cur.execute("SELECT token FROM pxe_tokens WHERE mac=?", (mac,)).fetchone()[0]
+    """The host's token (bootd.state.StateStore.pxe_token), made on its first boot."""
+    return store.pxe_token(normalize_mac(mac), secrets.token_hex(12))

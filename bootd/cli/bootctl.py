@@ -1,13 +1,12 @@
 """`bootctl`: the admin CLI. Talks to the running bootd over its HTTP API (Unix socket by default).
 
-Every command takes --json for scripts. Command groups live in their own modules (COMMAND_MODULES),
+Every command takes --json for scripts. Command groups live in their own modules (command_modules()),
 each with `register(sub)` adding argparse subparsers whose `func(args, api) -> int`.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
 import json
 import os
 import sys
@@ -16,15 +15,19 @@ from typing import Any
 from bootd.cli.api_client import ApiClient, ApiError
 from bootd.cli.text import escape_controls
 
-# Modules with `register(sub)`. One line per component.
-COMMAND_MODULES = [
-    "bootd.cli.core_cmds",
-    "bootd.cli.client_cmds",  # client helper: client render, clientroot build
-    "bootd.cli.snapshot_cmds",  # snapshot helper: bootctl image ..., bootctl snapshot ...
-    "bootd.cli.disk_cmds",  # NBD helper: bootctl disk list|boot|reset|commit
-    "bootd.cli.dhcp_cmds",  # DHCP helper: bootctl leases, reserve, unreserve
-    "bootd.cli.menu_cmds",  # menus helper: bootctl menu HOST
-]
+
+def command_modules() -> list:
+    """The modules with `register(sub, common)`, imported by name (not looked up from strings). One line per
+    component. Imported at call time: each of them imports this module's helpers (emit, table)."""
+    from bootd.cli import client_cmds, core_cmds, dhcp_cmds, disk_cmds, menu_cmds, snapshot_cmds
+    return [
+        core_cmds,
+        client_cmds,  # client helper: client render, clientroot build
+        snapshot_cmds,  # snapshot helper: bootctl image ..., bootctl snapshot ...
+        disk_cmds,  # NBD helper: bootctl disk list|boot|reset|commit
+        dhcp_cmds,  # DHCP helper: bootctl leases, reserve, unreserve
+        menu_cmds,  # menus helper: bootctl menu HOST
+    ]
 
 
 def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
@@ -71,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
     p.set_defaults(_common=common)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub, common)
+    for commands in command_modules():
+        commands.register(sub, common)
     return p
 
 

@@ -21,7 +21,7 @@ from bootd.config import Config, HostConfig
 from bootd.dhcp.codec import (ACK, BOOTREPLY, BOOTREQUEST, DECLINE, DISCOVER, INFORM, MESSAGE_TYPE_NAMES, NAK,
                               OFFER, RELEASE, REQUEST, DhcpMessage)
 from bootd.dhcp.firmware import Firmware, identify, loader_for
-from bootd.dhcp.leases import LeaseTable
+from bootd.dhcp.leases import BOUND, LeaseTable
 
 PROXY_PORT = 4011
 CLIENT_PORT, SERVER_PORT = 68, 67
@@ -447,9 +447,17 @@ class DhcpPolicy:
         sid = msg.server_id
         if ip is None or (sid is not None and sid != iface.ip):
             return Outcome(ignored="decline-not-ours", mac=msg.mac)
-        holder = self.leases.holder(ip, now)
-        if holder not in (msg.mac, None) or self.subnet_of_ip(ip, iface) is None:
+        if self.subnet_of_ip(ip, iface) is None:
             return Outcome(ignored="decline-not-ours", mac=msg.mac)
+        # Only the holder of a live lease on `ip` may decline it (Kea: DECLINE_LEASE_NOT_FOUND /
+        # _MISMATCH; dnsmasq acts only on the sender's own lease): otherwise any stranger could
+        # quarantine a reserved host's address, or the whole pool, one DECLINE per address.
+        lease = self.leases.by_ip.get(ip)
+        if lease is None or lease.state != BOUND or lease.expires <= now:
+            return Outcome(ignored="decline-lease-not-found", mac=msg.mac)
+        cid = msg.client_id
+        if lease.mac != msg.mac or lease.client_id != (cid.hex() if cid else None):
+            return Outcome(ignored="decline-lease-mismatch", mac=msg.mac)
         self.leases.decline(ip, msg.mac, now + self.dhcp.decline_quarantine, now)
         return Outcome(ignored="decline", mac=msg.mac)
 

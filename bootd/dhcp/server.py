@@ -21,6 +21,7 @@ from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, dec
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy
 from bootd.dhcp.ratelimit import Admission
+from bootd.macaddr import normalize_mac
 from bootd.service import Service
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class DhcpService(Service):
 
     def _build_policy(self) -> None:
         assert self.ctx is not None and self.leases is not None
-        rows = self.ctx.store.query("SELECT mac, ip FROM dhcp_reservations")
+        rows = self.ctx.store.dhcp_reservations()
         self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows})
         rl = self.ctx.config.dhcp.rate_limit
         self.admission = Admission(rl.per_mac, rl.per_mac_burst, rl.unknown, rl.unknown_burst, now=self.clock())
@@ -181,14 +182,13 @@ class DhcpService(Service):
     def reservations(self) -> list[dict]:
         out = [{"mac": h.mac, "ip": str(h.ip), "name": h.name, "source": "config"}
                for h in self.ctx.config.hosts if h.ip is not None]
-        for r in self.ctx.store.query("SELECT mac, ip, name, created FROM dhcp_reservations ORDER BY mac"):
+        for r in self.ctx.store.dhcp_reservations():
             out.append({"mac": r["mac"], "ip": r["ip"], "name": r["name"], "source": "store", "created": r["created"]})
         return out
 
     def add_reservation(self, mac: str, ip: str, name: Optional[str] = None) -> dict:
         """Reserve `ip` for `mac` in the store. ValueError for bad input, LookupError for a conflict."""
         import ipaddress
-        from bootd.config import normalize_mac
         mac = normalize_mac(mac)
         try:
             addr = ipaddress.IPv4Address(ip)
@@ -209,19 +209,15 @@ class DhcpService(Service):
         holder = self.leases.holder(ip, self.clock())
         if holder not in (None, mac):
             raise LookupError(f"{ip} is leased to {holder or 'nobody (declined, in quarantine)'}")
-        with self.ctx.store.transaction() as cur:
-            cur.execute("INSERT INTO dhcp_reservations(mac, ip, name, created) VALUES (?,?,?,?) "
-                        "ON CONFLICT(mac) DO UPDATE SET ip=excluded.ip, name=excluded.name", (mac, ip, name, time.time()))
+        self.ctx.store.put_dhcp_reservation(mac, ip, name, time.time())
         self._build_policy()
         return {"mac": mac, "ip": ip, "name": name}
 
     def remove_reservation(self, mac: str) -> bool:
-        from bootd.config import normalize_mac
         mac = normalize_mac(mac)
-        with self.ctx.store.transaction() as cur:
-            n = cur.execute("DELETE FROM dhcp_reservations WHERE mac=?", (mac,)).rowcount
+        removed = self.ctx.store.delete_dhcp_reservation(mac)
         self._build_policy()
-        return n > 0
+        return removed
 
     # -- interfaces --------------------------------------------------------------------------------
     def _ports(self) -> list[int]:

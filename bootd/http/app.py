@@ -3,12 +3,11 @@ and boot files on the served interfaces' addresses.
 
 Requests on the Unix socket are trusted (the socket's file mode is the access control, like
 docker.sock); `/api/` and `/metrics` on TCP need `Authorization: Bearer <token>` and are only on the
-API's TCP site; the boot port serves only boot paths. Components add routes through ROUTE_MODULES.
+API's TCP site; the boot port serves only boot paths. Components add routes in `route_modules()`.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -24,16 +23,22 @@ from bootd.service import Service
 
 log = logging.getLogger("bootd.http")
 
-# Modules with `setup_routes(app, ctx)`. One line per component.
-ROUTE_MODULES = [
-    "bootd.http.api_core",
-    "bootd.http.boot",  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
-    "bootd.http.menu_api",  # menus helper: GET /api/v1/hosts/{id}/menu (preview, starts no boot)
-    "bootd.http.client_api",  # client helper: /clients/<mac>/ rendered jobs/units
-    "bootd.http.snapshot_api",  # snapshot helper: images, snapshots, lifecycle, jobs, fsck
-    "bootd.http.disk_api",  # NBD helper: /api/v1/disks (list, boot, reset, commit)
-    "bootd.http.dhcp_api",  # DHCP helper: /api/v1/dhcp/leases, /api/v1/dhcp/reservations
-]
+
+def route_modules() -> list:
+    """The modules with `setup_routes(app, ctx)`, imported by name here (not looked up from strings), so a
+    missing or broken one fails at the import. One line per component. Imported at call time: each of them
+    imports this module's helpers (json_error, read_json)."""
+    from bootd.http import api_core, boot, client_api, dhcp_api, disk_api, menu_api, snapshot_api
+    return [
+        api_core,
+        boot,  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
+        menu_api,  # menus helper: GET /api/v1/hosts/{id}/menu (preview, starts no boot)
+        client_api,  # client helper: /clients/<mac>/ rendered jobs/units
+        snapshot_api,  # snapshot helper: images, snapshots, lifecycle, jobs, fsck
+        disk_api,  # NBD helper: /api/v1/disks (list, boot, reset, commit)
+        dhcp_api,  # DHCP helper: /api/v1/dhcp/leases, /api/v1/dhcp/reservations
+    ]
+
 
 SITE_KEY = web.AppKey("bootd_site_kind", dict)
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")  # api.tcp hosts that listen on every address
@@ -157,8 +162,8 @@ class HttpService(Service):
         app = web.Application(middlewares=[access_middleware], client_max_size=4 * 1024 * 1024)
         app["ctx"] = ctx
         app[SITE_KEY] = {}
-        for name in ROUTE_MODULES:
-            importlib.import_module(name).setup_routes(app, ctx)
+        for routes in route_modules():
+            routes.setup_routes(app, ctx)
         return app
 
     @staticmethod

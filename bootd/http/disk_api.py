@@ -25,8 +25,8 @@ def _mac(ctx, host: str) -> str:
     cfg = ctx.config.host_by_name(host)
     if cfg is not None:
         return cfg.mac
-    for row in ctx.store.query("SELECT mac FROM hosts WHERE name=?", (host,)):
-        return row["mac"]
+    for mac in ctx.store.macs_named(host):
+        return mac
     from nbdexport.manager import norm_mac
     try:
         return norm_mac(host)

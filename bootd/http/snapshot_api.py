@@ -279,13 +279,12 @@ async def flatten(request: web.Request) -> web.Response:
 async def boot_choice(request: web.Request) -> web.Response:
     """What one host boots of each image, and why (pin, test, group or all groups)."""
     store = _store(request)
-    cfg = request.app["ctx"].config
+    planner = request.app["ctx"].planner
     try:
         mac = _host(request, unquote(request.match_info["host"]))
     except SnapshotError as exc:
         return _err(exc.status, str(exc))
-    h = cfg.host_by_mac(mac)
-    group = request.query.get("group") or (h.group if h else None)
+    group = request.query.get("group") or planner.settings_for(mac).group  # the boot plan's group
 
     def choose():
         out = []

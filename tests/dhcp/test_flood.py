@@ -1,7 +1,11 @@
 """A DHCP flood from other MACs must not cost a reserved real client its leases (issue 13, point 8).
 
-A C sender (tests/dhcp/flood.c, built into the test's temp dir) broadcasts ~15 000 packets a second on
-the lab bridge: valid-looking DISCOVERs from a new MAC each, and malformed packets. Meanwhile a real
+A C sender (tests/dhcp/flood.c, built into the test's temp dir) sends ~15 000 packets a second to
+bootd's port 67: valid-looking DISCOVERs from a new MAC each, and malformed packets. The pool has
+65 000 addresses, so every valid DISCOVER could get an offer (and a PXE one a boot event). The flood
+goes to bootd's address rather than to the broadcast address: a 15 kpps broadcast also reaches the
+real client's namespace, where udhcpc then misses replies that tcpdump shows arriving within 1 ms
+(its own receive path, not bootd's). Meanwhile a real
 udhcpc with a reservation gets a lease again and again; nearly all of its tries must succeed, and
 bootd's memory and state.db must stay bounded.
 """
@@ -62,7 +66,6 @@ def big_lab():
 def big_config() -> dict:
     cfg = dhcp_config(hosts=[{"mac": RESERVED_MAC, "name": "pc-real", "ip": RESERVED_IP}])
     cfg["interfaces"] = [{"name": "br0", "address": "10.77.0.1/16"}]
-    cfg["dhcp"]["rate_limit"] = {"unknown": 10, "unknown_burst": 50}
     cfg["dhcp"]["pools"] = [{"interface": "br0", "start": "10.77.1.1", "end": "10.77.254.254", "router": "10.77.0.1"}]
     return cfg
 
@@ -77,12 +80,6 @@ def test_reserved_udhcpc_keeps_getting_leases_under_a_15kpps_flood(big_lab, boot
                      check=False, timeout=30)
     assert ok.returncode == 0 and RESERVED_IP in ok.stderr + ok.stdout, ok.stderr  # works before the flood
     rss_before = rss_kib(d.proc.pid)
-    def softnet(): return [int(l.split()[1], 16) for l in open("/proc/net/softnet_stat")]
-    def cpu(): f = open(f"/proc/{d.proc.pid}/stat").read().rsplit(")", 1)[1].split(); return int(f[11]) + int(f[12])
-    sn0, c0 = softnet(), cpu()
-    caps = [lab.server.popen(["tcpdump", "-i", "br0", "-U", "-n", "-w", "/tmp/h/w/srv.pcap", "ether host " + RESERVED_MAC], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-            real.ns.popen(["tcpdump", "-i", "eth0", "-U", "-n", "-w", "/tmp/h/w/cli.pcap", "udp port 68 and (ether host " + RESERVED_MAC + " or udp[8+16:4] = 0x0a4d0021)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    time.sleep(1)
     sender = bad.ns.popen([str(flood), "eth0", str(FLOOD_PPS), str(FLOOD_SECONDS), "10.77.0.1"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     tries: list[bool] = []
@@ -92,7 +89,6 @@ def test_reserved_udhcpc_keeps_getting_leases_under_a_15kpps_flood(big_lab, boot
             r = real.ns.run(["udhcpc", "-n", "-q", "-f", "-i", "eth0", "-s", "/bin/true", "-t", "3", "-T", "2"],
                             check=False, timeout=30)
             tries.append(r.returncode == 0 and f"lease of {RESERVED_IP} obtained" in r.stdout + r.stderr)
-            print("TRY", time.monotonic(), r.returncode, r.stderr.replace(chr(10), " / "))
             time.sleep(0.2)
         rss_during = rss_kib(d.proc.pid)
         out, err = sender.communicate(timeout=FLOOD_SECONDS + 30)
@@ -106,14 +102,12 @@ def test_reserved_udhcpc_keeps_getting_leases_under_a_15kpps_flood(big_lab, boot
     got = sum(tries)
     print(f"flood: {rate:.0f} packets/s; udhcpc: {got}/{len(tries)} leases; "
           f"bootd RSS {rss_before} -> {rss_during} KiB; state.db {state_bytes(d)} B; dhcp {metrics(d)}")
-    for c in caps: c.terminate()
-    print("SOFTNET", sn0, softnet(), "CPU ticks", cpu() - c0)
-    print("FILES", [(p.name, p.stat().st_size) for p in d.storage.glob("state.db*")])
     assert rate >= 0.9 * FLOOD_PPS, out
     assert len(tries) >= 20, tries
     assert got >= 0.95 * len(tries), tries
-    assert rss_during - rss_before < 64 * 1024, (rss_before, rss_during)
-    assert state_bytes(d) < 8 << 20
+    assert rss_during - rss_before < 16 * 1024, (rss_before, rss_during)  # KiB: the old code grew 21 MiB
+    assert state_bytes(d) < 8 << 20  # the old code wrote 14 MB in 25 s
+    assert metrics(d)["dropped{reason=unknown-budget}"] > 0.9 * int(m.group(1)) * 0.5
     assert d.proc.poll() is None
     # and it answers at once after the flood
     assert wait_until(lambda: metrics(d).get("received", 0) > 0)

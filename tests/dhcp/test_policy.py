@@ -297,3 +297,25 @@ def test_proxy_mode_boot_info_only(store):
 def test_off_mode_and_full_mode_ignores_4011(store):
     assert Env(store, mode="off").send(DISCOVER).ignored == "dhcp-off"
     assert Env(store).send(REQUEST, port=4011, options=pxe_opts(0)).ignored == "port-4011-in-full-mode"
+
+
+def test_decline_from_anyone_but_the_lease_holder_quarantines_nothing(store):
+    """Issue 13.5: DECLINEs from a stranger (its own MAC, allow_unknown false) for a reserved host's
+    address and for every pool address are ignored; the holder's own DECLINE still works."""
+    env = Env(store, allow_unknown=False)
+    _, ack = env.dora("52:54:00:00:00:aa")  # the reserved host holds 10.77.0.20
+    assert ack.reply.yiaddr == "10.77.0.20"
+    stranger = "52:54:00:66:66:66"
+    outs = [env.send(DECLINE, stranger, options={50: ip_b(ip), 54: ip_b("10.77.0.1")})
+            for ip in ["10.77.0.20"] + [f"10.77.0.{n}" for n in range(100, 110)]]
+    assert [o.ignored for o in outs] == ["decline-lease-mismatch"] + ["decline-lease-not-found"] * 10
+    assert store.query("SELECT count(*) FROM leases WHERE state='declined'")[0][0] == 0
+    # a forged DECLINE with the holder's MAC but not its client id is refused too
+    out = env.send(DECLINE, "52:54:00:00:00:aa", options={50: ip_b("10.77.0.20"), 54: ip_b("10.77.0.1"),
+                                                          61: b"\x01forged"})
+    assert out.ignored == "decline-lease-mismatch"
+    _, ack = env.dora("52:54:00:00:00:bb")  # known host, pool address: nothing was quarantined
+    assert ack.reply.yiaddr == "10.77.0.100"
+    out = env.send(DECLINE, "52:54:00:00:00:bb", options={50: ip_b("10.77.0.100"), 54: ip_b("10.77.0.1")})
+    assert out.ignored == "decline"
+    assert store.query("SELECT state FROM leases WHERE ip='10.77.0.100'")[0][0] == "declined"

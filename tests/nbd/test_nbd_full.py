@@ -87,6 +87,8 @@ def test_overlay_max_fails_that_hosts_writes_only(harness, bases, small_fs):
     cb.shutdown()
     listing = {e["mac"]: e for e in hs.run(hs.m.list())}
     assert listing[A]["overlay_max"] == 16 * MiB and listing[B]["overlay_max"] == 16 * MiB
+    assert listing[A]["overlay_full"] and not listing[B]["overlay_full"]  # qemu's write-threshold event
+    assert [e["detail"]["action"] for e in hs.store.events(A) if e["kind"] == "disk"][-1] == "overlay-full"
     eb2 = hs.run(hs.m.prepare_boot(B, v1))
     cb = connect(eb2.uri)
     assert cb.pread(4, 9 * MiB) == b"\x08" * 4
@@ -136,6 +138,28 @@ def test_full_filesystem_next_boot_and_reset_free_the_overlay_before_writing_sta
             assert c.pread(4, 2 * MiB) == b"\0" * 4
             c.shutdown()
     eb = hs.run(hs.m.prepare_boot(B, v1))  # the space is back for everyone
+    c = connect(eb.uri)
+    assert write_until_error(c, 2 * MiB, 4) == (4, "")
+    c.shutdown()
+
+
+
+def test_full_filesystem_reaper_frees_a_gone_hosts_overlay(harness, bases, small_fs):
+    """The reaper drops the disk of a host that went away even when the state database cannot write."""
+    v1, _ = bases
+    fs = small_fs(24)
+    hs = harness(start=False, directory=fs / "disks", warn_free_bytes=0, reap_after=600)
+    hs.store = StateStore(fs / "state.db")  # no reserve
+    hs.start()
+    ea = hs.run(hs.m.prepare_boot(A, v1))
+    ca = connect(ea.uri)
+    assert write_until_error(ca, 2 * MiB, 40)[1] in ("ENOSPC", "EIO")
+    ca.shutdown()
+    assert os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize < MiB
+    assert hs.run(hs.m.reap_once(time.time() + 700)) == [A]
+    assert hs.m.export_for(A) is None and hs.m.overlays.ephemeral_files() == []
+    assert hs.store.query("SELECT count(*) FROM disk_exports")[0][0] == 0
+    eb = hs.run(hs.m.prepare_boot(B, v1))
     c = connect(eb.uri)
     assert write_until_error(c, 2 * MiB, 4) == (4, "")
     c.shutdown()
@@ -247,6 +271,7 @@ def test_overlay_max_in_the_daemon_other_hosts_keep_dhcp_and_disks(lab, bootd_da
     assert nbd_write(b, ub, 2, 8) == {"written": 8, "errno": "", "first": "01010101"}
     disks = {e["mac"]: e for e in d.api.get("/api/v1/disks")["disks"]}
     assert disks[a.mac]["overlay_max"] == 16 << 20
+    assert disks[a.mac]["overlay_full"] and not disks[b.mac]["overlay_full"]
     # `bootctl disk reset` of A works without a restart; A's next boot writes again
     d.bootctl("disk", "reset", a.mac, check=True)
     ua2 = boot_disk(a, "10.77.0.10")

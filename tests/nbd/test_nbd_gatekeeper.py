@@ -2,7 +2,9 @@
 lab network and clients in their own namespaces: a host lists and opens only its own export, its own
 export works at full correctness on both data paths (handed into the daemon, nbdexport/handoff.c, the
 default; or through the C splicer, nbd.handoff: false), malformed handshakes close only their own
-connection, and a killed splicer is restarted."""
+connection, and a killed splicer is restarted. Without any C helper (noexec run directory) the gatekeeper
+relays in Python and never exposes the daemon; under nbd.tls it terminates TLS and keeps the same policy;
+one address cannot take every handshake slot."""
 from __future__ import annotations
 
 import json
@@ -663,3 +665,29 @@ def test_x509_tls_through_the_gatekeeper(lab, bootd_daemon, tmp_path):
     assert out[0] == f'LIST {json.dumps([ea["name"]])}' and out[1].startswith("REFUSED"), out
     assert py(a, script, ea["uri"], "-").stdout.startswith("REFUSED")  # no client certificate
     assert d.stop() == 0
+
+
+def test_handoff_only_with_a_tested_storage_daemon(lab, bootd_daemon, tmp_path):
+    """A qemu-storage-daemon of a version the hand-off library was not tested with gets the splicer, and
+    `bootctl status` says which data path is in use and why; the host's disk works through it."""
+    real = subprocess.run(["sh", "-c", "command -v qemu-storage-daemon"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    wrapper = tmp_path / "qemu-storage-daemon"  # the real daemon, claiming to be a release bootd never saw
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "qemu-storage-daemon version 99.1.0"; '
+                       f'exit 0; }}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    base = make_base(tmp_path / "base.qcow2", size_mb=16, pattern=0xAB)
+    a, b = lab.add_client("10.77.0.10"), lab.add_client("10.77.0.11")
+    cfg = two_hosts(a, b)
+    cfg["nbd"]["qsd_binary"] = str(wrapper)
+    d = bootd_daemon(cfg, ns=lab.server)
+    ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
+    g = disk_status(d)["gatekeeper"]
+    assert g["data_path"] == "splicer", g
+    assert "tested with qemu-storage-daemon 7.2 only" in g["data_path_reason"], g
+    assert "99.1.0" in g["data_path_reason"], g
+    text = d.bootctl("status").stdout
+    assert "splicer" in text and "99.1.0" in text, text
+    assert py(a, OPEN, "read", ea["uri"]).stdout.startswith("OPEN")
+    g = disk_status(d)["gatekeeper"]
+    assert (g["handed_off"], g["spliced"]) == (0, 1), g
