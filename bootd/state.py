@@ -446,6 +446,10 @@ class StateStore:
         rows = self.query("SELECT mac FROM leases WHERE ip=? AND state='bound' AND expires>?", (ip, now))
         return rows[0]["mac"] if rows else None
 
+    def bound_ips(self, mac: str) -> list[str]:
+        """The addresses the MAC holds a bound lease on (expired or not: who may still be there)."""
+        return [r["ip"] for r in self.query("SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,))]
+
     def macs_named(self, name: str) -> list[str]:
         """The MACs whose host row carries `name` (a name a host reported, not one from the config)."""
         return [r["mac"] for r in self.query("SELECT mac FROM hosts WHERE name=? ORDER BY mac", (name,))]

@@ -47,6 +47,7 @@ from nbdexport.gatekeeper import Gatekeeper, Splicer
 from nbdexport.handoff import Handoff
 from nbdexport.overlays import OverlayStore, SpaceReport, allocated_bytes
 from nbdexport.qsd import StorageDaemon, daemon_socket_path
+from nbdexport.store import DiskTables
 
 log = logging.getLogger("bootd.nbd")
 
@@ -182,6 +183,7 @@ class DiskManager:
                  owner_of: Optional[Callable[[str], Optional[str]]] = None):
         self.s = settings
         self.store = store
+        self.tables = DiskTables(store)  # this engine's rows: its only SQL
         self.qsd = qsd
         self.overlays = OverlayStore(settings.directory, subclusters=settings.subclusters)
         self.aio = settings.aio
@@ -349,7 +351,7 @@ class DiskManager:
     # -- state ------------------------------------------------------------------------------------
     def _load(self) -> None:
         self._rows.clear()
-        for r in self.store.query("SELECT * FROM disk_exports"):
+        for r in self.tables.exports():
             snap = SnapshotRef(r["snapshot_key"], r["snapshot_name"], r["base_path"], r["snapshot_id"])
             self._rows[r["name"]] = _Row(r["name"], r["mac"], r["boot"], bool(r["main"]), snap, r["overlay"],
                                          r["node"], bool(r["persistent"]), r["size"], r["server_ip"],
@@ -362,18 +364,17 @@ class DiskManager:
             if str(p) not in keep:
                 log.info("removing stale overlay %s", p)
                 self.overlays.remove(p)
-        layers = {r["path"] for r in self.store.query("SELECT path FROM disk_layers")}
+        layers = {r["path"] for r in self.tables.layers()}
         for p in self.overlays.persistent_files():
             if str(p) not in layers:
                 log.info("removing stale persistent layer %s", p)
                 self.overlays.remove(p)
         self.overlays.prune_templates(set())  # rebuilt on demand; bases may have changed
 
-    def _insert(self, cur, row: _Row) -> None:
-        cur.execute("INSERT INTO disk_exports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (row.name, row.mac, row.boot, int(row.main), row.snap.key, row.snap.id, row.snap.name,
-                     row.snap.path, row.overlay, row.node, int(row.persistent), row.size, row.server_ip,
-                     row.created, row.last_active))
+    def _insert(self, row: _Row) -> None:
+        self.tables.add_export(row.name, row.mac, row.boot, row.main, row.snap.key, row.snap.id, row.snap.name,
+                               row.snap.path, row.overlay, row.node, row.persistent, row.size, row.server_ip,
+                               row.created, row.last_active)
 
     # -- the API the menus use ----------------------------------------------------------------------
     async def prepare_boot(self, mac: str, snapshot: Any = None, server_ip: Optional[str] = None) -> Export:
@@ -397,12 +398,7 @@ class DiskManager:
                 await self._teardown(r, delete_file=not r.persistent)
             if not snap.draft and not (persistent and self._layer_path(mac)):
                 self._check_room()  # a new overlay: refuse before the state store writes anything
-            with self.store.transaction() as cur:
-                cur.execute("INSERT INTO disk_boots(mac, boot, started) VALUES (?, 1, ?) ON CONFLICT(mac) DO "
-                            "UPDATE SET boot=boot+1, started=excluded.started", (mac, now))
-                boot = cur.execute("SELECT boot FROM disk_boots WHERE mac=?", (mac,)).fetchone()[0]
-                for r in old:
-                    cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
+            boot = self.tables.new_boot(mac, now, [r.name for r in old])
             for r in old:
                 if r not in sync:
                     self._spawn_teardown(r)
@@ -464,7 +460,7 @@ class DiskManager:
         out: dict[str, list[str]] = {}
         for r in self._rows.values():
             out.setdefault(r.snap.key, []).append(f"export of {r.mac} (boot {r.boot})")
-        for r in self.store.query("SELECT mac, snapshot_key FROM disk_layers"):
+        for r in self.tables.layers():
             out.setdefault(r["snapshot_key"], []).append(f"persistent layer of {r['mac']}")
         return out
 
@@ -478,22 +474,19 @@ class DiskManager:
         mac = norm_mac(mac)
         async with self._mac_lock(mac):
             rows = [r for r in self._rows.values() if r.mac == mac]
-            layer = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
-            if not rows and not layer:
+            layer = self.tables.layer(mac)
+            if not rows and layer is None:
                 raise DiskError(f"{mac} has no disk", status=404)
             # files first, rows after: on a full filesystem the state store can only write once the
             # overlay's space is back (a row whose file is gone is dropped at the next start)
             for r in rows:
                 del self._rows[r.name]
                 await self._teardown(r, delete_file=r.overlay != r.snap.path)  # never a draft's own file
-            for lr in layer:
-                self.overlays.remove(lr["path"])
-            with self.store.transaction() as cur:
-                for r in rows:
-                    cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
-                cur.execute("DELETE FROM disk_layers WHERE mac=?", (mac,))
+            if layer is not None:
+                self.overlays.remove(layer["path"])
+            self.tables.drop_exports([r.name for r in rows], layer_of=mac)
         self.store.record_event(mac, "disk", {"action": "reset"})
-        return {"mac": mac, "exports_removed": len(rows), "layer_removed": bool(layer)}
+        return {"mac": mac, "exports_removed": len(rows), "layer_removed": layer is not None}
 
     async def commit(self, mac: str, note: str = "", force: bool = False) -> dict:
         """Turn a persistent host's layer into a draft of its image (via the snapshot store): the store
@@ -504,10 +497,9 @@ class DiskManager:
         if snapshots is None:
             raise DiskError("no snapshot store: commit needs one", status=501)
         async with self._mac_lock(mac):
-            layer = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
-            if not layer:
+            layer = self.tables.layer(mac)
+            if layer is None:
                 raise DiskError(f"{mac} has no persistent layer to commit", status=404)
-            layer = layer[0]
             if layer["snapshot_id"] is None:
                 raise DiskError("this layer is over a bare file, not a snapshot of the store", status=409)
             rows = [r for r in self._rows.values() if r.mac == mac and r.overlay == layer["path"]]
@@ -520,8 +512,7 @@ class DiskManager:
                 draft = await asyncio.to_thread(snapshots.draft_from_layer, layer["snapshot_id"], layer["path"], note)
             else:
                 draft = await asyncio.to_thread(self._commit_into_draft, snapshots, layer, note)
-            with self.store.transaction() as cur:
-                cur.execute("DELETE FROM disk_layers WHERE mac=?", (mac,))
+            self.tables.drop_layer(mac)
             self.overlays.remove(layer["path"])
         self.store.record_event(mac, "disk", {"action": "commit", "draft": getattr(draft, "name", str(draft))})
         return {"mac": mac, "draft": getattr(draft, "name", str(draft)), "draft_id": getattr(draft, "id", None)}
@@ -567,7 +558,7 @@ class DiskManager:
                         "since": r.created, "last_active": max(r.last_active, time.time() if connected else 0),
                         "wr_highest_offset": st.get("wr_highest_offset"), "uri": r.export(self.s.port, False).uri,
                         **(io or {})})
-        for lr in self.store.query("SELECT * FROM disk_layers"):
+        for lr in self.tables.layers():
             if lr["path"] in seen_layers:
                 continue
             out.append({"mac": lr["mac"], "host": self.host_name(lr["mac"]) or lr["mac"], "export": None,
@@ -676,8 +667,8 @@ class DiskManager:
 
     def _layer_path(self, mac: str) -> Optional[str]:
         """The host's persistent layer file, if it has one on disk."""
-        rows = self.store.query("SELECT path FROM disk_layers WHERE mac=?", (mac,))
-        return rows[0]["path"] if rows and os.path.exists(rows[0]["path"]) else None
+        layer = self.tables.layer(mac)
+        return layer["path"] if layer is not None and os.path.exists(layer["path"]) else None
 
     async def _create_overlay(self, base: str, path: str) -> None:
         self._check_room()
@@ -691,15 +682,12 @@ class DiskManager:
     async def _persistent_layer(self, mac: str, snap: SnapshotRef) -> tuple[str, SnapshotRef]:
         """The host's layer, made on its first boot; it stays on the snapshot it was made over (a
         newer snapshot for its group does not reach it until `bootctl disk reset`)."""
-        rows = self.store.query("SELECT * FROM disk_layers WHERE mac=?", (mac,))
-        if rows and os.path.exists(rows[0]["path"]):
-            r = rows[0]
+        r = self.tables.layer(mac)
+        if r is not None and os.path.exists(r["path"]):
             return r["path"], SnapshotRef(r["snapshot_key"], r["snapshot_name"], r["base_path"], r["snapshot_id"])
         path = str(self.overlays.persistent_path(mac))
         await self._create_overlay(snap.path, path)
-        with self.store.transaction() as cur:
-            cur.execute("INSERT OR REPLACE INTO disk_layers VALUES (?,?,?,?,?,?,?)",
-                        (mac, path, snap.key, snap.id, snap.name, snap.path, time.time()))
+        self.tables.put_layer(mac, path, snap.key, snap.id, snap.name, snap.path, time.time())
         return path, snap
 
     async def _add(self, mac: str, boot: int, main: bool, snap: SnapshotRef, overlay: str, persistent: bool,
@@ -709,8 +697,7 @@ class DiskManager:
         addrs = self.s.listen_all or [self.s.listen]
         row = _Row(name, mac, boot, main, snap, overlay, node, persistent, 0,
                    server_ip if server_ip in addrs else self.s.listen, now, now)
-        with self.store.transaction() as cur:  # intent first: a restore after a crash re-adds it
-            self._insert(cur, row)
+        self._insert(row)  # intent first: a restore after a crash re-adds it
         self._rows[name] = row
         try:
             await self._export(row)
@@ -744,8 +731,7 @@ class DiskManager:
                 self._spawn_teardown(row)
                 raise
             row.size = size
-            with self.store.transaction() as cur:
-                cur.execute("UPDATE disk_exports SET size=? WHERE name=?", (size, name))
+            self.tables.set_export_size(name, size)
         self._inc("exports_added")
         return row
 
@@ -758,8 +744,7 @@ class DiskManager:
         if self.handoff is not None:
             self.handoff.forget(row.name)
         if stored:
-            with self.store.transaction() as cur:
-                cur.execute("DELETE FROM disk_exports WHERE name=?", (row.name,))
+            self.tables.drop_exports([row.name])
 
     async def _base_node(self, path: str) -> str:
         node = self._bases.get(path)
@@ -954,8 +939,7 @@ class DiskManager:
         if host and host.get("last_ip"):
             ips.add(host["last_ip"])
         try:
-            for r in self.store.query("SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,)):
-                ips.add(r["ip"])
+            ips.update(self.store.bound_ips(mac))
         except Exception:  # no lease table in a bare state file
             pass
         return ips
@@ -979,8 +963,7 @@ class DiskManager:
                 for r in rows:
                     r.last_active = now
                 try:
-                    with self.store.transaction() as cur:
-                        cur.execute("UPDATE disk_exports SET last_active=? WHERE mac=?", (now, mac))
+                    self.tables.touch_exports(mac, now)
                 except sqlite3.Error as e:  # a full filesystem: reaping must still go on (it frees space)
                     log.warning("cannot store the last activity of %s: %s", mac, e)
                 continue
@@ -991,9 +974,7 @@ class DiskManager:
                 for r in rows:  # the file first, then the row: on a full filesystem only that order works
                     self._forget(r, stored=False)
                     await self._teardown(r, delete_file=not r.persistent)
-                with self.store.transaction() as cur:
-                    for r in rows:
-                        cur.execute("DELETE FROM disk_exports WHERE name=?", (r.name,))
+                self.tables.drop_exports([r.name for r in rows])
             reaped.append(mac)
             self._inc("reaped")
             log.info("reaped the disk of %s (gone for %.0f s)", mac, now - max(r.last_active for r in rows))

@@ -115,11 +115,11 @@ def alias_bomb() -> str:
     for i in range(1, 9):
         prev, cur = chr(96 + i), chr(97 + i)
         lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
-    return "\n".join(lines) + "\nmenu:\n  title: *i\n"
+    return "\n".join(lines) + "\nhosts: *i\n"
 
 
 def deep_nesting() -> str:
-    return "menu:\n  title: " + "[" * 20000 + "]" * 20000 + "\n"
+    return "hosts: " + "[" * 20000 + "]" * 20000 + "\n"
 
 
 def write_big(path: Path) -> None:
