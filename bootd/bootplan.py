@@ -62,8 +62,11 @@ class PlanSources(Protocol):
     """Where a Planner reads its inputs at every call (bootd.daemon.Context): a reload or a promote shows
     in the next plan."""
 
-    config: Config
-    snapshots: Optional[SnapshotState[PlannedSnapshot]]
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def snapshots(self) -> Optional[SnapshotState[PlannedSnapshot]]: ...
 
 
 # -- the plan ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from bootd.clientconfig.model import ClientsConfig  # client helper: what a client boots into
-from bootd.macaddr import normalize_mac  # the one MAC normaliser (also for the modules importing it from here)
+from bootd.macaddr import normalize_mac  # the one MAC normaliser (other modules import it from bootd.macaddr)
 from bootd.nfsconfig import NfsConfig  # client helper: NFS exports of client roots (the pure model)
 from pydantic import (AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -105,8 +105,10 @@ class DhcpRateLimitConfig(Section):
 
     per_mac: Annotated[float, Field(gt=0)] = 10.0  # packets/s from one client MAC (chaddr)
     per_mac_burst: Annotated[int, Field(ge=1)] = 30  # packets one MAC may send at once
-    unknown: Annotated[float, Field(gt=0)] = 200.0  # packets/s from all MACs without host entry, reservation or lease
-    unknown_burst: Annotated[int, Field(ge=1)] = 1000  # a room of unknown PCs booting at once
+    # seconds of work per second for all MACs without host entry, reservation, lease or offer together
+    unknown_cpu: Annotated[float, Field(gt=0, le=1)] = 0.5
+    unknown_answers: Annotated[float, Field(gt=0)] = 200.0  # replies/boot events a second for them together
+    unknown_answers_burst: Annotated[int, Field(ge=1)] = 1000  # a room of unknown PCs booting at once
 
 
 class DhcpConfig(Section):
@@ -308,6 +310,13 @@ class HostConfig(Section):
     clients: Optional[ClientsConfig] = None  # overrides the group's clients settings field by field
 
 
+class WakeConfig(Section):
+    """Wake-on-LAN (bootctl wake): magic packets paced so that waking a room does not flood its network."""
+
+    rate: Annotated[float, Field(gt=0, le=10000)] = 20.0  # magic packets per second, over all wake requests
+    port: Annotated[int, Field(ge=1, le=65535)] = 9  # UDP port of the broadcast magic packet (9 discard, or 7)
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -324,6 +333,7 @@ class Config(Section):
     nfs: NfsConfig = NfsConfig()
     log: LogConfig = LogConfig()
     events: EventsConfig = EventsConfig()
+    wake: WakeConfig = WakeConfig()
     images: list[ImageConfig] = []
     groups: list[GroupConfig] = []
     hosts: list[HostConfig] = []

@@ -14,15 +14,19 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from bootd.bootplan import Planner
 from bootd.config import Config, ConfigError, load_config
 from bootd.logsetup import setup_logging
 from bootd.metrics import Metrics
 from bootd.notify import Notifier
+from bootd.seams import Booter, Disks, ReloadRequest, Snapshots, SnapshotJobs, TftpFiles
 from bootd.service import Service
 from bootd.state import StateError, StateStore
+
+if TYPE_CHECKING:
+    from bootd.wake import WakeQueue
 
 log = logging.getLogger("bootd")
 
@@ -39,11 +43,16 @@ class Context:
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     services: list[Service] = field(default_factory=list)
-    booter: Any = None  # pxe.booter.Booter: what a host boots (menus)
+    # Seams (bootd/seams.py), each filled by the service that offers it, None while that one is not running.
+    booter: Optional[Booter] = None  # pxe.booter.Booter: what a host boots (menus)
     planner: Planner = field(init=False)  # bootd.bootplan: the one boot decision per host, read by all
-    disks: Any = None  # nbdexport DiskManager: per-host NBD exports
-    snapshots: Any = None  # snapshots store
-    extras: dict = field(default_factory=dict)
+    disks: Optional[Disks] = None  # nbdexport DiskManager: per-host NBD exports
+    snapshots: Optional[Snapshots] = None  # snapshots/store.py SnapshotStore
+    snapshot_jobs: Optional[SnapshotJobs] = None  # snapshots/jobs.py JobManager: imports, flattens
+    tftp: Optional[TftpFiles] = None  # bootd/tftp/server.py TftpServer: menus and client files add names
+    request_reload: Optional[ReloadRequest] = None  # Daemon.request_reload: the reload API starts one
+    api_token: Optional[str] = None  # the TCP API's bearer token (api.token_file), read by the HTTP service
+    wake_queue: Optional[WakeQueue] = None  # bootd/wake.py: the one paced Wake-on-LAN queue, made on first use
     reload_errors: list[str] = field(default_factory=list)
     last_reload: Optional[float] = None
 
@@ -89,7 +98,7 @@ class Daemon:
         self.ctx: Optional[Context] = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self._reload_tasks: set[asyncio.Task] = set()  # running reloads (a task needs a reference)
+        self._reload_tasks: set[asyncio.Task[bool]] = set()  # running reloads (a task needs a reference)
 
     async def run(self) -> int:
         try:
@@ -108,7 +117,7 @@ class Daemon:
             log.error("cannot open the state database: %s", e)
             return 1
         ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)
-        ctx.extras["reload"] = self.request_reload
+        ctx.request_reload = self.request_reload
         self._prepare_boot_root(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,7 +9,11 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
+# Every accepted spelling, for modules that find a MAC inside a longer text (a TFTP file name, a URL path)
+# and then normalise the match. No capturing groups, so it can sit inside another pattern.
+MAC_PATTERN = (r"(?:[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}"
+               r"|[0-9A-Fa-f]{12})")
+_MAC_RE = re.compile(rf"^{MAC_PATTERN}$")
 
 
 def normalize_mac(value: str) -> str:

@@ -39,7 +39,7 @@ class NfsConfig(BaseModel):
     check_timeout: float = Field(3.0, gt=0, le=60)
 
     @model_validator(mode="after")
-    def _unique(self):
+    def _unique(self) -> "NfsConfig":
         names, ids, paths = set(), set(), set()
         for i, r in enumerate(self.roots):
             if r.name in names:

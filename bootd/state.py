@@ -11,10 +11,12 @@ mid-migration leaves the old version intact.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -418,6 +420,60 @@ class StateStore:
                 pass
             self.conn.close()
 
+    # -- backup (bootctl backup; bootd restore reads it with describe_state_file) -----------------
+    def backup_to(self, dest: str | Path, overwrite: bool = False) -> dict[str, Any]:
+        """A consistent copy of the live database at `dest`, taken while bootd keeps writing.
+
+        SQLite's online backup runs on a connection of its own, in one step: one read transaction, so
+        the copy is the database as of one commit (WAL included), and in WAL mode writers are not held
+        up meanwhile (safe to call from a worker thread). It goes to a temporary file beside `dest`,
+        is checked and synced, then renamed onto `dest`: a crash leaves the old file or the new one.
+        FileExistsError if `dest` exists and not `overwrite`."""
+        dest = Path(dest)
+        if dest.exists() and not overwrite:
+            raise FileExistsError(f"{dest} exists")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        started = time.monotonic()
+        try:
+            # made here first, so that it is the owner's only: it holds leases and the hosts' export tokens
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            src = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+            try:
+                src.execute("PRAGMA busy_timeout=10000")
+                out = sqlite3.connect(str(tmp), isolation_level=None)
+                try:
+                    src.backup(out)
+                    out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+                finally:
+                    out.close()
+            finally:
+                src.close()
+            info = describe_state_file(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not overwrite and dest.exists():
+                raise FileExistsError(f"{dest} exists")
+            os.replace(tmp, dest)
+            dir_fd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException as e:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+                try:
+                    leftover.unlink()
+                except FileNotFoundError:
+                    pass
+            if isinstance(e, sqlite3.Error) and not isinstance(e, StateError):
+                raise StateError(f"{self.path}: backup to {dest} failed: {e}") from e
+            raise
+        return {"path": str(dest), "bytes": dest.stat().st_size, "seconds": round(time.monotonic() - started, 3),
+                **info}
+
     # -- hosts -----------------------------------------------------------------------------------
     def touch_host(self, mac: str, ip: Optional[str] = None, arch: Optional[str] = None,
                    name: Optional[str] = None, now: Optional[float] = None) -> None:
@@ -448,14 +504,14 @@ class StateStore:
 
     def bound_ips(self, mac: str) -> list[str]:
         """The addresses the MAC holds a bound lease on (expired or not: who may still be there)."""
-        return [r["ip"] for r in self.query("SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,))]
+        return [str(r["ip"]) for r in self.query("SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,))]
 
     def macs_named(self, name: str) -> list[str]:
         """The MACs whose host row carries `name` (a name a host reported, not one from the config)."""
-        return [r["mac"] for r in self.query("SELECT mac FROM hosts WHERE name=? ORDER BY mac", (name,))]
+        return [str(r["mac"]) for r in self.query("SELECT mac FROM hosts WHERE name=? ORDER BY mac", (name,))]
 
     # -- DHCP reservations made at run time (bootd/dhcp) -------------------------------------------
-    def dhcp_reservations(self) -> list[dict]:
+    def dhcp_reservations(self) -> list[dict[str, Any]]:
         """Every run-time reservation: mac, ip, name, created; by MAC."""
         return [dict(r) for r in self.query("SELECT mac, ip, name, created FROM dhcp_reservations ORDER BY mac")]
 
@@ -478,12 +534,14 @@ class StateStore:
         a new host both get the one that was stored first."""
         rows = self.query("SELECT token FROM pxe_tokens WHERE mac=?", (mac,))
         if rows:
-            return rows[0]["token"]
+            return str(rows[0]["token"])
         now = time.time() if now is None else now
         with self.transaction() as cur:
             cur.execute("INSERT INTO pxe_tokens(mac, token, created) VALUES (?, ?, ?) ON CONFLICT(mac) DO NOTHING",
                         (mac, new_token, now))
-            return cur.execute("SELECT token FROM pxe_tokens WHERE mac=?", (mac,)).fetchone()[0]
+            row = cur.execute("SELECT token FROM pxe_tokens WHERE mac=?", (mac,)).fetchone()
+            assert row is not None  # inserted just above unless it was there, in this transaction
+            return str(row[0])
 
     # -- boot events -------------------------------------------------------------------------------
     def record_event(self, mac: Optional[str], kind: str, detail: Optional[dict] = None,
@@ -579,6 +637,105 @@ class StateStore:
                  AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.mac = hosts.mac)
                  AND NOT EXISTS (SELECT 1 FROM dhcp_reservations r WHERE r.mac = hosts.mac)""", macs)
         return n
+
+
+STATE_TABLES = ("hosts", "leases", "boot_events")  # every bootd state database has these (migration 1)
+
+
+def describe_state_file(path: str | Path) -> dict[str, Any]:
+    """What a (backup) file holds, checked: a sound SQLite database with bootd's schema at a version this
+    bootd knows. {"schema_version", "rows": {table: count}}; StateError naming the file and why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"{path}: no such file")
+    known = max(m.version for m in MIGRATIONS)
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as e:
+        raise StateError(f"{path}: cannot open: {e}") from None
+    try:
+        found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+        if found != ["ok"]:
+            raise StateError(f"{path}: the database is damaged (quick_check: {'; '.join(found)})")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = [t for t in STATE_TABLES if t not in tables]
+        if version < 1 or missing:
+            raise StateError(f"{path}: not a bootd state database (schema version {version}"
+                             + (f", no table {', '.join(missing)}" if missing else "") + ")")
+        if version > known:
+            raise StateError(f"{path}: schema version {version} is newer than this bootd knows ({known}): "
+                             f"restore it with the bootd that made it")
+        rows = {t: conn.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in sorted(tables)
+                if not t.startswith("sqlite_")}
+    except sqlite3.Error as e:
+        raise StateError(f"{path}: not a usable database: {e}") from None
+    finally:
+        conn.close()
+    return {"schema_version": version, "rows": rows}
+
+
+# SQLite's unix VFS: every connection that has a WAL database open holds a shared lock on this byte of
+# its -shm file (the "DMS" byte: UNIX_SHM_BASE 120 + SQLITE_SHM_NLOCK 8, os_unix.c) until it closes.
+_SHM_DMS_OFFSET = 128
+
+
+def state_in_use(db_path: str | Path) -> Optional[int]:
+    """The pid of a process that has the (WAL) database open, such as a running bootd, else None.
+    Asked with F_GETLK on the -shm file's DMS byte: nothing is locked, nothing is opened as a database."""
+    shm = Path(f"{db_path}-shm")
+    try:
+        fd = os.open(shm, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS_OFFSET, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    finally:
+        os.close(fd)
+    kind, _, _, _, pid = struct.unpack("hhqqi4x", answer)
+    return pid if kind != fcntl.F_UNLCK else None
+
+
+def restore_state_file(backup: str | Path, db_path: str | Path) -> dict[str, Any]:
+    """Put a backup in place of the state database (bootd stopped): the backup is checked first
+    (describe_state_file), the current database and its -wal/-shm move aside under one timestamped name,
+    and a copy of the backup is synced and renamed onto `db_path`. The backup file itself stays."""
+    backup, db_path = Path(backup), Path(db_path)
+    pid = state_in_use(db_path)
+    if pid is not None:
+        raise StateError(f"{db_path} is open in process {pid} (a running bootd?): stop it first")
+    info = describe_state_file(backup)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved: list[str] = []
+    if db_path.exists():
+        aside = db_path.with_name(f"{db_path.name}.before-restore-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            old = Path(f"{db_path}{suffix}")
+            if old.exists():
+                os.replace(old, f"{aside}{suffix}")
+                moved.append(f"{aside}{suffix}")
+    tmp = db_path.with_name(f".{db_path.name}.restore.tmp")
+    mode = os.stat(moved[0]).st_mode & 0o777 if moved else 0o600
+    try:
+        with open(backup, "rb") as src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, db_path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(db_path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return {"restored": str(db_path), "from": str(backup), "moved_aside": moved, **info}
 
 
 def _split_sql(script: str) -> list[str]:

@@ -508,26 +508,11 @@ class DiskManager:
             for r in rows:
                 self._forget(r)
                 await self._teardown(r, delete_file=False)
-            if hasattr(snapshots, "draft_from_layer"):
-                draft = await asyncio.to_thread(snapshots.draft_from_layer, layer["snapshot_id"], layer["path"], note)
-            else:
-                draft = await asyncio.to_thread(self._commit_into_draft, snapshots, layer, note)
+            draft = await asyncio.to_thread(snapshots.draft_from_layer, layer["snapshot_id"], layer["path"], note)
             self.tables.drop_layer(mac)
             self.overlays.remove(layer["path"])
-        self.store.record_event(mac, "disk", {"action": "commit", "draft": getattr(draft, "name", str(draft))})
-        return {"mac": mac, "draft": getattr(draft, "name", str(draft)), "draft_id": getattr(draft, "id", None)}
-
-    @staticmethod
-    def _commit_into_draft(snapshots: Any, layer: Any, note: str) -> Any:
-        import subprocess
-        draft = snapshots.draft(layer["snapshot_id"], actor="bootctl disk commit",
-                                reason=note or f"disk of {layer['mac']}")
-        for argv in (["qemu-img", "rebase", "-u", "-b", draft.path, "-F", "qcow2", layer["path"]],
-                     ["qemu-img", "commit", "-q", layer["path"]]):
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise DiskError(f"commit into {draft.name} failed: {proc.stderr.strip()}", status=500)
-        return draft
+        self.store.record_event(mac, "disk", {"action": "commit", "draft": draft.name})
+        return {"mac": mac, "draft": draft.name, "draft_id": draft.id}
 
     async def list(self) -> list[dict]:
         """One entry per export and per idle persistent layer: what `bootctl disk list` shows."""
@@ -813,12 +798,16 @@ class DiskManager:
         spec = {"driver": "qcow2", "node-name": row.node, "file": self._capped(row)}
         if row.overlay != row.snap.path:  # an overlay: its backing is the shared, never exported base node
             spec["backing"] = await self._base_node(row.snap.path)
-        # both commands in flight at once (QMP runs them in order): one round trip to the daemon, not two
-        added, exported = await asyncio.gather(
+        # all commands in flight at once (QMP runs them in order): one round trip to the daemon
+        commands = [
             self.qsd.execute("blockdev-add", spec),
             self.qsd.execute("block-export-add", {
-                "type": "nbd", "id": row.node, "node-name": row.node, "name": row.name, "writable": True}),
-            return_exceptions=True)
+                "type": "nbd", "id": row.node, "node-name": row.node, "name": row.name, "writable": True})]
+        capped = spec["file"]
+        if capped["driver"] == "raw":  # tell bootd when a write hits the limit (see _capped, _overlay_full)
+            commands.append(self.qsd.execute("block-set-write-threshold", {
+                "node-name": capped["node-name"], "write-threshold": capped["size"]}))
+        added, exported, *threshold = await asyncio.gather(*commands, return_exceptions=True)
         if isinstance(added, BaseException):
             raise added
         if isinstance(exported, BaseException):
@@ -827,13 +816,9 @@ class DiskManager:
             except DiskError:
                 pass
             raise exported
-        capped = spec["file"]
-        if capped["driver"] == "raw":  # tell bootd when a write hits the limit (see _capped, _overlay_full)
-            try:
-                await self.qsd.execute("block-set-write-threshold", {"node-name": capped["node-name"],
-                                                                      "write-threshold": capped["size"]})
-            except DiskError as e:
-                log.warning("no write threshold on the overlay of %s: %s", row.mac, e)
+        if threshold and isinstance(threshold[0], BaseException):
+            log.warning("no write threshold on the overlay of %s (overlay_full is not reported): %s",
+                        row.mac, threshold[0])
 
     def _spawn_teardown(self, row: _Row) -> None:
         t = asyncio.get_running_loop().create_task(self._teardown(row, delete_file=not row.persistent))

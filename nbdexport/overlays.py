@@ -27,11 +27,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootd.macaddr import normalize_mac
 from nbdexport.errors import DiskError, NoSpace
 
 
 def mac_hex(mac: str) -> str:
-    return mac.lower().replace(":", "").replace("-", "")
+    """The MAC's twelve hex digits, for file names (ValueError if it is not a MAC)."""
+    return normalize_mac(mac).replace(":", "")
 
 
 @dataclass(frozen=True)

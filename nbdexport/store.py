@@ -55,7 +55,9 @@ class DiskTables:
         with self.state.transaction() as cur:
             cur.execute("INSERT INTO disk_boots(mac, boot, started) VALUES (?, 1, ?) ON CONFLICT(mac) DO "
                         "UPDATE SET boot=disk_boots.boot+1, started=excluded.started", (mac, now))
-            boot = cur.execute("SELECT boot FROM disk_boots WHERE mac=?", (mac,)).fetchone()[0]
+            row = cur.execute("SELECT boot FROM disk_boots WHERE mac=?", (mac,)).fetchone()
+            assert row is not None  # upserted just above, in this transaction
+            boot = int(row[0])
             for name in drop:
                 cur.execute("DELETE FROM disk_exports WHERE name=?", (name,))
         return boot

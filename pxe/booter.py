@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
-from bootd import macaddr
 from bootd.bootplan import BootPlan, Planner, anonymous_settings
 from bootd.config import Config
+from bootd.nfs import cmdline_for as nfs_cmdline_for
 from pxe.catalog import BootHost, Catalog, CatalogEntry
 from pxe.grub import render_grub
 from pxe.ipxe import render_ipxe
 from pxe.menu import LOCAL_KEY, BootMenu, MenuItem
 from pxe.pxelinux import render_pxelinux
 from pxe.tokens import fallback_token
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.pxe")
 
@@ -50,7 +53,7 @@ class Booter:
     """What a host boots, for every protocol that asks (HTTP script, TFTP menus): the boot plan
     (`ctx.planner`, bootd/bootplan.py) rendered with disks and kernel command lines."""
 
-    def __init__(self, ctx: Any, catalog: Optional[Catalog] = None):
+    def __init__(self, ctx: Context, catalog: Optional[Catalog] = None):
         self.ctx = ctx
         self._catalog = catalog
 
@@ -175,17 +178,12 @@ class Booter:
         return " ".join(p.strip() for p in parts if p and p.strip())
 
 
-def _nfs_cmdline(ctx: Any, host: BootHost) -> str:
-    """The client root's NFS arguments when the client helper's bootd.nfs offers them."""
-    try:
-        from bootd import nfs
-    except ImportError:
-        return ""
-    fn = getattr(nfs, "cmdline_for", None)
-    if fn is None or not host.mac:
+def _nfs_cmdline(ctx: Context, host: BootHost) -> str:
+    """The client root's NFS arguments (empty when no client root is configured)."""
+    if not host.mac:
         return ""
     try:
-        return fn(ctx.config, host.mac) or ""
+        return nfs_cmdline_for(ctx.config, host.mac)
     except Exception as exc:
         log.warning("nfs cmdline for %s: %s", host.mac, exc, extra={"mac": host.mac})
         return ""
@@ -195,4 +193,3 @@ def _url_host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-parse_mac = macaddr.parse_mac  # a MAC in any spelling firmware uses (aa:bb.., aa-bb.., aabbcc..), or None

@@ -9,13 +9,14 @@ import logging
 import re
 from typing import Any, Optional
 
-from bootd.service import Service
+from bootd.macaddr import MAC_PATTERN, parse_mac
 from bootd.peers import may_act_for, refuse
-from pxe.booter import Booter, parse_mac, render, server_for
+from bootd.service import Service
+from pxe.booter import Booter, render, server_for
 
 log = logging.getLogger("bootd.pxe")
 
-_MAC = r"[0-9a-f]{2}(?:[:-]?[0-9a-f]{2}){5}"
+_MAC = MAC_PATTERN
 PXELINUX_RE = re.compile(rf"pxelinux\.cfg/(?:01-(?P<mac>{_MAC})|default)", re.I)
 GRUB_RE = re.compile(rf"(?:boot/)?grub/grub\.cfg(?:-(?:01-)?(?P<mac>{_MAC}))?", re.I)
 IPXE_RE = re.compile(rf"(?:boot/)?(?P<mac>{_MAC})\.ipxe", re.I)
@@ -55,7 +56,7 @@ class MenuService(Service):
 
     async def start(self, ctx) -> None:
         ctx.booter = Booter(ctx)
-        self.tftp = ctx.extras.get("tftp")
+        self.tftp = ctx.tftp
         if self.tftp is None:
             log.info("menus: no TFTP server: pxelinux and GRUB menus only through HTTP")
             return
@@ -72,7 +73,7 @@ class MenuService(Service):
 
     async def reload(self, ctx) -> None:
         # Menus read ctx.config at every request; only a new TFTP server needs the providers again.
-        if ctx.extras.get("tftp") is not self.tftp:
+        if ctx.tftp is not self.tftp:
             await self.stop()
             await self.start(ctx)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import secrets
 
 from bootd.macaddr import normalize_mac
+from bootd.state import StateStore
 
 
-def fallback_token(store, mac: str) -> str:
+def fallback_token(store: StateStore, mac: str) -> str:
     """The host's token (bootd.state.StateStore.pxe_token), made on its first boot."""
     return store.pxe_token(normalize_mac(mac), secrets.token_hex(12))

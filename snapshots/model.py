@@ -4,16 +4,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from bootd.macaddr import parse_mac
-
 _IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 ALL_GROUPS = "*"
-
-
-def normalize_mac(mac: str) -> str | None:
-    """`AA-BB-CC-DD-EE-FF`, `aabbccddeeff`, `aa:bb:..` -> `aa:bb:cc:dd:ee:ff`; None if not a MAC."""
-    return parse_mac(mac or "")
 
 
 def valid_image_name(name: str) -> bool:

@@ -1,5 +1,5 @@
 """SnapshotService: opens the snapshot store at start-up, reconciles it with fsck, and offers it as
-`ctx.snapshots` (plus the background job runner as `ctx.extras["snapshot_jobs"]`)."""
+`ctx.snapshots` (plus the background job runner as `ctx.snapshot_jobs`)."""
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +48,7 @@ class SnapshotService(Service):
             log.info("snapshot %s: %s", event, ", ".join(f"{k}={v}" for k, v in sorted(detail.items())))
         self.store.add_listener(on_change)
         ctx.snapshots = self.store
-        ctx.extras["snapshot_jobs"] = self.jobs
+        ctx.snapshot_jobs = self.jobs
         self._import_configured(ctx)
 
     def _import_configured(self, ctx) -> None:

@@ -30,11 +30,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bootd.bootplan import snapshot_choice
+from bootd.macaddr import parse_mac
+from bootd.units import human
 
 from . import qemu
 from .crash import crash_point
 from .errors import NoSpace, NotFound, Refused, SnapshotError
-from .model import ALL_GROUPS, Assignment, FsckReport, Snapshot, normalize_mac, valid_image_name
+from .model import ALL_GROUPS, Assignment, FsckReport, Snapshot, valid_image_name
 
 log = logging.getLogger("bootd.snapshots")
 
@@ -46,15 +48,6 @@ TEMP_PREFIX = ".tmp-"
 
 OpenCheck = Callable[[Snapshot], Iterable[str]]
 Listener = Callable[[str, dict], None]
-
-
-def human(n: int | float) -> str:
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def parse_size(text: str | int) -> int:
@@ -439,7 +432,7 @@ class SnapshotStore:
         return []
 
     def _require_host(self, host: str) -> str:
-        mac = normalize_mac(host)
+        mac = parse_mac(host or "")
         if mac is None:
             raise SnapshotError(f"{host!r} is not a MAC address")
         return mac

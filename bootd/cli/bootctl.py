@@ -19,7 +19,7 @@ from bootd.cli.text import escape_controls
 def command_modules() -> list:
     """The modules with `register(sub, common)`, imported by name (not looked up from strings). One line per
     component. Imported at call time: each of them imports this module's helpers (emit, table)."""
-    from bootd.cli import client_cmds, core_cmds, dhcp_cmds, disk_cmds, menu_cmds, snapshot_cmds
+    from bootd.cli import client_cmds, core_cmds, dhcp_cmds, disk_cmds, menu_cmds, snapshot_cmds, wake_cmds
     return [
         core_cmds,
         client_cmds,  # client helper: client render, clientroot build
@@ -27,6 +27,7 @@ def command_modules() -> list:
         disk_cmds,  # NBD helper: bootctl disk list|boot|reset|commit
         dhcp_cmds,  # DHCP helper: bootctl leases, reserve, unreserve
         menu_cmds,  # menus helper: bootctl menu HOST
+        wake_cmds,  # issue 16: bootctl wake HOST|--group ROOM, bootctl backup FILE
     ]
 
 

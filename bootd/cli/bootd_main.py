@@ -1,12 +1,44 @@
-"""`bootd`: run the daemon, or check a config file."""
+"""`bootd`: run the daemon, check a config file, or restore the state database from a backup."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from bootd import __version__
 from bootd.cli.text import escape_controls
 from bootd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """bootd restore FILE: the way back from `bootctl backup FILE` (see README, Backup and restore)."""
+    from bootd.state import StateError, restore_state_file
+    if args.storage:
+        storage = Path(args.storage)
+    else:
+        try:
+            storage = load_config(args.config).storage_dir
+        except ConfigError as e:
+            for problem in e.problems:
+                print(escape_controls(str(problem)), file=sys.stderr)
+            print(f"bootd restore: cannot read {args.config} for storage.directory (or give --storage DIR)",
+                  file=sys.stderr)
+            return 1
+    if not storage.is_dir():
+        print(f"bootd restore: storage directory {storage} does not exist", file=sys.stderr)
+        return 1
+    try:
+        done = restore_state_file(args.file, storage / "state.db")
+    except (StateError, OSError) as e:
+        print(escape_controls(f"bootd restore: {e}"), file=sys.stderr)
+        return 1
+    rows = ", ".join(f"{n} {t}" for t, n in sorted(done["rows"].items()) if n)
+    print(f"restored {done['restored']} from {done['from']} (schema {done['schema_version']}: {rows or 'no rows'})")
+    for old in done["moved_aside"]:
+        print(f"  the previous file is kept as {old}")
+    print(f"if the sealed snapshot layers were lost too, put back {storage / 'snapshots'} from the same backup "
+          f"before starting bootd")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the daemon (the default)")
     chk = sub.add_parser("check-config", help="validate a config file and print every problem")
     chk.add_argument("file", nargs="?", help="the file (default: --config)")
+    rst = sub.add_parser("restore", help="put a `bootctl backup` file in place of the state database (bootd stopped)",
+                         description="Checks FILE is a bootd state database this bootd can read, refuses while a "
+                                     "bootd (or anything) has the state database open, moves the old state.db "
+                                     "aside as state.db.before-restore-TIME and copies FILE in its place.")
+    rst.add_argument("file", help="the backup, from `bootctl backup FILE`")
+    rst.add_argument("--storage", help="the storage directory holding state.db (default: the config's "
+                                       "storage.directory)")
     args = p.parse_args(argv)
+
+    if args.cmd == "restore":
+        return _restore(args)
 
     if args.cmd == "check-config":
         path = args.file or args.config

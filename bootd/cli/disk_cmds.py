@@ -5,17 +5,7 @@ import time
 
 from bootd.cli.api_client import q
 from bootd.cli.bootctl import emit, fmt_age, fmt_time, table
-
-
-def _size(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from bootd.units import human
 
 
 def cmd_list(args, api) -> int:
@@ -23,8 +13,8 @@ def cmd_list(args, api) -> int:
     now = data.get("now") or time.time()
     rows = []
     for d in data["disks"]:
-        io = "-" if d.get("read_bytes") is None else f"{_size(d['read_bytes'])} / {_size(d['written_bytes'])}"
-        rows.append([d["host"], d["mac"], d["snapshot"], _size(d["overlay_bytes"]),
+        io = "-" if d.get("read_bytes") is None else f"{human(d['read_bytes'])} / {human(d['written_bytes'])}"
+        rows.append([d["host"], d["mac"], d["snapshot"], human(d["overlay_bytes"]),
                      "yes" if d["connected"] else "no", io,
                      f"{fmt_time(d['since'])} ({fmt_age(now - d['since'])} ago)" if d["since"] else "-",
                      "persistent" if d["persistent"] else "ephemeral",
@@ -33,7 +23,7 @@ def cmd_list(args, api) -> int:
     lines = [table(rows, ["HOST", "MAC", "SNAPSHOT", "OVERLAY", "CONNECTED", "READ / WRITTEN", "SINCE", "KIND",
                           "EXPORT"])
              if rows else "no disks"]
-    lines.append(f"disk directory {sp['path']}: {_size(sp['free'])} free of {_size(sp['total'])}"
+    lines.append(f"disk directory {sp['path']}: {human(sp['free'])} free of {human(sp['total'])}"
                  + ("  WARNING: nearly full" if sp["low"] else ""))
     qsd = data["storage_daemon"]
     lines.append(f"qemu-storage-daemon pid {qsd['pid']} on {qsd['listen']}"

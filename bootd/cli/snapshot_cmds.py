@@ -13,6 +13,7 @@ import time
 
 from bootd.cli.api_client import ApiError, q
 from bootd.cli.bootctl import emit, fmt_time, table
+from bootd.units import human
 
 P = "/api/v1"
 
@@ -31,17 +32,6 @@ def _body(args, **extra) -> dict:
     body = {"actor": _actor(), "reason": getattr(args, "reason", None) or ""}
     body.update({k: v for k, v in extra.items() if v is not None})
     return body
-
-
-def human(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}T"
 
 
 def _bar(fraction: float, width: int = 30) -> str:

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from bootd.macaddr import parse_mac
+
 MAX_INSTANCES = 8
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -190,9 +192,10 @@ class InstanceConfig(_Strict):
     @classmethod
     def _mac(cls, v):
         if v is not None:
-            if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", v):
+            mac = parse_mac(v)
+            if mac is None:
                 raise ValueError(f"guest_mac {v!r} must look like 52:54:00:12:34:56")
-            v = v.lower()
+            v = mac
         return v
 
 

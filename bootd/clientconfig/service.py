@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Any, Optional
 
-from bootd.config import normalize_mac
+from bootd.macaddr import MAC_PATTERN, normalize_mac
 from bootd.peers import may_act_for, refuse
 from bootd.service import Service
 
@@ -20,7 +20,7 @@ from .resolve import NoClientConfig, UnknownHost, render_for
 
 log = logging.getLogger("bootd.clients")
 
-CLIENT_FILE_RE = re.compile(r"clients/(?P<mac>[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5})/(?P<file>[A-Za-z0-9._-]{1,64})")
+CLIENT_FILE_RE = re.compile(rf"clients/(?P<mac>{MAC_PATTERN})/(?P<file>[A-Za-z0-9._-]{{1,64}})")
 
 
 class ClientFileProvider:
@@ -66,7 +66,7 @@ class ClientFilesService(Service):
         self.provider: Optional[ClientFileProvider] = None
 
     async def start(self, ctx) -> None:
-        self.tftp = ctx.extras.get("tftp")
+        self.tftp = ctx.tftp
         if self.tftp is None:
             log.info("clients: no TFTP server: client files only over HTTP")
             return
@@ -79,7 +79,7 @@ class ClientFilesService(Service):
         self.provider = None
 
     async def reload(self, ctx) -> None:
-        if ctx.extras.get("tftp") is not self.tftp:
+        if ctx.tftp is not self.tftp:
             await self.stop()
             await self.start(ctx)
 

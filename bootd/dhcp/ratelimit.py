@@ -1,11 +1,12 @@
 """Admission of DHCP packets before any real work: token buckets with an explicit clock (no I/O).
 
-A flood must cost the other clients nothing. Two limits, both checked on the raw chaddr before a
-packet is decoded:
+A flood must cost the other clients nothing. Two limits, checked on the raw chaddr before a packet is
+decoded:
 - per client MAC (chaddr): one machine that sends too much is cut back to `per_mac` packets/s;
-- for MACs bootd does not know (not in `hosts`, no reservation, no lease): one shared budget of
-  `unknown` packets/s, because random MACs that send one DISCOVER each slip past any per-MAC limit.
-Known machines are never charged to the shared budget, so a flood of strangers cannot starve them.
+- for MACs bootd does not know (no host entry, reservation, lease or offer): one shared budget of
+  processing time, `unknown_cpu` seconds per second, because random MACs that send one DISCOVER
+  each slip past any per-MAC limit. Known machines are never charged to it (and are handled first),
+  so a flood of strangers cannot starve them.
 Memory is bounded: at most `max_tracked` per-MAC buckets are held (idle ones are dropped first).
 """
 from __future__ import annotations
@@ -65,17 +66,40 @@ class KeyedBuckets:
 class Admission:
     """Decides, per packet and before decoding it, whether bootd spends work on it.
 
-    `admit` returns None for a packet to handle, else the reason it is dropped ("rate-limit" when its
-    MAC sends too much, "unknown-budget" when strangers together exceed their shared budget)."""
+    Per MAC it counts packets (`admit`: None, or "rate-limit" when that MAC sends too much). Strangers
+    (MACs with no host entry, reservation, lease or offer) share two budgets instead of a packet count:
+    processing time (`unknown_cpu` seconds per second) and answers (`unknown_answers` a second: offers,
+    acks and boot events, each of which costs a broadcast, memory or a row). Garbage is cheap to refuse
+    and answers nothing, so a fuzzer at 5 000 packets/s costs an unknown real PC nothing; a flood of
+    valid-looking DISCOVERs from new MACs gets at most its share of answers, and no more state."""
 
-    def __init__(self, per_mac: float, per_mac_burst: float, unknown: float, unknown_burst: float,
-                 max_tracked: int = 65536, now: float = 0.0):
+    def __init__(self, per_mac: float, per_mac_burst: float, unknown_cpu: float, unknown_answers: float,
+                 unknown_answers_burst: float, max_tracked: int = 16384, now: float = 0.0):
         self.per_mac = KeyedBuckets(per_mac, per_mac_burst, max_tracked)
-        self.unknown = TokenBucket(unknown, unknown_burst, now)
+        self.strangers = TokenBucket(unknown_cpu, unknown_cpu, now)  # tokens are seconds of work
+        self.answers = TokenBucket(unknown_answers, unknown_answers_burst, now)  # replies and events
 
-    def admit(self, chaddr: bytes, known: bool, now: float) -> Optional[str]:
-        if not known and not self.unknown.take(now):
-            return "unknown-budget"  # checked first: a stranger over budget costs no bucket of its own
+    def admit(self, chaddr: bytes, now: float) -> Optional[str]:
         if not self.per_mac.take(chaddr, now):
             return "rate-limit"
         return None
+
+    def strangers_may_work(self, now: float) -> Optional[str]:
+        """None while strangers may be handled, else why not: "overload" once their time is spent
+        (it refills at `unknown_cpu` s/s), "unknown-budget" once their answers are."""
+        for b in (self.strangers, self.answers):
+            elapsed = now - b.stamp
+            if elapsed > 0:
+                b.tokens = min(b.burst, b.tokens + elapsed * b.rate)
+                b.stamp = now
+        if self.strangers.tokens <= 0:
+            return "overload"
+        if self.answers.tokens < 1.0:
+            return "unknown-budget"
+        return None
+
+    def charge_strangers(self, seconds: float, answers: int = 0) -> None:
+        """Work done for strangers (measured by the caller) and the answers it produced (a reply, a
+        boot event): both budgets may go into debt, paid back before strangers are handled again."""
+        self.strangers.tokens -= seconds
+        self.answers.tokens -= answers

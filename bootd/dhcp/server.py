@@ -170,7 +170,8 @@ class DhcpService(Service):
         rows = self.ctx.store.dhcp_reservations()
         self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows})
         rl = self.ctx.config.dhcp.rate_limit
-        self.admission = Admission(rl.per_mac, rl.per_mac_burst, rl.unknown, rl.unknown_burst, now=self.clock())
+        self.admission = Admission(rl.per_mac, rl.per_mac_burst, rl.unknown_cpu, rl.unknown_answers,
+                                   rl.unknown_answers_burst, now=self.clock())
 
     def _apply_event_limits(self) -> None:
         """The boot-event log's bounds (config `events`). DHCP writes most of its rows and its
@@ -312,11 +313,12 @@ class DhcpService(Service):
 
     # -- packets -------------------------------------------------------------------------------------
     def _on_readable(self, sock: socket.socket, ifname: str, port: int) -> None:
-        """Read what the socket holds (up to READ_BATCH), admit it (rate limits; known MACs first),
-        decide the admitted packets, commit their lease changes in one transaction, then send the
-        replies (none of them before the commit) and record their boot events in one more."""
+        """Read what the socket holds (up to READ_BATCH), decide the packets of known MACs first and
+        strangers' only while their time budget lasts, commit the lease changes in one transaction,
+        then send the replies (none of them before the commit) and record their boot events."""
         now = self.clock()
         known, strangers = self._read_batch(sock, ifname, now)
+        admission = self.admission
         decided: list[tuple] = []
         try:
             with self.leases.batch():
@@ -324,33 +326,47 @@ class DhcpService(Service):
                     r = self.decide(data, src, ifname, port)
                     if r is not None:
                         decided.append(r)
+                n_known = len(decided)
                 for data, src in strangers:
+                    refused = admission.strangers_may_work(self.clock())
+                    if refused is not None:
+                        self._count("received")
+                        self._count("dropped", ("reason", refused))
+                        continue
+                    t = time.perf_counter()
                     r = self.decide(data, src, ifname, port)
                     if r is not None:
                         decided.append(r)
+                    admission.charge_strangers(time.perf_counter() - t, 0 if r is None else 1)
         except Exception as e:  # the store refused the batch: nothing it promised may go out
             self.ctx.metrics.inc("dhcp", "errors", float(max(1, len(decided))))
             log.error("dhcp: cannot persist leases, %d replies dropped: %s", len(decided), e)
             self._flush_counts()
             return
-        for msg, out, when in decided:
+        t = time.perf_counter()
+        for i, (msg, out, when) in enumerate(decided):
+            if i == n_known:
+                t = time.perf_counter()  # from here on the replies are strangers'
             try:
                 self.deliver(msg, out, when, sock, ifname)
             except Exception as e:  # a bug must cost one reply, not the batch or the reader
                 self._count("errors")
                 log.error("dhcp: cannot send the reply to %r: %s", msg, e)
         self._record_events(decided)
+        if len(decided) > n_known:  # sending and recording for strangers is theirs to pay too
+            admission.charge_strangers(time.perf_counter() - t)
         if now - self._queue_drops_read >= QUEUE_DROPS_EVERY:
             self._count_queue_drops(now)
         self._flush_counts()
 
     def _read_batch(self, sock: socket.socket, ifname: str, now: float) -> tuple[list, list]:
-        """Up to READ_BATCH datagrams, split into those from known MACs (host entry, reservation or
-        lease) and the rest; what Admission refuses is counted and dropped here, undecoded."""
+        """Up to READ_BATCH datagrams, split into those from known MACs (host entry, reservation,
+        lease or offer) and the rest; a MAC over its own rate is counted and dropped here, undecoded."""
         known: list[tuple[bytes, tuple]] = []
         strangers: list[tuple[bytes, tuple]] = []
         admit = self.admission.admit
-        policy, by_mac = self.policy, self.leases.by_mac
+        policy, leases = self.policy, self.leases
+        by_mac, offer_by_mac = leases.by_mac, leases.offer_by_mac
         count = self._count
         for _ in range(READ_BATCH):
             try:
@@ -361,13 +377,13 @@ class DhcpService(Service):
                 log.debug("dhcp recv on %s: %s", ifname, e)
                 break
             chaddr = data[28:34]  # BOOTP chaddr; a shorter packet is malformed and a stranger
-            mac = chaddr.hex(":") if len(chaddr) == 6 else ""
-            is_known = bool(mac) and (policy.known(mac) or mac in by_mac)
-            refused = admit(chaddr, is_known, now)
+            refused = admit(chaddr, now)
             if refused is not None:
                 count("received")
                 count("dropped", ("reason", refused))
-            elif is_known:
+                continue
+            mac = chaddr.hex(":") if len(chaddr) == 6 else ""
+            if mac and (policy.known(mac) or mac in by_mac or mac in offer_by_mac):
                 known.append((data, src))
             else:
                 strangers.append((data, src))

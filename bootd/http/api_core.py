@@ -50,7 +50,7 @@ async def status(request: web.Request) -> web.Response:
 @routes.post("/api/v1/reload")
 async def reload(request: web.Request) -> web.Response:
     ctx = request.app["ctx"]
-    start_reload = ctx.extras.get("reload")
+    start_reload = ctx.request_reload
     if start_reload is None:
         raise json_error(503, "reload is not available")
     # The reload runs in a task of its own (it may replace the very server handling this request);

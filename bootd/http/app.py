@@ -28,7 +28,7 @@ def route_modules() -> list:
     """The modules with `setup_routes(app, ctx)`, imported by name here (not looked up from strings), so a
     missing or broken one fails at the import. One line per component. Imported at call time: each of them
     imports this module's helpers (json_error, read_json)."""
-    from bootd.http import api_core, boot, client_api, dhcp_api, disk_api, menu_api, snapshot_api
+    from bootd.http import api_core, backup_api, boot, client_api, dhcp_api, disk_api, menu_api, snapshot_api, wake_api
     return [
         api_core,
         boot,  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
@@ -37,6 +37,8 @@ def route_modules() -> list:
         snapshot_api,  # snapshot helper: images, snapshots, lifecycle, jobs, fsck
         disk_api,  # NBD helper: /api/v1/disks (list, boot, reset, commit)
         dhcp_api,  # DHCP helper: /api/v1/dhcp/leases, /api/v1/dhcp/reservations
+        wake_api,  # issue 16: POST /api/v1/wake (Wake-on-LAN, paced), GET /api/v1/wake/{job}
+        backup_api,  # issue 16: POST /api/v1/backup (online copy of state.db)
     ]
 
 
@@ -75,7 +77,7 @@ async def access_middleware(request: web.Request, handler):
         if kind == "boot":
             return _json_error(404, "not found")
         if kind == "api":
-            token = request.app["ctx"].extras.get("api_token")
+            token = request.app["ctx"].api_token
             got = request.headers.get("Authorization", "")
             if not token or got != f"Bearer {token}":
                 return _json_error(401, "missing or wrong bearer token")
@@ -281,7 +283,7 @@ class HttpService(Service):
         self.ctx = ctx
         token = self._read_token(ctx.config)
         self.server = await self._serve(ctx, reuse={})
-        ctx.extras["api_token"] = token
+        ctx.api_token = token
         self._signature = self._signature_of(ctx.config)
 
     async def stop(self) -> None:
@@ -315,7 +317,7 @@ class HttpService(Service):
         token = self._read_token(ctx.config)
         old = self.server
         self.server = await self._serve(ctx, reuse=old.listeners if old else {})
-        ctx.extras["api_token"] = token
+        ctx.api_token = token
         self._signature = signature
         log.info("http: now listening on %s", ", ".join(self.server.bound))
         if old is not None:

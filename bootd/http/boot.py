@@ -13,16 +13,17 @@ http.idle_timeout (the runner's keepalive_timeout).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 from aiohttp import web
 
+from bootd.macaddr import parse_mac
 from bootd.peers import mac_at, may_act_for, refuse
-from bootd.tftp.server import event_kind
-from pxe.booter import Booter, parse_mac, render
+from bootd.tftp.events import event_kind
+from bootd.tftp.paths import resolve
+from pxe.booter import Booter, render
 
 log = logging.getLogger("bootd.http.boot")
 
@@ -31,20 +32,11 @@ CAP_KEY = web.AppKey("bootd_connection_cap", object)
 
 # -- confinement -------------------------------------------------------------------------------------
 def confined_path(root: Path, rel: str) -> Optional[Path]:
-    """`root/rel` if it names a regular file inside root (symlinks resolved), else None."""
-    if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/"):
-        return None
-    parts = rel.split("/")
-    if any(p in ("..", "") for p in parts[:-1]) or parts[-1] in ("..", "", "."):
-        return None
-    try:
-        real_root = Path(os.path.realpath(root))
-        real = Path(os.path.realpath(real_root / rel))
-    except (OSError, ValueError):
-        return None
-    if real_root not in real.parents or not real.is_file():
-        return None
-    return real
+    """`root/rel` if it names a regular file inside root (symlinks resolved), else None. The TFTP
+    server's confinement (bootd/tftp/paths.py), so both protocols serve exactly the same names; a
+    leading '/' is refused here (a URL path never has one after the route's prefix)."""
+    real = resolve(str(root), rel, leading_slash="refuse")
+    return Path(real) if real is not None else None
 
 
 # -- per-client connection cap ------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from bootd.clientconfig.model import ClientsConfig
 from bootd.clientconfig.render import RenderError
 from bootd.clientconfig.resolve import NoClientConfig, UnknownHost, clients_for, render_for
 from bootd.http.app import json_error
+from bootd.macaddr import parse_mac
 from bootd.peers import may_act_for, refuse
-from pxe.booter import parse_mac
 
 routes = web.RouteTableDef()
 NO_STORE = {"Cache-Control": "no-store"}  # rendered per request: a new boot means a new export token

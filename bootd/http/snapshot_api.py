@@ -14,8 +14,10 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from bootd.http.app import read_json
+from bootd.macaddr import parse_mac
+from bootd.seams import SnapshotJobs
 from snapshots.errors import SnapshotError
-from snapshots.model import ALL_GROUPS, normalize_mac
+from snapshots.model import ALL_GROUPS
 
 P = "/api/v1"
 
@@ -32,8 +34,12 @@ def _store(request: web.Request):
     return store
 
 
-def _jobs(request: web.Request):
-    return request.app["ctx"].extras["snapshot_jobs"]
+def _jobs(request: web.Request) -> SnapshotJobs:
+    jobs: SnapshotJobs | None = request.app["ctx"].snapshot_jobs
+    if jobs is None:
+        raise web.HTTPServiceUnavailable(text='{"error": "the snapshot store is not running"}',
+                                         content_type="application/json")
+    return jobs
 
 
 def actor_of(request: web.Request, body: dict) -> str:
@@ -55,7 +61,7 @@ def _host(request: web.Request, value) -> str:
     """A MAC, or a host name from the config, -> MAC."""
     if not value:
         raise SnapshotError("a host (MAC address or config host name) is required")
-    mac = normalize_mac(str(value))
+    mac = parse_mac(str(value))
     if mac:
         return mac
     h = request.app["ctx"].config.host_by_name(str(value))

@@ -12,7 +12,8 @@ import logging
 import signal
 import sys
 
-from bootd.tftp.server import ServerLimits, TftpServer
+from bootd.tftp.limits import ServerLimits
+from bootd.tftp.server import TftpServer
 from bootd.tftp.session import SessionLimits
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_run(args))
 
 
-async def _run(args) -> int:
+async def _run(args: argparse.Namespace) -> int:
     store = None
     if args.state:
         from bootd.state import StateStore

@@ -11,11 +11,12 @@ A leading '/' is read relative to the root (what tftpd-hpa --secure does; GRUB a
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Literal, Optional, Union
 
 
 class PathRefused(Exception):
@@ -52,12 +53,15 @@ def normalize(requested: str, leading_slash: str = "root") -> str:
     return "/".join(parts)
 
 
+FileVersion = tuple[int, int, int, int]  # (st_dev, st_ino, st_mtime_ns, st_size)
+
+
 @dataclass
 class OpenedFile:
     fd: int
     path: str      # real path inside the root
     size: int
-    inode: tuple   # (st_dev, st_ino, st_mtime_ns, st_size): identifies this version of the file
+    inode: FileVersion  # identifies this version of the file
 
 
 def open_confined(root: str, relative: str) -> OpenedFile:
@@ -93,34 +97,35 @@ def open_confined(root: str, relative: str) -> OpenedFile:
 # openat2(2) without blocking (RESOLVE_CACHED, Linux >= 5.12) for the event loop's fast path
 _SYS_OPENAT2 = 437  # the same number on every architecture (allocated after the syscall table unification)
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_BENEATH, _RESOLVE_CACHED = 0x02, 0x08, 0x20
-_openat2 = None  # (syscall function, how structure type), False once found unusable
+_AT_FDCWD = -100
+
+Syscall = Callable[..., int]  # libc's syscall(2), restype c_long
+_openat2: Union[Syscall, Literal[False], None] = None  # None: not looked up yet; False: found unusable
 
 
-def _openat2_call():
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2_call() -> Union[Syscall, Literal[False]]:
+    """libc's syscall(2) to call openat2 through, or False when it is not usable here."""
     global _openat2
     if _openat2 is None:
         try:
-            import ctypes
-
-            class OpenHow(ctypes.Structure):
-                _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.syscall
-            fn.restype = ctypes.c_long
-            _openat2 = (fn, OpenHow, ctypes)
-        except (OSError, AttributeError, ImportError):
+            libc_syscall = ctypes.CDLL(None, use_errno=True).syscall
+            libc_syscall.restype = ctypes.c_long
+            _openat2 = libc_syscall
+        except (OSError, AttributeError):
             _openat2 = False
     return _openat2
 
 
-def _cached_open(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+def _cached_open(syscall: Syscall, dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     """openat2(dirfd, path, flags, resolve | RESOLVE_CACHED): an fd, or -errno."""
     global _openat2
-    fn, OpenHow, ctypes = _openat2
-    how = OpenHow(flags, 0, resolve | _RESOLVE_CACHED)
-    fd = fn(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(path), ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)))
+    how = _OpenHow(flags, 0, resolve | _RESOLVE_CACHED)
+    fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(path), ctypes.byref(how),
+                 ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.E2BIG, errno.EPERM):  # no openat2 here (or a seccomp filter)
@@ -135,14 +140,20 @@ def open_confined_cached(root: str, relative: str) -> Optional[OpenedFile]:
     it (RESOLVE_BENEATH: no absolute symlinks, no '..' above the root) and with no symlink as the last
     component. None whenever that does not settle it (not cached, a symlink, missing, an error, no
     openat2): the caller then runs `open_confined` off the loop, which has the last word. So this path
-    only ever serves what `open_confined` would serve."""
-    if not _openat2_call():
+    only ever serves what `open_confined` would serve.
+
+    A symlink on the way (the root itself may be one) is followed here only when the kernel need not
+    update its atime: with relatime, a link not read since it was last changed, or not for a day, takes
+    the slow path once (whose readlink updates the atime)."""
+    syscall = _openat2_call()
+    if syscall is False:
         return None
-    rootfd = _cached_open(-100, os.fsencode(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0)  # AT_FDCWD
+    rootfd = _cached_open(syscall, _AT_FDCWD, os.fsencode(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0)
     if rootfd < 0:
         return None
     try:
-        fd = _cached_open(rootfd, os.fsencode(relative), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        fd = _cached_open(syscall, rootfd, os.fsencode(relative),
+                          os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                           _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
     finally:
         os.close(rootfd)

@@ -39,7 +39,8 @@ PUMP_NICE = -10  # a relay: every wake-up it waits for adds to each block's late
 #                  the pump sets it itself, with a short EEVDF time slice (see latency_hints in pump.c)
 
 START = struct.Struct("<QQIIIIddd")   # id, size, blksize, windowsize, retries, len(oack), rto, max rto, session timeout
-END = struct.Struct("<QIQdQQQQ")      # id, outcome, bytes acked, end (CLOCK_MONOTONIC), retransmits, dup ACKs, blocks, ignored
+# id, outcome, bytes acked, end (CLOCK_MONOTONIC), retransmits, dup ACKs, blocks, ignored
+END = struct.Struct("<QIQdQQQQ")
 OUTCOMES = {0: "complete", 1: "timeout", 2: "client-error", 3: "aborted", 4: "unreachable"}
 
 
@@ -98,20 +99,21 @@ class DataPump(SupervisedHelper):
         self.on_lost()
 
     def _restarted(self) -> None:
-        log.warning("TFTP pump restarted (pid %d)", self.proc.pid)
+        log.warning("TFTP pump restarted (pid %s)", self.proc.pid if self.proc is not None else "?")
 
     def hand(self, ident: int, sock: socket.socket, file_fd: int, *, size: int, blksize: int, windowsize: int,
              retries: int, rto: float, max_timeout: float, session_timeout: float, oack: Optional[bytes]) -> None:
         """Give one session to the pump (it sends the OACK or the first window). Raises OSError when the
         pump cannot take it now (restarting, or its queue full): the caller serves it from Python."""
-        if not self.up:
+        ctl = self.ctl
+        if ctl is None or not self.up:
             raise OSError("the TFTP pump is not running")
         oack = oack or b""
         msg = b"S" + START.pack(ident, size, blksize, windowsize, retries, len(oack), rto, max_timeout,
                                 session_timeout) + oack
-        socket.send_fds(self.ctl, [msg], [sock.fileno(), file_fd])
+        socket.send_fds(ctl, [msg], [sock.fileno(), file_fd])
         self.handed += 1
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {"pid": self.proc.pid if self.proc is not None else None, "up": self.up,
                 "restarts": self.restarts, "deaths": self.deaths, "handed": self.handed}

@@ -1,31 +1,14 @@
-"""The asyncio side of TFTP: sockets, files, timers and bookkeeping around the sans-IO ReadSession.
+"""The asyncio side of TFTP: sockets, timers and bookkeeping around the sans-IO ReadSession.
 
 One listening socket per served address takes requests; every transfer gets its own socket,
 connected to the client (its transfer ID), so the kernel delivers only that client's packets to it
 and a stray or forged packet from elsewhere never reaches the session. The data path is the
 socket's reader callback: recv -> ReadSession.receive -> send, with no task or future per packet.
 
-File bytes are read with preadv2(RWF_NOWAIT) straight from the page cache when they are there, and
-in the default executor when they are not, so a cold disk never stalls the loop. Open files are
-shared between sessions that read the same file version (200 PCs fetching one kernel hold one fd).
-Limits: `max_sessions` transfers at once, `max_sessions_per_client` of them from one client address
-(so one host cannot take every slot) and `max_open_files` distinct files; a client above any of them
-gets an ERROR packet at once ("server busy"), never silence, counted as refused{reason=busy|per-client}.
-
-Dynamic files (the provider seam)
----------------------------------
-`TftpServer.add_provider(provider, pattern=None)` registers a callable asked before the disk:
-
-    provider(path: str, client_ip: str, client_mac: str | None) -> bytes | str | None   (or async)
-
-`path` is the normalised, root-relative name ('pxelinux.cfg/01-52-54-00-12-34-56', no leading '/';
-names with '..', '\\' or NUL never reach a provider). `client_mac` is 'aa:bb:cc:dd:ee:ff', the MAC a live
-binding puts at the client's address (bootd/peers.py: configured ip, live lease, fresh neighbour
-entry), or None. bytes (or str, sent as UTF-8) are served as the
-file; None falls through to the next provider and finally to the file under the root. `pattern` is
-an fnmatch glob ('pxelinux.cfg/*') or a compiled regex (fullmatch) on `path`; the provider is only
-asked for matching names. A provider that raises is logged and counted, and the client gets
-"file not found". Providers are asked in registration order; `remove_provider` undoes a registration.
+The jobs around it live next to it: the limits a request is checked against (bootd/tftp/limits.py),
+dynamic files asked before the disk (bootd/tftp/providers.py; `add_provider` here registers one),
+the open files shared between transfers and read without stalling the loop (bootd/tftp/filecache.py),
+and the boot event a finished transfer leaves (bootd/tftp/events.py).
 
 The data pump: with `data_pump="c"` (the default; `tftp.data_pump` in the config) the data phase of
 octet-mode transfers of disk files runs in a small C process (bootd/tftp/pump.c, built at run time,
@@ -33,29 +16,39 @@ supervised by bootd/tftp/pump.py): once the session socket, the file and the neg
 ready, both fds and the ReadSession's parameters go to the pump, which mirrors the ReadSession's rules
 and reports the outcome back; bookkeeping and boot events stay here. Dynamic files, netascii, and every
 transfer while the pump is down or when it cannot be built, use the Python path below.
-
-Boot events: every finished transfer is `store.record_event(mac, kind, {"path": ...}, nbytes=,
-duration=)` with kind loader / menu / kernel / initrd / file guessed from the name.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
-import fnmatch
-import inspect
 import logging
 import os
 import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Union
+from pathlib import Path
+from typing import Callable, Optional, Union
 
 from bootd import peers
-from bootd.tftp.paths import OpenedFile, PathRefused, normalize, open_confined, open_confined_cached
+from bootd.metrics import Metrics
+from bootd.tftp.events import BootEventLog, record_transfer
+from bootd.tftp.filecache import CacheFull, FileCache, SharedFile
+from bootd.tftp.limits import ServerLimits
+from bootd.tftp.paths import PathRefused, normalize
+from bootd.tftp.providers import Provider, ProviderFailed, Providers
 from bootd.tftp.pump import DataPump, default_run_dir
-from bootd.tftp.session import (OP_RRQ, OP_WRQ, ErrorCode, MalformedPacket, ReadSession, SessionLimits,
-                                encode_error, parse_request)
+from bootd.tftp.session import (
+    OP_RRQ,
+    OP_WRQ,
+    ErrorCode,
+    MalformedPacket,
+    ReadSession,
+    Request,
+    SessionLimits,
+    encode_error,
+    parse_request,
+)
 
 log = logging.getLogger("bootd.tftp")
 _monotonic = time.monotonic
@@ -66,44 +59,20 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 READ_CHUNK = 65536
 EXECUTOR_CHUNK = 256 * 1024
 
-Provider = Callable[[str, str, Optional[str]], Union[bytes, str, None, Awaitable[Union[bytes, str, None]]]]
+Address = tuple[str, int]
 
 
-def event_kind(path: str, dynamic: bool = False) -> str:
-    """Which step of a boot a fetched name is, for the boot timeline."""
-    name = path.lower()
-    base = name.rsplit("/", 1)[-1]
-    if name.startswith("clients/"):
-        return "config"  # rendered client configs (bootd/clientconfig)
-    if (dynamic or name.startswith("pxelinux.cfg/") or base.endswith((".cfg", ".ipxe", ".conf", ".menu"))
-            or "grub.cfg" in base):
-        return "menu"
-    if base.endswith((".efi", ".kpxe", ".pxe", ".0", ".c32", ".lkrn", ".com", ".mod")):
-        return "loader"
-    if base.startswith(("vmlinuz", "bzimage", "linux", "kernel")):
-        return "kernel"
-    if base.startswith(("initrd", "initramfs", "initram")) or base.endswith((".cpio", ".cpio.gz", ".img")):
-        return "initrd"
-    return "file"
-
-
-@dataclass
-class _SharedFile:
-    opened: OpenedFile
-    refs: int = 0
-    nowait: bool = True  # preadv2(RWF_NOWAIT) works on this file system
-
-
-@dataclass
+@dataclass(eq=False)
 class _Transfer:
-    """The I/O half of one session."""
+    """The I/O half of one session. Until `_begin` has set it up only the request's fields are set;
+    `sock` goes back to None when the socket is closed or handed to the C pump."""
 
-    key: tuple
+    key: Address  # the client's address and port: its transfer ID
     ip: str
     path: str
     sock: Optional[socket.socket] = None
     session: Optional[ReadSession] = None
-    file: Optional[_SharedFile] = None
+    file: Optional[SharedFile] = None
     data: Optional[bytes] = None  # provider answer
     mac: Optional[str] = None
     dynamic: bool = False
@@ -111,40 +80,39 @@ class _Transfer:
     timer: Optional[asyncio.TimerHandle] = None
     timer_at: float = 0.0
     closed: bool = False
-    send: Any = None
     pump_id: int = 0  # non-zero: the data phase runs in the C pump
 
-
-@dataclass
-class ServerLimits:
-    max_sessions: int = 500
-    max_sessions_per_client: int = 16
-    max_open_files: int = 400
-    leading_slash: str = "root"
+    @property
+    def live(self) -> ReadSession:
+        """The session, for the data path (which only runs once `_begin` has built it)."""
+        session = self.session
+        if session is None:
+            raise RuntimeError(f"tftp: the transfer of {self.path} for {self.ip} has no session yet")
+        return session
 
 
 class TftpServer:
     """A read-only TFTP server on the running event loop."""
 
-    def __init__(self, root: str, *, limits: SessionLimits = SessionLimits(),
-                 server_limits: ServerLimits = ServerLimits(), store: Any = None, metrics: Any = None,
-                 mac_resolver: Optional[Callable[[str], Optional[str]]] = None,
-                 data_pump: str = "c", run_dir: Union[str, os.PathLike, None] = None):
+    def __init__(self, root: str, *, limits: Optional[SessionLimits] = None,
+                 server_limits: Optional[ServerLimits] = None, store: Optional[BootEventLog] = None,
+                 metrics: Optional[Metrics] = None, mac_resolver: Optional[Callable[[str], Optional[str]]] = None,
+                 data_pump: str = "c", run_dir: Union[str, Path, None] = None):
         if data_pump not in ("c", "python"):
             raise ValueError(f"data_pump must be 'c' or 'python', not {data_pump!r}")
         self.root = os.fspath(root)
-        self.limits = limits
-        self.server_limits = server_limits
+        self.limits = limits or SessionLimits()
+        self.server_limits = server_limits or ServerLimits()
         self.store = store
         self.metrics = metrics
         self.resolve_mac = mac_resolver or peers.resolver(store)  # the daemon passes peers.mac_at
-        self._providers: list[tuple[Optional[Callable[[str], bool]], Provider]] = []
-        self._listeners: dict[tuple, socket.socket] = {}
-        self._transfers: dict[tuple, _Transfer] = {}
+        self.providers = Providers()
+        self.files = FileCache()
+        self._listeners: dict[Address, socket.socket] = {}
+        self._transfers: dict[Address, _Transfer] = {}
         self._per_client: dict[str, int] = {}  # client address -> its entries in _transfers
-        self._files: dict[tuple, _SharedFile] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.totals = {"completed": 0, "failed": 0, "refused": 0, "bytes": 0}
         self.data_pump = data_pump
         self.run_dir = run_dir
@@ -154,37 +122,36 @@ class TftpServer:
         self._pump_seq = 0
         self.pumped_sessions = 0
 
-    # -- provider seam -------------------------------------------------------------------------------
-    def add_provider(self, provider: Provider, pattern: Union[str, re.Pattern, None] = None) -> Provider:
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on (from `start` or `listen` on)."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the TFTP server is not started")
+        return loop
+
+    # -- provider seam (bootd/tftp/providers.py) -----------------------------------------------------
+    def add_provider(self, provider: Provider, pattern: Union[str, re.Pattern[str], None] = None) -> Provider:
         """Serve names matching `pattern` (glob or regex; None: every name) from `provider` first."""
-        if not callable(provider):
-            raise TypeError("provider must be callable")
-        if pattern is None:
-            match = None
-        elif isinstance(pattern, re.Pattern):
-            match = lambda p, rx=pattern: rx.fullmatch(p) is not None  # noqa: E731
-        else:
-            match = lambda p, g=str(pattern): fnmatch.fnmatchcase(p, g)  # noqa: E731
-        self._providers.append((match, provider))
-        return provider
+        return self.providers.add(provider, pattern)
 
     def remove_provider(self, provider: Provider) -> None:
-        self._providers = [(m, p) for m, p in self._providers if p is not provider]
+        self.providers.remove(provider)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname() for s in self._listeners.values()]
+    def addresses(self) -> list[Address]:
+        return list(self._listeners)
 
-    async def start(self, addresses: list[tuple[str, int]]) -> None:
+    async def start(self, addresses: list[Address]) -> None:
         self._loop = asyncio.get_running_loop()
         _raise_nofile_limit()
         await self._start_pump()
         for host, port in addresses:
             await self.listen(host, port)
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        self._loop = self._loop or asyncio.get_running_loop()
+    async def listen(self, host: str, port: int) -> Address:
+        loop = self._loop = self._loop or asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,9 +161,10 @@ class TftpServer:
         except BaseException:
             sock.close()
             raise
-        name = sock.getsockname()
+        bound_host, bound_port = sock.getsockname()
+        name = (str(bound_host), int(bound_port))
         self._listeners[name] = sock
-        self._loop.add_reader(sock.fileno(), self._on_request_readable, sock)
+        loop.add_reader(sock.fileno(), self._on_request_readable, sock)
         log.info("tftp: serving %s on %s:%d", self.root, *name)
         return name
 
@@ -214,7 +182,7 @@ class TftpServer:
 
     async def close_listeners(self) -> None:
         for sock in self._listeners.values():
-            self._loop.remove_reader(sock.fileno())
+            self.loop.remove_reader(sock.fileno())
             sock.close()
         self._listeners.clear()
 
@@ -228,34 +196,35 @@ class TftpServer:
             self._pump_lost("server shutting down")
         for t in list(self._transfers.values()):
             if t.session is not None and not t.session.finished:
-                self._send(t, t.session.abort("server shutting down", self._loop.time()))
+                self._send(t, t.session.abort("server shutting down", self.loop.time()))
             self._close(t)
         self._transfers.clear()
         self._per_client.clear()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {
             "addresses": [f"{h}:{p}" for h, p in self.addresses],
             "root": self.root,
             "active_sessions": len(self._transfers),
-            "open_files": len(self._files),
-            "providers": len(self._providers),
+            "open_files": len(self.files),
+            "providers": len(self.providers),
             **self.totals,
             "data_pump": self.pump_status(),
         }
 
-    def pump_status(self) -> dict:
+    def pump_status(self) -> dict[str, object]:
         """`mode` as configured; `active`: where new file transfers go now (c or python)."""
-        out = {"mode": self.data_pump, "active": "c" if self.pump is not None and self.pump.up else "python",
-               "sessions": self.pumped_sessions, "running": len(self._pumped)}
+        out: dict[str, object] = {
+            "mode": self.data_pump, "active": "c" if self.pump is not None and self.pump.up else "python",
+            "sessions": self.pumped_sessions, "running": len(self._pumped)}
         if self.pump is not None:
             out.update(self.pump.status())
         if self.pump_fallback:
             out["fallback"] = self.pump_fallback
         return out
 
-    def gauges(self) -> dict:
-        return {"active_sessions": len(self._transfers), "open_files": len(self._files)}
+    def gauges(self) -> dict[str, float]:
+        return {"active_sessions": len(self._transfers), "open_files": len(self.files)}
 
     # -- requests ----------------------------------------------------------------------------------
     def _count(self, name: str, value: float = 1, **labels: str) -> None:
@@ -265,12 +234,13 @@ class TftpServer:
     def _on_request_readable(self, sock: socket.socket) -> None:
         for _ in range(64):
             try:
-                data, anc, _flags, addr = sock.recvmsg(65536, 256)
+                data, anc, _flags, (client_host, client_port) = sock.recvmsg(65536, 256)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # e.g. ICMP errors queued on the listener: nothing to do
                 log.debug("tftp listener: %s", e)
                 continue
+            addr: Address = (client_host, client_port)
             local = sock.getsockname()[0]
             for level, kind, value in anc:
                 if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
@@ -281,7 +251,7 @@ class TftpServer:
                 log.exception("tftp: error handling a request from %s", addr)
                 self._count("errors", reason="internal")
 
-    def _on_request(self, data: bytes, addr: tuple, local: str, sock: socket.socket) -> None:
+    def _on_request(self, data: bytes, addr: Address, local: str, sock: socket.socket) -> None:
         self._count("received")
         try:
             req = parse_request(data)
@@ -297,7 +267,7 @@ class TftpServer:
         if req.mode not in ("octet", "netascii"):
             self._refuse(sock, addr, "mode", ErrorCode.ILLEGAL_OPERATION, f"unsupported mode {req.mode!r}")
             return
-        key = (addr[0], addr[1])
+        key = addr
         if key in self._transfers:
             self._count("ignored", reason="duplicate-request")
             return
@@ -317,43 +287,45 @@ class TftpServer:
         t = _Transfer(key=key, ip=addr[0], path=path)
         self._transfers[key] = t
         self._per_client[t.ip] = self._per_client.get(t.ip, 0) + 1
-        task = self._loop.create_task(self._begin(t, req, local, sock))
+        task = self.loop.create_task(self._begin(t, req, local, sock))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _reply(self, sock: socket.socket, addr: tuple, code: int, message: str) -> None:
+    def _reply(self, sock: socket.socket, addr: Address, code: int, message: str) -> None:
         try:
             sock.sendto(encode_error(code, message), addr)
         except OSError:
             pass
 
-    def _refuse(self, sock, addr, reason: str, code: int, message: str) -> None:
+    def _refuse(self, sock: socket.socket, addr: Address, reason: str, code: int, message: str) -> None:
         self._count("refused", reason=reason)
         self.totals["refused"] += 1
         self._reply(sock, addr, code, message)
 
-    async def _begin(self, t: _Transfer, req, local: str, listener: socket.socket) -> None:
+    async def _begin(self, t: _Transfer, req: Request, local: str, listener: socket.socket) -> None:
         addr = t.key
         try:
             t.mac = self.resolve_mac(t.ip)
             try:
-                data = await self._ask_providers(t)
+                data = await self.providers.ask(t.path, t.ip, t.mac)
                 if data is not None:
                     t.data, t.dynamic, size = data, True, len(data)
                 else:
-                    t.file = await self._open(t.path)
-                    size = t.file.opened.size
+                    t.file = await self.files.open(self.root, t.path, self.server_limits.max_open_files)
+                    size = t.file.size
             except PathRefused as e:
+                if isinstance(e, ProviderFailed):
+                    self._count("errors", reason="provider")
                 log.info("tftp: %s asked for %r: %s", t.ip, req.filename, e.reason)
                 self._drop(t)
                 self._refuse(listener, addr, "not-found", ErrorCode.FILE_NOT_FOUND, "File not found")
                 return
-            except _Busy as e:
+            except CacheFull as e:
                 self._drop(t)
                 self._refuse(listener, addr, "busy", ErrorCode.NOT_DEFINED, f"server busy: {e}, retry later")
                 return
             try:
-                t.sock = self._session_socket(local, addr)
+                sock = t.sock = self._session_socket(local, addr)
             except OSError as e:
                 self._drop(t)
                 reason = "busy" if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS) else "socket"
@@ -362,25 +334,26 @@ class TftpServer:
             if t.closed:  # stopped meanwhile
                 self._close(t)
                 return
+            mtu: Optional[int]
             try:
-                mtu = t.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+                mtu = sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
             except OSError:
                 mtu = None
-            now = self._loop.time()
-            t.session = ReadSession(req, now=now, size=size, limits=self.limits, path_mtu=mtu)
-            window = t.session.blksize * t.session.windowsize
+            now = self.loop.time()
+            session = t.session = ReadSession(req, now=now, size=size, limits=self.limits, path_mtu=mtu)
+            window = session.blksize * session.windowsize
             if window > 200_000:
                 for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
                     try:
-                        t.sock.setsockopt(socket.SOL_SOCKET, opt, min(2 * window, 8 << 20))
+                        sock.setsockopt(socket.SOL_SOCKET, opt, min(2 * window, 8 << 20))
                         break
                     except OSError:
                         continue
             self._count("sessions_started")
-            if t.file is not None and not t.session.netascii and self._hand_to_pump(t):
+            if t.file is not None and not session.netascii and self._hand_to_pump(t, session, sock, t.file):
                 return
-            self._loop.add_reader(t.sock.fileno(), self._on_readable, t)
-            self._send(t, t.session.start(now))
+            self.loop.add_reader(sock.fileno(), self._on_readable, t)
+            self._send(t, session.start(now))
             self._fill(t)
             self._after(t)
         except asyncio.CancelledError:
@@ -393,42 +366,7 @@ class TftpServer:
                 self._reply(listener, addr, ErrorCode.NOT_DEFINED, "internal error")
             self._close(t)
 
-    async def _ask_providers(self, t: _Transfer) -> Optional[bytes]:
-        for match, provider in list(self._providers):
-            if match is not None and not match(t.path):
-                continue
-            try:
-                result = provider(t.path, t.ip, t.mac)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception:
-                log.exception("tftp: provider %r failed for %r", provider, t.path)
-                self._count("errors", reason="provider")
-                raise PathRefused("provider failed")
-            if result is None:
-                continue
-            if isinstance(result, str):
-                result = result.encode("utf-8")
-            return bytes(result)
-        return None
-
-    async def _open(self, path: str) -> _SharedFile:
-        # the common case (cached metadata, no symlink) without a thread hop; the rest off the loop
-        opened = open_confined_cached(self.root, path)
-        if opened is None:
-            opened = await self._loop.run_in_executor(None, open_confined, self.root, path)
-        shared = self._files.get(opened.inode)
-        if shared is not None:
-            os.close(opened.fd)
-        else:
-            if len(self._files) >= self.server_limits.max_open_files:
-                os.close(opened.fd)
-                raise _Busy("too many open files")
-            shared = self._files[opened.inode] = _SharedFile(opened)
-        shared.refs += 1
-        return shared
-
-    def _session_socket(self, local: str, addr: tuple) -> socket.socket:
+    def _session_socket(self, local: str, addr: Address) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -443,17 +381,16 @@ class TftpServer:
         return sock
 
     # -- the C data pump ---------------------------------------------------------------------------
-    def _hand_to_pump(self, t: _Transfer) -> bool:
+    def _hand_to_pump(self, t: _Transfer, s: ReadSession, sock: socket.socket, f: SharedFile) -> bool:
         """Give the data phase of `t` to the pump; False: serve it from Python (pump down or busy)."""
         pump = self.pump
         if pump is None or not pump.up:
             return False
-        s = t.session
         limits = s.limits
         self._pump_seq += 1
         ident = self._pump_seq
         try:
-            pump.hand(ident, t.sock, t.file.opened.fd, size=t.file.opened.size, blksize=s.blksize,
+            pump.hand(ident, sock, f.opened.fd, size=f.size, blksize=s.blksize,
                       windowsize=s.windowsize, retries=limits.retries, rto=s.rto_base,
                       max_timeout=max(limits.max_timeout, s.rto_base), session_timeout=limits.session_timeout,
                       oack=s.oack)
@@ -465,7 +402,7 @@ class TftpServer:
         self._pumped[ident] = t
         self.pumped_sessions += 1
         self._count("sessions_pumped")
-        t.sock.close()  # the pump holds its own copy
+        sock.close()  # the pump holds its own copy
         t.sock = None
         return True
 
@@ -474,8 +411,8 @@ class TftpServer:
         t = self._pumped.pop(ident, None)
         if t is None:
             return
-        t.session.finished_elsewhere(outcome, end, bytes_acked=nbytes, retransmits=retransmits,
-                                     duplicate_acks=dup_acks, blocks_sent=blocks, ignored=ignored)
+        t.live.finished_elsewhere(outcome, end, bytes_acked=nbytes, retransmits=retransmits,
+                                  duplicate_acks=dup_acks, blocks_sent=blocks, ignored=ignored)
         self._close(t)
 
     def _pump_lost(self, why: str = "data pump died") -> None:
@@ -486,18 +423,21 @@ class TftpServer:
             self._count("pump_sessions_lost", len(lost))
         if why == "data pump died":
             self._count("pump_deaths")
-        now = self._loop.time()
+        now = self.loop.time()
         for t in lost:
-            t.session.finished_elsewhere("aborted", now)
-            t.session.error_message = why
+            session = t.live
+            session.finished_elsewhere("aborted", now)
+            session.error_message = why
             self._close(t)
 
     # -- the data path -------------------------------------------------------------------------------
     def _on_readable(self, t: _Transfer) -> None:
         """The hot path: one ACK in, the next block(s) out. Kept flat on purpose (every call counts
         when a lock-step transfer waits on it once per block)."""
-        session = t.session
+        session = t.live
         sock = t.sock
+        if sock is None:  # closed (its reader is removed then; a callback already queued lands here)
+            return
         now = _monotonic()  # what loop.time() returns, without the extra call
         for _ in range(32):
             try:
@@ -527,8 +467,11 @@ class TftpServer:
             self._fill(t)
         self._after(t)
 
-    def _send(self, t: _Transfer, datagrams: list) -> None:
-        send = t.sock.send
+    def _send(self, t: _Transfer, datagrams: list[bytes]) -> None:
+        sock = t.sock
+        if sock is None:  # closed or in the pump: nothing goes out from here
+            return
+        send = sock.send
         try:
             for d in datagrams:
                 send(d)
@@ -541,58 +484,52 @@ class TftpServer:
             self._count("send_overruns")  # socket buffer full
         elif isinstance(e, ConnectionRefusedError):
             if t.session is not None and not t.session.finished:
-                t.session.abort("client unreachable", self._loop.time())
+                t.session.abort("client unreachable", self.loop.time())
                 t.session.outcome = "unreachable"
         else:
             log.debug("tftp: send to %s: %s", t.ip, e)
 
     def _fill(self, t: _Transfer) -> None:
         """Feed the session file bytes while it wants them and they come from the page cache."""
-        session = t.session
+        session = t.live
+        loop = self.loop
         while not session.finished and not t.reading:
             want = session.wanted()
             if not want:
                 return
             if t.data is not None:
                 data, t.data = t.data, b""
-                self._send(t, session.feed(data, True, self._loop.time()))
+                self._send(t, session.feed(data, True, loop.time()))
                 continue
             f = t.file
+            if f is None:
+                raise RuntimeError(f"tftp: the transfer of {t.path} for {t.ip} has neither data nor a file")
             offset = session.raw_offset
-            left = f.opened.size - offset
+            left = f.size - offset
             n = min(max(want, READ_CHUNK), left)
             if n <= 0:
-                self._send(t, session.feed(b"", True, self._loop.time()))
+                self._send(t, session.feed(b"", True, loop.time()))
                 continue
-            if f.nowait:
-                buf = bytearray(n)
-                try:
-                    got = os.preadv(f.opened.fd, [buf], offset, os.RWF_NOWAIT)
-                except BlockingIOError:
-                    got = -1
-                except OSError as e:
-                    if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                        f.nowait = False
-                        got = -1
-                    else:
-                        self._read_failed(t, e)
-                        return
-                if got > 0:
-                    data = memoryview(buf)[:got] if got < n else buf
-                    self._send(t, session.feed(data, offset + got >= f.opened.size, self._loop.time()))
-                    continue
-                if got == 0:
-                    self._send(t, session.abort("file changed while being read", self._loop.time()))
+            try:
+                cached = f.read_cached(offset, n)
+            except OSError as e:
+                self._read_failed(t, e)
+                return
+            if cached is not None:
+                if not cached:
+                    self._send(t, session.abort("file changed while being read", loop.time()))
                     return
+                self._send(t, session.feed(cached, offset + len(cached) >= f.size, loop.time()))
+                continue
             t.reading = True
-            task = self._loop.create_task(self._read_in_executor(t, offset, max(n, min(EXECUTOR_CHUNK, left))))
+            task = loop.create_task(self._read_in_executor(t, f, offset, max(n, min(EXECUTOR_CHUNK, left))))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
 
-    async def _read_in_executor(self, t: _Transfer, offset: int, n: int) -> None:
+    async def _read_in_executor(self, t: _Transfer, f: SharedFile, offset: int, n: int) -> None:
         try:
-            data = await self._loop.run_in_executor(None, os.pread, t.file.opened.fd, n, offset)
+            data = await f.read(offset, n)
         except asyncio.CancelledError:
             raise
         except OSError as e:
@@ -602,24 +539,25 @@ class TftpServer:
                 self._after(t)
             return
         t.reading = False
-        if t.closed or t.session.finished:
+        session = t.live
+        if t.closed or session.finished:
             return
         if not data:
-            self._send(t, t.session.abort("file changed while being read", self._loop.time()))
+            self._send(t, session.abort("file changed while being read", self.loop.time()))
         else:
-            eof = offset + len(data) >= t.file.opened.size
-            self._send(t, t.session.feed(data, eof, self._loop.time()))
+            eof = offset + len(data) >= f.size
+            self._send(t, session.feed(data, eof, self.loop.time()))
             self._fill(t)
         self._after(t)
 
     def _read_failed(self, t: _Transfer, e: OSError) -> None:
         log.error("tftp: reading %s for %s failed: %s", t.path, t.ip, e)
         self._count("errors", reason="read")
-        self._send(t, t.session.abort("read error", self._loop.time()))
+        self._send(t, t.live.abort("read error", self.loop.time()))
 
     def _after(self, t: _Transfer) -> None:
         """Close a finished session or make sure its timer will fire at its deadline."""
-        session = t.session
+        session = t.live
         if session.finished:
             self._close(t)
             return
@@ -631,14 +569,14 @@ class TftpServer:
             if t.timer is not None:
                 t.timer.cancel()
             t.timer_at = deadline
-            t.timer = self._loop.call_at(deadline, self._on_timer, t)
+            t.timer = self.loop.call_at(deadline, self._on_timer, t)
 
     def _on_timer(self, t: _Transfer) -> None:
         t.timer = None
         if t.closed:
             return
-        session = t.session
-        now = self._loop.time()
+        session = t.live
+        now = self.loop.time()
         if session.deadline is not None and now >= session.deadline:
             out = session.on_timer(now)
             if out:
@@ -673,23 +611,19 @@ class TftpServer:
             t.timer = None
         if t.sock is not None:
             try:
-                self._loop.remove_reader(t.sock.fileno())
+                self.loop.remove_reader(t.sock.fileno())
             except (ValueError, OSError):
                 pass
             t.sock.close()
             t.sock = None
         if t.file is not None:
-            t.file.refs -= 1
-            if t.file.refs <= 0:
-                self._files.pop(t.file.opened.inode, None)
-                os.close(t.file.opened.fd)
+            self.files.release(t.file)
             t.file = None
         if t.session is not None:
-            self._account(t)
+            self._account(t, t.session)
 
-    def _account(self, t: _Transfer) -> None:
-        s = t.session
-        end = s.finished_at if s.finished_at is not None else self._loop.time()
+    def _account(self, t: _Transfer, s: ReadSession) -> None:
+        end = s.finished_at if s.finished_at is not None else self.loop.time()
         duration = round(end - s.started_at, 6)
         outcome = s.outcome or "aborted"
         nbytes = s.bytes_acked
@@ -709,23 +643,8 @@ class TftpServer:
                 "tftp: %s %s %s: %d bytes in %.3f s (blksize %d, windowsize %d)",
                 t.ip, t.path, outcome, nbytes, duration, s.blksize, s.windowsize)
         if self.store is not None:
-            detail = {"path": t.path, "protocol": "tftp", "client": t.ip, "outcome": outcome, "mode": s.request.mode,
-                      "blksize": s.blksize, "windowsize": s.windowsize}
-            if t.dynamic:
-                detail["dynamic"] = True
-            if s.retransmits:
-                detail["retransmits"] = s.retransmits
-            try:
-                self.store.record_event(t.mac, event_kind(t.path, t.dynamic), detail,
-                                        nbytes=nbytes, duration=duration)
-                if t.mac:
-                    self.store.touch_host(t.mac, ip=t.ip)  # a PC seen only over TFTP still shows up
-            except Exception as e:
-                log.error("tftp: cannot record a boot event: %s", e)
-
-
-class _Busy(Exception):
-    pass
+            record_transfer(self.store, s, mac=t.mac, ip=t.ip, path=t.path, dynamic=t.dynamic, outcome=outcome,
+                            nbytes=nbytes, duration=duration)
 
 
 def _raise_nofile_limit() -> None:
@@ -737,14 +656,3 @@ def _raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
-
-
-def listen_addresses(config: Any) -> list[tuple[str, int]]:
-    """Where TFTP listens: `tftp.addresses` if set, else every served interface's address (none when
-    the config lists no interface: bootd serves nothing on a network it was not told about)."""
-    tftp = config.tftp
-    port = tftp.port
-    addrs = [str(a) for a in getattr(tftp, "addresses", None) or []]
-    if not addrs:
-        addrs = [str(i.address.ip) for i in config.interfaces]
-    return [(a, port) for a in dict.fromkeys(addrs)]

@@ -20,7 +20,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR, OP_OACK = 1, 2, 3, 4, 5, 6
 
@@ -32,6 +32,8 @@ IP_UDP_TFTP_OVERHEAD = 20 + 8 + 4  # IPv4 header + UDP header + TFTP DATA header
 _HDR = struct.Struct("!HH")
 _pack_hdr = _HDR.pack
 _unpack_hdr = _HDR.unpack_from
+
+Buffer = Union[bytes, bytearray, memoryview]  # file bytes as the adapter read them (no copy)
 
 
 class ErrorCode(IntEnum):
@@ -58,8 +60,8 @@ class Request:
     opcode: int
     filename: str
     mode: str
-    options: dict = field(default_factory=dict)
-    option_order: tuple = ()
+    options: dict[str, str] = field(default_factory=dict)
+    option_order: tuple[str, ...] = ()
 
     @property
     def is_write(self) -> bool:
@@ -106,7 +108,7 @@ def parse_request(datagram: bytes) -> Request:
     return Request(opcode, filename, mode, options, tuple(order))
 
 
-def encode_request(filename: str, mode: str = "octet", options: Optional[dict] = None,
+def encode_request(filename: str, mode: str = "octet", options: Optional[Mapping[str, object]] = None,
                    opcode: int = OP_RRQ) -> bytes:
     parts = [filename.encode("utf-8", "surrogateescape"), mode.encode()]
     for k, v in (options or {}).items():
@@ -160,7 +162,7 @@ class Negotiated:
     windowsize: int
     timeout: float
     tsize: Optional[int]
-    oack: Optional[list]  # [(name as the client spelled it, value)] or None when nothing was accepted
+    oack: Optional[list[tuple[str, str]]]  # [(name as the client spelled it, value)] or None when nothing was accepted
 
 
 def _int_option(value: str) -> Optional[int]:
@@ -270,7 +272,7 @@ class ReadSession:
         window = self.blksize * self.windowsize
         self._want_ahead = window + max(limits.readahead, window)
         # prepare(): the next window built ahead of its ACK, so answering that ACK is just a compare
-        self._prepared: Optional[list] = None
+        self._prepared: Optional[list[bytes]] = None
         self._prepared_from = 0
         self._fast_ack = b""
 
@@ -283,14 +285,14 @@ class ReadSession:
             return [self._oack]
         return self._send(now)
 
-    def feed(self, data: bytes, eof: bool, now: float) -> list[bytes]:
+    def feed(self, data: Buffer, eof: bool, now: float) -> list[bytes]:
         """Append the next raw file bytes; `eof` marks the end of the file. Returns datagrams that
         became sendable."""
         if self._eof or self.state >= State.COMPLETE:
             return []
         self._raw_fed += len(data)
         if self.netascii:
-            data = netascii_encode(data)
+            data = netascii_encode(bytes(data))
         if data:
             self._chunks.append(memoryview(data))
             self._fed_end += len(data)
@@ -352,11 +354,12 @@ class ReadSession:
             return [encode_error(ErrorCode.NOT_DEFINED, "timeout: no acknowledgement from client")]
         self._retries += 1
         self.rto = min(self.rto * 2, max(self.limits.max_timeout, self.rto_base))
-        if self.state == State.WAIT_OACK_ACK:
+        oack = self._oack  # set exactly when the session starts in WAIT_OACK_ACK
+        if oack is not None and self.state == State.WAIT_OACK_ACK:
             self.retransmits += 1
             self._last_send = now
             self._arm(now)
-            return [self._oack]
+            return [oack]
         self._next = self._base
         return self._send(now, retransmit=True)
 
@@ -399,7 +402,7 @@ class ReadSession:
         end = first + self.windowsize
         if last is not None:
             end = min(end, last + 1)
-        out = []
+        out: list[bytes] = []
         for block in range(first, end):
             payload = self._payload(block)
             if payload is None:
@@ -480,7 +483,7 @@ class ReadSession:
         while chunks and self._buf_start + len(chunks[0]) <= keep_from:
             self._buf_start += len(chunks.popleft())
 
-    def _payload(self, block: int):
+    def _payload(self, block: int) -> Union[bytes, memoryview, None]:
         """The bytes of `block` (a memoryview slice when it lies in one chunk), None if not fed yet."""
         start = (block - 1) * self.blksize
         end = start + self.blksize
@@ -491,7 +494,7 @@ class ReadSession:
         if start >= end:
             return b""
         pos = self._buf_start
-        parts = []
+        parts: list[memoryview] = []
         for chunk in self._chunks:
             cend = pos + len(chunk)
             if cend > start:
@@ -506,7 +509,7 @@ class ReadSession:
         return None  # pragma: no cover - trimmed data is never asked for
 
     def _send(self, now: float, retransmit: bool = False) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         limit = self._base + self.windowsize
         last = self._last_block
         while self._next < limit and (last is None or self._next <= last):

@@ -21,6 +21,7 @@ from bootd.clientconfig.resolve import render_for
 from bootd.config import parse_config
 from bootd.daemon import Context
 from bootd.state import StateStore
+from nbdexport.manager import Export
 from support import artifact_dir
 
 from .guestdisk import ROOT, assets_ready, make_guest_disk
@@ -42,9 +43,9 @@ class QemuNbdExports:
 
     def __init__(self, ns, images: dict[str, Path]):
         self.ns, self.images, self.port = ns, images, 10809
-        self.served: dict[tuple, dict] = {}
+        self.served: dict[tuple, Export] = {}
 
-    def export_for(self, mac: str, snapshot=None) -> dict:
+    def export_for(self, mac: str, snapshot=None) -> Export:
         image = snapshot or "guest"
         key = (mac, image)
         if key not in self.served:
@@ -54,7 +55,9 @@ class QemuNbdExports:
             self.ns.popen(["qemu-nbd", "-f", "raw", "-x", token, "-b", "127.0.0.1", "-p", str(port), "-t",
                            str(self.images[image])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_port(self.ns, port)
-            self.served[key] = {"host": "127.0.0.1", "port": port, "name": token, "format": "raw"}
+            self.served[key] = Export(mac=mac, name=token, host="127.0.0.1", port=port, snapshot_id=None,
+                                      snapshot_name=image, size=self.images[image].stat().st_size,
+                                      persistent=False, tls=False, boot=1, format="raw")
         return self.served[key]
 
 
@@ -137,7 +140,7 @@ def test_rendered_instance_boots_host_disk_served_by_qemu_nbd(tmp_path, netns, a
     disk = make_guest_disk(tmp_path / "disk.img", "poweroff")
     before = sha256(disk)
     files, disks = render(tmp_path, netns, instance_config(tmp_path), disk)
-    token = disks.served[(MAC, "guest")]["name"]
+    token = disks.served[(MAC, "guest")].name
     assert f"file=nbd://127.0.0.1:10809/{token},format=raw" in files["qemuinstance1.conf"]
     log = tmp_path / "serial.log"
     proc = run_job(netns, files["qemuinstance1.conf"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

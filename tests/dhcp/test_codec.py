@@ -21,6 +21,11 @@ def dhcp_payloads(name: str):
     return [p for p in read_udp(DATA / name) if {p.src[1], p.dst[1]} & {67, 68, 4011}]
 
 
+def test_golden_captures_are_present():
+    """An empty tests/data/dhcp would make the parametrized round trip a silent skip and the fuzz seeds empty."""
+    assert {p.stem for p in GOLDEN} >= {"dhclient", "udhcpc", "perfdhcp", "ipxe-bios", "ipxe-uefi"}, GOLDEN
+
+
 @pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
 def test_golden_roundtrip_is_byte_exact(path):
     pkts = [p for p in read_udp(path) if {p.src[1], p.dst[1]} & {67, 68, 4011}]
@@ -160,17 +165,24 @@ def _golden_seeds() -> list[bytes]:
 
 
 def test_every_truncation_of_every_golden_packet():
-    for raw in _golden_seeds():
+    seeds = _golden_seeds()
+    assert len(seeds) >= len(GOLDEN) > 0, "no seed packets: the fuzz would pass without running"
+    cases = 0
+    for raw in seeds:
         for n in range(0, len(raw) + 1, 3):
+            cases += 1
             try:
                 decode(raw[:n])
             except DhcpDecodeError:
                 pass
+    assert cases >= 100 * len(seeds)
 
 
 def test_mutated_golden_packets_only_raise_the_typed_error():
     rnd = random.Random(1234)
     seeds = _golden_seeds()
+    assert len(seeds) >= len(GOLDEN) > 0, "no seed packets: the fuzz would pass without running"
+    decoded = rejected = 0
     for _ in range(5000):
         raw = bytearray(rnd.choice(seeds))
         for _ in range(rnd.randint(1, 8)):
@@ -178,7 +190,9 @@ def test_mutated_golden_packets_only_raise_the_typed_error():
         try:
             msg = decode(bytes(raw))
         except DhcpDecodeError:
+            rejected += 1
             continue
+        decoded += 1
         # typed accessors on whatever survived either work or raise the same typed error
         for attr in ("message_type", "requested_ip", "server_id", "client_arch", "user_classes", "client_uuid",
                      "vendor_class", "hostname", "mac", "is_ipxe", "boot_file", "client_ndi"):
@@ -189,6 +203,8 @@ def test_mutated_golden_packets_only_raise_the_typed_error():
             except DhcpDecodeError:
                 pass
         encode(msg)
+    # both paths ran: survivors had their accessors and re-encoding exercised, the rest were refused
+    assert decoded + rejected == 5000 and decoded > 0 and rejected > 0, (decoded, rejected)
 
 
 @settings(max_examples=400, deadline=None)

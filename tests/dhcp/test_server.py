@@ -266,6 +266,7 @@ def test_fuzz_while_a_valid_client_keeps_getting_answers(lab, bootd_daemon):
     out, _ = valid.communicate(timeout=60)
     rounds = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     sent = json.loads(fz.stdout)
+    assert sent["seeds"] > 0 and sent["mutated"] >= 5000  # mutations of real captures, not only random bytes
     assert sent["sent"] >= 10000 and sent["scapy"] >= 500
     assert len(rounds) >= 40
     bad_rounds = [r for r in rounds if r["ack"] != rounds[0]["ack"] or not r["ack"]]

@@ -165,6 +165,20 @@ def test_full_filesystem_reaper_frees_a_gone_hosts_overlay(harness, bases, small
     c.shutdown()
 
 
+
+def test_overlay_max_and_state_reserve_config():
+    from bootd.config import ConfigError, parse_config
+    from nbdexport.service import settings_from
+    cfg = parse_config("nbd:\n  overlay_max: 20GiB\nstorage:\n  state_reserve_mb: 8\n")
+    assert cfg.nbd.overlay_max == 20 << 30 and cfg.storage.state_reserve_mb == 8
+    assert settings_from(cfg)[0].overlay_max == 20 << 30
+    assert parse_config("{}").nbd.overlay_max == 0 and parse_config("{}").storage.state_reserve_mb == 16
+    for bad, why in (("1MiB", "at least 16MiB"), ("lots", "could not parse"), ("-5", "could not parse")):
+        with pytest.raises(ConfigError) as e:
+            parse_config(f"nbd:\n  port: 10809\n  overlay_max: {bad}\n", "bootd.yaml")
+        assert "bootd.yaml:3 nbd.overlay_max: " in str(e.value) and why in str(e.value)
+
+
 # -- the real daemon in a lab namespace, its whole storage on a small tmpfs ----------------------------
 
 WRITE = textwrap.dedent("""

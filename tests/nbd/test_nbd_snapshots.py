@@ -7,9 +7,8 @@ import subprocess
 import nbd
 import pytest
 
+import snapshots.store as snapstore
 from nbdtest import MiB, make_base, sha256
-
-snapstore = pytest.importorskip("snapshots.store")
 
 A = "52:54:00:00:02:0a"
 P = "52:54:00:00:02:0f"

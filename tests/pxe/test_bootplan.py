@@ -24,7 +24,7 @@ from pxe.booter import Booter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nbd"))
 from nbdtest import Harness  # noqa: E402  (tests/nbd is no package: `nbd` is libnbd's module)
 
-snapstore = pytest.importorskip("snapshots.store")
+import snapshots.store as snapstore  # noqa: E402
 
 PC = "52:54:00:00:0b:01"
 NBD_WORD = re.compile(r"bootd\.nbd=\S+/([A-Za-z0-9_-]+)")

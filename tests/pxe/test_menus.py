@@ -3,22 +3,22 @@
 The lab: two images, a room that offers both with `debian` as its default, and pc01 whose own entry
 overrides the room's default (it boots `windows`). pc02 has no override. Goldens hold `@TOKEN@` where the
 host's NBD export token goes (random per host, read back from the state store).
-Regenerate with UPDATE_GOLDEN=1 after a deliberate change, and read the diff.
+Regenerate with BOOTD_UPDATE_GOLDEN=1 after a deliberate change (that run fails: tests/golden.py), and read the diff.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import types
 from pathlib import Path
 
 import pytest
+from golden import check_golden as check_golden_file
 
-from bootd.bootplan import Planner
 from bootd.config import parse_config
+from bootd.daemon import Context
+from bootd.macaddr import parse_mac
 from bootd.state import StateStore
-from pxe.booter import Booter, parse_mac, render
+from pxe.booter import Booter, render
 from pxe.catalog import BootHost, CatalogEntry, boot_host, entry_key
 from pxe.service import GRUB_RE, IPXE_RE, PXELINUX_RE
 from pxe.tokens import fallback_token
@@ -48,10 +48,7 @@ PC02 = "52:54:00:00:00:02"
 @pytest.fixture
 def ctx(tmp_path):
     store = StateStore(tmp_path / "state.db")
-    c = types.SimpleNamespace(config=parse_config(CONFIG), store=store, disks=None, snapshots=None,
-                              booter=None, metrics=None)
-    c.planner = Planner(c)
-    yield c
+    yield Context(config=parse_config(CONFIG), config_path="test", store=store)
     store.close()
 
 
@@ -61,10 +58,7 @@ def menu(ctx, mac, server="10.77.0.1", **kw):
 
 def check_golden(name: str, text: str, token: str) -> None:
     path = GOLDEN / name
-    shown = text.replace(token, "@TOKEN@")
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(shown)
-    assert shown == path.read_text(), f"{name} differs from its golden file"
+    check_golden_file(path, text.replace(token, "@TOKEN@"))
 
 
 @pytest.mark.parametrize("flavour", ["ipxe", "pxelinux", "grub"])
@@ -125,9 +119,7 @@ def test_host_image_list_override(tmp_path):
     cfg = parse_config(text)
     store = StateStore(tmp_path / "s.db")
     try:
-        c = types.SimpleNamespace(config=cfg, store=store, disks=None, snapshots=None)
-        c.planner = Planner(c)
-        m = menu(c, PC01)
+        m = menu(Context(config=cfg, config_path="test", store=store), PC01)
         assert [i.key for i in m.items] == ["windows", "local"] and m.default == "windows"
     finally:
         store.close()

@@ -7,17 +7,17 @@ room boots). pc02 follows the room. Same renderers as the config catalog: only t
 from __future__ import annotations
 
 import asyncio
-import os
-import types
 from pathlib import Path
 
 import pytest
 
-from bootd.bootplan import Planner
 from bootd.config import parse_config
+from bootd.daemon import Context
 from bootd.state import StateStore
 from pxe.booter import Booter, render
 from pxe.tokens import fallback_token
+from snapshots.store import SnapshotStore
+from golden import check_golden
 
 GOLDEN = Path(__file__).parent / "golden"
 PC01, PC02 = "52:54:00:00:00:01", "52:54:00:00:00:02"
@@ -39,9 +39,8 @@ hosts:
 
 @pytest.fixture
 def ctx(tmp_path):
-    snapshots_store = pytest.importorskip("snapshots.store")
     state = StateStore(tmp_path / "state.db")
-    store = snapshots_store.SnapshotStore(state, tmp_path / "snapshots", min_free_bytes=0)
+    store = SnapshotStore(state, tmp_path / "snapshots", min_free_bytes=0)
     for image in ("debian", "windows"):
         store.create_image(image, "1M", "t")
         d = store.draft(image, "t")
@@ -49,9 +48,7 @@ def ctx(tmp_path):
         store.promote(f"{image}@v1", "room1", "t")
         store.promote(f"{image}@v2", "room1", "t")
     store.pin("windows@v1", PC01, "t")
-    c = types.SimpleNamespace(config=parse_config(CONFIG), store=state, disks=None, snapshots=store, booter=None)
-    c.planner = Planner(c)
-    yield c
+    yield Context(config=parse_config(CONFIG), config_path="test", store=state, snapshots=store)
     state.close()
 
 
@@ -64,9 +61,7 @@ def menu(ctx, mac):
 def test_golden_snapshot_menus(ctx, host, mac, flavour):
     text = render(menu(ctx, mac), flavour).replace(fallback_token(ctx.store, mac), "@TOKEN@")
     path = GOLDEN / f"snap-{host}.{flavour}"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text()
+    check_golden(path, text)
 
 
 def test_pin_and_previous(ctx):

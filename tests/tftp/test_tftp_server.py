@@ -17,7 +17,9 @@ import pytest
 from bootd.dhcp.leases import LeaseTable
 from bootd.metrics import Metrics
 from bootd.state import StateStore
-from bootd.tftp.server import ServerLimits, TftpServer, event_kind
+from bootd.tftp.events import event_kind
+from bootd.tftp.limits import ServerLimits
+from bootd.tftp.server import TftpServer
 from bootd.tftp.session import (OP_DATA, OP_ERROR, OP_OACK, SessionLimits, encode_ack, encode_request)
 
 

@@ -1,4 +1,4 @@
-"""TftpService in a real daemon Context: config -> listeners, reload keeps transfers, seam in ctx.extras."""
+"""TftpService in a real daemon Context: config -> listeners, reload keeps transfers, seam in ctx.tftp."""
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +40,7 @@ def test_service_start_reload_stop(tmp_path):
         ctx = Context(config=_config(root, port), config_path="x", store=store)
         svc = TftpService()
         await svc.start(ctx)
-        assert ctx.extras["tftp"] is svc.server
+        assert ctx.tftp is svc.server
         assert svc.status()["addresses"] == [f"127.0.0.1:{port}"]
         assert svc.status()["data_pump"]["active"] == "c"          # tftp.data_pump defaults to c
         assert list((tmp_path / "run").glob("tftp-pump-*"))       # built in tftp.run_dir

@@ -1,0 +1,141 @@
+"""What the daemon's services offer each other through `bootd.daemon.Context`, as Protocols.
+
+A service fills its seam at start (`ctx.disks = DiskManager(...)`) and its consumers call only what is
+declared here, so a consumer is type-checked against the seam and never probes an object for the
+attributes or call style it might have. This module sits under `Service` and `Context`: it imports the
+config models and the boot plan, never a service (the concrete types named in docstrings implement it).
+"""
+from __future__ import annotations
+
+import builtins
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
+
+from bootd.bootplan import PlannedSnapshot, SnapshotState
+
+if TYPE_CHECKING:  # types only: the menu model is the menus component's
+    import asyncio
+
+    from pxe.menu import BootMenu
+
+SnapshotKey = Union[int, str, PlannedSnapshot]
+"""How a disk seam is told which snapshot to export: its id, a file path, or the snapshot itself."""
+
+
+# -- snapshots (snapshots/store.py SnapshotStore, `ctx.snapshots`) -----------------------------------
+class Snapshots(SnapshotState[PlannedSnapshot], Protocol):
+    """The snapshot store as the planner, the disks and the disk API use it."""
+
+    def get(self, snapshot_id: int) -> PlannedSnapshot:
+        """The snapshot with that id (raises the store's NotFound)."""
+        ...
+
+    def resolve(self, ref: str | int, image: str | None = None) -> PlannedSnapshot:
+        """A snapshot from a reference an admin types ("17", "debian@v3", "debian@current", ...)."""
+        ...
+
+    def register_open_check(self, fn: Callable[[PlannedSnapshot], Iterable[str]]) -> None:
+        """`fn(snapshot)` says who has the snapshot's file open (NBD exports): deletes refuse then."""
+        ...
+
+
+class SnapshotJob(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class SnapshotJobs(Protocol):
+    """Background snapshot work (imports, flattens): snapshots/jobs.py JobManager, `ctx.snapshot_jobs`."""
+
+    def start(self, kind: str, target: str, actor: str,
+              fn: Callable[[Callable[[float], None]], dict[str, Any]]) -> SnapshotJob: ...
+
+    def get(self, job_id: int) -> Optional[SnapshotJob]: ...
+
+    def list(self) -> Sequence[SnapshotJob]: ...
+
+
+# -- disks over NBD (nbdexport/manager.py DiskManager, `ctx.disks`) ----------------------------------
+class DiskExport(Protocol):
+    """One NBD export of a host's disk (nbdexport.manager.Export)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uri(self) -> str:
+        """nbd://HOST:PORT/NAME (nbds:// with TLS)."""
+        ...
+
+    @property
+    def format(self) -> str: ...
+
+    @property
+    def cmdline(self) -> str:
+        """The `bootd.nbd=HOST:PORT/NAME` kernel command line word."""
+        ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class DiskSpace(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class StatusReport(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+
+class Disks(Protocol):
+    """Per-host copy-on-write disks exported over NBD: what menus, client configs and the disk API call."""
+
+    @property
+    def qsd(self) -> StatusReport:
+        """The storage daemon behind the exports."""
+        ...
+
+    def export_for(self, mac: str, snapshot: Optional[SnapshotKey] = None) -> Optional[DiskExport]:
+        """The current boot's export (of that snapshot; None: the boot's main one), without I/O."""
+        ...
+
+    async def prepare_boot(self, mac: str, snapshot: Optional[SnapshotKey] = None,
+                           server_ip: Optional[str] = None) -> DiskExport:
+        """A new boot: a fresh overlay over `snapshot` (None: what the host's boot plan gives)."""
+        ...
+
+    async def prepare_export(self, mac: str, snapshot: SnapshotKey, server_ip: Optional[str] = None) -> DiskExport:
+        """One more export in the host's current boot (idempotent)."""
+        ...
+
+    async def reset(self, mac: str) -> dict[str, Any]: ...
+
+    async def commit(self, mac: str, note: str = "", force: bool = False) -> dict[str, Any]: ...
+
+    def space(self) -> DiskSpace: ...
+
+    async def list(self) -> builtins.list[dict[str, Any]]: ...
+
+
+# -- menus (pxe/booter.py Booter, `ctx.booter`) -------------------------------------------------------
+class Booter(Protocol):
+    """What a host boots, as a menu with complete kernel command lines."""
+
+    async def menu_for(self, mac: Optional[str], server_ip: Optional[str] = None, *,
+                       new_boot: bool = True, preview: bool = False) -> BootMenu: ...
+
+
+# -- TFTP (bootd/tftp/server.py TftpServer, `ctx.tftp`) ----------------------------------------------
+TftpProvider = Callable[[str, str, Optional[str]], Awaitable[Union[bytes, str, None]]]
+"""(path, client IP, client MAC or None) -> the file's bytes, or None to let the next provider answer."""
+
+
+class TftpFiles(Protocol):
+    """Where components add the names they generate (menus, client files) to what TFTP serves."""
+
+    def add_provider(self, provider: TftpProvider, pattern: Union[str, re.Pattern[str], None] = None) -> object: ...
+
+    def remove_provider(self, provider: TftpProvider) -> None: ...
+
+
+ReloadRequest = Callable[[], "asyncio.Task[bool]"]
+"""Starts a config reload in a task of its own; the task's result says whether the new config applied."""
