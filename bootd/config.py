@@ -103,8 +103,8 @@ class RelaySubnetConfig(AddressRange):
 class DhcpRateLimitConfig(Section):
     """Packets bootd spends work on (issue 13): the rest is dropped unread and counted, never queued."""
 
-    per_mac: Annotated[float, Field(gt=0)] = 10.0  # packets/s from one client MAC (chaddr)
-    per_mac_burst: Annotated[int, Field(ge=1)] = 30  # packets one MAC may send at once
+    per_mac: Annotated[float, Field(gt=0)] = 50.0  # packets/s from one client MAC (chaddr)
+    per_mac_burst: Annotated[int, Field(ge=1)] = 100  # packets one MAC may send at once
     # seconds of work per second for all MACs without host entry, reservation, lease or offer together
     unknown_cpu: Annotated[float, Field(gt=0, le=1)] = 0.5
     unknown_answers: Annotated[float, Field(gt=0)] = 200.0  # replies/boot events a second for them together

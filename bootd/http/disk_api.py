@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from bootd.http.app import json_error
+from bootd.seams import Disks
 from nbdexport.errors import DiskError
+from snapshots.errors import SnapshotError
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 routes = web.RouteTableDef()
 
 
-def _disks(request: web.Request):
-    ctx = request.app["ctx"]
+def _disks(request: web.Request) -> tuple[Context, Disks]:
+    ctx: Context = request.app["ctx"]
     if ctx.disks is None:
         svc = ctx.service("disks")
         reason = (svc.status().get("reason") if svc is not None else None) or "not running"
@@ -76,10 +82,8 @@ async def boot_disk(request: web.Request) -> web.Response:
             snapshot = ctx.snapshots.resolve(snapshot)
         t0 = time.monotonic()
         exp = await disks.prepare_boot(mac, snapshot)
-    except DiskError as e:
+    except (DiskError, SnapshotError) as e:  # SnapshotError: the snapshot store's NotFound and friends
         raise json_error(e.status, str(e)) from None
-    except Exception as e:  # the snapshot store's NotFound and friends
-        raise json_error(getattr(e, "status", 400), str(e)) from None
     return web.json_response({**exp.as_dict(), "ms": round((time.monotonic() - t0) * 1000, 2)})
 
 
@@ -100,10 +104,8 @@ async def commit_disk(request: web.Request) -> web.Response:
     body = await _body(request)
     try:
         return web.json_response(await disks.commit(mac, note=str(body.get("note", "")), force=bool(body.get("force"))))
-    except DiskError as e:
+    except (DiskError, SnapshotError) as e:  # SnapshotError: the store refused the draft
         raise json_error(e.status, str(e)) from None
-    except Exception as e:
-        raise json_error(getattr(e, "status", 409), str(e)) from None
 
 
 def setup_routes(app: web.Application, ctx) -> None:

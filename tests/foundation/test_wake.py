@@ -69,8 +69,9 @@ def wait_job(d, job: dict, timeout: float = 60.0) -> dict:
     return job
 
 
-def lab_config(hosts: list[dict], rate: float = 20.0) -> dict:
+def lab_config(hosts: list[dict], rate: float = 20.0, dhcp: str = "off") -> dict:
     return {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}, {"name": "lab2", "address": "10.88.0.1/24"}],
+            "dhcp": {"mode": dhcp, "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199"}]},
             "tftp": {"enabled": False}, "http": {"enabled": False}, "nbd": {"enabled": False},
             "wake": {"rate": rate},
             "images": [{"name": "deb"}], "groups": [{"name": "room1", "images": ["deb"]},
@@ -84,15 +85,19 @@ def test_wake_sends_one_packet_per_host_on_its_interface(lab, bootd_daemon):
             for i in range(1, 4)]
     pc07 = {"mac": "52:54:00:88:00:07", "name": "pc07", "ip": "10.88.0.7"}
     roamer = {"mac": "52:54:00:99:00:09", "name": "roamer"}  # no address known: every served link
+    leased = {"mac": "52:54:00:77:05:01", "name": "leased"}  # no configured ip, a lease on br0: br0 only
     lab2_peer = lab.add_interface("lab2", "10.88.0.1/24")
-    d = bootd_daemon(lab_config(room + [pc07, roamer]), ns=lab.server)
+    d = bootd_daemon(lab_config(room + [pc07, roamer, leased], dhcp="full"), ns=lab.server)
+    dhcp_client = lab.add_client(address="10.77.0.50")
+    r = dhcp_client.ns.run([PY, str(HERE.parent / "dhcp" / "udpclient.py"), "--mac", leased["mac"]], timeout=60)
+    assert '"ack": "10.77.0.1' in r.stdout, r.stdout
     room_link = Receiver(lab.add_client().ns)
     other_link = Receiver(lab2_peer)
 
-    r = d.bootctl("wake", "pc07", "roamer", "--wait", "--json")
+    r = d.bootctl("wake", "pc07", "roamer", "leased", "--wait", "--json")
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
-    assert job["state"] == "done" and job["sent"] == 3 and job["failed"] == 0
+    assert job["state"] == "done" and job["sent"] == 4 and job["failed"] == 0
     r = d.bootctl("wake", "--group", "room1", "pc01", "--wait")  # pc01 named twice: still one packet
     assert r.returncode == 0, r.stderr
     assert "3 magic packet(s) for 3 host(s)" in r.stdout and "pc02" in r.stdout
@@ -109,12 +114,12 @@ def test_wake_sends_one_packet_per_host_on_its_interface(lab, bootd_daemon):
     time.sleep(0.5)  # a packet queued by a refused request would be out by now (rate 20/s)
 
     on_room, on_other = room_link.packets(), other_link.packets()
-    assert Counter(p["mac"] for p in on_room) == {h["mac"]: 1 for h in room + [roamer]}
+    assert Counter(p["mac"] for p in on_room) == {h["mac"]: 1 for h in room + [roamer, leased]}
     assert Counter(p["mac"] for p in on_other) == {pc07["mac"]: 1, roamer["mac"]: 1}
     for p in on_room + on_other:
         assert p["dst"] == "ff:ff:ff:ff:ff:ff" and p["ethertype"] == 0x0800 and p["udp_port"] == 9, p
     sent = d.api.get("/api/v1/metrics")["wake"]
-    assert sent["sent{interface=br0}"] == 4 and sent["sent{interface=lab2}"] == 2 and sent["queued"] == 0
+    assert sent["sent{interface=br0}"] == 5 and sent["sent{interface=lab2}"] == 2 and sent["queued"] == 0
 
 
 @pytest.mark.netns

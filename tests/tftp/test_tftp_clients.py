@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -271,13 +270,13 @@ def test_confinement_refuses_with_file_not_found(env):
                b"escape", b"escape-rel", b"dirlink/passwd", b"sub\\..\\..\\outside\\secret", b"..\\outside\\secret",
                b"sub", b"missing"]
     replies = _raw(env, *[_rrq(n) for n in refused])
-    for name, r in zip(refused, replies):
+    for name, r in zip(refused, replies, strict=True):
         assert r["reply"] == 5 and r["code"] == 1 and r["message"] == "File not found", (name, r)
     # NUL cannot be inside a name on the wire: it ends the field, and what follows makes the request
     # malformed or its mode unknown. Either way an error, never data.
     nul = [b"\x00\x01sub/kernel\x00../outside/secret\x00octet\x00",
            b"\x00\x01escape\x00\x00octet\x00", b"\x00\x01sub\x00kernel\x00octet\x00x\x00"]
-    for p, r in zip(nul, _raw(env, *nul)):
+    for p, r in zip(nul, _raw(env, *nul), strict=True):
         assert r["reply"] == 5 and r["code"] in (1, 4), (p, r)
     # names inside the root, also through an internal symlink and a leading '/', are served
     ok = _raw(env, _rrq(b"alias"), _rrq(b"/sub/kernel"), _rrq(b"./sub//kernel"))
@@ -377,7 +376,7 @@ def test_silent_client_dropped_and_session_freed(strict):
     replies = json.loads(r.stdout)
     kinds = [k for _, k in replies]
     assert kinds == [3, 3, 3, 5], replies               # DATA 1, two retransmissions, then ERROR
-    gaps = [round(b[0] - a[0], 1) for a, b in zip(replies, replies[1:])]
+    gaps = [round(b[0] - a[0], 1) for a, b in zip(replies, replies[1:], strict=False)]
     assert gaps[1] >= gaps[0]                            # backoff: the interval does not shrink
     time.sleep(0.2)
     st = strict["runner"].status()

@@ -20,8 +20,16 @@ import bootd.tftp.pump as pump_mod
 from bootd.metrics import Metrics
 from bootd.state import StateStore
 from bootd.tftp.server import TftpServer
-from bootd.tftp.session import (OP_ACK, OP_DATA, OP_ERROR, OP_OACK, SessionLimits, encode_ack, encode_error,
-                                encode_request, parse_oack)
+from bootd.tftp.session import (
+    OP_DATA,
+    OP_ERROR,
+    OP_OACK,
+    SessionLimits,
+    encode_ack,
+    encode_error,
+    encode_request,
+    parse_oack,
+)
 
 MODES = ["c", "python"]
 
@@ -266,7 +274,7 @@ def test_retransmission_backoff_and_timeout(root, tmp_path, mode):
                     assert b"timeout" in p
                     break
             assert kinds == [OP_OACK] * 4 + [OP_ERROR]
-            gaps = [b - a for a, b in zip(times, times[1:])]
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
             assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.24 and gaps[3] >= 0.24
             await settle(server)
             assert server.metrics.get("tftp", "sessions_failed", reason="timeout") == 1

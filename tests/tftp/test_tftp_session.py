@@ -10,16 +10,35 @@ import struct
 
 import pytest
 
-from bootd.tftp.session import (OP_ACK, OP_DATA, OP_ERROR, OP_OACK, OP_RRQ, ErrorCode, MalformedPacket,
-                                ReadSession, SessionLimits, State, encode_ack, encode_error, encode_request,
-                                negotiate, netascii_encode, parse_oack, parse_request)
+from bootd.tftp.session import (
+    OP_ACK,
+    OP_DATA,
+    OP_ERROR,
+    OP_OACK,
+    OP_RRQ,
+    ErrorCode,
+    MalformedPacket,
+    ReadSession,
+    SessionLimits,
+    State,
+    encode_ack,
+    encode_error,
+    encode_request,
+    negotiate,
+    netascii_encode,
+    parse_oack,
+    parse_request,
+)
 
 
 def rrq(name="f", mode="octet", **opts) -> bytes:
     return encode_request(name, mode, {k: str(v) for k, v in opts.items()})
 
 
-def session_for(data: bytes, *, mode="octet", limits=SessionLimits(), mtu=None, now=0.0, size="auto", **opts):
+DEFAULT_LIMITS = SessionLimits()
+
+
+def session_for(data: bytes, *, mode="octet", limits=DEFAULT_LIMITS, mtu=None, now=0.0, size="auto", **opts):
     req = parse_request(rrq("f", mode, **opts))
     s = ReadSession(req, now=now, size=len(data) if size == "auto" else size, limits=limits, path_mtu=mtu)
     return s
@@ -453,8 +472,9 @@ def test_fuzzed_packets_do_not_break_a_transfer(windowsize):
     data = os.urandom(512 * 300 + 17)
     s = session_for(data, windowsize=windowsize, tsize=0)
     client = LockstepClient()
-    valid = [rrq("f", blksize=1468), rrq("x", "netascii"), encode_ack(5), encode_ack(0), b"\x00\x03\x00\x01" + b"d" * 512,
-             b"\x00\x06blksize\x00512\x00", encode_error(1, "nope"), rrq().replace(b"\x00\x01", b"\x00\x02", 1)]
+    valid = [rrq("f", blksize=1468), rrq("x", "netascii"), encode_ack(5), encode_ack(0),
+             b"\x00\x03\x00\x01" + b"d" * 512, b"\x00\x06blksize\x00512\x00", encode_error(1, "nope"),
+             rrq().replace(b"\x00\x01", b"\x00\x02", 1)]
     fuzz = _mutations(rng, valid)
     sent = 0
     clock = 0.0
