@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,9 @@ class Daemon:
             store = StateStore(storage / "state.db", reserve_bytes=config.storage.state_reserve_mb << 20)
         except StateError as e:  # corrupt, unreadable, not a database: say which file and why, no traceback
             log.error("cannot open the state database: %s", e)
+            return 1
+        except (sqlite3.Error, OSError) as e:  # a failed migration (its message names the file), no permission
+            log.error("cannot open the state database %s: %s", storage / "state.db", e)
             return 1
         ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)
         ctx.request_reload = self.request_reload

@@ -24,20 +24,103 @@ SnapshotKey = Union[int, str, PlannedSnapshot]
 
 
 # -- snapshots (snapshots/store.py SnapshotStore, `ctx.snapshots`) -----------------------------------
-class Snapshots(SnapshotState[PlannedSnapshot], Protocol):
-    """The snapshot store as the planner, the disks and the disk API use it."""
+class SnapshotRecord(PlannedSnapshot, Protocol):
+    """One snapshot or draft as the admin API shows it (snapshots.model.Snapshot)."""
 
-    def get(self, snapshot_id: int) -> PlannedSnapshot:
+    @property
+    def state(self) -> str:
+        """'draft', 'sealed' or 'deleted'."""
+        ...
+
+    @property
+    def parent_id(self) -> Optional[int]: ...
+
+    @property
+    def backing_id(self) -> Optional[int]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Reportable(Protocol):
+    """An assignment or an fsck report: shown as its dict."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+Progress = Callable[[float], None]
+
+
+class Snapshots(SnapshotState[SnapshotRecord], Protocol):
+    """The snapshot store as its consumers call it: the planner (`assigned`, `previous_for`), the disks
+    (`get`, `register_open_check`), the disk API (`resolve`) and the snapshot admin API (the rest)."""
+
+    depth_warning: int
+
+    def get(self, snapshot_id: int) -> SnapshotRecord:
         """The snapshot with that id (raises the store's NotFound)."""
         ...
 
-    def resolve(self, ref: str | int, image: str | None = None) -> PlannedSnapshot:
+    def resolve(self, ref: str | int, image: str | None = None) -> SnapshotRecord:
         """A snapshot from a reference an admin types ("17", "debian@v3", "debian@current", ...)."""
         ...
 
-    def register_open_check(self, fn: Callable[[PlannedSnapshot], Iterable[str]]) -> None:
+    def register_open_check(self, fn: Callable[[SnapshotRecord], Iterable[str]]) -> None:
         """`fn(snapshot)` says who has the snapshot's file open (NBD exports): deletes refuse then."""
         ...
+
+    def boot_choice(self, mac: str, group: str | None, image: str) -> tuple[SnapshotRecord | None, str]: ...
+
+    # images
+    def images(self) -> list[dict[str, Any]]: ...
+
+    def check_new_image(self, name: str) -> None:
+        """Raises SnapshotError when `name` is no valid new image name (before a long import starts)."""
+        ...
+
+    def create_image(self, name: str, size: int | str, actor: str, reason: str = "") -> SnapshotRecord: ...
+
+    def import_image(self, name: str, file: str, actor: str, reason: str = "",
+                     progress: Progress | None = None) -> SnapshotRecord: ...
+
+    def history(self, image: str, limit: int = 200) -> dict[str, Any]: ...
+
+    def prune(self, image: str, keep: int, actor: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]: ...
+
+    # snapshots and their lifecycle
+    def snapshots(self, image: str | None = None, include_deleted: bool = False) -> Sequence[SnapshotRecord]: ...
+
+    def assignments(self, image: str | None = None, active_only: bool = True) -> Sequence[Reportable]: ...
+
+    def usage(self, snap: SnapshotRecord) -> list[str]: ...
+
+    def draft(self, ref: str | int, actor: str, reason: str = "", host: str | None = None) -> SnapshotRecord: ...
+
+    def seal(self, ref: str | int, note: str, actor: str, reason: str = "") -> SnapshotRecord: ...
+
+    def delete(self, ref: str | int, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def flatten(self, ref: str | int, actor: str, reason: str = "",
+                progress: Progress | None = None) -> dict[str, Any]: ...
+
+    # who boots what
+    def promote(self, ref: str | int, group: str | None, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def rollback(self, image: str, group: str | None, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def test(self, ref: str | int, host: str, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def pin(self, ref: str | int, host: str, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def end_test(self, image: str, host: str, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def unpin(self, image: str, host: str, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def end_maintenance(self, image: str, host: str, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    # repair
+    def fsck(self, repair: bool = True) -> Reportable: ...
+
+    def purge_lost_found(self, actor: str, reason: str = "") -> list[str]: ...
 
 
 class SnapshotJob(Protocol):

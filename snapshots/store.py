@@ -441,7 +441,7 @@ class SnapshotStore:
     def create_image(self, name: str, size: int | str, actor: str, reason: str = "") -> Snapshot:
         """A new image whose first snapshot (v1) is an empty disk of `size`."""
         size = parse_size(size)
-        self._check_new_image(name)
+        self.check_new_image(name)
         self.check_space(DRAFT_SPACE, f"create image {name}")
         tmp, final, rel = self._new_file(name)
         try:
@@ -459,7 +459,7 @@ class SnapshotStore:
         self._notify("image-create", {"image": name, "snapshot": snap.id})
         return snap
 
-    def _check_new_image(self, name: str) -> None:
+    def check_new_image(self, name: str) -> None:
         if not valid_image_name(name):
             raise SnapshotError(f"{name!r} is not a valid image name: 1-63 letters, digits, '.', '_' or '-', "
                                 f"starting with a letter or digit")
@@ -492,7 +492,7 @@ class SnapshotStore:
     def import_image(self, name: str, file: str, actor: str, reason: str = "",
                      progress: Callable[[float], None] | None = None) -> Snapshot:
         """Import a raw or qcow2 disk image as v1 of a new image (a standalone qcow2 copy)."""
-        self._check_new_image(name)
+        self.check_new_image(name)
         found = qemu.check_importable(file)
         need = qemu.measure(file, found.format)
         self.check_space(need, f"import {file} ({human(need)} as qcow2)")

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from bootd.http.app import read_json
 from bootd.macaddr import parse_mac
-from bootd.seams import SnapshotJobs
+from bootd.seams import SnapshotJobs, Snapshots
 from snapshots.errors import SnapshotError
 from snapshots.model import ALL_GROUPS
 
@@ -26,8 +28,8 @@ def _err(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _store(request: web.Request):
-    store = request.app["ctx"].snapshots
+def _store(request: web.Request) -> Snapshots:
+    store: Snapshots | None = request.app["ctx"].snapshots
     if store is None:
         raise web.HTTPServiceUnavailable(text='{"error": "the snapshot store is not running"}',
                                          content_type="application/json")
@@ -116,7 +118,7 @@ async def create_image(request: web.Request) -> web.Response:
     if body.get("file"):
         file = str(body["file"])
         try:  # refuse bad input at once, not in a job the admin has to poll
-            await asyncio.to_thread(store._check_new_image, name)
+            await asyncio.to_thread(store.check_new_image, name)
             from snapshots import qemu
             await asyncio.to_thread(qemu.check_importable, file)
         except SnapshotError as exc:
@@ -157,27 +159,30 @@ async def rollback(request: web.Request) -> web.Response:
                        str(body.get("reason") or ""))
 
 
-async def _unassign(request: web.Request, fn_name: str) -> web.Response:
+Unassign = Callable[[str, str, str, str], dict[str, Any]]  # (image, host MAC, actor, reason) -> what changed
+
+
+async def _unassign(request: web.Request, method: Callable[[Snapshots], Unassign]) -> web.Response:
     store = _store(request)
     body = await read_json(request)
     try:
         host = _host(request, body.get("host"))
     except SnapshotError as exc:
         return _err(exc.status, str(exc))
-    return await _call(getattr(store, fn_name), request.match_info["name"], host, actor_of(request, body),
+    return await _call(method(store), request.match_info["name"], host, actor_of(request, body),
                        str(body.get("reason") or ""))
 
 
 async def unpin(request: web.Request) -> web.Response:
-    return await _unassign(request, "unpin")
+    return await _unassign(request, lambda store: store.unpin)
 
 
 async def end_test(request: web.Request) -> web.Response:
-    return await _unassign(request, "end_test")
+    return await _unassign(request, lambda store: store.end_test)
 
 
 async def end_maintenance(request: web.Request) -> web.Response:
-    return await _unassign(request, "end_maintenance")
+    return await _unassign(request, lambda store: store.end_maintenance)
 
 
 async def prune(request: web.Request) -> web.Response:
@@ -225,7 +230,7 @@ async def draft(request: web.Request) -> web.Response:
     def run():
         d = store.draft(_ref(request), actor_of(request, body), str(body.get("reason") or ""), host=host)
         out = _with_warnings(store, d.to_dict())
-        out["parent"] = store.get(d.parent_id).name
+        out["parent"] = store.get(d.parent_id).name if d.parent_id is not None else None
         return out
     return await _call(run, status=201)
 
@@ -239,7 +244,10 @@ async def seal(request: web.Request) -> web.Response:
     return await _call(store.seal, _ref(request), note, actor_of(request, body), str(body.get("reason") or ""))
 
 
-def _assign(method: str, target_key: str):
+Assign = Callable[[str, str, str, str], dict[str, Any]]  # (snapshot ref, host MAC or group, actor, reason) -> what changed
+
+
+def _assign(name: str, method: Callable[[Snapshots], Assign], target_key: str):
     """A handler assigning the snapshot in the path to a host (test, pin) or a group (promote)."""
     resolve_target = _host if target_key == "host" else _group
 
@@ -250,15 +258,15 @@ def _assign(method: str, target_key: str):
             target = resolve_target(request, body.get(target_key))
         except SnapshotError as exc:
             return _err(exc.status, str(exc))
-        return await _call(getattr(store, method), _ref(request), target, actor_of(request, body),
+        return await _call(method(store), _ref(request), target, actor_of(request, body),
                            str(body.get("reason") or ""))
-    handler.__name__ = method
+    handler.__name__ = name
     return handler
 
 
-test_on_host = _assign("test", "host")
-pin = _assign("pin", "host")
-promote = _assign("promote", "group")
+test_on_host = _assign("test", lambda store: store.test, "host")
+pin = _assign("pin", lambda store: store.pin, "host")
+promote = _assign("promote", lambda store: store.promote, "group")
 
 
 async def delete(request: web.Request) -> web.Response:
