@@ -11,7 +11,6 @@ import gc
 import logging
 import os
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from bootd.metrics import Metrics
 from bootd.notify import Notifier
 from bootd.seams import Booter, Disks, ReloadRequest, Snapshots, SnapshotJobs, TftpFiles
 from bootd.service import Service
-from bootd.state import StateError, StateStore
+from bootd.state import STATE_OPEN_ERRORS, StateError, StateStore
 
 if TYPE_CHECKING:
     from bootd.wake import WakeQueue
@@ -117,7 +116,7 @@ class Daemon:
         except StateError as e:  # corrupt, unreadable, not a database: say which file and why, no traceback
             log.error("cannot open the state database: %s", e)
             return 1
-        except (sqlite3.Error, OSError) as e:  # a failed migration (its message names the file), no permission
+        except STATE_OPEN_ERRORS as e:  # a failed migration (its message names the file), no permission
             log.error("cannot open the state database %s: %s", storage / "state.db", e)
             return 1
         ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)

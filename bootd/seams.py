@@ -3,7 +3,8 @@
 A service fills its seam at start (`ctx.disks = DiskManager(...)`) and its consumers call only what is
 declared here, so a consumer is type-checked against the seam and never probes an object for the
 attributes or call style it might have. This module sits under `Service` and `Context`: it imports the
-config models and the boot plan, never a service (the concrete types named in docstrings implement it).
+boot plan and the snapshot records (snapshots/model.py), never a service; the concrete types named in the
+docstrings implement it (tests/foundation/test_seams.py has mypy check that).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
 
 from bootd.bootplan import PlannedSnapshot, SnapshotState
+from snapshots.model import Assignment, FsckReport, Snapshot
 
 if TYPE_CHECKING:  # types only: the menu model is the menus component's
     import asyncio
@@ -24,51 +26,29 @@ SnapshotKey = Union[int, str, PlannedSnapshot]
 
 
 # -- snapshots (snapshots/store.py SnapshotStore, `ctx.snapshots`) -----------------------------------
-class SnapshotRecord(PlannedSnapshot, Protocol):
-    """One snapshot or draft as the admin API shows it (snapshots.model.Snapshot)."""
-
-    @property
-    def state(self) -> str:
-        """'draft', 'sealed' or 'deleted'."""
-        ...
-
-    @property
-    def parent_id(self) -> Optional[int]: ...
-
-    @property
-    def backing_id(self) -> Optional[int]: ...
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-class Reportable(Protocol):
-    """An assignment or an fsck report: shown as its dict."""
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
 Progress = Callable[[float], None]
 
 
-class Snapshots(SnapshotState[SnapshotRecord], Protocol):
+class Snapshots(SnapshotState[Snapshot], Protocol):
     """The snapshot store as its consumers call it: the planner (`assigned`, `previous_for`), the disks
-    (`get`, `register_open_check`), the disk API (`resolve`) and the snapshot admin API (the rest)."""
+    (`get`, `register_open_check`), the disk API (`resolve`) and the snapshot admin API (the rest).
+    Its records are the plain data classes of snapshots/model.py."""
 
     depth_warning: int
 
-    def get(self, snapshot_id: int) -> SnapshotRecord:
+    def get(self, snapshot_id: int) -> Snapshot:
         """The snapshot with that id (raises the store's NotFound)."""
         ...
 
-    def resolve(self, ref: str | int, image: str | None = None) -> SnapshotRecord:
+    def resolve(self, ref: str | int, image: str | None = None) -> Snapshot:
         """A snapshot from a reference an admin types ("17", "debian@v3", "debian@current", ...)."""
         ...
 
-    def register_open_check(self, fn: Callable[[SnapshotRecord], Iterable[str]]) -> None:
+    def register_open_check(self, fn: Callable[[Snapshot], Iterable[str]]) -> None:
         """`fn(snapshot)` says who has the snapshot's file open (NBD exports): deletes refuse then."""
         ...
 
-    def boot_choice(self, mac: str, group: str | None, image: str) -> tuple[SnapshotRecord | None, str]: ...
+    def boot_choice(self, mac: str, group: str | None, image: str) -> tuple[Snapshot | None, str]: ...
 
     # images
     def images(self) -> list[dict[str, Any]]: ...
@@ -77,25 +57,25 @@ class Snapshots(SnapshotState[SnapshotRecord], Protocol):
         """Raises SnapshotError when `name` is no valid new image name (before a long import starts)."""
         ...
 
-    def create_image(self, name: str, size: int | str, actor: str, reason: str = "") -> SnapshotRecord: ...
+    def create_image(self, name: str, size: int | str, actor: str, reason: str = "") -> Snapshot: ...
 
     def import_image(self, name: str, file: str, actor: str, reason: str = "",
-                     progress: Progress | None = None) -> SnapshotRecord: ...
+                     progress: Progress | None = None) -> Snapshot: ...
 
     def history(self, image: str, limit: int = 200) -> dict[str, Any]: ...
 
     def prune(self, image: str, keep: int, actor: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]: ...
 
     # snapshots and their lifecycle
-    def snapshots(self, image: str | None = None, include_deleted: bool = False) -> Sequence[SnapshotRecord]: ...
+    def snapshots(self, image: str | None = None, include_deleted: bool = False) -> Sequence[Snapshot]: ...
 
-    def assignments(self, image: str | None = None, active_only: bool = True) -> Sequence[Reportable]: ...
+    def assignments(self, image: str | None = None, active_only: bool = True) -> Sequence[Assignment]: ...
 
-    def usage(self, snap: SnapshotRecord) -> list[str]: ...
+    def usage(self, snap: Snapshot) -> list[str]: ...
 
-    def draft(self, ref: str | int, actor: str, reason: str = "", host: str | None = None) -> SnapshotRecord: ...
+    def draft(self, ref: str | int, actor: str, reason: str = "", host: str | None = None) -> Snapshot: ...
 
-    def seal(self, ref: str | int, note: str, actor: str, reason: str = "") -> SnapshotRecord: ...
+    def seal(self, ref: str | int, note: str, actor: str, reason: str = "") -> Snapshot: ...
 
     def delete(self, ref: str | int, actor: str, reason: str = "") -> dict[str, Any]: ...
 
@@ -118,7 +98,7 @@ class Snapshots(SnapshotState[SnapshotRecord], Protocol):
     def end_maintenance(self, image: str, host: str, actor: str, reason: str = "") -> dict[str, Any]: ...
 
     # repair
-    def fsck(self, repair: bool = True) -> Reportable: ...
+    def fsck(self, repair: bool = True) -> FsckReport: ...
 
     def purge_lost_found(self, actor: str, reason: str = "") -> list[str]: ...
 

@@ -36,6 +36,11 @@ class StateError(sqlite3.DatabaseError):
     file. A sqlite3.DatabaseError, so callers that catch sqlite3.Error still do."""
 
 
+# What opening a StateStore can raise besides StateError: a failed migration (same sqlite3 class, the
+# message names the file and the migration), or an OSError on the file's directory.
+STATE_OPEN_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
+
+
 def _is_damage(e: sqlite3.Error) -> bool:
     """A file that is not (or no longer) a valid database, as opposed to a constraint or a busy lock."""
     return type(e) is sqlite3.DatabaseError or getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
@@ -299,9 +304,11 @@ class StateStore:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
-            except BaseException:
+            except BaseException as e:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.DatabaseError) and _is_damage(e):  # damaged while running: which file
+                    raise StateError(f"{self.path}: {e}") from e
                 raise
             try:
                 self.conn.execute("COMMIT")

@@ -244,7 +244,7 @@ async def seal(request: web.Request) -> web.Response:
     return await _call(store.seal, _ref(request), note, actor_of(request, body), str(body.get("reason") or ""))
 
 
-Assign = Callable[[str, str, str, str], dict[str, Any]]  # (snapshot ref, host MAC or group, actor, reason) -> what changed
+Assign = Callable[[str, str, str, str], dict[str, Any]]  # (snapshot ref, host MAC or group, actor, reason)
 
 
 def _assign(name: str, method: Callable[[Snapshots], Assign], target_key: str):

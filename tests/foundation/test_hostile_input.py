@@ -232,6 +232,28 @@ def test_state_errors_name_the_file(tmp_path):
     assert str(damaged) in str(ei.value) and "damaged" in str(ei.value)
 
 
+def test_state_damaged_while_running_names_the_file(tmp_path):
+    path = tmp_path / "state.db"
+    s = StateStore(path)
+    try:
+        for i in range(3000):
+            s.touch_host(f"52:54:00:00:{i >> 8:02x}:{i & 0xff:02x}", ip=f"10.0.{i >> 8}.{i & 0xff}", name=f"pc{i}")
+        s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(path, "r+b") as f:  # every page but the first (the schema) overwritten
+            f.seek(4096)
+            f.write(b"\xde\xad" * ((path.stat().st_size - 4096) // 2))
+        s.conn.execute("PRAGMA shrink_memory")  # no cached pages: the next read is from the file
+        with pytest.raises(StateError) as ei:
+            s.query("SELECT count(*) FROM hosts WHERE name LIKE 'pc%'")
+        assert str(ei.value).startswith(f"{path}: ") and "malformed" in str(ei.value)
+        with pytest.raises(StateError) as ei:
+            with s.transaction() as cur:
+                cur.execute("UPDATE hosts SET arch = 'bios'")
+        assert str(ei.value).startswith(f"{path}: ")
+    finally:
+        s.conn.close()
+
+
 def test_corrupt_state_db_stops_start_with_its_path_and_no_traceback(bootd_daemon):
     d = bootd_daemon({}, start=False)
     d.storage.mkdir(parents=True)

@@ -234,6 +234,15 @@ def test_netascii_transfer():
     assert bytes(c.got).replace(b"\r\n", b"\n").replace(b"\r\0", b"\r") == raw
 
 
+@pytest.mark.parametrize("buffer", [bytearray, memoryview])
+def test_netascii_takes_the_buffers_the_adapter_reads_into(buffer):
+    """The adapter feeds what preadv filled: a bytearray, or a memoryview slice of one on a short read."""
+    raw = b"line1\nline2\r\n" * 100
+    s = session_for(raw, mode="netascii")
+    c = drive(s, buffer(bytearray(raw)), LockstepClient(), chunk=33)
+    assert bytes(c.got) == netascii_encode(raw)
+
+
 def test_block_numbers_roll_over_to_zero():
     # 70 000 blocks of 8 bytes: numbers pass 65535 and continue at 0
     data = os.urandom(8 * 70_000 + 3)
