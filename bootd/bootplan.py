@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Protocol, TypeVar
+from typing import Any, Optional, Protocol, Sequence, TypeVar
 
 from bootd.config import Config, HostConfig
 from bootd.macaddr import normalize_mac, parse_mac
@@ -58,6 +58,18 @@ class SnapshotState(Protocol[SnapshotT]):
         ...
 
 
+class SnapshotJobRecord(Protocol):
+    """A background snapshot job as the planner reads it (snapshots.jobs.Job): kind, target, state."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class SnapshotJobList(Protocol):
+    """The snapshot jobs (snapshots/jobs.py JobManager, `ctx.snapshot_jobs`): running imports."""
+
+    def list(self) -> Sequence[SnapshotJobRecord]: ...
+
+
 class PlanSources(Protocol):
     """Where a Planner reads its inputs at every call (bootd.daemon.Context): a reload or a promote shows
     in the next plan."""
@@ -67,6 +79,17 @@ class PlanSources(Protocol):
 
     @property
     def snapshots(self) -> Optional[SnapshotState[PlannedSnapshot]]: ...
+
+    @property
+    def snapshot_jobs(self) -> Optional[SnapshotJobList]: ...
+
+
+def importing_images(jobs: Optional[SnapshotJobList]) -> frozenset[str]:
+    """Images with an import still running (a config-listed `disk:` is imported in the background)."""
+    if jobs is None:
+        return frozenset()
+    running = (j.to_dict() for j in jobs.list())
+    return frozenset(str(d["target"]) for d in running if d.get("kind") == "import" and d.get("state") == "running")
 
 
 # -- the plan ----------------------------------------------------------------------------------------
@@ -81,6 +104,7 @@ class HostSettings:
     default_image: Optional[str]
     boot: str  # menu flavour and so the loader DHCP hands out: "ipxe" | "pxelinux" | "grub"
     persistent: bool
+    cmdline: str = ""  # the group's kernel arguments, then the host's (after menu.cmdline and the image's)
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,7 @@ class MenuEntry:
     version: Optional[str] = None
     default: bool = False
     previous: bool = False
+    importing: bool = False  # nothing promoted yet and an import of the image is running: no disk yet
 
     def __post_init__(self) -> None:
         if not _KEY_RE.match(self.key):
@@ -141,8 +166,12 @@ def entry_key(*parts: object) -> str:
 
 
 def settings_of(config: Config, mac: str, host: Optional[HostConfig]) -> HostSettings:
-    """The effective settings of `mac` whose config entry is `host` (None: an unknown PC)."""
-    group = config.group(host.group) if host and host.group else None
+    """The effective settings of `mac` whose config entry is `host` (None: an unknown PC, which gets the
+    settings of `dhcp.default_group` when one is set)."""
+    if host is None:
+        group = config.group(config.dhcp.default_group)
+    else:
+        group = config.group(host.group) if host.group else None
     if host is not None and host.images is not None:
         images = list(host.images)
     elif group is not None:
@@ -155,8 +184,10 @@ def settings_of(config: Config, mac: str, host: Optional[HostConfig]) -> HostSet
         default = images[0] if images else None
     boot = (host.boot if host and host.boot else None) or (group.boot if group else "ipxe")
     persistent = host.persistent if host and host.persistent is not None else bool(group and group.persistent)
+    cmdline = " ".join(a.strip() for a in (group.cmdline if group else "", host.cmdline if host else "") if a.strip())
     return HostSettings(mac=mac, name=host.name if host else None, group=group.name if group else None,
-                        images=tuple(images), default_image=default, boot=boot, persistent=persistent)
+                        images=tuple(images), default_image=default, boot=boot, persistent=persistent,
+                        cmdline=cmdline)
 
 
 def host_settings(config: Config, mac: str) -> HostSettings:
@@ -200,10 +231,10 @@ def _group_current(state: SnapshotState[PlannedSnapshot], group: Optional[str],
 
 
 def image_entries(config: Config, state: Optional[SnapshotState[PlannedSnapshot]],
-                  host: HostSettings) -> list[MenuEntry]:
+                  host: HostSettings, importing: frozenset[str] = frozenset()) -> list[MenuEntry]:
     """Per image the host may boot: the snapshot it boots now (or the bare kernel when nothing is
-    promoted) and, when there is one, a "previous" entry: what a rollback would bring back, or for a
-    pinned/testing/maintenance host what its group boots."""
+    promoted; "still importing" when an import of it is running) and, when there is one, a "previous"
+    entry: what a rollback would bring back, or for a pinned/testing/maintenance host what its group boots."""
     out: list[MenuEntry] = []
     for name in host.images:
         image = config.image(name)
@@ -216,8 +247,9 @@ def image_entries(config: Config, state: Optional[SnapshotState[PlannedSnapshot]
         else:
             snap, why = snapshot_choice(state, host.mac, host.group, name)
         if state is None or snap is None:  # nothing promoted (or no store): the kernel boots without a disk
-            out.append(MenuEntry(entry_key(name), name, title, image.kernel, image.initrd, image.cmdline,
-                                 default=is_default))
+            busy = name in importing
+            out.append(MenuEntry(entry_key(name), name, f"{title} (still importing, no disk yet)" if busy else title,
+                                 image.kernel, image.initrd, image.cmdline, default=is_default, importing=busy))
             continue
         tag = {"pinned": ", pinned", "test": ", test", "maintenance": ", maintenance (writable)"}.get(why, "")
         out.append(MenuEntry(entry_key(name), name, f"{title} ({_label(snap)}{tag})", image.kernel, image.initrd,
@@ -253,10 +285,14 @@ def assemble(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], ho
             if snap is not None:
                 e = MenuEntry(e.key, e.image, e.title, e.kernel, e.initrd, e.cmdline, snap.id, e.version,
                               e.default, e.previous)
+        if e.importing and e.snapshot_id is None:
+            notes.append(f"image {e.image} is still importing: its entry has no disk until the import is done")
         kept.append(e)
-    default = next((e for e in kept if e.default), None) or next((e for e in kept if not e.previous), None)
+    # an entry whose image is still importing boots no disk: never the default while another entry can be
+    ready = [e for e in kept if not (e.importing and e.snapshot_id is None)]
+    default = next((e for e in ready if e.default), None) or next((e for e in ready if not e.previous), None)
     if default is None and kept and not config.menu.local_disk_entry:
-        default = kept[0]  # only "previous" entries and no local disk entry: the first one boots
+        default = (ready or kept)[0]  # only "previous" (or importing) entries and no local disk entry
     main = default.snapshot_id if default is not None else None
     extra = tuple(dict.fromkeys(e.snapshot_id for e in kept if e.snapshot_id is not None and e.snapshot_id != main))
     disk = DiskPlan(image=default.image if default is not None else None, snapshot_id=main,
@@ -265,10 +301,12 @@ def assemble(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], ho
                     disk=disk, notes=tuple(notes))
 
 
-def plan_for(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], mac: Optional[str]) -> BootPlan:
-    """The boot plan of `mac` (None: a PC that did not say who it is: no snapshots, no disk)."""
+def plan_for(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], mac: Optional[str],
+             importing: frozenset[str] = frozenset()) -> BootPlan:
+    """The boot plan of `mac` (None: a PC that did not say who it is: no snapshots, no disk).
+    `importing`: images whose import is still running (their entries say so and are not the default)."""
     host = host_settings(config, mac) if mac else anonymous_settings(config)
-    return assemble(config, state, host, image_entries(config, state if mac else None, host))
+    return assemble(config, state, host, image_entries(config, state if mac else None, host, importing))
 
 
 class Planner:
@@ -282,7 +320,7 @@ class Planner:
         return host_settings(self.sources.config, mac)
 
     def plan_for(self, mac: Optional[str]) -> BootPlan:
-        return plan_for(self.sources.config, self.sources.snapshots, mac)
+        return plan_for(self.sources.config, self.sources.snapshots, mac, importing_images(self.sources.snapshot_jobs))
 
     def plan_with(self, host: HostSettings, entries: list[MenuEntry]) -> BootPlan:
         """The plan of `host` from an explicit catalog's entries (the Booter's catalog seam)."""

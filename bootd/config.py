@@ -48,6 +48,14 @@ class InterfaceConfig(Section):
     name: Annotated[str, Field(min_length=1, max_length=15)]
     address: ipaddress.IPv4Interface  # bootd's own address on it, with prefix, e.g. 10.0.0.1/24
 
+    @field_validator("address", mode="before")
+    @classmethod
+    def _has_prefix(cls, v: object) -> object:
+        """A bare 10.0.0.1 would be a /32 subnet: said here, not as every pool and host 'outside' it."""
+        if isinstance(v, str) and "/" not in v:
+            raise ValueError(f"{v} has no prefix length: write bootd's address with its subnet, e.g. {v.strip()}/24")
+        return v
+
     @property
     def subnet(self) -> ipaddress.IPv4Network:
         return self.address.network
@@ -115,6 +123,9 @@ class DhcpConfig(Section):
     mode: Literal["full", "proxy", "off"] = "off"
     lease_time: Annotated[int, Field(ge=60, le=31_536_000)] = 3600
     allow_unknown: bool = True  # give pool addresses to MACs that are not in `hosts`
+    # the group (images, default image, menu flavour and so the loader, kernel arguments) of a PC that is
+    # not in `hosts`; unset: every image, iPXE, no group
+    default_group: Optional[str] = None
     pools: list[PoolConfig] = []
     router_advertisements: bool = True  # answer IPv6 RS with a minimal RA so iPXE does not wait 15 s
     decline_quarantine: Annotated[int, Field(ge=0)] = 600
@@ -212,6 +223,9 @@ class MenuConfig(Section):
     previous_snapshot_entry: bool = True
     cmdline: str = "console=tty0 console=ttyS0"  # kernel arguments put first on every entry's command line
     pxelinux_ui: str = "menu.c32"  # pxelinux UI module (menu.c32 or vesamenu.c32), in the boot root
+    # pxelinux reads its menu twice per power-on (ldlinux.c32, then the UI module): a second read from the
+    # same PC within this many seconds, with no new loader fetch between, is the same boot (same disks)
+    pxelinux_reread_window: Annotated[float, Field(gt=0, le=600)] = 60
     owner_only: bool = True  # per-host menus/scripts/client configs only to the host itself (bootd/peers.py)
 
 
@@ -293,6 +307,7 @@ class GroupConfig(Section):
     default_image: Optional[str] = None
     boot: Literal["ipxe", "pxelinux", "grub"] = "ipxe"
     persistent: bool = False
+    cmdline: str = ""  # kernel arguments of the room, after menu.cmdline and the image's
     clients: Optional[ClientsConfig] = None  # QEMU instances / X server / viewer the PCs boot into
 
 
@@ -307,6 +322,7 @@ class HostConfig(Section):
     default_image: Optional[str] = None
     boot: Optional[Literal["ipxe", "pxelinux", "grub"]] = None
     persistent: Optional[bool] = None
+    cmdline: str = ""  # kernel arguments of this PC, after its group's (the kernel takes the last of a repeated one)
     clients: Optional[ClientsConfig] = None  # overrides the group's clients settings field by field
 
 
@@ -425,9 +441,13 @@ class _Positions:
 
     def __init__(self) -> None:
         self.lines: dict[tuple, int] = {}
+        # unquoted scalars YAML turned into a bool or a number, as written (`off`, `52:54:00:12:34:56`)
+        self.unquoted: dict[tuple, str] = {}
 
     def walk(self, node: yaml.Node, path: tuple = ()) -> None:
         self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _NOT_TEXT_TAGS:
+            self.unquoted[path] = node.value
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = key_node.value
@@ -528,13 +548,22 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _friendly(err: dict) -> str:
+_NOT_TEXT_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+
+
+def _friendly(err: dict, unquoted: Optional[str] = None) -> str:
+    """pydantic's message, said for an admin. `unquoted`: the value as written when YAML read it as a bool
+    or a number (`off` -> false, a MAC of digits -> a base-60 number): then the fix is quotes."""
     kind = err.get("type", "")
     msg = err.get("msg", "invalid")
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
         return "required field is missing"
+    value = err.get("input")
+    if unquoted is not None and kind in ("string_type", "literal_error") and not isinstance(value, str):
+        what = str(value).lower() if isinstance(value, bool) else f"the number {value}"
+        return f'YAML reads {unquoted} as {what}: quote it ("{unquoted}")'
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if msg.startswith("Assertion failed, "):
@@ -575,7 +604,8 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         problems = []
         for err in e.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            problems.append(ConfigProblem(filename, positions.line_for(loc), format_path(loc), _friendly(err)))
+            problems.append(ConfigProblem(filename, positions.line_for(loc), format_path(loc),
+                                          _friendly(err, positions.unquoted.get(loc))))
         raise ConfigError(problems) from None
     problems = [ConfigProblem(filename, positions.line_for(loc), format_path(loc), msg)
                 for loc, msg in _semantic_problems(cfg)]
@@ -653,11 +683,19 @@ def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
         if grp.name in seen_grp:
             out.append((("groups", i, "name"), f"duplicate group {grp.name!r} (also groups[{seen_grp[grp.name]}])"))
         seen_grp.setdefault(grp.name, i)
+        typos = False
         for j, name in enumerate(grp.images):
             if name not in seen_img:
                 out.append((("groups", i, "images", j), f"unknown image {name!r}"))
-        if grp.default_image and grp.default_image not in grp.images:
-            out.append((("groups", i, "default_image"), f"{grp.default_image!r} is not in this group's images"))
+                typos = True
+        # a typo in `images` gets one message: the default then missing from them is not a second problem
+        if grp.default_image and grp.default_image not in grp.images and not typos:
+            out.append((("groups", i, "default_image"),
+                        f"unknown image {grp.default_image!r}" if grp.default_image not in seen_img
+                        else f"{grp.default_image!r} is not in this group's images"))
+
+    if cfg.dhcp.default_group is not None and cfg.dhcp.default_group not in seen_grp:
+        out.append((("dhcp", "default_group"), f"unknown group {cfg.dhcp.default_group!r}"))
 
     seen_mac: dict[str, int] = {}
     seen_ip: dict[ipaddress.IPv4Address, int] = {}
@@ -682,13 +720,19 @@ def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
         for j, name in enumerate(host.images or []):
             if name not in seen_img:
                 out.append((("hosts", i, "images", j), f"unknown image {name!r}"))
-        if host.default_image and host.default_image not in seen_img:
-            out.append((("hosts", i, "default_image"), f"unknown image {host.default_image!r}"))
+        if host.default_image and host.default_image not in seen_img and host.default_image not in (host.images or []):
+            out.append((("hosts", i, "default_image"), f"unknown image {host.default_image!r}"))  # once, not twice
 
     if cfg.api.token_file is not None and not Path(cfg.api.token_file).is_file():
         out.append((("api", "token_file"), f"file not found: {cfg.api.token_file}"))
     if cfg.api.tcp is not None and cfg.api.token_file is None:
         out.append((("api", "tcp"), "the API on TCP needs api.token_file (a bearer token)"))
+    script_url = cfg.dhcp.ipxe_script_url
+    if cfg.dhcp.mode != "off" and not cfg.http.enabled and script_url.startswith("http") and "{server}" in script_url:
+        # DHCP would send every iPXE client to a URL on bootd that nothing serves: it boots nothing
+        out.append((("http", "enabled"), f"false, but dhcp.mode {cfg.dhcp.mode!r} hands iPXE clients "
+                                         f"{cfg.dhcp.ipxe_script_url} on bootd's own HTTP server: enable http, "
+                                         f"or point dhcp.ipxe_script_url at another server"))
     if cfg.api.tcp is not None and cfg.http.enabled:
         api_host, _, api_port = cfg.api.tcp.rpartition(":")
         api_host = api_host.strip("[]")

@@ -230,7 +230,8 @@ class StateStore:
         self._hold_reserve()
         self.event_limits = EventLimits()
         # per MAC: its last event row, (id, kind, detail, nbytes, duration, first ts), for coalescing
-        self._last_event: dict[Optional[str], tuple] = {}
+        self._last_event: dict[Optional[str], tuple[int, str, Optional[str], Optional[int], Optional[float],
+                                                    float]] = {}
         self._inserts_until_prune = 0  # 0: the next insert prunes first (the file may be over the cap)
         self._next_retention_prune = 0.0
         self.migrate(MIGRATIONS if migrations is None else migrations)

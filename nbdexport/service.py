@@ -128,7 +128,7 @@ class DiskService(Service):
         ctx.disks = self.manager
         ctx.metrics.add_gauges("nbd", self.manager.gauges)
         store = ctx.snapshots
-        if store is not None and hasattr(store, "register_open_check"):
+        if store is not None:
             store.register_open_check(self.manager.open_check)
 
     async def stop(self) -> None:

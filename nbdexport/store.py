@@ -1,7 +1,7 @@
 """The NBD engine's rows in the state store: its only SQL (tables of bootd/state.py's migration 3).
 
 disk_boots counts each host's boots, disk_exports holds the exports of running boots (so a restart
-re-adds them), disk_layers the persistent hosts' own layers. DiskManager (manager.py) decides; this
+re-adds them), disk_layers the persistent hosts' own layers. DiskManager (manager.py, exports.py) decides; this
 module reads and writes, in portable SQL (no SQLite-only statements), through bootd.state.StateStore.
 """
 from __future__ import annotations

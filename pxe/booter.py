@@ -164,7 +164,8 @@ class Booter:
     def _cmdline(self, host: BootHost, e: CatalogEntry, server: str, http_base: str,
                  nbd: Optional[str], sid: Optional[int]) -> str:
         cfg: Config = self.ctx.config
-        parts = [cfg.menu.cmdline, e.cmdline, f"bootd.server={server}"]
+        # kernel arguments global -> image -> group -> host (the plan's settings), then bootd's own
+        parts = [cfg.menu.cmdline, e.cmdline, host.cmdline, f"bootd.server={server}"]
         if nbd:
             parts.append(nbd)
         if host.mac:

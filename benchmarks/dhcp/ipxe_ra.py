@@ -31,7 +31,7 @@ def boot_once(ra: bool, work: Path, mac: str) -> float:
         cfg = {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}],
                "dhcp": {"mode": "full", "router_advertisements": ra,
                         "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199"}]},
-               "tftp": {"enabled": False}, "http": {"enabled": False}, "nbd": {"enabled": False},
+               "tftp": {"enabled": False}, "nbd": {"enabled": False},
                "storage": {"directory": str(work / "storage")}, "api": {"socket": str(work / "api.sock")},
                "log": {"level": "warning"}}
         (work / "bootd.yaml").write_text(yaml.safe_dump(cfg))

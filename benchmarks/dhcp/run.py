@@ -76,7 +76,7 @@ def start_bootd(pair: Pair, work: Path) -> subprocess.Popen:
         "interfaces": [{"name": "srv0", "address": f"{SERVER_IP}/16"}],
         "dhcp": {"mode": "full", "lease_time": 3600, "router_advertisements": False,
                  "pools": [{"interface": "srv0", "start": POOL[0], "end": POOL[1]}]},
-        "tftp": {"enabled": False}, "http": {"enabled": False}, "nbd": {"enabled": False},
+        "tftp": {"enabled": False}, "nbd": {"enabled": False},
         "storage": {"directory": str(work / "storage")}, "api": {"socket": str(work / "api.sock")},
         "log": {"level": "warning"},
     }

@@ -51,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 from bootd.state import StateStore  # noqa: E402
-from nbdexport.manager import DiskManager, DiskSettings  # noqa: E402
+from nbdexport.manager import DiskManager  # noqa: E402
+from nbdexport.model import DiskSettings  # noqa: E402
 from nbdexport.qsd import StorageDaemon  # noqa: E402
 
 GiB = 1 << 30
@@ -200,8 +201,8 @@ class Bootd:
     def settle(self) -> None:
         """Wait for the background teardowns of earlier boots (export, node, overlay file) to end."""
         async def idle():
-            while self.m._teardowns:
-                await asyncio.gather(*list(self.m._teardowns), return_exceptions=True)
+            while self.m.exports.teardowns:
+                await asyncio.gather(*list(self.m.exports.teardowns), return_exceptions=True)
             await asyncio.sleep(0.05)
         self.run(idle())
 

@@ -11,10 +11,14 @@ from bootd.cli.text import escape_controls, escape_strings
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, status: Optional[int] = None, data: Any = None):
+    """A refusal from bootd (`status`: its HTTP status, `data`: its JSON answer), or no bootd to ask
+    (`not_running`). The message is the reason alone: the status is for --json, not for the admin's eyes."""
+
+    def __init__(self, message: str, status: Optional[int] = None, data: Any = None, not_running: bool = False):
         super().__init__(message)
         self.status = status
         self.data = data
+        self.not_running = not_running
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -67,9 +71,10 @@ class ApiClient:
                 return None
             payload = resp.read()
         except FileNotFoundError:
-            raise ApiError(f"bootd is not running (no API socket at {self.socket_path})") from None
+            raise ApiError(f"bootd is not running (no API socket at {self.socket_path})", not_running=True) from None
         except ConnectionRefusedError:
-            raise ApiError(f"bootd is not running (connection refused at {self.url or self.socket_path})") from None
+            raise ApiError(f"bootd is not running (connection refused at {self.url or self.socket_path})",
+                           not_running=True) from None
         except PermissionError:
             raise ApiError(f"permission denied on {self.socket_path} (run as root or a member of its group)") from None
         except (OSError, http.client.HTTPException) as e:
@@ -85,11 +90,13 @@ class ApiClient:
         except json.JSONDecodeError:
             parsed = None
         if resp.status >= 400:
-            reason = parsed.get("error") if isinstance(parsed, dict) else payload.decode(errors="replace")
+            reason = parsed.get("error") if isinstance(parsed, dict) else payload.decode(errors="replace").strip()
+            if not reason:
+                reason = f"bootd answered HTTP {resp.status} without a reason"
             if self.escape_text:
                 reason = escape_controls(str(reason))
                 parsed = escape_strings(parsed)
-            raise ApiError(f"{reason} (HTTP {resp.status})", resp.status, parsed)
+            raise ApiError(str(reason), resp.status, parsed)
         return escape_strings(parsed) if self.escape_text and not document else parsed
 
     def get(self, path: str, **kw) -> Any:

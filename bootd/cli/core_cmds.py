@@ -1,4 +1,4 @@
-"""bootctl status, reload, metrics, hosts."""
+"""bootctl status, reload, metrics, hosts, rooms."""
 from __future__ import annotations
 
 import time
@@ -54,14 +54,17 @@ def cmd_hosts(args, api) -> int:
     if args.host:
         h = api.get(f"/api/v1/hosts/{q(args.host)}")
         lines = [f"{h['name'] or '-'}  {h['mac']}  ip {h['ip'] or h['last_ip'] or '-'}  group {h['group'] or '-'}"
-                 f"  arch {h['arch'] or '-'}  last seen {fmt_time(h['last_seen'])}", "boot timeline:"]
+                 f"  arch {h['arch'] or '-'}  last seen {fmt_time(h['last_seen'])}",
+                 f"state {h['state']}  snapshot {h['snapshot'] or '-'}  last boot {fmt_duration(h['last_boot_duration'])}",
+                 f"last error: {h['last_error']} ({fmt_time(h['last_error_at'])})" if h["last_error"]
+                 else "last error: none", "boot timeline:"]
         events = h["events"]
         start = None
         for e in events:
             if e["kind"] in ("dhcp", "proxydhcp") and (start is None or e["ts"] - start > 300):
                 start = e["ts"]
             start = start if start is not None else e["ts"]
-            what = e["detail"].get("path") or e["detail"].get("file") or e["detail"].get("message") or \
+            what = e["detail"].get("reason") or e["detail"].get("path") or e["detail"].get("file") or e["detail"].get("message") or \
                 ", ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
             size = f"{e['nbytes']} B" if e["nbytes"] is not None else ""
             dur = f"{e['duration'] * 1000:.0f} ms" if e["duration"] is not None else ""
@@ -71,9 +74,29 @@ def cmd_hosts(args, api) -> int:
         emit(args, h, "\n".join(lines))
         return 0
     data = api.get("/api/v1/hosts")
-    rows = [[h["name"], h["mac"], h["ip"] or h["last_ip"], h["group"], h["arch"],
-             fmt_age(time.time() - h["last_seen"]) + " ago" if h["last_seen"] else "never"] for h in data["hosts"]]
-    emit(args, data, table(rows, ["NAME", "MAC", "IP", "GROUP", "ARCH", "LAST SEEN"]) if rows else "no hosts")
+    rows = [[h["name"], h["mac"], h["ip"] or h["last_ip"], h["group"], h["state"], h["snapshot"],
+             fmt_duration(h["last_boot_duration"]),
+             fmt_age(time.time() - h["last_seen"]) + " ago" if h["last_seen"] else "never",
+             h["last_error"] if h["state"] == "failed" else None] for h in data["hosts"]]
+    emit(args, data, table(rows, ["NAME", "MAC", "IP", "GROUP", "STATE", "SNAPSHOT", "LAST BOOT", "LAST SEEN",
+                                  "ERROR"]) if rows else "no hosts")
+    return 0
+
+
+def fmt_duration(seconds) -> str:
+    return f"{seconds:.1f} s" if seconds is not None else "-"
+
+
+def cmd_rooms(args, api) -> int:
+    data = api.get("/api/v1/rooms")
+    lines = []
+    for r in data["rooms"]:
+        st = r["states"]
+        up_on = ", ".join(f"{n} on {snap}" for snap, n in sorted(r["up_on"].items()))
+        lines.append(f"{r['room']}: {r['hosts']} PCs, {st['up']} up{f' ({up_on})' if up_on else ''}, "
+                     f"{st['booting']} booting, {st['failed']} failed, {st['off']} off")
+        lines += [f"  failed {f['name'] or f['mac']}: {f['last_error']}" for f in r["failed"]]
+    emit(args, data, "\n".join(lines) or "no rooms")
     return 0
 
 
@@ -87,3 +110,6 @@ def register(sub, common) -> None:
     p = sub.add_parser("hosts", parents=[common], help="hosts seen and configured; with a host, its boot timeline")
     p.add_argument("host", nargs="?", help="host name or MAC")
     p.set_defaults(func=cmd_hosts)
+    p = sub.add_parser("rooms", aliases=["groups"], parents=[common],
+                       help="per room: PCs up on which snapshot, booting, failed (and why), off")
+    p.set_defaults(func=cmd_rooms)

@@ -3,7 +3,10 @@
 One UDP socket per configured interface on port 67 (plus 4011 in proxy mode), each pinned to its
 interface with SO_BINDTODEVICE, so nothing is ever answered on an interface the config does not name.
 Packets are read straight from the socket in the loop's reader callback (several per wake-up) and
-answered in the same callback: no thread hops, no per-packet tasks. Interfaces are tracked with a
+answered in the same callback: no thread hops, no per-packet tasks. Under a flood (issue 13) the
+receive queue is short, known MACs of each batch are handled first, and `ratelimit.Admission` drops
+what one MAC sends past its rate and what strangers send past their shared budget, each counted as
+dropped{reason=...}, before it is decoded. Interfaces are tracked with a
 pyroute2 netlink watcher: one that disappears and comes back (even with a new ifindex) is served again.
 """
 from __future__ import annotations

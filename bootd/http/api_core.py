@@ -1,4 +1,4 @@
-"""Core admin API: status, reload, metrics, hosts and their boot timelines."""
+"""Core admin API: status, reload, metrics, hosts (state, last error) and their boot timelines, rooms."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from bootd import __version__
+from bootd.hoststate import disk_connections, host_rows, host_states, room_summary, with_state
 from bootd.http.app import json_error
 from bootd.macaddr import parse_mac
 
@@ -69,27 +70,10 @@ async def metrics_prom(request: web.Request) -> web.Response:
     return web.Response(text=request.app["ctx"].metrics.prometheus(), content_type="text/plain")
 
 
-def _host_rows(ctx) -> list[dict]:
-    seen = {h["mac"]: h for h in ctx.store.hosts()}
-    out = []
-    for h in ctx.config.hosts:
-        row = {"mac": h.mac, "name": h.name, "ip": str(h.ip) if h.ip else None, "group": h.group,
-               "configured": True, "first_seen": None, "last_seen": None, "last_ip": None, "arch": None}
-        s = seen.pop(h.mac, None)
-        if s:
-            row.update({k: s[k] for k in ("first_seen", "last_seen", "last_ip", "arch")})
-        out.append(row)
-    for mac, s in sorted(seen.items()):
-        out.append({"mac": mac, "name": s["name"], "ip": None, "group": None, "configured": False,
-                    "first_seen": s["first_seen"], "last_seen": s["last_seen"], "last_ip": s["last_ip"],
-                    "arch": s["arch"]})
-    return out
-
-
 def find_host(ctx, ident: str) -> dict:
     """A host by name or MAC (configured or only seen), or a 404 that says so."""
     mac = parse_mac(ident)
-    for row in _host_rows(ctx):
+    for row in host_rows(ctx):
         if (mac is not None and row["mac"] == mac) or row["name"] == ident:
             return row
     raise json_error(404, f"no host named or with MAC {ident!r}")
@@ -97,7 +81,13 @@ def find_host(ctx, ident: str) -> dict:
 
 @routes.get("/api/v1/hosts")
 async def hosts(request: web.Request) -> web.Response:
-    return web.json_response({"hosts": _host_rows(request.app["ctx"])})
+    return web.json_response({"hosts": await host_states(request.app["ctx"])})
+
+
+@routes.get("/api/v1/rooms")
+async def rooms(request: web.Request) -> web.Response:
+    """Per room (config group): PCs per state, how many are up on which snapshot, which failed."""
+    return web.json_response({"rooms": await room_summary(request.app["ctx"])})
 
 
 @routes.get("/api/v1/hosts/{ident}")
@@ -110,6 +100,8 @@ async def host(request: web.Request) -> web.Response:
         raise json_error(400, "limit must be a whole number")
     if not 0 < limit <= 10000:
         raise json_error(400, "limit must be between 1 and 10000")
+    disk = (await disk_connections(ctx)).get(row["mac"])
+    row = with_state(ctx, row, disk)
     row["events"] = ctx.store.events(row["mac"], limit=limit)
     return web.json_response(row)
 

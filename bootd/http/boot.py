@@ -19,6 +19,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from bootd.hoststate import host_name, record_failure
 from bootd.macaddr import parse_mac
 from bootd.peers import mac_at, may_act_for, refuse
 from bootd.tftp.events import event_kind
@@ -140,11 +141,27 @@ class BootFileResponse(web.FileResponse):
             detail["range"] = request.headers.get("Range")
         if error:
             detail["error"] = error
+            step = file_kind(ctx, self._rel)
+            record_failure(ctx.store, mac, step, f"{step} {self._rel}: transfer broken over HTTP ({error})",
+                           host=host_name(ctx, mac), path=self._rel, proto="http", client=request.remote)
         try:
             ctx.store.record_event(mac, file_kind(ctx, self._rel), detail, nbytes=nbytes,
                                    duration=round(duration, 6))
         except Exception as e:  # the timeline must never break a transfer
             log.warning("http: cannot record boot event: %s", e)
+
+
+def _not_found(ctx, request: web.Request, rel: str) -> None:
+    """A PC asked for a boot file that is not there: a failed boot step on its timeline and a warning
+    naming it. An address no host is known at only gets an info line (scanners, browsers)."""
+    mac = mac_at(ctx, request.remote)
+    step = file_kind(ctx, rel)
+    reason = f"{step} {rel}: not found over HTTP"
+    if mac is None:
+        log.info("http: %s asked for %r: not found", request.remote, rel)
+        return
+    record_failure(ctx.store, mac, step, reason, host=host_name(ctx, mac), path=rel, proto="http",
+                   client=request.remote)
 
 
 # -- handlers -----------------------------------------------------------------------------------------
@@ -154,6 +171,7 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
     path = confined_path(ctx.config.http_root, rel)
     if path is None:
         ctx.metrics.inc("http", "not_found")
+        _not_found(ctx, request, rel)
         raise web.HTTPNotFound(text="not found\n")
     return BootFileResponse(path, ctx, rel)
 

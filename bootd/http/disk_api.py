@@ -33,7 +33,7 @@ def _mac(ctx, host: str) -> str:
         return cfg.mac
     for mac in ctx.store.macs_named(host):
         return mac
-    from nbdexport.manager import norm_mac
+    from nbdexport.model import norm_mac
     try:
         return norm_mac(host)
     except DiskError:

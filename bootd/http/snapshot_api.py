@@ -19,7 +19,7 @@ from bootd.http.app import read_json
 from bootd.macaddr import parse_mac
 from bootd.seams import SnapshotJobs, Snapshots
 from snapshots.errors import SnapshotError
-from snapshots.model import ALL_GROUPS
+from snapshots.model import ALL_GROUPS, FsckReport, Snapshot
 
 P = "/api/v1"
 
@@ -92,7 +92,7 @@ async def _call(fn, *args, status: int = 200, **kw) -> web.Response:
         result = await asyncio.to_thread(fn, *args, **kw)
     except SnapshotError as exc:
         return _err(exc.status, str(exc))
-    if hasattr(result, "to_dict"):
+    if isinstance(result, (Snapshot, FsckReport)):  # the store's records: shown as their dicts
         result = result.to_dict()
     return web.json_response(result, status=status)
 

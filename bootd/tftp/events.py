@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Protocol
 
+from bootd.hoststate import record_failure
 from bootd.tftp.session import ReadSession
 
 log = logging.getLogger("bootd.tftp")
@@ -40,10 +41,25 @@ def event_kind(path: str, dynamic: bool = False) -> str:
     return "file"
 
 
+def record_not_found(store: BootEventLog, *, mac: str, ip: str, path: str, host: Optional[str],
+                     why: Optional[str] = None) -> None:
+    """A PC asked for a name that is not served (or whose provider failed, `why`): a failed boot step
+    ("kernel vmlinuz-x: not found over TFTP") on its timeline and a warning naming the host."""
+    step = event_kind(path)
+    reason = f"{step} {path}: not found over TFTP" if why is None else f"{step} {path}: not made ({why}) over TFTP"
+    record_failure(store, mac, step, reason, host=host, path=path, protocol="tftp", client=ip)
+    try:
+        store.touch_host(mac, ip=ip)
+    except Exception as e:
+        log.error("tftp: cannot record a host: %s", e)
+
+
 def record_transfer(store: BootEventLog, session: ReadSession, *, mac: Optional[str], ip: str, path: str,
-                    dynamic: bool, outcome: str, nbytes: int, duration: float) -> None:
+                    dynamic: bool, outcome: str, nbytes: int, duration: float, host: Optional[str] = None) -> None:
     """One boot event for a finished transfer; a PC seen only over TFTP still shows up as a host.
-    A store that fails is logged: the transfer is over either way."""
+    A transfer the client stopped answering is also a failed boot step (a client that aborts on
+    purpose, after learning the size, is not). A store that fails is logged: the transfer is over
+    either way."""
     detail: dict[str, object] = {"path": path, "protocol": "tftp", "client": ip, "outcome": outcome,
                                  "mode": session.request.mode, "blksize": session.blksize,
                                  "windowsize": session.windowsize}
@@ -57,3 +73,7 @@ def record_transfer(store: BootEventLog, session: ReadSession, *, mac: Optional[
             store.touch_host(mac, ip=ip)
     except Exception as e:
         log.error("tftp: cannot record a boot event: %s", e)
+    if outcome == "timeout" and mac:
+        step = event_kind(path, dynamic)
+        record_failure(store, mac, step, f"{step} {path}: client timeout over TFTP after {nbytes} bytes",
+                       host=host, path=path, protocol="tftp", client=ip)

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Union
 
 from bootd import peers
 from bootd.metrics import Metrics
-from bootd.tftp.events import BootEventLog, record_transfer
+from bootd.tftp.events import BootEventLog, record_not_found, record_transfer
 from bootd.tftp.filecache import CacheFull, FileCache, SharedFile
 from bootd.tftp.limits import ServerLimits
 from bootd.tftp.paths import PathRefused, normalize
@@ -97,7 +97,8 @@ class TftpServer:
     def __init__(self, root: str, *, limits: Optional[SessionLimits] = None,
                  server_limits: Optional[ServerLimits] = None, store: Optional[BootEventLog] = None,
                  metrics: Optional[Metrics] = None, mac_resolver: Optional[Callable[[str], Optional[str]]] = None,
-                 data_pump: str = "c", run_dir: Union[str, Path, None] = None):
+                 data_pump: str = "c", run_dir: Union[str, Path, None] = None,
+                 host_namer: Optional[Callable[[str], Optional[str]]] = None):
         if data_pump not in ("c", "python"):
             raise ValueError(f"data_pump must be 'c' or 'python', not {data_pump!r}")
         self.root = os.fspath(root)
@@ -106,6 +107,7 @@ class TftpServer:
         self.store = store
         self.metrics = metrics
         self.resolve_mac = mac_resolver or peers.resolver(store)  # the daemon passes peers.mac_at
+        self.name_of = host_namer or (lambda mac: None)  # a MAC's host name, for warnings (bootd/hoststate.py)
         self.providers = Providers()
         self.files = FileCache()
         self._listeners: dict[Address, socket.socket] = {}
@@ -317,6 +319,9 @@ class TftpServer:
                 if isinstance(e, ProviderFailed):
                     self._count("errors", reason="provider")
                 log.info("tftp: %s asked for %r: %s", t.ip, req.filename, e.reason)
+                if self.store is not None and t.mac is not None:
+                    record_not_found(self.store, mac=t.mac, ip=t.ip, path=t.path, host=self.name_of(t.mac),
+                                     why=e.reason if isinstance(e, ProviderFailed) else None)
                 self._drop(t)
                 self._refuse(listener, addr, "not-found", ErrorCode.FILE_NOT_FOUND, "File not found")
                 return
@@ -644,7 +649,7 @@ class TftpServer:
                 t.ip, t.path, outcome, nbytes, duration, s.blksize, s.windowsize)
         if self.store is not None:
             record_transfer(self.store, s, mac=t.mac, ip=t.ip, path=t.path, dynamic=t.dynamic, outcome=outcome,
-                            nbytes=nbytes, duration=duration)
+                            nbytes=nbytes, duration=duration, host=self.name_of(t.mac) if t.mac else None)
 
 
 def _raise_nofile_limit() -> None:

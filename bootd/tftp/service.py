@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from bootd import peers
 from bootd.config import Config, TftpConfig
+from bootd.hoststate import host_name
 from bootd.service import Service
 from bootd.tftp.limits import ServerLimits
 from bootd.tftp.server import Address, TftpServer
@@ -74,7 +75,8 @@ class TftpService(Service):
         if self.server is None:
             self.server = TftpServer(str(root), limits=session_limits, server_limits=server_limits,
                                      store=ctx.store, metrics=ctx.metrics, data_pump=cfg.tftp.data_pump,
-                                     run_dir=pump_run_dir(cfg), mac_resolver=lambda ip: peers.mac_at(ctx, ip))
+                                     run_dir=pump_run_dir(cfg), mac_resolver=lambda ip: peers.mac_at(ctx, ip),
+                                     host_namer=lambda mac: host_name(ctx, mac))
         ctx.tftp = self.server
         ctx.metrics.add_gauges("tftp", self.server.gauges)
         self._addresses = listen_addresses(cfg)

@@ -21,7 +21,7 @@ from bootd.clientconfig.resolve import render_for
 from bootd.config import parse_config
 from bootd.daemon import Context
 from bootd.state import StateStore
-from nbdexport.manager import Export
+from nbdexport.model import Export
 from support import artifact_dir
 
 from .guestdisk import ROOT, assets_ready, make_guest_disk

@@ -73,7 +73,8 @@ class Ctx:
     def __init__(self, tmp_path, max_rows: int):
         self.config = parse_config(yaml.safe_dump({
             "interfaces": [{"name": "br0", "address": "10.80.0.1/16"}],
-            "dhcp": {"mode": "proxy", "rate_limit": {"unknown_cpu": 1.0, "unknown_answers": 1e6, "unknown_answers_burst": 1000000}},
+            "dhcp": {"mode": "proxy",  # every stranger answered: here the store's cap is what bounds
+                     "rate_limit": {"unknown_cpu": 1.0, "unknown_answers": 1e6, "unknown_answers_burst": 1000000}},
             "events": {"max_rows": max_rows}}))
         self.store = StateStore(tmp_path / "state.db")
         self.metrics = Metrics()

@@ -2,26 +2,25 @@
 
 A C sender (tests/dhcp/flood.c, built into the test's temp dir) sends ~15 000 packets a second to
 bootd's port 67: valid-looking DISCOVERs from a new MAC each, and malformed packets. The pool has
-65 000 addresses, so every valid DISCOVER could get an offer (and a PXE one a boot event). The flood
-goes to bootd's address rather than to the broadcast address: a 15 kpps broadcast also reaches the
-real client's namespace, where udhcpc then misses replies that tcpdump shows arriving within 1 ms
-(its own receive path, not bootd's). Meanwhile a real
-udhcpc with a reservation gets a lease again and again; nearly all of its tries must succeed, and
+65 000 addresses, so every valid DISCOVER could get an offer (and a PXE one a boot event). Meanwhile a
+real udhcpc with a reservation gets a lease again and again; nearly all of its tries must succeed, and
 bootd's memory and state.db must stay bounded.
+
+The flood goes to bootd's address, not to the broadcast address: a 15 kpps broadcast also lands on
+udhcpc's own packet socket, which then drops frames (`ss -0 -e -m` shows its drop counter rising)
+while tcpdump in its namespace shows bootd's replies arriving within 1 ms; that loss is the client's.
 """
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
-import ipaddress
-import os
-
 import pytest
 from netns import Lab
-
 from test_server import dhcp_config, metrics, wait_until
 
 pytestmark = pytest.mark.netns

@@ -22,7 +22,7 @@ def dhcp_config(mode: str = "full", hosts=None, **dhcp) -> dict:
          "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199", "router": "10.77.0.1"}]}
     d.update(dhcp)
     return {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}], "dhcp": d,
-            "tftp": {"enabled": False}, "http": {"enabled": False},
+            "tftp": {"enabled": False},  # http stays on: it serves the iPXE script URL DHCP hands out
             "images": [{"name": "deb"}], "groups": [{"name": "room1", "images": ["deb"]}],
             "hosts": hosts or []}
 

@@ -32,7 +32,7 @@ def dhcp_config() -> dict:
                      "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199"}],
                      "rate_limit": {"per_mac": 1000, "per_mac_burst": 1000}},
             "events": {"coalesce": 0},  # every packet a row: the backup races real event writes
-            "tftp": {"enabled": False}, "http": {"enabled": False}, "nbd": {"enabled": False}}
+            "tftp": {"enabled": False}, "nbd": {"enabled": False}}
 
 
 def get_lease(client, mac: str) -> None:

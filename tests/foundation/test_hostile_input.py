@@ -337,7 +337,6 @@ for attempt in range(5):
 
 def test_client_supplied_strings_reach_bootctl_escaped(lab, bootd_daemon):
     cfg = {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}], "tftp": {"enabled": False},
-           "http": {"enabled": False},
            "dhcp": {"mode": "full", "lease_time": 600,
                     "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199"}]}}
     d = bootd_daemon(cfg, ns=lab.server)

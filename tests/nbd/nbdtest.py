@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from bootd.state import StateStore
-from nbdexport.manager import DiskManager, DiskSettings
+from nbdexport.manager import DiskManager
+from nbdexport.model import DiskSettings
 from nbdexport.qsd import StorageDaemon
 
 MiB = 1 << 20
@@ -64,8 +65,9 @@ class Harness:
     def __init__(self, tmp: Path, persistent: set[str] | None = None, directory: Path | None = None,
                  resolve=None, snapshots=None, port: int | None = None, tls=None,
                  listen: list[str] | None = None, run_dir: Path | None = None,
-                 qsd_binary: str = "qemu-storage-daemon", **kw):
+                 qsd_binary: str = "qemu-storage-daemon", daemon: type[StorageDaemon] = StorageDaemon, **kw):
         self.tmp = tmp
+        self.daemon = daemon  # a StorageDaemon subclass lets a test slow the real daemon's answers
         self.qsd_binary = qsd_binary
         self.snapshots = snapshots
         self.tls = tls
@@ -84,7 +86,7 @@ class Harness:
 
     def start(self) -> "Harness":
         self.store = self.store or StateStore(self.tmp / "state.db")
-        qsd = StorageDaemon(self.settings.run_dir, self.listen, self.port, tls=self.tls, binary=self.qsd_binary)
+        qsd = self.daemon(self.settings.run_dir, self.listen, self.port, tls=self.tls, binary=self.qsd_binary)
         self.m = DiskManager(self.settings, self.store, qsd, resolve_snapshot=lambda mac: self.resolve(mac),
                              is_persistent=lambda mac: mac in self.persistent,
                              snapshot_store=lambda: self.snapshots)

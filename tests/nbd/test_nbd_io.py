@@ -82,7 +82,7 @@ def overlay_info(path: str) -> dict:
 def grow_after_small_writes(hs, bases) -> tuple[dict, int]:
     """Write 4 KiB into each of 32 clusters of a fresh overlay; what the overlay grew on disk."""
     exp = hs.run(hs.m.prepare_boot(A, bases[1]))
-    row = next(r for r in hs.m._rows.values() if r.name == exp.name)
+    row = next(r for r in hs.m.exports.rows.values() if r.name == exp.name)
     before = os.stat(row.overlay).st_blocks * 512
     c = nbd.NBD()
     c.connect_uri(exp.uri)

@@ -1,12 +1,15 @@
 """A host's disk within a boot and across boots, with real NBD clients (libnbd, nbdcopy, qemu-img)."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
+from typing import Any, Optional
 
 import nbd
 import pytest
 
 from nbdexport.errors import DiskError
+from nbdexport.qsd import StorageDaemon
 
 from nbdtest import MiB, sha256
 
@@ -126,6 +129,52 @@ def test_prepare_export_adds_a_second_snapshot_in_the_same_boot(harness, bases):
     assert hs.m.export_for(A, str(v2)).name == e2.name
     with pytest.raises(DiskError):
         hs.run(hs.m.prepare_export(B, v2))  # no boot of B yet
+
+
+class SlowBaseRemoval(StorageDaemon):
+    """The real daemon, whose answer to removing a shared base node reaches bootd late (as on a loaded
+    machine): the node is gone in the daemon while bootd still waits for the answer."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.base_removed = asyncio.Event()  # the daemon has removed a base node; its answer is held
+        self.answer = asyncio.Event()  # the held answer may go now
+
+    async def execute(self, cmd: str, args: Optional[dict[str, Any]] = None, timeout: float = 10) -> Any:
+        result = await super().execute(cmd, args, timeout)
+        if cmd == "blockdev-del" and args is not None and str(args["node-name"]).startswith("b"):
+            self.base_removed.set()
+            try:
+                await asyncio.wait_for(self.answer.wait(), 5)
+            except asyncio.TimeoutError:
+                pass
+        return result
+
+
+def test_an_extra_export_of_a_new_boot_survives_the_last_boots_teardown(harness, bases):
+    """A menu fetched twice in a row: the second boot's extra export over v2 is made while the first
+    boot's teardown removes v2's base node; it must get a base node of its own, not the one going away."""
+    v1, v2 = bases
+    hs = harness(daemon=SlowBaseRemoval)
+    qsd = hs.m.qsd
+    assert isinstance(qsd, SlowBaseRemoval)
+    hs.run(hs.m.prepare_boot(A, v1))
+    hs.run(hs.m.prepare_export(A, v2))
+
+    async def second_menu():
+        main = await hs.m.prepare_boot(A, v1)  # the first boot's exports are torn down in the background
+        await qsd.base_removed.wait()  # v2's base node is gone in the daemon, its answer not yet in
+        extra = asyncio.ensure_future(hs.m.prepare_export(A, v2))
+        await asyncio.wait({extra}, timeout=1)
+        qsd.answer.set()
+        return main, await extra
+
+    main, extra = hs.run(second_menu())
+    assert extra.boot == main.boot and extra.name != main.name
+    c = connect(extra.uri)
+    assert c.pread(4, 0) == b"\xcd" * 4
+    c.shutdown()
+    assert hs.m.export_for(A, str(v2)).name == extra.name
 
 
 def test_bad_input_is_refused_clearly(harness, bases, tmp_path):
