@@ -137,6 +137,7 @@ class DhcpConfig(Section):
     # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`
     http_boot_url: str = "http://{server}:{http_port}/boot/files/{file}"
     rate_limit: DhcpRateLimitConfig = DhcpRateLimitConfig()
+    detect_other_servers: bool = True  # full mode: look for another DHCP server at start/reload (bootd/dhcp/rogue.py)
 
     @field_validator("ipxe_script_url", "http_boot_url")
     @classmethod
@@ -269,7 +270,7 @@ class NbdConfig(Section):
     # into a cluster does not copy the snapshot's cluster first (see nbdexport/overlays.py)
     subclusters: bool = True
     # most one PC's overlay (or persistent layer) may take on disk ("20GiB", "512MiB", bytes); past it
-    # that PC's writes fail with ENOSPC, nobody else's. 0: no limit (nbdexport/manager.py _capped)
+    # that PC's writes fail with ENOSPC, nobody else's. 0: no limit (nbdexport/exports.py _capped)
     overlay_max: ByteSize = ByteSize(0)
 
     @field_validator("overlay_max")

@@ -120,7 +120,7 @@ class SnapshotJobs(Protocol):
 
 # -- disks over NBD (nbdexport/manager.py DiskManager, `ctx.disks`) ----------------------------------
 class DiskExport(Protocol):
-    """One NBD export of a host's disk (nbdexport.manager.Export)."""
+    """One NBD export of a host's disk (nbdexport.model.Export)."""
 
     @property
     def name(self) -> str: ...

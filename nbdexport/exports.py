@@ -66,7 +66,7 @@ class ExportSet:
 
     def inc(self, name: str, **labels: str) -> None:
         if self.metrics is not None:
-            self.metrics.inc("nbd", name, **labels)
+            self.metrics.inc("nbd", name, 1, **labels)
 
     def mac_lock(self, mac: str) -> asyncio.Lock:
         """Held by whatever changes one host's exports (boots, resets, commits, the reaper)."""

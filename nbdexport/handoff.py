@@ -23,7 +23,7 @@ import socket
 import struct
 import subprocess
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from bootd.chelper import CFDS_HEADER, build_c_program
 from nbdexport.qsd import daemon_socket_path
@@ -118,10 +118,11 @@ class Handoff:
         try:
             if os.fstat(fd).st_size < SLOTS * SLOT.size:
                 os.ftruncate(fd, SLOTS * SLOT.size)
-            self._map = mmap.mmap(fd, SLOTS * SLOT.size)
+            counters = mmap.mmap(fd, SLOTS * SLOT.size)
         finally:
             os.close(fd)
-        self._load_slots()
+        self._map = counters
+        self._load_slots(counters)
         return self.library
 
     def environment(self) -> dict[str, str]:
@@ -193,46 +194,43 @@ class Handoff:
         self.handed += 1
 
     # -- counters -------------------------------------------------------------------------------------
-    def _load_slots(self) -> None:
+    def _load_slots(self, counters: mmap.mmap) -> None:
         """Which slots are in use (a restarted bootd finds its predecessor's connections by name)."""
-        self._owner: dict[int, str] = {}
-        self._free: list[int] = []
+        self._owner = {}
+        self._free = []
         for slot in range(SLOTS - 1, -1, -1):
-            *_, state, _, raw = self._read(slot)
+            *_, state, _, raw = _read(counters, slot)
             if state == FREE:
                 self._free.append(slot)
             else:
                 self._owner[slot] = raw.rstrip(b"\0").decode(errors="replace")
 
-    def _read(self, slot: int) -> tuple:
-        return SLOT.unpack_from(self._map, slot * SLOT.size)
-
-    def _set_state(self, slot: int, state: int) -> None:
-        struct.pack_into("=I", self._map, slot * SLOT.size + 32, state)
-
     def _take(self, name: str) -> Optional[int]:
-        if self._map is None:
+        counters = self._map
+        if counters is None:
             return None
         if not self._free:
             self._sweep()
         if not self._free:
             return None  # all busy: the connection goes on uncounted
         slot = self._free.pop()
-        SLOT.pack_into(self._map, slot * SLOT.size, 0, 0, 0, 0, HANDED, 0, name.encode()[:88])
+        SLOT.pack_into(counters, slot * SLOT.size, 0, 0, 0, 0, HANDED, 0, name.encode()[:88])
         self._owner[slot] = name
         return slot
 
     def _release(self, slot: int) -> None:
-        self._set_state(slot, FREE)
+        if self._map is not None:  # (closed: the slots go with the map)
+            struct.pack_into("=I", self._map, slot * SLOT.size + 32, FREE)
         self._owner.pop(slot, None)
         self._free.append(slot)
 
     def _sweep(self) -> None:
         """Fold the counts of connections the daemon has closed into their export's totals."""
-        if self._map is None:
+        counters = self._map
+        if counters is None:
             return
         for slot, name in list(self._owner.items()):
-            rb, wb, ro, wo, state, _, _ = self._read(slot)
+            rb, wb, ro, wo, state, _, _ = _read(counters, slot)
             if state == ENDED:
                 if self.known(name):
                     tot = self._totals.setdefault(name, [0, 0, 0, 0])
@@ -240,14 +238,15 @@ class Handoff:
                         tot[i] += v
                 self._release(slot)
 
-    def io(self, name: str) -> dict:
+    def io(self, name: str) -> dict[str, int]:
         """An export's NBD I/O so far (ended and live connections) and its live connection count."""
         self._sweep()
         tot = list(self._totals.get(name, (0, 0, 0, 0)))
         live = 0
+        counters = self._map
         for slot, owner in list(self._owner.items()):
-            if owner == name:
-                rb, wb, ro, wo, state, _, _ = self._read(slot)
+            if owner == name and counters is not None:
+                rb, wb, ro, wo, state, _, _ = _read(counters, slot)
                 if state in (HANDED, LIVE):
                     live += 1
                 for i, v in enumerate((rb, wb, ro, wo)):
@@ -257,6 +256,11 @@ class Handoff:
     def forget(self, name: str) -> None:
         self._totals.pop(name, None)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"library": str(self.library) if self.library else None, "handed": self.handed,
                 "failed": self.failed}
+
+
+def _read(counters: mmap.mmap, slot: int) -> tuple[Any, ...]:
+    """One slot of the counters file: read bytes, written bytes, reads, writes, state, pad, name."""
+    return SLOT.unpack_from(counters, slot * SLOT.size)

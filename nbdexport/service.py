@@ -9,7 +9,8 @@ from typing import Any, Optional
 from bootd.service import Service
 from nbdexport.check import ClientTls
 from nbdexport.errors import DiskError
-from nbdexport.manager import DiskManager, DiskSettings
+from nbdexport.manager import DiskManager
+from nbdexport.model import DiskSettings
 from nbdexport.qsd import StorageDaemon, TlsSettings
 
 log = logging.getLogger("bootd.nbd")

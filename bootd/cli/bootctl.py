@@ -2,6 +2,9 @@
 
 Every command takes --json for scripts. Command groups live in their own modules (command_modules()),
 each with `register(sub)` adding argparse subparsers whose `func(args, api) -> int`.
+
+Exit status: 0 done, 1 refused (by bootd, with its reason on stderr), 2 usage error (argparse's own),
+3 bootd is not running (no socket, or nobody listening on it), so scripts can tell the three apart.
 """
 from __future__ import annotations
 
@@ -12,8 +15,13 @@ import os
 import sys
 from typing import Any
 
+from bootd import __version__
 from bootd.cli.api_client import ApiClient, ApiError
 from bootd.cli.text import escape_controls
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
 
 
 def command_modules() -> list:
@@ -58,6 +66,41 @@ def fmt_age(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def fmt_number(value: float) -> str:
+    """A counter or gauge as digits: 29000000, 0.25; never 2.9e+07."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return text if text not in ("0", "-0") else f"{value:.12f}".rstrip("0")
+
+
+def fmt_value(value: Any) -> str:
+    """One value of a status answer, for a table cell: no Python reprs (dicts are flattened by the caller)."""
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, int, float)):
+        return fmt_number(value)
+    if isinstance(value, list):
+        return ", ".join(fmt_value(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={fmt_value(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts as dotted keys (`data_pump.mode`), each with its value formatted by fmt_value."""
+    out: list[tuple[str, str]] = []
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, dict) and item:
+            out += flatten(item, name + ".")
+        else:
+            out.append((name, fmt_value(item)))
+    return out
+
+
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -67,7 +110,9 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p = argparse.ArgumentParser(prog="bootctl", description="Control a running bootd.", parents=[common])
+    p = argparse.ArgumentParser(prog="bootctl", description="Control a running bootd.", parents=[common],
+                                epilog="exit status: 0 done, 1 refused, 2 usage error, 3 bootd is not running")
+    p.add_argument("--version", action="version", version=f"bootctl {__version__}")
     p.add_argument("--socket", default=os.environ.get("BOOTD_SOCKET", "/run/bootd/api.sock"),
                    help="API socket (default %(default)s, or $BOOTD_SOCKET)")
     p.add_argument("--url", default=os.environ.get("BOOTD_URL"), help="API over TCP, e.g. http://10.0.0.1:8081")
@@ -94,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 token = f.read().strip()
         except OSError as e:
             print(f"bootctl: cannot read token file: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     api = ApiClient(socket_path=args.socket, url=args.url, token=token, escape_text=not args.json)
     try:
         return int(args.func(args, api) or 0)
@@ -102,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(e), "status": e.status}))
         print(escape_controls(f"bootctl: {e}", keep_lines=True), file=sys.stderr)
-        return 1
+        return EXIT_NOT_RUNNING if e.not_running else EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
 

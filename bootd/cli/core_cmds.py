@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from bootd.cli.api_client import q
-from bootd.cli.bootctl import emit, fmt_age, fmt_time, table
+from bootd.cli.bootctl import emit, flatten, fmt_age, fmt_number, fmt_time, table
 
 
 def cmd_status(args, api) -> int:
@@ -12,13 +12,19 @@ def cmd_status(args, api) -> int:
     lines = [
         f"bootd {st['version']} (pid {st['pid']}), up {fmt_age(st['uptime'])} since {fmt_time(st['started_at'])}",
         f"config: {st['config_path']}   storage: {st['storage']}   dhcp: {st['dhcp_mode']}",
-        "interfaces: " + (", ".join(f"{i['name']} {i['address']} ({i['state']})" for i in st["interfaces"]) or "none"),
-        "services:",
     ]
+    if st["interfaces"]:
+        lines += ["interfaces:", table([[i["name"], i["address"], i["state"]] for i in st["interfaces"]],
+                                       ["NAME", "ADDRESS", "STATE"])]
+    else:
+        lines.append("interfaces: none")
+    # one row per setting of each running service; nested answers (the TFTP data pump, the NBD
+    # gatekeeper's splicer) as dotted names, never as a Python dict
+    rows = []
     for s in st["services"]:
-        extra = {k: v for k, v in s.items() if k != "name"}
-        detail = "; ".join(f"{k}={', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in extra.items())
-        lines.append(f"  {s['name']:<10} running  {detail}")
+        details = flatten({k: v for k, v in s.items() if k != "name"}) or [("-", "-")]
+        rows += [[s["name"] if n == 0 else "", key, value] for n, (key, value) in enumerate(details)]
+    lines += ["services:", table(rows, ["SERVICE", "SETTING", "VALUE"]) if rows else "  none"]
     lines += [f"WARNING {w}" for w in st.get("warnings", [])]
     if st.get("reload_errors"):
         lines.append("last reload refused:")
@@ -42,16 +48,15 @@ def cmd_reload(args, api) -> int:
 
 def cmd_metrics(args, api) -> int:
     m = api.get("/api/v1/metrics")
-    lines = []
-    for comp, values in sorted(m.items()):
-        for k, v in sorted(values.items()):
-            lines.append(f"{comp}.{k} {v:g}")
-    emit(args, m, "\n".join(lines) or "no counters yet")
+    rows = [[comp, k, fmt_number(v)] for comp, values in sorted(m.items()) for k, v in sorted(values.items())]
+    emit(args, m, table(rows, ["COMPONENT", "COUNTER", "VALUE"]) if rows else "no counters yet")
     return 0
 
 
 def cmd_hosts(args, api) -> int:
-    if args.host:
+    """`bootctl hosts` and `bootctl hosts list`: the table; `bootctl hosts HOST`: one host's boot timeline
+    (a host named "list" by its MAC)."""
+    if args.host and args.host != "list":
         h = api.get(f"/api/v1/hosts/{q(args.host)}")
         lines = [f"{h['name'] or '-'}  {h['mac']}  ip {h['ip'] or h['last_ip'] or '-'}  group {h['group'] or '-'}"
                  f"  arch {h['arch'] or '-'}  last seen {fmt_time(h['last_seen'])}",
@@ -107,8 +112,9 @@ def register(sub, common) -> None:
     p.set_defaults(func=cmd_reload)
     p = sub.add_parser("metrics", parents=[common], help="packet and request counters")
     p.set_defaults(func=cmd_metrics)
-    p = sub.add_parser("hosts", parents=[common], help="hosts seen and configured; with a host, its boot timeline")
-    p.add_argument("host", nargs="?", help="host name or MAC")
+    p = sub.add_parser("hosts", parents=[common], help="hosts seen and configured (hosts list); with a host, "
+                                                       "its boot timeline")
+    p.add_argument("host", nargs="?", metavar="list|HOST", help="`list` (the default), or a host name or MAC")
     p.set_defaults(func=cmd_hosts)
     p = sub.add_parser("rooms", aliases=["groups"], parents=[common],
                        help="per room: PCs up on which snapshot, booting, failed (and why), off")

@@ -169,9 +169,26 @@ def cmd_rollback(args, api) -> int:
     return 0
 
 
+def _unknown_host_warning(api, mac: str) -> str | None:
+    """A warning when no host in the config has this MAC and bootd never saw it boot: most likely a typo,
+    and the pin or test would wait for a PC that does not exist."""
+    try:
+        api.get(f"/api/v1/hosts/{q(mac)}")
+    except ApiError as e:
+        if e.status == 404:
+            return f"no configured or seen host has MAC {mac}: check the address (it applies once such a PC boots)"
+        raise
+    return None
+
+
 def cmd_pin(args, api) -> int:
     r = api.post(f"{P}/snapshots/{q(args.ref)}/pin", _body(args, host=args.host))
-    emit(args, r, f"host {r['host']} is pinned to {r['pin']}")
+    text = f"host {r['host']} is pinned to {r['pin']}"
+    warning = _unknown_host_warning(api, r["host"])
+    if warning:
+        r["warnings"] = [warning]
+        text += f"\nwarning: {warning}"
+    emit(args, r, text)
     return 0
 
 

@@ -24,6 +24,7 @@ from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, dec
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy
 from bootd.dhcp.ratelimit import Admission
+from bootd.dhcp.rogue import is_probe
 from bootd.macaddr import normalize_mac
 from bootd.service import Service
 
@@ -458,6 +459,9 @@ class DhcpService(Service):
         except DhcpDecodeError as e:
             count("malformed")
             log.debug("dhcp: malformed packet from %s on %s: %s", src, ifname, e)
+            return None
+        if is_probe(msg):  # bootd's own look for other servers (bootd/dhcp/rogue.py): not a PC
+            count("ignored", ("reason", "own-probe"))
             return None
         policy = self.policy
         iface = policy.interfaces.get(ifname)

@@ -126,7 +126,8 @@ def test_components_implement_their_seams(tmp_path):
         from bootd.clientconfig import resolve
         from bootd.daemon import Daemon
         from bootd.tftp.server import TftpServer
-        from nbdexport.manager import DiskManager, Export
+        from nbdexport.manager import DiskManager
+        from nbdexport.model import Export
         from pxe.booter import Booter
         from snapshots.jobs import JobManager
         from snapshots.store import SnapshotStore

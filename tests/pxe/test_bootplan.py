@@ -146,7 +146,8 @@ def lab_configs(draw):
         if draw(st.booleans()):
             host["persistent"] = draw(st.booleans())
         hosts.append(host)
-    return {"interfaces": [{"name": "br0", "address": "127.0.0.1/8"}],
+    dhcp = {"default_group": draw(st.sampled_from([g["name"] for g in groups]))} if groups and draw(st.booleans()) else {}
+    return {"interfaces": [{"name": "br0", "address": "127.0.0.1/8"}], "dhcp": dhcp,
             "menu": {"previous_snapshot_entry": draw(st.booleans()), "local_disk_entry": draw(st.booleans())},
             "images": [{"name": n, "kernel": "vmlinuz", "initrd": "initrd.img"} for n in images],
             "groups": groups, "hosts": hosts}
@@ -235,7 +236,7 @@ def test_every_consumer_agrees_with_the_plan(config, versions, data):
                 # independent of the plan's code: the default image is the host's, else its group's, if
                 # the host boots it, else its first image
                 hc = cfg.host_by_mac(mac)
-                group = cfg.group(hc.group) if hc and hc.group else None
+                group = cfg.group(hc.group if hc else cfg.dhcp.default_group)  # unknown: dhcp.default_group
                 wanted = (hc and hc.default_image) or (group and group.default_image)
                 assert host.default_image == (wanted if wanted in host.images else
                                               (host.images[0] if host.images else None))

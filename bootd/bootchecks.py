@@ -1,0 +1,95 @@
+"""Checks of the setup at start and on every reload, shown as warnings (log, `bootctl status`):
+a kernel or initrd an image names that is not in the boot root (every PC choosing that image would
+fail at that step), and another DHCP server answering on a served interface (bootd/dhcp/rogue.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from bootd.config import Config
+from bootd.dhcp import rogue
+from bootd.service import Service
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
+
+log = logging.getLogger("bootd.checks")
+
+
+def missing_boot_files(config: Config) -> list[str]:
+    """One line per kernel/initrd an image names that is not a file in the boot root (TFTP), or in
+    the HTTP boot root when that is another directory."""
+    roots = [("TFTP", config.boot_root)] if config.tftp.enabled else []
+    if config.http_root != config.boot_root or not roots:
+        roots.append(("HTTP", config.http_root))
+    out = []
+    for image in config.images:
+        for step, name in (("kernel", image.kernel), ("initrd", image.initrd)):
+            for proto, root in roots:
+                if not (Path(root) / name.lstrip("/")).is_file():
+                    out.append(f"image {image.name}: {step} {name} is missing from {root} ({proto} boot root)")
+    return list(dict.fromkeys(out))
+
+
+class SetupChecks(Service):
+    """Runs the checks at start and reload; the other-DHCP probe runs in the background (it listens
+    for ~2 s), so neither start-up nor a reload waits for it."""
+
+    name = "checks"
+
+    def __init__(self) -> None:
+        self.file_warnings: list[str] = []
+        self.dhcp_warnings: list[str] = []
+        self.dhcp_checked: Optional[str] = None  # why the last probe did not run, or "done"
+        self._probe: Optional[asyncio.Task[None]] = None
+
+    async def start(self, ctx: "Context") -> None:
+        self._check(ctx.config)
+
+    async def reload(self, ctx: "Context") -> None:
+        self._check(ctx.config)
+
+    async def stop(self) -> None:
+        task, self._probe = self._probe, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def _check(self, config: Config) -> None:
+        self.file_warnings = missing_boot_files(config)
+        for w in self.file_warnings:
+            log.warning("%s", w)
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        interfaces = {i.name: str(i.address.ip) for i in config.interfaces}
+        if config.dhcp.mode != "full" or not config.dhcp.detect_other_servers or not interfaces:
+            self.dhcp_warnings = []
+            self.dhcp_checked = "off (dhcp.mode is not full, or dhcp.detect_other_servers is false)"
+            return
+        self.dhcp_checked = "running"
+        self._probe = asyncio.get_running_loop().create_task(self._look_for_dhcp(interfaces),
+                                                             name="bootd-other-dhcp")
+
+    async def _look_for_dhcp(self, interfaces: dict[str, str]) -> None:
+        others, problems = await rogue.probe_all(interfaces)
+        for p in problems:
+            log.info("%s", p)
+        self.dhcp_warnings = [str(o) for o in others]
+        for w in self.dhcp_warnings:
+            log.warning("%s: PCs may take its offer and never boot from bootd", w)
+        self.dhcp_checked = "done"
+
+    def status(self) -> dict:
+        return {"missing_files": len(self.file_warnings), "other_dhcp_servers": len(self.dhcp_warnings),
+                "other_dhcp_check": self.dhcp_checked}
+
+    def warning(self) -> Optional[str]:
+        warnings = self.file_warnings + self.dhcp_warnings
+        return "; ".join(warnings) if warnings else None
