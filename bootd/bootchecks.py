@@ -78,7 +78,12 @@ class SetupChecks(Service):
                                                              name="bootd-other-dhcp")
 
     async def _look_for_dhcp(self, interfaces: dict[str, str]) -> None:
-        others, problems = await rogue.probe_all(interfaces)
+        try:
+            others, problems = await rogue.probe_all(interfaces)
+        except Exception as e:  # a bug here must not pass silently, nor stop anything else
+            log.error("cannot look for other DHCP servers: %s", e)
+            self.dhcp_checked = f"failed: {e}"
+            return
         for p in problems:
             log.info("%s", p)
         self.dhcp_warnings = [str(o) for o in others]

@@ -157,6 +157,56 @@ class BootPlan:
         return next((e.snapshot_id for e in self.entries if e.image == image and not e.previous), None)
 
 
+# -- the host list: the config's hosts and the ones registered at run time -----------------------------
+@dataclass(frozen=True)
+class RegisteredHost:
+    """A PC registered at run time (bootctl host add/import/adopt; state table `registered_hosts`)."""
+
+    mac: str
+    name: str
+    group: Optional[str] = None
+    ip: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HostList:
+    """The effective config (its `hosts`: the file's, then the registered ones that do not clash with
+    them) and one line per registered host left out or changed, for `bootctl host list` and the status."""
+
+    config: Config
+    conflicts: tuple[str, ...] = ()
+
+
+def merge_hosts(config: Config, registered: Sequence[RegisteredHost]) -> HostList:
+    """The one host list every consumer reads (DHCP, menus, peers, NBD, client configs): the config's
+    hosts win, a registered host with the MAC, name or address of a config host is left out and reported;
+    one whose group the config no longer has keeps its address but no group."""
+    if not registered:
+        return HostList(config)
+    by_mac = {h.mac: h for h in config.hosts}
+    by_name = {h.name: h for h in config.hosts}
+    by_ip = {str(h.ip): h for h in config.hosts if h.ip is not None}
+    groups = {g.name for g in config.groups}
+    extra: list[HostConfig] = []
+    conflicts: list[str] = []
+    for r in registered:
+        clash = by_mac.get(r.mac) or by_name.get(r.name) or (by_ip.get(r.ip) if r.ip else None)
+        if clash is not None:
+            what = "MAC" if clash.mac == r.mac else "name" if clash.name == r.name else f"address {r.ip}"
+            conflicts.append(f"registered host {r.name} ({r.mac}) has the {what} of config host {clash.name} "
+                             f"({clash.mac}): the config's wins")
+            continue
+        group = r.group
+        if group is not None and group not in groups:
+            conflicts.append(f"registered host {r.name} ({r.mac}): group {group!r} is no longer in the config")
+            group = None
+        try:
+            extra.append(HostConfig(mac=r.mac, name=r.name, group=group, ip=r.ip))
+        except ValueError as e:  # a row the config's rules no longer take (pydantic's ValidationError)
+            conflicts.append(f"registered host {r.name} ({r.mac}) left out: {e}")
+    return HostList(config.model_copy(update={"hosts": [*config.hosts, *extra]}), tuple(conflicts))
+
+
 # -- deciding ------------------------------------------------------------------------------------------
 def entry_key(*parts: object) -> str:
     """A menu key from free text: 'Debian', 'v3' -> 'debian-v3' (safe in iPXE, pxelinux and GRUB)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from bootd.bootplan import Planner
+from bootd.bootplan import Planner, RegisteredHost, merge_hosts
 from bootd.config import Config, ConfigError, load_config
 from bootd.logsetup import setup_logging
 from bootd.metrics import Metrics
@@ -55,9 +55,23 @@ class Context:
     wake_queue: Optional[WakeQueue] = None  # bootd/wake.py: the one paced Wake-on-LAN queue, made on first use
     reload_errors: list[str] = field(default_factory=list)
     last_reload: Optional[float] = None
+    file_config: Config = field(init=False)  # the config as loaded; `config` adds the registered hosts
+    host_conflicts: tuple[str, ...] = ()  # registered hosts the config's won over (bootctl host list)
 
     def __post_init__(self) -> None:
         self.planner = Planner(self)  # reads self.config and self.snapshots at every call
+        self.set_config(self.config)
+
+    def set_config(self, config: Config) -> None:
+        """Put `config` (as loaded) in force with the hosts registered in the state store beside its own."""
+        self.file_config = config
+        self.refresh_hosts()
+
+    def refresh_hosts(self) -> None:
+        """Re-read the registered hosts (after a bootctl host change): every reader of `config` sees them."""
+        registered = [RegisteredHost(r["mac"], r["name"], r["group"], r["ip"]) for r in self.store.registered_hosts()]
+        merged = merge_hosts(self.file_config, registered)
+        self.config, self.host_conflicts = merged.config, merged.conflicts
 
     def service(self, name: str) -> Optional[Service]:
         for s in self.services:
@@ -88,6 +102,8 @@ def build_services(ctx: Context) -> list[Service]:
     services.append(ClientFilesService())  # client helper: clients/<mac>/<file> over TFTP (HTTP: client_api)
     from bootd.dhcp.server import DhcpService
     services.append(DhcpService())  # DHCP/proxyDHCP + RA responder: last, once everything it points to is served
+    from bootd.bootchecks import SetupChecks
+    services.append(SetupChecks())  # warnings: missing kernel/initrd, another DHCP server (start and reload)
     return services
 
 
@@ -226,7 +242,7 @@ class Daemon:
                     ctx.reload_errors = [f"{self.config_path}: cannot load: {type(e).__name__}: {e}"]
                     ready_status = "config reload refused (loader error)"
                     return False
-                ctx.config = new
+                ctx.set_config(new)
                 self._prepare_boot_root(new)
                 ctx.reload_errors = []
                 ctx.last_reload = time.time()

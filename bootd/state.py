@@ -207,6 +207,16 @@ MIGRATIONS: list[Migration] = [
         ALTER TABLE boot_events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
         ALTER TABLE boot_events ADD COLUMN last_ts REAL;
     """),
+    Migration(7, "hosts registered at run time beside the config's (bootctl host, issue 16)", """
+        CREATE TABLE registered_hosts (
+            mac        TEXT PRIMARY KEY,
+            name       TEXT NOT NULL UNIQUE,
+            host_group TEXT,
+            ip         TEXT UNIQUE,
+            created    REAL NOT NULL,
+            updated    REAL NOT NULL
+        );
+    """),
 ]
 
 
@@ -535,6 +545,30 @@ class StateStore:
         """Drop the MAC's run-time reservation; False if it had none."""
         with self.transaction() as cur:
             return cur.execute("DELETE FROM dhcp_reservations WHERE mac=?", (mac,)).rowcount > 0
+
+    # -- hosts registered at run time (bootctl host; bootd/hostregistry.py) -------------------------
+    def registered_hosts(self) -> list[dict[str, Any]]:
+        """Every registered host: mac, name, group, ip, created, updated; by MAC."""
+        return [dict(r) for r in self.query(
+            "SELECT mac, name, host_group AS \"group\", ip, created, updated FROM registered_hosts ORDER BY mac")]
+
+    def change_registered_hosts(self, put: list[dict[str, Any]], delete: tuple[str, ...] | list[str] = (),
+                                now: Optional[float] = None) -> None:
+        """In one transaction: delete the rows of the MACs in `delete`, then add or replace (by MAC) each
+        row of `put` (mac, name, group, ip): all of it or, on any error, none of it. sqlite3.IntegrityError
+        when a name or an address ends up on two rows."""
+        now = time.time() if now is None else now
+        with self.transaction() as cur:
+            for mac in delete:
+                cur.execute("DELETE FROM registered_hosts WHERE mac=?", (mac,))
+            # names and addresses move between rows: free them all first, so the order of `put` is no matter
+            for row in put:
+                cur.execute("UPDATE registered_hosts SET name=mac, ip=NULL WHERE mac=?", (row["mac"],))
+            for row in put:
+                cur.execute("INSERT INTO registered_hosts(mac, name, host_group, ip, created, updated) "
+                            "VALUES (?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE SET name=excluded.name, "
+                            "host_group=excluded.host_group, ip=excluded.ip, updated=excluded.updated",
+                            (row["mac"], row["name"], row.get("group"), row.get("ip"), now, now))
 
     # -- PXE fallback export tokens (pxe/tokens.py) ------------------------------------------------
     def pxe_token(self, mac: str, new_token: str, now: Optional[float] = None) -> str:

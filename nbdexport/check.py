@@ -67,7 +67,7 @@ def check_export(host: str, port: int, name: str, expect_size: Optional[int] = N
                 sock.close()
         if not h.aio_is_ready():
             raise DiskError(f"export {name[:6]}…: handshake ended in state {h.connection_state()}")
-        size = h.get_size()
+        size = int(h.get_size())
         if expect_size is not None and size != expect_size:
             raise DiskError(f"export {name[:6]}… has size {size}, expected {expect_size}")
         sector = h.pread(min(512, size), 0) if size else b""

@@ -68,10 +68,11 @@ import socket
 import ssl
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol, Union
 
 from bootd.chelper import CFDS_HEADER, SupervisedHelper, build_c_program
-from nbdexport.handoff import NBDCOUNT_HEADER, NotHanded
+from bootd.metrics import Metrics
+from nbdexport.handoff import NBDCOUNT_HEADER, Handoff, NotHanded
 from nbdexport.qsd import listening_socket
 
 log = logging.getLogger("bootd.nbd.gatekeeper")
@@ -116,7 +117,7 @@ class Closed(Exception):
     """The connection is to be closed (peer gone, malformed, refused EXPORT_NAME)."""
 
 
-async def _recv_exact(loop, sock: socket.socket, n: int) -> bytes:
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = await loop.sock_recv(sock, n - len(buf))
@@ -198,7 +199,7 @@ class Splicer(SupervisedHelper):
     STOP_SIGNAL = signal.SIGTERM  # it would otherwise serve its connections on after the control socket closed
     STOP_POLL = 0.02
 
-    def __init__(self, run_dir: str | Path, on_event: Callable[[str, dict], None] = lambda k, d: None):
+    def __init__(self, run_dir: str | Path, on_event: Callable[[str, dict[str, Any]], None] = lambda k, d: None):
         super().__init__(run_dir)
         self.on_event = on_event
         self.handed = 0
@@ -215,6 +216,8 @@ class Splicer(SupervisedHelper):
         return [str(self.binary), str(ctl_fd), str(self._counters.fd)], [self._counters.fd]
 
     def _spawned(self) -> None:
+        if self.proc is None:
+            return
         try:  # a relay: little CPU, but every wake-up it waits for adds to each request's latency
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, SPLICER_NICE)
         except OSError:
@@ -234,7 +237,7 @@ class Splicer(SupervisedHelper):
         self.on_event("splicer_died", {"status": status})
 
     def _restarted(self) -> None:
-        self.on_event("splicer_restarted", {"pid": self.proc.pid})
+        self.on_event("splicer_restarted", {"pid": self.proc.pid if self.proc is not None else None})
 
     def _fold(self, counters: _Counters, slot: int) -> None:
         name = counters.owner.pop(slot, None)
@@ -255,7 +258,7 @@ class Splicer(SupervisedHelper):
             self._fold(counters, slot)
         counters.close()
 
-    def io(self, name: str) -> dict:
+    def io(self, name: str) -> dict[str, int]:
         """An export's NBD I/O so far (ended and live connections) and its live connection count."""
         tot = list(self._totals.get(name, (0, 0, 0, 0)))
         live = 0
@@ -283,7 +286,7 @@ class Splicer(SupervisedHelper):
         try:
             socket.send_fds(self.ctl, [msg], [client.fileno(), daemon.fileno()])
         except OSError:
-            if slot is not None:
+            if slot is not None and counters is not None:
                 counters.owner.pop(slot, None)
                 counters.free.append(slot)
             if self.proc is not None and self.proc.poll() is not None:
@@ -291,7 +294,7 @@ class Splicer(SupervisedHelper):
             raise
         self.handed += 1
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"pid": self.proc.pid if self.proc is not None else None, "up": self.up,
                 "restarts": self.restarts, "connections_handed": self.handed}
 
@@ -342,12 +345,18 @@ def read_psk_file(path: str | Path) -> dict[bytes, bytes]:
     return keys
 
 
+class _ServerContext(ssl.SSLContext):
+    """An SSLContext that also holds what must live as long as it: the ctypes PSK callback."""
+
+    psk_callback: object = None
+
+
 def tls_server_context(kind: str, directory: str, verify_peer: bool = True) -> ssl.SSLContext:
     """The gatekeeper's TLS server side, from the same files qemu's tls-creds objects read: x509
     (ca-cert.pem, server-cert.pem, server-key.pem) or psk (keys.psk). Python 3.11's ssl has no PSK API
     (set_psk_server_callback came in 3.13), so for psk OpenSSL's SSL_CTX_set_psk_server_callback is set
     through ctypes on the context's SSL_CTX (checked: libnbd/GnuTLS clients connect over TLS 1.3)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
     d = Path(directory)
     if kind == "x509":
         ctx.load_cert_chain(d / "server-cert.pem", d / "server-key.pem")
@@ -357,7 +366,8 @@ def tls_server_context(kind: str, directory: str, verify_peer: bool = True) -> s
         return ctx
     keys = read_psk_file(d / "keys.psk")
 
-    def lookup(_ssl_ptr, identity, out, max_len) -> int:
+    def lookup(_ssl_ptr: Optional[int], identity: Optional[bytes], out: ctypes._Pointer[ctypes.c_ubyte],
+               max_len: int) -> int:
         key = keys.get(identity or b"")
         if key is None or len(key) > max_len:
             return 0  # unknown identity: the handshake fails
@@ -367,7 +377,7 @@ def tls_server_context(kind: str, directory: str, verify_peer: bool = True) -> s
     callback = _PSK_CALLBACK(lookup)
     ctx.set_ciphers("PSK")  # TLS 1.2 PSK suites; TLS 1.3 uses the PSK with its own suites
     _libssl().SSL_CTX_set_psk_server_callback(_ssl_ctx_pointer(ctx), callback)
-    ctx.bootd_psk_callback = callback  # OpenSSL holds only the C pointer: keep the ctypes object alive
+    ctx.psk_callback = callback  # OpenSSL holds only the C pointer: keep the ctypes object alive
     return ctx
 
 
@@ -429,6 +439,17 @@ class _StreamPeer:
         return self.reader, self.writer
 
 
+_ClientPeer = Union[_SocketPeer, _StreamPeer]
+
+
+class ExportPolicy(Protocol):
+    """Who may list and open which export (nbdexport/access.py AccessPolicy)."""
+
+    def exports_for_peer(self, peer_ip: str) -> list[str]: ...
+
+    def may_open(self, peer_ip: str, name: str) -> bool: ...
+
+
 class Gatekeeper:
     """Listens on the NBD TCP port; negotiates; hands negotiated connections on (see the module docstring).
 
@@ -436,9 +457,9 @@ class Gatekeeper:
     `daemon_socket()` gives the path to connect to (the daemon's private unix socket). `tls`: the
     server context when clients must STARTTLS (tls_server_context)."""
 
-    def __init__(self, addresses: Iterable[str], port: int, daemon_socket: Callable[[], str], policy: Any,
-                 splicer: Splicer, metrics: Any = None, timeout: float = HANDSHAKE_TIMEOUT,
-                 handoff: Any = None, daemon_pid: Callable[[], Optional[int]] = lambda: None,
+    def __init__(self, addresses: Iterable[str], port: int, daemon_socket: Callable[[], str], policy: ExportPolicy,
+                 splicer: Splicer, metrics: Optional[Metrics] = None, timeout: float = HANDSHAKE_TIMEOUT,
+                 handoff: Optional[Handoff] = None, daemon_pid: Callable[[], Optional[int]] = lambda: None,
                  per_address: int = HANDSHAKES_PER_ADDRESS, tls: Optional[ssl.SSLContext] = None):
         self.addresses = list(addresses)
         self.port = port
@@ -453,8 +474,8 @@ class Gatekeeper:
         self.per_address = per_address
         self.tls = tls
         self.sock: Optional[socket.socket] = None
-        self._accept_task: Optional[asyncio.Task] = None
-        self._conns: set[asyncio.Task] = set()
+        self._accept_task: Optional[asyncio.Task[None]] = None
+        self._conns: set[asyncio.Task[None]] = set()
         self._handshaking: dict[str, int] = {}  # peer address -> handshakes in progress
         self._warned: set[str] = set()  # addresses told about (at the per-address cap)
         self._relay_totals: dict[str, list[int]] = {}  # export -> IO_FIELDS of ended relayed connections
@@ -465,13 +486,13 @@ class Gatekeeper:
     def _inc(self, name: str, **labels: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
         if self.metrics is not None:
-            self.metrics.inc("nbd", name if name == "refused" else f"gatekeeper_{name}", **labels)
+            self.metrics.inc("nbd", name if name == "refused" else f"gatekeeper_{name}", 1, **labels)
 
     async def start(self) -> None:
-        self.sock = listening_socket(self.addresses, self.port)
-        self.sock.set_inheritable(False)
-        self.sock.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        sock = self.sock = listening_socket(self.addresses, self.port)
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         log.info("NBD gatekeeper on %s port %d%s", ", ".join(self.addresses), self.port,
                  " (TLS)" if self.tls is not None else "")
 
@@ -493,11 +514,11 @@ class Gatekeeper:
     def handshakes(self) -> int:
         return sum(self._handshaking.values())
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, addr = await loop.sock_accept(self.sock)
+                conn, addr = await loop.sock_accept(sock)
             except asyncio.CancelledError:
                 raise
             except OSError as e:  # EMFILE and the like: do not spin
@@ -542,7 +563,7 @@ class Gatekeeper:
                 if self.tls is not None:
                     reader, writer = await _server_streams(client)
                     writers.append(writer)
-                    cpeer: Any = _StreamPeer(reader, writer)
+                    cpeer: _ClientPeer = _StreamPeer(reader, writer)
                 else:
                     cpeer = _SocketPeer(client)
                 name = await asyncio.wait_for(self._negotiate(cpeer, daemon, peer), self.timeout)
@@ -566,7 +587,7 @@ class Gatekeeper:
             client.close()
             daemon.close()
 
-    async def _negotiate(self, client: Any, daemon: socket.socket, peer: str) -> Optional[str]:
+    async def _negotiate(self, client: _ClientPeer, daemon: socket.socket, peer: str) -> Optional[str]:
         """The fixed-newstyle negotiation between `client` (_SocketPeer / _StreamPeer) and the daemon;
         returns the export name once the transmission phase begins (raises Closed otherwise)."""
         loop = asyncio.get_running_loop()
@@ -594,7 +615,7 @@ class Gatekeeper:
 
             if self.tls is not None and not client.tls:
                 # before TLS only STARTTLS (and ABORT) mean anything; nothing reaches the daemon
-                if option == OPT_STARTTLS and not length:
+                if option == OPT_STARTTLS and not length and isinstance(client, _StreamPeer):
                     await client.send(_reply(option, REP_ACK))
                     await client.start_tls(self.tls)
                     continue
@@ -611,14 +632,15 @@ class Gatekeeper:
                     await client.send(_reply(option, REP_ERR_INVALID))
                     continue
                 out = b""
-                for name in self.policy.exports_for_peer(peer):
-                    raw = name.encode()
+                for listed in self.policy.exports_for_peer(peer):
+                    raw = listed.encode()
                     out += _reply(option, REP_SERVER, struct.pack(">I", len(raw)) + raw)
                 await client.send(out + _reply(option, REP_ACK))
                 self._inc("listed")
                 continue
 
             if option == OPT_EXPORT_NAME:
+                name: Optional[str]
                 try:
                     name = data.decode("utf-8")
                 except UnicodeDecodeError:
@@ -662,7 +684,7 @@ class Gatekeeper:
         log.warning("NBD: %s asked for export %s… (option %d), which is not its own: refused", peer,
                     (name or "?")[:6], option)
 
-    def _hand(self, cpeer: Any, client: socket.socket, daemon: socket.socket, name: Optional[str]) -> str:
+    def _hand(self, cpeer: _ClientPeer, client: socket.socket, daemon: socket.socket, name: Optional[str]) -> str:
         """Which way the negotiated connection goes on; handoff and splicer take it here (our copies of
         the sockets are closed by the caller), "python-relay" is then served by the caller."""
         try:
@@ -689,7 +711,7 @@ class Gatekeeper:
         self._inc("relayed")
         return "python-relay"
 
-    async def _relay(self, cpeer: Any, daemon: socket.socket, name: Optional[str],
+    async def _relay(self, cpeer: _ClientPeer, daemon: socket.socket, name: Optional[str],
                      writers: list[asyncio.StreamWriter]) -> None:
         """The transmission phase in Python: the client's requests to the daemon (READ and WRITE counted
         from their headers, as nbdcount.h does), the daemon's replies back, until either side closes."""
@@ -765,7 +787,7 @@ class Gatekeeper:
                 for i, v in enumerate(io):
                     tot[i] += v
 
-    def relay_io(self, name: str) -> dict:
+    def relay_io(self, name: str) -> dict[str, int]:
         """An export's NBD I/O through the Python relay (ended and live connections)."""
         tot = list(self._relay_totals.get(name, (0, 0, 0, 0)))
         live = 0
@@ -795,7 +817,7 @@ class Gatekeeper:
         why.append(self.splicer_error or "the splicer is restarting")
         return "python-relay", "; ".join(why)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         path, why = self.data_path()
         return {"listen": ", ".join(f"{a}:{self.port}" for a in self.addresses), **self.counts,
                 "data_path": path, "data_path_reason": why, "tls": self.tls is not None,

@@ -26,6 +26,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bootd.macaddr import normalize_mac
 from nbdexport.errors import DiskError, NoSpace
@@ -47,7 +48,7 @@ class SpaceReport:
     def low(self) -> bool:
         return self.free < self.warn_below
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "total": self.total, "free": self.free, "warn_below": self.warn_below,
                 "low": self.low}
 

@@ -58,7 +58,7 @@ class StorageDaemon:
     def __init__(self, run_dir: str | Path, host: str | list[str], port: int, tls: Optional[TlsSettings] = None,
                  binary: str = "qemu-storage-daemon",
                  on_restart: Optional[Callable[[], Awaitable[None]]] = None,
-                 on_event: Optional[Callable[[str, dict], None]] = None):
+                 on_event: Optional[Callable[[str, dict[str, Any]], None]] = None):
         self.run_dir = Path(run_dir)
         self.hosts = [host] if isinstance(host, str) else list(host)
         self.host = self.hosts[0]
@@ -67,14 +67,14 @@ class StorageDaemon:
         self.on_event = on_event or (lambda kind, detail: None)
         self.qmp: Optional[QMPClient] = None
         self.pid: Optional[int] = None
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: Optional[subprocess.Popen[bytes]] = None
         self.adopted = False
         self.restarts = 0
         self.started_at: Optional[float] = None
         self.up = asyncio.Event()
         self._pidwatch = PidWatch()
         self._stopping = False
-        self._restart_task: Optional[asyncio.Task] = None
+        self._restart_task: Optional[asyncio.Task[None]] = None
         self.lock = asyncio.Lock()  # held by whoever changes the export set (and by the restore)
         # NBD on a private unix socket in run_dir (this file name) instead of TCP: bootd's gatekeeper
         # (nbdexport/gatekeeper.py) owns the TCP port then
@@ -82,7 +82,7 @@ class StorageDaemon:
         self.extra_env: dict[str, str] = {}  # e.g. the NBD hand-off library's LD_PRELOAD (handoff.py)
         # called with the node name of each BLOCK_WRITE_THRESHOLD event (an overlay at nbd.overlay_max)
         self.on_write_threshold: Optional[Callable[[str], None]] = None
-        self._events_task: Optional[asyncio.Task] = None
+        self._events_task: Optional[asyncio.Task[None]] = None
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -97,7 +97,7 @@ class StorageDaemon:
     def args_path(self) -> Path:
         return self.run_dir / "qsd.json"
 
-    def _identity(self) -> dict:
+    def _identity(self) -> dict[str, Any]:
         """What a running daemon must match to be adopted instead of replaced."""
         if self.nbd_unix:
             return {"unix": self.nbd_unix, "binary": self.binary, "tls": None}
@@ -261,8 +261,9 @@ class StorageDaemon:
     async def _events(self, listener: EventListener) -> None:
         """Hand the daemon's write-threshold events to `on_write_threshold` (set by the DiskManager)."""
         async for event in listener:
-            node = event.get("data", {}).get("node-name")
-            if node and self.on_write_threshold is not None:
+            data = event.get("data")
+            node = data.get("node-name") if isinstance(data, dict) else None
+            if isinstance(node, str) and node and self.on_write_threshold is not None:
                 try:
                     self.on_write_threshold(node)
                 except Exception as e:  # a bug there must not stop the events
@@ -327,7 +328,7 @@ class StorageDaemon:
                 await asyncio.sleep(delay)
 
     # -- commands ----------------------------------------------------------------------------------
-    async def execute(self, cmd: str, args: Optional[dict] = None, timeout: float = 10) -> Any:
+    async def execute(self, cmd: str, args: Optional[dict[str, Any]] = None, timeout: float = 10) -> Any:
         if self.qmp is None or not self.up.is_set():
             raise StorageDaemonDown("the storage daemon is restarting; try again in a moment")
         try:
@@ -337,7 +338,7 @@ class StorageDaemon:
         except (EOFError, ConnectionError, asyncio.TimeoutError) as e:
             raise StorageDaemonDown(f"{cmd}: storage daemon not answering ({e.__class__.__name__})") from e
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"pid": self.pid, "up": self.up.is_set(), "restarts": self.restarts, "adopted": self.adopted,
                 "listen": (str(self.run_dir / self.nbd_unix) if self.nbd_unix
                            else ", ".join(f"{h}:{self.port}" for h in self.hosts)),

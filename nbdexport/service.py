@@ -4,23 +4,28 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+from bootd.config import Config, HostConfig
 from bootd.service import Service
 from nbdexport.check import ClientTls
 from nbdexport.errors import DiskError
 from nbdexport.manager import DiskManager
 from nbdexport.model import DiskSettings
 from nbdexport.qsd import StorageDaemon, TlsSettings
+from snapshots.model import Snapshot
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.nbd")
 
 
-def disk_directory(config) -> str:
+def disk_directory(config: Config) -> str:
     return config.nbd.directory or str(Path(config.storage.directory) / "disks")
 
 
-def listen_addresses(config) -> list[str]:
+def listen_addresses(config: Config) -> list[str]:
     """nbd.listen, else every served interface's address; empty (no NBD at all) without either:
     disks are served on the served networks only, never on an address nobody configured."""
     if config.nbd.listen is not None:
@@ -28,17 +33,17 @@ def listen_addresses(config) -> list[str]:
     return [str(i.address.ip) for i in config.interfaces]
 
 
-def listen_address(config) -> Optional[str]:
+def listen_address(config: Config) -> Optional[str]:
     addrs = listen_addresses(config)
     return addrs[0] if addrs else None
 
 
-def run_directory(config) -> str:
+def run_directory(config: Config) -> str:
     """QMP socket, pid file and log of the storage daemon: next to the overlays (one per storage)."""
     return config.nbd.run_dir or os.path.join(disk_directory(config), "run")
 
 
-def tls_settings(config) -> tuple[Optional[TlsSettings], Optional[ClientTls]]:
+def tls_settings(config: Config) -> tuple[Optional[TlsSettings], Optional[ClientTls]]:
     t = config.nbd.tls
     if t is None:
         return None, None
@@ -57,7 +62,11 @@ def tls_settings(config) -> tuple[Optional[TlsSettings], Optional[ClientTls]]:
     return server, None
 
 
-def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
+def settings_from(config: Config) -> tuple[DiskSettings, Optional[TlsSettings]]:
+    """The manager's settings; DiskError when the config gives no NBD address (callers check first)."""
+    addresses = listen_addresses(config)
+    if not addresses:
+        raise DiskError("no served interface and no nbd.listen")
     server_tls, client_tls = tls_settings(config)
     n = config.nbd
     check = n.check_exports
@@ -67,8 +76,8 @@ def settings_from(config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         log.warning("nbd.tls x509 without client_dir: exports cannot be checked with libnbd; checks off")
         check = False
     return DiskSettings(
-        directory=disk_directory(config), run_dir=run_directory(config), listen=listen_address(config),
-        listen_all=listen_addresses(config),
+        directory=disk_directory(config), run_dir=run_directory(config), listen=addresses[0],
+        listen_all=addresses,
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
         check_exports=check, tls=server_tls is not None, client_tls=client_tls,
@@ -81,11 +90,18 @@ class DiskService(Service):
 
     def __init__(self) -> None:
         self.manager: Optional[DiskManager] = None
-        self.ctx: Any = None
-        self._key: Any = None
+        self.ctx: Optional[Context] = None
+        self._key: Optional[tuple[object, ...]] = None  # what a reload cannot change without a restart
         self.error: Optional[str] = None
 
-    async def start(self, ctx) -> None:
+    @property
+    def _context(self) -> Context:
+        """The running service's context: the manager's policy callbacks run only while it runs."""
+        if self.ctx is None:
+            raise DiskError("the disk service is not running", status=503)
+        return self.ctx
+
+    async def start(self, ctx: Context) -> None:
         """Never fatal for the daemon: without disks bootd still serves DHCP, menus and files, and
         `bootctl status` says why the disks are off."""
         self.ctx = ctx
@@ -108,12 +124,12 @@ class DiskService(Service):
                     pass
             self.manager = None
 
-    async def _start(self, ctx) -> None:
+    async def _start(self, ctx: Context) -> None:
         settings, server_tls = settings_from(ctx.config)
         self._key = (settings.directory, settings.run_dir, tuple(settings.listen_all), settings.port, server_tls,
                      ctx.config.nbd.qsd_binary, settings.gatekeeper)
 
-        def on_event(kind: str, detail: dict) -> None:
+        def on_event(kind: str, detail: dict[str, Any]) -> None:
             ctx.metrics.inc("nbd", f"qsd_{kind}")
             ctx.store.record_event(None, "disk", {"action": f"storage-daemon-{kind}", **detail})
 
@@ -139,7 +155,7 @@ class DiskService(Service):
                 self.ctx.disks = None
         self.manager = None
 
-    async def reload(self, ctx) -> None:
+    async def reload(self, ctx: Context) -> None:
         """Knobs like reap_after apply at once; a new address, port, directory or TLS restarts the
         storage daemon (clients reconnect to the same export names)."""
         if self.manager is None or not ctx.config.nbd.enabled or listen_address(ctx.config) is None:
@@ -159,7 +175,7 @@ class DiskService(Service):
         if gk is not None:  # handshake limits apply to the next connections
             gk.timeout, gk.per_address = settings.handshake_timeout, settings.handshakes_per_address
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         if self.manager is None:
             return {"enabled": False, "reason": self.error}
         return self.manager.status()
@@ -170,17 +186,17 @@ class DiskService(Service):
         return self.manager.warning()
 
     # -- policy from the config -------------------------------------------------------------------
-    def _host_cfg(self, mac: str):
-        return self.ctx.config.host_by_mac(mac)
+    def _host_cfg(self, mac: str) -> Optional[HostConfig]:
+        return self._context.config.host_by_mac(mac)
 
     def _persistent(self, mac: str) -> bool:
         """The boot plan's setting: host over group (bootd/bootplan.py)."""
-        return self.ctx.planner.settings_for(mac).persistent
+        return self._context.planner.settings_for(mac).persistent
 
-    def _owner_of(self, ip: str):
+    def _owner_of(self, ip: str) -> Optional[str]:
         """The MAC at `ip` by a live binding (bootd/peers.py, as for menus): the gatekeeper's policy."""
         from bootd.peers import mac_at
-        return mac_at(self.ctx, ip)
+        return mac_at(self._context, ip)
 
     def _configured_ip(self, mac: str) -> list[str]:
         host = self._host_cfg(mac)
@@ -190,14 +206,16 @@ class DiskService(Service):
         host = self._host_cfg(mac)
         if host is not None:
             return host.name
-        row = self.ctx.store.host(mac)
-        return row.get("name") if row else None
+        row = self._context.store.host(mac)
+        name = row.get("name") if row else None
+        return str(name) if name is not None else None
 
-    def _resolve(self, mac: str):
+    def _resolve(self, mac: str) -> Optional[Snapshot]:
         """The snapshot under the host's main disk when a boot names none (`bootctl disk boot`): the
         boot plan's, the same as its menu's default entry (bootd/bootplan.py)."""
-        store = self.ctx.snapshots
+        ctx = self._context
+        store = ctx.snapshots
         if store is None:
             return None
-        sid = self.ctx.planner.plan_for(mac).disk.snapshot_id
+        sid = ctx.planner.plan_for(mac).disk.snapshot_id
         return store.get(sid) if sid is not None else None

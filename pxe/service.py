@@ -51,7 +51,7 @@ class PxelinuxReads:
 class MenuProvider:
     """A TFTP provider rendering one flavour for the MAC in the name (or the asking client's MAC)."""
 
-    def __init__(self, ctx: Any, flavour: str, pattern: re.Pattern, reads: Optional[PxelinuxReads] = None):
+    def __init__(self, ctx: Any, flavour: str, pattern: re.Pattern[str], reads: Optional[PxelinuxReads] = None):
         self.ctx = ctx
         self.flavour = flavour
         self.pattern = pattern

@@ -112,5 +112,5 @@ class JobManager:
         for j in self.running():
             j.cancelled = True
         deadline = time.monotonic() + timeout
-        for jid, t in list(self._threads.items()):
+        for t in list(self._threads.values()):
             t.join(max(0.0, deadline - time.monotonic()))

@@ -83,6 +83,7 @@ async def probe(ifname: str, own: set[str], wait: float = PROBE_WAIT) -> list[Ot
                 msg = decode(data)
             except DhcpDecodeError:
                 continue
+            log.debug("DBG %s %r %s %s", src, msg, msg.xid == xid, msg.chaddr[:6] == mac)
             if msg.op != BOOTREPLY or msg.xid != xid or msg.chaddr[:6] != mac or msg.message_type != OFFER:
                 continue
             server = msg.server_id or src[0]

@@ -93,7 +93,7 @@ def test_bad_config_at_start_exits_1_with_errors(bootd_daemon):
 def test_bootctl_when_not_running(tmp_path):
     r = subprocess.run([str(Path(sys.executable).parent / "bootctl"), "--socket", str(tmp_path / "none.sock"), "status"],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "bootd is not running" in r.stderr
+    assert r.returncode == 3 and "bootd is not running" in r.stderr
 
 
 def test_api_errors_are_4xx_with_reason_and_daemon_keeps_serving(bootd_daemon):

@@ -146,7 +146,9 @@ def lab_configs(draw):
         if draw(st.booleans()):
             host["persistent"] = draw(st.booleans())
         hosts.append(host)
-    dhcp = {"default_group": draw(st.sampled_from([g["name"] for g in groups]))} if groups and draw(st.booleans()) else {}
+    dhcp = {}
+    if groups and draw(st.booleans()):  # unknown PCs boot this group
+        dhcp["default_group"] = draw(st.sampled_from([g["name"] for g in groups]))
     return {"interfaces": [{"name": "br0", "address": "127.0.0.1/8"}], "dhcp": dhcp,
             "menu": {"previous_snapshot_entry": draw(st.booleans()), "local_disk_entry": draw(st.booleans())},
             "images": [{"name": n, "kernel": "vmlinuz", "initrd": "initrd.img"} for n in images],

@@ -56,7 +56,8 @@ def test_arguments_merge_global_image_group_host(ctx):
         ["console=ttyS0", "quiet", "splash", "i915.modeset=0", "video=800x600", "i915.modeset=1"]
     assert args_before_bootd(menus[PC41].item("exam").cmdline) == \
         ["console=ttyS0", "splash", "i915.modeset=0", "video=800x600", "i915.modeset=1"]
-    assert args_before_bootd(menus[PC42].item("debian").cmdline) == ["console=ttyS0", "quiet", "splash", "i915.modeset=0"]
+    assert args_before_bootd(menus[PC42].item("debian").cmdline) == \
+        ["console=ttyS0", "quiet", "splash", "i915.modeset=0"]
     assert args_before_bootd(menus[PC43].item("exam").cmdline) == ["console=ttyS0", "noapic"]
 
 
