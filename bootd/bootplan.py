@@ -12,6 +12,7 @@ The plan is pure given its inputs: the config and what `SnapshotState` reports o
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, TypeVar
@@ -201,7 +202,8 @@ def merge_hosts(config: Config, registered: Sequence[RegisteredHost]) -> HostLis
             conflicts.append(f"registered host {r.name} ({r.mac}): group {group!r} is no longer in the config")
             group = None
         try:
-            extra.append(HostConfig(mac=r.mac, name=r.name, group=group, ip=r.ip))
+            extra.append(HostConfig(mac=r.mac, name=r.name, group=group,
+                                    ip=ipaddress.IPv4Address(r.ip) if r.ip else None))
         except ValueError as e:  # a row the config's rules no longer take (pydantic's ValidationError)
             conflicts.append(f"registered host {r.name} ({r.mac}) left out: {e}")
     return HostList(config.model_copy(update={"hosts": [*config.hosts, *extra]}), tuple(conflicts))
@@ -247,7 +249,13 @@ def host_settings(config: Config, mac: str) -> HostSettings:
 
 
 def anonymous_settings(config: Config) -> HostSettings:
-    """A PC whose MAC is unknown (a menu asked for without one): every image, no disk, pxelinux."""
+    """A PC whose MAC is unknown (a menu asked for without one): no disk, pxelinux; the images, default
+    and kernel arguments of `dhcp.default_group` when one is set, else every image."""
+    if config.dhcp.default_group is not None:
+        group = settings_of(config, "", None)
+        return HostSettings(mac="", name=None, group=group.group, images=group.images,
+                            default_image=group.default_image, boot="pxelinux", persistent=False,
+                            cmdline=group.cmdline)
     names = tuple(i.name for i in config.images)
     return HostSettings(mac="", name=None, group=None, images=names, default_image=names[0] if names else None,
                         boot="pxelinux", persistent=False)

@@ -117,14 +117,14 @@ class SupervisedHelper:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.binary: Optional[Path] = None
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: Optional[subprocess.Popen[bytes]] = None
         self.ctl: Optional[socket.socket] = None
         self.restarts = 0
         self._rx: Optional[socket.socket] = None
         self._reader_fd: Optional[int] = None
         self._pidwatch = PidWatch()
         self._stopping = False
-        self._restart_task: Optional[asyncio.Task] = None
+        self._restart_task: Optional[asyncio.Task[None]] = None
 
     # -- to be provided ----------------------------------------------------------------------------
     def _build(self) -> Path:

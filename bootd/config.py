@@ -10,16 +10,27 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Self, Union
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
 from bootd.clientconfig.model import ClientsConfig  # client helper: what a client boots into
 from bootd.macaddr import normalize_mac  # the one MAC normaliser (other modules import it from bootd.macaddr)
 from bootd.nfsconfig import NfsConfig  # client helper: NFS exports of client roots (the pure model)
-from pydantic import (AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
 
 DEFAULT_CONFIG_PATH = "/etc/bootd/bootd.yaml"
 
@@ -71,7 +82,7 @@ class AddressRange(Section):
     domain: Optional[str] = None
 
     @model_validator(mode="after")
-    def _ordered(self):
+    def _ordered(self) -> Self:
         if int(self.end) < int(self.start):
             raise ValueError("pool end is before its start")
         return self
@@ -102,7 +113,7 @@ class RelaySubnetConfig(AddressRange):
     interface: str  # the served interface the relayed requests arrive on
 
     @model_validator(mode="after")
-    def _inside(self):
+    def _inside(self) -> Self:
         if self.start not in self.subnet or self.end not in self.subnet:
             raise ValueError(f"range {self.start}-{self.end} is not inside {self.subnet}")
         return self
@@ -243,7 +254,8 @@ class NbdTlsConfig(Section):
 class NbdConfig(Section):
     enabled: bool = True
     port: Annotated[int, Field(ge=1, le=65535)] = 10809
-    listen: Optional[ipaddress.IPv4Address] = None  # default: the first served interface's address (127.0.0.1 without one)
+    # default: the first served interface's address (127.0.0.1 without one)
+    listen: Optional[ipaddress.IPv4Address] = None
     directory: Optional[str] = None  # overlays and persistent layers; default <storage.directory>/disks
     run_dir: Optional[str] = None  # QMP socket, pid file, log of the storage daemon; default <directory>/run
     reap_after: Annotated[float, Field(gt=0)] = 4 * 3600  # drop a boot's disk after this long without a connection
@@ -427,7 +439,11 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def format_path(loc: tuple) -> str:
+ConfigPath = tuple[Union[str, int], ...]
+"""Where in the document: mapping keys and list indices, outermost first (pydantic's `loc`)."""
+
+
+def format_path(loc: ConfigPath) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -441,11 +457,11 @@ class _Positions:
     """Maps a path in the loaded YAML (tuple of keys/indices) to the line it starts on."""
 
     def __init__(self) -> None:
-        self.lines: dict[tuple, int] = {}
+        self.lines: dict[ConfigPath, int] = {}
         # unquoted scalars YAML turned into a bool or a number, as written (`off`, `52:54:00:12:34:56`)
-        self.unquoted: dict[tuple, str] = {}
+        self.unquoted: dict[ConfigPath, str] = {}
 
-    def walk(self, node: yaml.Node, path: tuple = ()) -> None:
+    def walk(self, node: yaml.Node, path: ConfigPath = ()) -> None:
         self.lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _NOT_TEXT_TAGS:
             self.unquoted[path] = node.value
@@ -460,7 +476,7 @@ class _Positions:
             for i, item in enumerate(node.value):
                 self.walk(item, path + (i,))
 
-    def line_for(self, loc: tuple) -> Optional[int]:
+    def line_for(self, loc: ConfigPath) -> Optional[int]:
         loc = tuple(loc)
         while True:
             if loc in self.lines:
@@ -481,29 +497,38 @@ MAX_CONFIG_DEPTH = 40  # nesting of mappings and lists, also through aliases
 class ConfigLimitError(yaml.MarkedYAMLError):
     """The YAML is over one of the loader's limits (size, nodes, depth, recursive alias)."""
 
+    def __init__(self, context: None, context_mark: None, problem: str, problem_mark: Optional[yaml.Mark]) -> None:
+        super().__init__(context, context_mark, problem, problem_mark)
+        self.reason = problem  # `problem`, never None here
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys instead of keeping the last one silently, and refuses
     documents over MAX_CONFIG_NODES / MAX_CONFIG_DEPTH while composing them (so an alias bomb or a
     20 000-deep nesting is stopped before it costs memory or recursion)."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0  # nesting of the node being composed, in the text
         self._nodes = 0  # nodes composed so far, each alias counted as what it expands to
         self._expanded: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, expanded depth)
 
-    def compose_node(self, parent, index):
+    def _next_event(self) -> tuple[yaml.Event, Optional[yaml.Mark]]:
+        """The next event, not consumed, and where it starts (this pure-Python loader's marks are yaml.Mark)."""
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in yaml-stubs
+        return event, event.start_mark if isinstance(event.start_mark, yaml.Mark) else None
+
+    def compose_node(self, parent: Optional[yaml.Node], index: int) -> Optional[yaml.Node]:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            target = self.anchors.get(event.anchor)
+            event, mark = self._next_event()
+            anchor = event.anchor if isinstance(event, yaml.AliasEvent) else None
+            target = self.anchors.get(anchor)
             if target is not None and id(target) not in self._expanded:
-                raise ConfigLimitError(None, None, f"alias *{event.anchor} refers to a node that contains it",
-                                       event.start_mark)
+                raise ConfigLimitError(None, None, f"alias *{anchor} refers to a node that contains it", mark)
             node = super().compose_node(parent, index)
-            self._count(*self._expanded[id(node)], event.start_mark)
+            self._count(*self._expanded[id(node)], mark)
             return node
-        start = self.peek_event().start_mark
+        _, start = self._next_event()
         if self._depth >= MAX_CONFIG_DEPTH:
             raise ConfigLimitError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", start)
         self._depth += 1
@@ -523,7 +548,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         self._count(1, depth, start)
         return node
 
-    def _count(self, size: int, depth: int, mark) -> None:
+    def _count(self, size: int, depth: int, mark: Optional[yaml.Mark]) -> None:
         self._nodes += size
         if self._nodes > MAX_CONFIG_NODES:
             raise ConfigLimitError(None, None, f"more than {MAX_CONFIG_NODES} nodes (counting what aliases "
@@ -533,7 +558,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                    mark)
 
 
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by SafeLoader below,
@@ -552,7 +577,7 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 _NOT_TEXT_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
 
 
-def _friendly(err: dict, unquoted: Optional[str] = None) -> str:
+def _friendly(err: ErrorDetails, unquoted: Optional[str] = None) -> str:
     """pydantic's message, said for an admin. `unquoted`: the value as written when YAML read it as a bool
     or a number (`off` -> false, a MAC of digits -> a base-60 number): then the fix is quotes."""
     kind = err.get("type", "")
@@ -583,7 +608,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         data = loader.construct_document(node) if node is not None else None
     except ConfigLimitError as e:
         mark = e.problem_mark
-        raise ConfigError([ConfigProblem(filename, mark.line + 1 if mark else None, "", e.problem)]) from None
+        raise ConfigError([ConfigProblem(filename, mark.line + 1 if mark else None, "", e.reason)]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -615,7 +640,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> Config:
+def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError (also for a missing or unreadable file)."""
     filename = os.fspath(path)
     try:
@@ -636,15 +661,16 @@ def load_config(path: str | os.PathLike) -> Config:
     return parse_config(text, os.path.basename(filename))
 
 
-def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
+def _semantic_problems(cfg: Config) -> list[tuple[ConfigPath, str]]:
     """Checks that span fields: duplicates, references, addresses inside subnets, files present."""
-    out: list[tuple[tuple, str]] = []
+    out: list[tuple[ConfigPath, str]] = []
 
     seen_if: dict[str, int] = {}
-    for i, iface in enumerate(cfg.interfaces):
-        if iface.name in seen_if:
-            out.append((("interfaces", i, "name"), f"duplicate interface {iface.name!r} (also interfaces[{seen_if[iface.name]}])"))
-        seen_if.setdefault(iface.name, i)
+    for i, served in enumerate(cfg.interfaces):
+        if served.name in seen_if:
+            out.append((("interfaces", i, "name"),
+                        f"duplicate interface {served.name!r} (also interfaces[{seen_if[served.name]}])"))
+        seen_if.setdefault(served.name, i)
 
     for i, pool in enumerate(cfg.dhcp.pools):
         iface = cfg.interface(pool.interface)
@@ -659,7 +685,8 @@ def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
                 out.append((("dhcp", "pools", i, field), f"{addr} is bootd's own address"))
         if pool.router and pool.router not in iface.subnet:
             out.append((("dhcp", "pools", i, "router"), f"{pool.router} is outside {iface.subnet}"))
-        if iface.subnet.network_address in (pool.start, pool.end) or iface.subnet.broadcast_address in (pool.start, pool.end):
+        if iface.subnet.network_address in (pool.start, pool.end) or \
+                iface.subnet.broadcast_address in (pool.start, pool.end):
             out.append((("dhcp", "pools", i), "a pool cannot include the network or broadcast address"))
     for i, a in enumerate(cfg.dhcp.pools):
         for j in range(i):
@@ -706,7 +733,8 @@ def _semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
             out.append((("hosts", i, "mac"), f"duplicate MAC {host.mac} (also hosts[{seen_mac[host.mac]}])"))
         seen_mac.setdefault(host.mac, i)
         if host.name in seen_name:
-            out.append((("hosts", i, "name"), f"duplicate host name {host.name!r} (also hosts[{seen_name[host.name]}])"))
+            out.append((("hosts", i, "name"),
+                        f"duplicate host name {host.name!r} (also hosts[{seen_name[host.name]}])"))
         seen_name.setdefault(host.name, i)
         if host.ip is not None:
             if host.ip in seen_ip:

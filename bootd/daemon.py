@@ -85,6 +85,8 @@ def build_services(ctx: Context) -> list[Service]:
     from bootd.http.app import HttpService
 
     services: list[Service] = []
+    from bootd.hostregistry import HostRegistryService
+    services.append(HostRegistryService())  # issue 16: registered hosts; warns when the config's win a conflict
     # Storage first (the snapshot store and NBD exports), then what serves files, DHCP last: a PC must
     # never be told to fetch something that is not served yet.
     from snapshots.service import SnapshotService

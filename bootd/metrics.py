@@ -11,7 +11,7 @@ from typing import Callable
 
 class Metrics:
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, str, tuple], float] = defaultdict(float)
+        self._counters: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self._gauges: dict[str, Callable[[], dict[str, float]]] = {}
 
     def inc(self, component: str, name: str, value: float = 1, **labels: str) -> None:
@@ -24,8 +24,8 @@ class Metrics:
         """Register a function returning current values (e.g. active sessions) read at export time."""
         self._gauges[component] = fn
 
-    def snapshot(self) -> dict:
-        out: dict[str, dict] = {}
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
         for (component, name, labels), value in sorted(self._counters.items()):
             comp = out.setdefault(component, {})
             if labels:

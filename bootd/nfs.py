@@ -19,17 +19,21 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from bootd.nfsconfig import ClientRootConfig, NfsConfig  # the config models (pure: check-config loads them)
 from bootd.service import Service
+
+if TYPE_CHECKING:
+    from bootd.config import Config
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.nfs")
 
 
 # -- rendering ---------------------------------------------------------------------------------
 
-def served_subnets(config) -> list[ipaddress.IPv4Network]:
+def served_subnets(config: Config) -> list[ipaddress.IPv4Network]:
     """The subnets exports are limited to: nfs.subnets, else the served interfaces' subnets."""
     if config.nfs.subnets:
         return list(config.nfs.subnets)
@@ -135,7 +139,7 @@ class ApplyResult:
     exports: list[str]
     reloaded: bool = False
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"server": self.server, "file": self.file, "changed": self.changed, "exports": self.exports,
                 "reloaded": self.reloaded}
 
@@ -149,7 +153,7 @@ def ganesha_pid(nfs: NfsConfig) -> int:
         raise NfsError(f"NFS-Ganesha is not running (pid file {nfs.ganesha_pidfile}: {e})") from None
 
 
-def apply_exports(config, force: bool = False) -> ApplyResult:
+def apply_exports(config: Config, force: bool = False) -> ApplyResult:
     """Make the NFS server's exports equal to nfs.roots (read-only, served subnets only). `force`
     reloads the server even when the file is unchanged (after a failed reload)."""
     nfs: NfsConfig = config.nfs
@@ -261,12 +265,12 @@ def check_export(address: str, path: str, port: int = 2049, timeout: float = 3.0
     return "ok"
 
 
-def check_exports(config, result: ApplyResult) -> dict[str, str]:
+def check_exports(config: Config, result: ApplyResult) -> dict[str, str]:
     """Per export: "ok" or the reason it is not reachable, checked on each served interface address."""
     nfs: NfsConfig = config.nfs
     out: dict[str, str] = {}
     addrs = [str(i.address.ip) for i in config.interfaces] or ["127.0.0.1"]
-    for i, root in enumerate(nfs.roots):
+    for root in nfs.roots:
         path = pseudo_path(nfs, root) if result.server == "ganesha" else root.path
         for addr in addrs:
             key = f"{addr}:{path}"
@@ -284,7 +288,7 @@ def check_exports(config, result: ApplyResult) -> dict[str, str]:
     return out
 
 
-def cmdline_for(config, host_mac: str | None = None, root_name: str | None = None) -> str:
+def cmdline_for(config: Config, host_mac: str | None = None, root_name: str | None = None) -> str:
     """Kernel command line words for a client that boots the client root over NFS (pxe.booter adds
     them to every entry): `root=/dev/nfs nfsroot=SERVER:PATH,vers=4.2,ro ip=dhcp`; empty when no
     client root is configured."""
@@ -305,19 +309,19 @@ class NfsService(Service):
     name = "nfs"
 
     def __init__(self) -> None:
-        self.last: dict = {}
+        self.last: dict[str, object] = {}
         self.failed = False  # the last reload failed: reload again next time even if the file is unchanged
 
-    async def start(self, ctx) -> None:
+    async def start(self, ctx: Context) -> None:
         await self._apply(ctx)
 
-    async def reload(self, ctx) -> None:
+    async def reload(self, ctx: Context) -> None:
         await self._apply(ctx)
 
     async def stop(self) -> None:
         pass  # exports stay: clients that run from the client root must not lose it when bootd restarts
 
-    async def _apply(self, ctx) -> None:
+    async def _apply(self, ctx: Context) -> None:
         import asyncio
         loop = asyncio.get_running_loop()
         try:
@@ -331,13 +335,14 @@ class NfsService(Service):
         self.failed = False
         info = result.as_dict()
         if ctx.config.nfs.check and result.exports:
-            info["check"] = await loop.run_in_executor(None, check_exports, ctx.config, result)
-            for where, state in info["check"].items():
+            checks = await loop.run_in_executor(None, check_exports, ctx.config, result)
+            info["check"] = checks
+            for where, state in checks.items():
                 if state != "ok":
                     log.warning("nfs: export %s not reachable: %s", where, state)
         if result.changed:
             log.info("nfs: %s exports now %s (%s)", result.server, ", ".join(result.exports) or "none", result.file)
         self.last = info
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return self.last

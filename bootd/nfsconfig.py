@@ -33,10 +33,10 @@ class NfsConfig(BaseModel):
     exports_file: SafePath = "/etc/exports.d/bootd.exports"
     ganesha_exports_file: SafePath = "/etc/ganesha/bootd-exports.conf"
     ganesha_pidfile: SafePath = "/run/ganesha/ganesha.pid"
-    export_id_base: int = Field(1000, ge=1, le=60000)
+    export_id_base: int = Field(default=1000, ge=1, le=60000)
     pseudo_root: SafePath = "/bootd"
     check: bool = True                # after applying, check the NFS server answers on port 2049
-    check_timeout: float = Field(3.0, gt=0, le=60)
+    check_timeout: float = Field(default=3.0, gt=0, le=60)
 
     @model_validator(mode="after")
     def _unique(self) -> "NfsConfig":

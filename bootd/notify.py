@@ -8,12 +8,12 @@ import asyncio
 import logging
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 log = logging.getLogger("bootd.notify")
 
 try:
-    from systemd import daemon as _sd_daemon
+    import systemd.daemon as _sd_daemon  # systemd-python ships no type information
 except ImportError:  # systemd-python missing: still runs, only cannot notify
     _sd_daemon = None
 
@@ -23,7 +23,7 @@ class Notifier:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET")) and _sd_daemon is not None
         if os.environ.get("NOTIFY_SOCKET") and _sd_daemon is None:
             log.warning("NOTIFY_SOCKET is set but systemd-python is not importable; not notifying")
-        self._watchdog_task: Optional[asyncio.Task] = None
+        self._watchdog_task: Optional[asyncio.Task[None]] = None
 
     def send(self, *fields: str) -> None:
         if self.enabled:
@@ -56,7 +56,7 @@ class Notifier:
         except ValueError:
             return None
 
-    def start_watchdog(self, healthy=lambda: True) -> None:
+    def start_watchdog(self, healthy: Callable[[], bool] = lambda: True) -> None:
         interval = self.watchdog_interval()
         if not self.enabled or interval is None:
             return

@@ -23,13 +23,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from bootd.neighbours import NeighbourTable
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.peers")
 
 NEIGHBOURS = NeighbourTable()
+
+
+class LeaseLookup(Protocol):
+    """What binding_at asks of the state store (bootd/state.py StateStore): the live lease on an address."""
+
+    def mac_for_ip(self, ip: str, now: Optional[float] = None) -> Optional[str]: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,8 @@ class Binding:
 
 
 def binding_at(ip: Optional[str], *, configured: Callable[[str], Optional[str]] = lambda ip: None,
-               store=None, neighbours: Optional[NeighbourTable] = None, now: Optional[float] = None) -> Binding:
+               store: Optional[LeaseLookup] = None, neighbours: Optional[NeighbourTable] = None,
+               now: Optional[float] = None) -> Binding:
     """The decision of the module docstring, on explicit parts (for a server without a daemon context).
 
     `configured(ip)` is the MAC configured at `ip`; `store` answers `mac_for_ip(ip, now)` (live leases
@@ -78,7 +88,7 @@ def binding_at(ip: Optional[str], *, configured: Callable[[str], Optional[str]] 
     return Binding(None, "none")
 
 
-def configured_mac(ctx, ip: str) -> Optional[str]:
+def configured_mac(ctx: Context, ip: str) -> Optional[str]:
     """The MAC of the configured host whose `ip` is this address."""
     for h in ctx.config.hosts:
         if h.ip is not None and str(h.ip) == ip:
@@ -86,17 +96,17 @@ def configured_mac(ctx, ip: str) -> Optional[str]:
     return None
 
 
-def who_is_at(ctx, ip: Optional[str]) -> Binding:
+def who_is_at(ctx: Context, ip: Optional[str]) -> Binding:
     """Who is at `ip` now, by the running daemon's config, leases and neighbour table."""
     return binding_at(ip, configured=lambda a: configured_mac(ctx, a), store=ctx.store, neighbours=NEIGHBOURS)
 
 
-def mac_at(ctx, ip: Optional[str]) -> Optional[str]:
+def mac_at(ctx: Context, ip: Optional[str]) -> Optional[str]:
     """The MAC at `ip` by a live binding, or None (unknown, or live bindings disagree)."""
     return who_is_at(ctx, ip).mac
 
 
-def resolver(store=None, configured: Callable[[str], Optional[str]] = lambda ip: None,
+def resolver(store: Optional[LeaseLookup] = None, configured: Callable[[str], Optional[str]] = lambda ip: None,
              neighbours: Optional[NeighbourTable] = None) -> Callable[[str], Optional[str]]:
     """`ip -> MAC` by the same rules, for a server run without a daemon (e.g. `python -m bootd.tftp`)."""
     table = neighbours or NEIGHBOURS
@@ -106,14 +116,14 @@ def resolver(store=None, configured: Callable[[str], Optional[str]] = lambda ip:
     return mac_of
 
 
-def may_act_for(ctx, peer_ip: Optional[str], mac: Optional[str], site: str = "boot") -> bool:
+def may_act_for(ctx: Context, peer_ip: Optional[str], mac: Optional[str], site: str = "boot") -> bool:
     """True if the request from `peer_ip` may fetch the per-host files of `mac`."""
     if site == "unix" or not ctx.config.menu.owner_only or mac is None:
         return True
     return mac_at(ctx, peer_ip) == mac.lower()
 
 
-def refuse(ctx, proto: str, peer_ip: Optional[str], mac: str, what: str) -> None:
+def refuse(ctx: Context, proto: str, peer_ip: Optional[str], mac: str, what: str) -> None:
     b = who_is_at(ctx, peer_ip)
     ctx.metrics.inc(proto, "refused", reason="not-the-host")
     why = f"bindings disagree: {b.detail}" if b.conflict else f"it is {b.mac or 'unknown'} ({b.source})"

@@ -14,6 +14,8 @@ import struct
 import time
 from typing import Optional
 
+from bootd.metrics import Metrics
+
 log = logging.getLogger("bootd.ra")
 
 ICMP6_FILTER = 1
@@ -46,18 +48,24 @@ def _mac_of(ifname: str) -> Optional[bytes]:
 class RouterAdvertiser:
     """Raw ICMPv6 sockets (one per interface, bound to it) that answer RS with a null RA."""
 
-    def __init__(self, interfaces: list[str], metrics=None):
+    def __init__(self, interfaces: list[str], metrics: Optional[Metrics] = None) -> None:
         self.interfaces = list(interfaces)
         self.metrics = metrics
         self.socks: dict[str, tuple[socket.socket, int]] = {}
         self.last_sent: dict[str, float] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._task: Optional[asyncio.Task] = None
+        self._task: Optional[asyncio.Task[None]] = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.sync()
         self._task = loop.create_task(self._resync())
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop sockets are registered on; sockets exist only after start()."""
+        if self._loop is None:
+            raise RuntimeError("RouterAdvertiser used before start()")
+        return self._loop
 
     def stop(self) -> None:
         if self._task is not None:
@@ -108,7 +116,7 @@ class RouterAdvertiser:
             s.close()
             raise
         self.socks[name] = (s, idx)
-        self._loop.add_reader(s.fileno(), self._on_readable, name)
+        self._event_loop().add_reader(s.fileno(), self._on_readable, name)
         log.info("ra: answering router solicitations on %s", name)
 
     def _close(self, name: str) -> None:
@@ -116,7 +124,7 @@ class RouterAdvertiser:
         if cur is None:
             return
         try:
-            self._loop.remove_reader(cur[0].fileno())
+            self._event_loop().remove_reader(cur[0].fileno())
         except (ValueError, OSError):
             pass
         cur[0].close()

@@ -188,8 +188,10 @@ class Booter(Protocol):
 
 
 # -- TFTP (bootd/tftp/server.py TftpServer, `ctx.tftp`) ----------------------------------------------
-TftpProvider = Callable[[str, str, Optional[str]], Awaitable[Union[bytes, str, None]]]
-"""(path, client IP, client MAC or None) -> the file's bytes, or None to let the next provider answer."""
+TftpAnswer = Union[bytes, str, None]
+TftpProvider = Callable[[str, str, Optional[str]], Union[TftpAnswer, Awaitable[TftpAnswer]]]
+"""(path, client IP, client MAC or None) -> the file's bytes, or None to let the next provider answer;
+plain or async (bootd/tftp/providers.py awaits what is awaitable)."""
 
 
 class TftpFiles(Protocol):

@@ -23,7 +23,7 @@ class Service:
         await self.stop()
         await self.start(ctx)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {}
 
     def warning(self) -> "str | None":

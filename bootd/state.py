@@ -22,13 +22,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
+from typing import Any, Iterator, Mapping, Optional, Union
 
 EVENT_LOG_MANAGED = 6  # the schema version from which events are coalesced and pruned
 
 
 log = logging.getLogger("bootd.state")
+
+SqlParams = Union[tuple[object, ...], Mapping[str, object]]
+"""The parameters of one statement: positional (?) or named (:name)."""
 
 
 class StateError(sqlite3.DatabaseError):
@@ -240,8 +242,8 @@ class StateStore:
         self._hold_reserve()
         self.event_limits = EventLimits()
         # per MAC: its last event row, (id, kind, detail, nbytes, duration, first ts), for coalescing
-        self._last_event: dict[Optional[str], tuple[int, str, Optional[str], Optional[int], Optional[float],
-                                                    float]] = {}
+        self._last_event: dict[Optional[str], tuple[Optional[int], str, Optional[str], Optional[int],
+                                                    Optional[float], float]] = {}
         self._inserts_until_prune = 0  # 0: the next insert prunes first (the file may be over the cap)
         self._next_retention_prune = 0.0
         self.migrate(MIGRATIONS if migrations is None else migrations)
@@ -276,7 +278,8 @@ class StateStore:
     # -- schema --------------------------------------------------------------------------------
     @property
     def version(self) -> int:
-        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+        version: int = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        return version
 
     def migrate(self, migrations: list[Migration]) -> list[int]:
         """Apply every migration newer than the file; returns the versions applied."""
@@ -408,7 +411,7 @@ class StateStore:
             self._reserve_retry_at = time.monotonic() + self.reserve_retry_after
             self._hold_reserve()
 
-    def write(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+    def write(self, sql: str, params: SqlParams = ()) -> sqlite3.Cursor:
         """One statement in its own (implicit) transaction, run again into the reserve if the
         filesystem was full."""
         with self._lock:
@@ -421,7 +424,7 @@ class StateStore:
             self._keep_reserve()
             return cur
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: SqlParams = ()) -> list[sqlite3.Row]:
         with self._lock:
             try:
                 return self.conn.execute(sql, params).fetchall()
@@ -506,10 +509,10 @@ class StateStore:
                      name=COALESCE(excluded.name, hosts.name)""",
                 (mac.lower(), name, now, now, ip, arch))
 
-    def hosts(self) -> list[dict]:
+    def hosts(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.query("SELECT * FROM hosts ORDER BY mac")]
 
-    def host(self, mac: str) -> Optional[dict]:
+    def host(self, mac: str) -> Optional[dict[str, Any]]:
         rows = self.query("SELECT * FROM hosts WHERE mac=?", (mac.lower(),))
         return dict(rows[0]) if rows else None
 
@@ -586,7 +589,7 @@ class StateStore:
             return str(row[0])
 
     # -- boot events -------------------------------------------------------------------------------
-    def record_event(self, mac: Optional[str], kind: str, detail: Optional[dict] = None,
+    def record_event(self, mac: Optional[str], kind: str, detail: Optional[Mapping[str, object]] = None,
                      nbytes: Optional[int] = None, duration: Optional[float] = None,
                      ts: Optional[float] = None) -> None:
         """Append an event, or count it on the MAC's last row when it repeats that row within
@@ -617,9 +620,11 @@ class StateStore:
             if self._inserts_until_prune <= 0 or ts >= self._next_retention_prune:
                 self.enforce_event_limits(ts)
 
-    def events(self, mac: Optional[str] = None, limit: int = 100, since: Optional[float] = None) -> list[dict]:
+    def events(self, mac: Optional[str] = None, limit: int = 100,
+               since: Optional[float] = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM boot_events"
-        cond, params = [], []
+        cond: list[str] = []
+        params: list[object] = []
         if mac:
             cond.append("mac=?")
             params.append(mac.lower())
@@ -631,7 +636,7 @@ class StateStore:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
         rows = self.query(sql, tuple(params))
-        out = []
+        out: list[dict[str, Any]] = []
         for r in reversed(rows):
             d = dict(r)
             d["detail"] = json.loads(d["detail"]) if d["detail"] else {}
@@ -790,11 +795,11 @@ def _split_sql(script: str) -> list[str]:
         if sqlite3.complete_statement(buf):
             stmt = buf.strip()
             if stmt.strip(";").strip() and not all(
-                    l.strip().startswith("--") or not l.strip() for l in stmt.rstrip(";").splitlines()):
+                    line.strip().startswith("--") or not line.strip() for line in stmt.rstrip(";").splitlines()):
                 out.append(stmt)
             buf = ""
     rest = buf.rstrip(";").strip()
-    if rest and not all(l.strip().startswith("--") or not l.strip() for l in rest.splitlines()):
+    if rest and not all(line.strip().startswith("--") or not line.strip() for line in rest.splitlines()):
         out.append(rest)
     return out
 
@@ -821,9 +826,9 @@ class ReplayCursor:
     def __init__(self, store: StateStore):
         self._store = store
         self._cur = store.conn.cursor()
-        self._done: list[tuple[str, tuple | dict]] = []
+        self._done: list[tuple[str, SqlParams]] = []
 
-    def execute(self, sql: str, params: tuple | dict = ()) -> "ReplayCursor":
+    def execute(self, sql: str, params: SqlParams = ()) -> "ReplayCursor":
         try:
             self._cur.execute(sql, params)
         except sqlite3.Error as e:
@@ -841,7 +846,8 @@ class ReplayCursor:
             self._cur.execute(sql, params)
 
     def fetchone(self) -> Optional[sqlite3.Row]:
-        return self._cur.fetchone()
+        row: Optional[sqlite3.Row] = self._cur.fetchone()
+        return row
 
     def fetchall(self) -> list[sqlite3.Row]:
         return self._cur.fetchall()

@@ -269,7 +269,7 @@ class Splicer(SupervisedHelper):
                     live += 1
                     for i, v in enumerate(counters.read(slot)):
                         tot[i] += v
-        return {**dict(zip(IO_FIELDS, tot)), "connections": live}
+        return {**dict(zip(IO_FIELDS, tot, strict=True)), "connections": live}
 
     def forget(self, name: str) -> None:
         """An export is gone for good (its boot ended): drop its totals."""
@@ -482,6 +482,9 @@ class Gatekeeper:
         self._relay_live: dict[int, tuple[str, list[int]]] = {}  # id -> (export, IO_FIELDS so far)
         self.counts = {"accepted": 0, "spliced": 0, "handed_off": 0, "relayed": 0, "refused": 0, "bad": 0,
                        "listed": 0}
+        # told of every refused export (peer address, name asked for): the daemon makes it a failed
+        # boot step of the PC at that address (bootd/hoststate.py); set after construction
+        self.on_refused: Callable[[str, Optional[str]], None] = lambda peer, name: None
 
     def _inc(self, name: str, **labels: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -683,6 +686,10 @@ class Gatekeeper:
         self._inc("refused", reason="not-the-host")
         log.warning("NBD: %s asked for export %s… (option %d), which is not its own: refused", peer,
                     (name or "?")[:6], option)
+        try:
+            self.on_refused(peer, name)
+        except Exception as e:  # the refusal stands whatever the hook does
+            log.error("NBD: cannot record the refusal for %s: %s", peer, e)
 
     def _hand(self, cpeer: _ClientPeer, client: socket.socket, daemon: socket.socket, name: Optional[str]) -> str:
         """Which way the negotiated connection goes on; handoff and splicer take it here (our copies of
@@ -796,7 +803,7 @@ class Gatekeeper:
                 live += 1
                 for i, v in enumerate(io):
                     tot[i] += v
-        return {**dict(zip(IO_FIELDS, tot)), "connections": live}
+        return {**dict(zip(IO_FIELDS, tot, strict=True)), "connections": live}
 
     def forget(self, name: str) -> None:
         self.splicer.forget(name)

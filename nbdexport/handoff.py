@@ -251,7 +251,7 @@ class Handoff:
                     live += 1
                 for i, v in enumerate((rb, wb, ro, wo)):
                     tot[i] += v
-        return {**dict(zip(IO_FIELDS, tot)), "connections": live}
+        return {**dict(zip(IO_FIELDS, tot, strict=True)), "connections": live}
 
     def forget(self, name: str) -> None:
         self._totals.pop(name, None)

@@ -27,8 +27,8 @@ from typing import Any, Awaitable, Callable, Optional
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
-from nbdexport.errors import DiskError, StorageDaemonDown
 from bootd.pidwatch import PidWatch
+from nbdexport.errors import DiskError, StorageDaemonDown
 
 log = logging.getLogger("bootd.nbd.qsd")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)

@@ -63,10 +63,8 @@ def tls_settings(config: Config) -> tuple[Optional[TlsSettings], Optional[Client
 
 
 def settings_from(config: Config) -> tuple[DiskSettings, Optional[TlsSettings]]:
-    """The manager's settings; DiskError when the config gives no NBD address (callers check first)."""
+    """The manager's settings (with no NBD address, listen is empty: the service starts no manager then)."""
     addresses = listen_addresses(config)
-    if not addresses:
-        raise DiskError("no served interface and no nbd.listen")
     server_tls, client_tls = tls_settings(config)
     n = config.nbd
     check = n.check_exports
@@ -76,7 +74,7 @@ def settings_from(config: Config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         log.warning("nbd.tls x509 without client_dir: exports cannot be checked with libnbd; checks off")
         check = False
     return DiskSettings(
-        directory=disk_directory(config), run_dir=run_directory(config), listen=addresses[0],
+        directory=disk_directory(config), run_dir=run_directory(config), listen=addresses[0] if addresses else "",
         listen_all=addresses,
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
@@ -142,6 +140,8 @@ class DiskService(Service):
                                    metrics=ctx.metrics,
                                    owner_of=self._owner_of)
         await self.manager.start()
+        if self.manager.gatekeeper is not None:
+            self.manager.gatekeeper.on_refused = self._refused
         ctx.disks = self.manager
         ctx.metrics.add_gauges("nbd", self.manager.gauges)
         store = ctx.snapshots
@@ -192,6 +192,17 @@ class DiskService(Service):
     def _persistent(self, mac: str) -> bool:
         """The boot plan's setting: host over group (bootd/bootplan.py)."""
         return self._context.planner.settings_for(mac).persistent
+
+    def _refused(self, peer: str, name: Optional[str]) -> None:
+        """An export the PC at `peer` asked for was not its own: a failed boot step on its timeline (the
+        export name is a secret of its owner: only its first characters are kept)."""
+        mac = self._owner_of(peer)
+        if mac is None:
+            return  # nobody known at that address: the gatekeeper's warning says it all
+        from bootd.hoststate import record_failure
+        record_failure(self._context.store, mac, "disk",
+                       f"disk: NBD export {(name or '?')[:6]}… refused (not this PC's own)",
+                       host=self._host_name(mac), client=peer)
 
     def _owner_of(self, ip: str) -> Optional[str]:
         """The MAC at `ip` by a live binding (bootd/peers.py, as for menus): the gatekeeper's policy."""

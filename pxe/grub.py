@@ -27,7 +27,8 @@ def _path(p: str) -> str:
 
 
 def render_grub(menu: BootMenu) -> str:
-    out = [f"# bootd menu for {clean_text(menu.host_name or 'unknown host')} ({menu.mac or 'no MAC'}); rendered per request"]
+    out = [f"# bootd menu for {clean_text(menu.host_name or 'unknown host')} ({menu.mac or 'no MAC'});"
+           " rendered per request"]
     out += [f"# note: {clean_text(n)}" for n in menu.notes]
     out += [f"set default={_word(menu.default)}",
             f"set timeout={menu.timeout}",
@@ -47,8 +48,9 @@ def _entry(it: MenuItem) -> list[str]:
         return [head, "  exit", "}"]
     # The command line is passed word by word; quote each so GRUB expands nothing in it.
     args = " ".join(_word(w) for w in clean_text(it.cmdline).split())
+    kernel, initrd = it.linux_files()
     return [head,
             f"  echo {_quote('Loading ' + it.title + ' ...')}",
-            f"  linux {_path(it.kernel)} {args}".rstrip(),
-            f"  initrd {_path(it.initrd)}",
+            f"  linux {_path(kernel)} {args}".rstrip(),
+            f"  initrd {_path(initrd)}",
             "}"]

@@ -45,7 +45,8 @@ def _item_body(menu: BootMenu, it: MenuItem) -> list[str]:
         # Leaving iPXE hands control back to the firmware, which boots the next device: the disk.
         return ["echo Booting from local disk", "exit 0"]
     cmdline = _text(it.cmdline)
+    kernel, initrd = it.linux_files()
     return [f"echo Booting {_text(it.title)}",
-            f"kernel {file_url(menu, it.kernel)} initrd=initrd {cmdline}".rstrip() + " || goto failed",
-            f"initrd --name initrd {file_url(menu, it.initrd)} || goto failed",
+            f"kernel {file_url(menu, kernel)} initrd=initrd {cmdline}".rstrip() + " || goto failed",
+            f"initrd --name initrd {file_url(menu, initrd)} || goto failed",
             "boot || goto failed"]

@@ -14,7 +14,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from bootd.config import LoaderConfig
 
 log = logging.getLogger("bootd.loaders")
 
@@ -65,12 +68,12 @@ def _make_grub(dest: Path) -> bool:
     return True
 
 
-def install_loaders(boot_root: Path, loaders) -> list[str]:
+def install_loaders(boot_root: Path, loaders: LoaderConfig) -> list[str]:
     """Copy every missing loader named by `loaders` (a LoaderConfig) into `boot_root`; returns what was
     installed. Names with no stock source are reported once and left to the admin."""
     boot_root.mkdir(parents=True, exist_ok=True)
     installed: list[str] = []
-    names = {getattr(loaders, f) for f in type(loaders).model_fields}
+    names: set[str] = {getattr(loaders, f) for f in type(loaders).model_fields}
     for name in sorted(names):
         dest = boot_root / name
         if dest.exists():

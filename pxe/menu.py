@@ -26,6 +26,12 @@ class MenuItem:
     version: Optional[str] = None
     previous: bool = False
 
+    def linux_files(self) -> tuple[str, str]:
+        """(kernel, initrd) of a "linux" item: every such item is built with both (pxe/booter.py)."""
+        if self.kernel is None or self.initrd is None:
+            raise ValueError(f"menu item {self.key!r} has no kernel or initrd to boot")
+        return self.kernel, self.initrd
+
 
 @dataclass(frozen=True)
 class BootMenu:

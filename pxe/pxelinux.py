@@ -47,7 +47,8 @@ def _label(menu: BootMenu, it: MenuItem) -> list[str]:
     if it.kind == "local":
         lines.append("  LOCALBOOT 0")
         return lines
-    lines += [f"  LINUX {_path(it.kernel)}",
-              f"  INITRD {_path(it.initrd)}",
+    kernel, initrd = it.linux_files()
+    lines += [f"  LINUX {_path(kernel)}",
+              f"  INITRD {_path(initrd)}",
               f"  APPEND {clean_text(it.cmdline)}".rstrip()]
     return lines

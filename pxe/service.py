@@ -8,12 +8,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from bootd.macaddr import MAC_PATTERN, parse_mac
 from bootd.peers import may_act_for, refuse
+from bootd.seams import TftpFiles
 from bootd.service import Service
 from pxe.booter import Booter, render, server_for
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.pxe")
 
@@ -97,9 +101,9 @@ class MenuService(Service):
         self.providers: list[MenuProvider] = []
         self.pxelinux_reads = PxelinuxReads()
         self.loader_watch = LoaderWatch(self.pxelinux_reads)
-        self.tftp = None
+        self.tftp: Optional[TftpFiles] = None
 
-    async def start(self, ctx) -> None:
+    async def start(self, ctx: Context) -> None:
         ctx.booter = Booter(ctx)
         self.tftp = ctx.tftp
         if self.tftp is None:
@@ -118,11 +122,11 @@ class MenuService(Service):
             self.tftp.remove_provider(self.loader_watch)
         self.providers = []
 
-    async def reload(self, ctx) -> None:
+    async def reload(self, ctx: Context) -> None:
         # Menus read ctx.config at every request; only a new TFTP server needs the providers again.
         if ctx.tftp is not self.tftp:
             await self.stop()
             await self.start(ctx)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {"tftp_providers": [p.flavour for p in self.providers]}

@@ -6,12 +6,14 @@ killed mid-job leaves only a temp file, which the start-up fsck removes.
 """
 from __future__ import annotations
 
+import builtins
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import SnapshotError
 
@@ -32,7 +34,7 @@ class Job:
     progress: float = 0.0
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
-    result: dict | None = None
+    result: dict[str, Any] | None = None
     error: str | None = None
     error_status: int | None = None
     cancelled: bool = False
@@ -42,7 +44,7 @@ class Job:
             raise JobCancelled(f"{self.kind} of {self.target} was cancelled (bootd is stopping)")
         self.progress = max(self.progress, min(1.0, float(fraction)))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "target": self.target, "actor": self.actor, "state": self.state,
                 "progress": round(self.progress, 4), "started_at": self.started_at,
                 "finished_at": self.finished_at, "result": self.result, "error": self.error,
@@ -57,7 +59,8 @@ class JobManager:
         self._lock = threading.Lock()
         self.keep_finished = keep_finished
 
-    def start(self, kind: str, target: str, actor: str, fn: Callable[[Callable[[float], None]], dict]) -> Job:
+    def start(self, kind: str, target: str, actor: str,
+              fn: Callable[[Callable[[float], None]], dict[str, Any]]) -> Job:
         """Run fn(progress) in a thread; fn returns the result dict or raises."""
         job = Job(id=next(self._ids), kind=kind, target=target, actor=actor)
 
@@ -104,7 +107,7 @@ class JobManager:
             t.join(timeout)
         return self._jobs[int(job_id)]
 
-    def running(self) -> list[Job]:
+    def running(self) -> builtins.list[Job]:
         return [j for j in self._jobs.values() if j.state == "running"]
 
     def cancel_all(self, timeout: float = 3.0) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 _IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -46,7 +47,7 @@ class Snapshot:
     def sealed(self) -> bool:
         return self.state == "sealed"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["name"] = self.name
         return d
@@ -70,7 +71,7 @@ class Assignment:
     ended_at: float | None = None
     ended_by: str | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -92,7 +93,7 @@ class FsckReport:
         return not (self.removed_temp or self.orphans_moved or self.finished_deletes or self.fixed_modes
                     or self.fixed_backing or self.ended_assignments or self.problems)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["clean"] = self.clean
         return d

@@ -1,6 +1,7 @@
 """Thin wrappers around qemu-img and blkid: the data path stays in C, we only read their answers."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,7 +30,7 @@ class ImageInfo:
     dirty: bool
 
 
-def _run(argv: list[str], what: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _run(argv: list[str], what: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError as exc:
@@ -162,10 +163,11 @@ def convert(src: str, src_format: str, dst: str, progress: Callable[[float], Non
     except FileNotFoundError as exc:
         raise ToolFailed(f"{QEMU_IMG} is not installed") from exc
     buf = b""
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert isinstance(stdout, io.BufferedReader)  # a PIPE with the default buffering
     try:
         while True:
-            chunk = proc.stdout.read1(4096)
+            chunk = stdout.read1(4096)
             if not chunk:
                 break
             buf = (buf + chunk)[-256:]

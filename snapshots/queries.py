@@ -27,7 +27,7 @@ def fetch_one(cur: ReplayCursor, sql: str, params: tuple[Any, ...]) -> sqlite3.R
     """The row a statement must find: rows of snapshots and assignments are marked, never removed."""
     row = cur.execute(sql, params).fetchone()
     if row is None:
-        raise NotFound(f"the store has no row for {params!r} (was the database replaced?)", status=500)
+        raise SnapshotError(f"the store has no row for {params!r} (was the database replaced?)", status=500)
     return row
 
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from bootd.service import Service
 
 from .jobs import JobManager
 from .store import SnapshotStore
+
+if TYPE_CHECKING:
+    from bootd.config import ImageConfig
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.snapshots")
 MiB = 1024 * 1024
@@ -20,16 +26,16 @@ class SnapshotService(Service):
     def __init__(self) -> None:
         self.store: SnapshotStore | None = None
         self.jobs = JobManager()
-        self.last_fsck: dict | None = None
+        self.last_fsck: dict[str, Any] | None = None
 
-    async def start(self, ctx) -> None:
+    async def start(self, ctx: Context) -> None:
         cfg = ctx.config
-        self.store = SnapshotStore(ctx.store, cfg.storage_dir / "snapshots",
-                                   min_free_bytes=cfg.storage.min_free_mb * MiB)
-        report = await asyncio.to_thread(self.store.fsck, True)
+        store = SnapshotStore(ctx.store, cfg.storage_dir / "snapshots", min_free_bytes=cfg.storage.min_free_mb * MiB)
+        self.store = store
+        report = await asyncio.to_thread(store.fsck, True)
         self.last_fsck = report.to_dict()
         if report.clean:
-            log.info("snapshot store %s: %d layers, files and database agree", self.store.root, report.checked)
+            log.info("snapshot store %s: %d layers, files and database agree", store.root, report.checked)
         else:
             for what, items in (("removed temp file", report.removed_temp),
                                 ("moved unreferenced file to lost+found", report.orphans_moved),
@@ -43,30 +49,34 @@ class SnapshotService(Service):
                 log.error("snapshot fsck: %s", p)
         metrics = ctx.metrics
 
-        def on_change(event: str, detail: dict) -> None:
+        def on_change(event: str, detail: dict[str, Any]) -> None:
             metrics.inc("snapshots", event)
             log.info("snapshot %s: %s", event, ", ".join(f"{k}={v}" for k, v in sorted(detail.items())))
-        self.store.add_listener(on_change)
-        ctx.snapshots = self.store
+        store.add_listener(on_change)
+        ctx.snapshots = store
         ctx.snapshot_jobs = self.jobs
-        self._import_configured(ctx)
+        self._import_configured(ctx, store)
 
-    def _import_configured(self, ctx) -> None:
+    def _import_configured(self, ctx: Context, store: SnapshotStore) -> None:
         """Config images with a `disk:` and no snapshot yet get it imported as v1, in the background."""
-        store = self.store
         known = {r["name"] for r in store.images()}
         for img in ctx.config.images:
             if img.disk and img.name not in known and not any(
                     j.kind == "import" and j.target == img.name for j in self.jobs.running()):
                 log.info("importing %s for image %s (from the config)", img.disk, img.name)
-                self.jobs.start("import", img.name, "bootd (config)",
-                                lambda progress, img=img: self._import_and_serve(img, progress))
+                self.jobs.start("import", img.name, "bootd (config)", self._importer(store, img, img.disk))
 
-    def _import_and_serve(self, img, progress) -> dict:
+    def _importer(self, store: SnapshotStore, img: ImageConfig,
+                  disk: str) -> Callable[[Callable[[float], None]], dict[str, Any]]:
+        """The job that imports `img` from `disk` (its config's `disk:`)."""
+        return lambda progress: self._import_and_serve(store, img, disk, progress)
+
+    @staticmethod
+    def _import_and_serve(store: SnapshotStore, img: ImageConfig, disk: str,
+                          progress: Callable[[float], None]) -> dict[str, Any]:
         """Import a config image as v1 and, when the image has no current snapshot anywhere yet, make
         v1 current for all groups: a freshly configured room boots without an admin step."""
-        store = self.store
-        snap = store.import_image(img.name, img.disk, "bootd (config)", "image listed in the config", progress)
+        snap = store.import_image(img.name, disk, "bootd (config)", "image listed in the config", progress)
         if store.current(img.name) is None:
             try:
                 store.promote(snap.id, None, "bootd (config)", "first snapshot of an image listed in the config")
@@ -77,13 +87,13 @@ class SnapshotService(Service):
     async def stop(self) -> None:
         await asyncio.to_thread(self.jobs.cancel_all, 3.0)
 
-    async def reload(self, ctx) -> None:
+    async def reload(self, ctx: Context) -> None:
         if self.store is not None:
             self.store.min_free_bytes = ctx.config.storage.min_free_mb * MiB
             ctx.snapshots = self.store
-            self._import_configured(ctx)
+            self._import_configured(ctx, self.store)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         if self.store is None:
             return {}
         running = self.jobs.running()

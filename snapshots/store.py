@@ -31,19 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import LOST_FOUND, TEMP_PREFIX, LayerFiles, parse_size, read_qcow2_header
+from .files import LayerFiles
 from .fsck import StoreCheck
 from .hooks import Listener, OpenCheck, StoreHooks
-from .lifecycle import DEFAULT_DEPTH_WARNING, DRAFT_SPACE, SnapshotLifecycle
+from .lifecycle import DEFAULT_DEPTH_WARNING, SnapshotLifecycle
 from .model import ALL_GROUPS, Assignment, FsckReport, Snapshot
 from .prune import SnapshotPruner
 from .queries import SnapshotQueries
 
 if TYPE_CHECKING:
     from bootd.state import StateStore
-
-__all__ = ["DEFAULT_DEPTH_WARNING", "DRAFT_SPACE", "LOST_FOUND", "TEMP_PREFIX", "Listener", "OpenCheck",
-           "SnapshotStore", "parse_size", "read_qcow2_header"]
 
 Progress = Callable[[float], None]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypedDict, Unpack
 from urllib.parse import quote
 
 from bootd.cli.text import escape_controls, escape_strings
@@ -33,6 +33,14 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
+class RequestOptions(TypedDict, total=False):
+    """The keywords get() and post() pass on to request()."""
+
+    raw: bool
+    stream: Callable[[bytes], None] | None
+    document: bool
+
+
 class ApiClient:
     def __init__(self, socket_path: str = "/run/bootd/api.sock", url: Optional[str] = None,
                  token: Optional[str] = None, timeout: float = 600.0, escape_text: bool = False):
@@ -50,8 +58,8 @@ class ApiClient:
             return http.client.HTTPConnection(host or rest, int(port or 80), timeout=self.timeout)
         return _UnixConnection(self.socket_path, self.timeout)
 
-    def request(self, method: str, path: str, body: Any = None, raw: bool = False, stream=None,
-                document: bool = False) -> Any:
+    def request(self, method: str, path: str, body: Any = None, raw: bool = False,
+                stream: Callable[[bytes], None] | None = None, document: bool = False) -> Any:
         """`document`: the answer holds a rendered multi-line file; its newlines stay even with escape_text
         (the caller prints it with escape_controls(keep_lines=True))."""
         headers = {"Accept": "application/json"}
@@ -99,10 +107,10 @@ class ApiClient:
             raise ApiError(str(reason), resp.status, parsed)
         return escape_strings(parsed) if self.escape_text and not document else parsed
 
-    def get(self, path: str, **kw) -> Any:
+    def get(self, path: str, **kw: Unpack[RequestOptions]) -> Any:
         return self.request("GET", path, **kw)
 
-    def post(self, path: str, json: Any = None, **kw) -> Any:
+    def post(self, path: str, json: Any = None, **kw: Unpack[RequestOptions]) -> Any:
         return self.request("POST", path, body=json if json is not None else {}, **kw)
 
     def put(self, path: str, json: Any = None) -> Any:

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import types
 from typing import Any
 
 from bootd import __version__
@@ -24,10 +25,10 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 
 
-def command_modules() -> list:
+def command_modules() -> list[types.ModuleType]:
     """The modules with `register(sub, common)`, imported by name (not looked up from strings). One line per
     component. Imported at call time: each of them imports this module's helpers (emit, table)."""
-    from bootd.cli import client_cmds, core_cmds, dhcp_cmds, disk_cmds, menu_cmds, snapshot_cmds, wake_cmds
+    from bootd.cli import client_cmds, core_cmds, dhcp_cmds, disk_cmds, host_cmds, menu_cmds, snapshot_cmds, wake_cmds
     return [
         core_cmds,
         client_cmds,  # client helper: client render, clientroot build
@@ -36,6 +37,7 @@ def command_modules() -> list:
         dhcp_cmds,  # DHCP helper: bootctl leases, reserve, unreserve
         menu_cmds,  # menus helper: bootctl menu HOST
         wake_cmds,  # issue 16: bootctl wake HOST|--group ROOM, bootctl backup FILE
+        host_cmds,  # issue 16: bootctl host list|add|adopt|set|move|rename|remove|import
     ]
 
 
@@ -104,7 +106,7 @@ def flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells)
 
 
 def build_parser() -> argparse.ArgumentParser:

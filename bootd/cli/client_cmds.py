@@ -1,13 +1,14 @@
 """bootctl client render HOST, bootctl clientroot build DIR, bootctl clientroot exports."""
 from __future__ import annotations
 
+import argparse
 import sys
 
-from bootd.cli.api_client import q
+from bootd.cli.api_client import ApiClient, q
 from bootd.cli.bootctl import emit
 
 
-def cmd_client_render(args, api) -> int:
+def cmd_client_render(args: argparse.Namespace, api: ApiClient) -> int:
     data = api.get(f"/api/v1/clients/{q(args.host)}/render", document=True)  # files keep their lines
     files = data["files"]
     if args.file:
@@ -28,7 +29,7 @@ def cmd_client_render(args, api) -> int:
     return 0
 
 
-def cmd_clientroot_build(args, api) -> int:
+def cmd_clientroot_build(args: argparse.Namespace, api: ApiClient) -> int:
     """Runs here, not in the daemon: debootstrap needs a minute and root, and shows its progress."""
     from bootd.clientconfig.clientroot import build_client_root
     try:
@@ -42,7 +43,7 @@ def cmd_clientroot_build(args, api) -> int:
     return 0
 
 
-def cmd_clientroot_exports(args, api) -> int:
+def cmd_clientroot_exports(args: argparse.Namespace, api: ApiClient) -> int:
     st = api.get("/api/v1/status")
     nfs = next((s for s in st["services"] if s["name"] == "nfs"), None)
     if nfs is None:
@@ -60,7 +61,7 @@ def cmd_clientroot_exports(args, api) -> int:
     return 0 if all(v == "ok" for v in (info.get("check") or {}).values()) else 1
 
 
-def register(sub, common) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("client", parents=[common], help="what a client boots into (rendered jobs/units)")
     s = p.add_subparsers(dest="client_cmd", metavar="ACTION")
     s.required = True

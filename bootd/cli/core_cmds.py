@@ -1,13 +1,14 @@
 """bootctl status, reload, metrics, hosts, rooms."""
 from __future__ import annotations
 
+import argparse
 import time
 
-from bootd.cli.api_client import q
+from bootd.cli.api_client import ApiClient, q
 from bootd.cli.bootctl import emit, flatten, fmt_age, fmt_number, fmt_time, table
 
 
-def cmd_status(args, api) -> int:
+def cmd_status(args: argparse.Namespace, api: ApiClient) -> int:
     st = api.get("/api/v1/status")
     lines = [
         f"bootd {st['version']} (pid {st['pid']}), up {fmt_age(st['uptime'])} since {fmt_time(st['started_at'])}",
@@ -33,34 +34,36 @@ def cmd_status(args, api) -> int:
     return 0
 
 
-def cmd_reload(args, api) -> int:
+def cmd_reload(args: argparse.Namespace, api: ApiClient) -> int:
     from bootd.cli.api_client import ApiError
     try:
         res = api.post("/api/v1/reload")
     except ApiError as e:
         if e.status == 422 and isinstance(e.data, dict):
-            emit(args, e.data, "reload refused, the running config is kept:\n" + "\n".join(f"  {x}" for x in e.data.get("errors", [])))
+            emit(args, e.data, "reload refused, the running config is kept:\n"
+                 + "\n".join(f"  {x}" for x in e.data.get("errors", [])))
             return 1
         raise
     emit(args, res, "configuration reloaded")
     return 0
 
 
-def cmd_metrics(args, api) -> int:
+def cmd_metrics(args: argparse.Namespace, api: ApiClient) -> int:
     m = api.get("/api/v1/metrics")
     rows = [[comp, k, fmt_number(v)] for comp, values in sorted(m.items()) for k, v in sorted(values.items())]
     emit(args, m, table(rows, ["COMPONENT", "COUNTER", "VALUE"]) if rows else "no counters yet")
     return 0
 
 
-def cmd_hosts(args, api) -> int:
+def cmd_hosts(args: argparse.Namespace, api: ApiClient) -> int:
     """`bootctl hosts` and `bootctl hosts list`: the table; `bootctl hosts HOST`: one host's boot timeline
     (a host named "list" by its MAC)."""
     if args.host and args.host != "list":
         h = api.get(f"/api/v1/hosts/{q(args.host)}")
         lines = [f"{h['name'] or '-'}  {h['mac']}  ip {h['ip'] or h['last_ip'] or '-'}  group {h['group'] or '-'}"
                  f"  arch {h['arch'] or '-'}  last seen {fmt_time(h['last_seen'])}",
-                 f"state {h['state']}  snapshot {h['snapshot'] or '-'}  last boot {fmt_duration(h['last_boot_duration'])}",
+                 f"state {h['state']}  snapshot {h['snapshot'] or '-'}"
+                 f"  last boot {fmt_duration(h['last_boot_duration'])}",
                  f"last error: {h['last_error']} ({fmt_time(h['last_error_at'])})" if h["last_error"]
                  else "last error: none", "boot timeline:"]
         events = h["events"]
@@ -69,11 +72,13 @@ def cmd_hosts(args, api) -> int:
             if e["kind"] in ("dhcp", "proxydhcp") and (start is None or e["ts"] - start > 300):
                 start = e["ts"]
             start = start if start is not None else e["ts"]
-            what = e["detail"].get("reason") or e["detail"].get("path") or e["detail"].get("file") or e["detail"].get("message") or \
+            what = e["detail"].get("reason") or e["detail"].get("path") or e["detail"].get("file") or \
+                e["detail"].get("message") or \
                 ", ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
             size = f"{e['nbytes']} B" if e["nbytes"] is not None else ""
             dur = f"{e['duration'] * 1000:.0f} ms" if e["duration"] is not None else ""
-            lines.append(f"  {fmt_time(e['ts'])}  +{e['ts'] - start:7.3f}s  {e['kind']:<9} {what}  {size}  {dur}".rstrip())
+            lines.append(f"  {fmt_time(e['ts'])}  +{e['ts'] - start:7.3f}s  {e['kind']:<9} {what}"
+                         f"  {size}  {dur}".rstrip())
         if not events:
             lines.append("  (no boot events yet)")
         emit(args, h, "\n".join(lines))
@@ -88,11 +93,11 @@ def cmd_hosts(args, api) -> int:
     return 0
 
 
-def fmt_duration(seconds) -> str:
+def fmt_duration(seconds: float | None) -> str:
     return f"{seconds:.1f} s" if seconds is not None else "-"
 
 
-def cmd_rooms(args, api) -> int:
+def cmd_rooms(args: argparse.Namespace, api: ApiClient) -> int:
     data = api.get("/api/v1/rooms")
     lines = []
     for r in data["rooms"]:
@@ -105,7 +110,7 @@ def cmd_rooms(args, api) -> int:
     return 0
 
 
-def register(sub, common) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[common], help="what runs, since when, on which interfaces")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("reload", parents=[common], help="re-read the config file (like SIGHUP)")

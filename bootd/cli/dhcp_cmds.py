@@ -1,22 +1,24 @@
 """bootctl leases, reserve, unreserve: the DHCP lease table and run-time reservations."""
 from __future__ import annotations
 
+import argparse
 import time
 
-from bootd.cli.api_client import q
+from bootd.cli.api_client import ApiClient, q
 from bootd.cli.bootctl import emit, fmt_age, table
 
 
-def cmd_leases(args, api) -> int:
+def cmd_leases(args: argparse.Namespace, api: ApiClient) -> int:
     data = api.get("/api/v1/dhcp/leases" + ("?all=1" if args.all else ""))
     now = data.get("now", time.time())
-    rows = [[l["ip"], l["mac"], l["state"], l["hostname"],
-             ("in " + fmt_age(l["expires"] - now)) if l["expires"] > now else "expired"] for l in data["leases"]]
+    rows = [[lease["ip"], lease["mac"], lease["state"], lease["hostname"],
+             ("in " + fmt_age(lease["expires"] - now)) if lease["expires"] > now else "expired"]
+            for lease in data["leases"]]
     emit(args, data, table(rows, ["IP", "MAC", "STATE", "HOSTNAME", "EXPIRES"]) if rows else "no leases")
     return 0
 
 
-def cmd_reserve(args, api) -> int:
+def cmd_reserve(args: argparse.Namespace, api: ApiClient) -> int:
     if args.ip is None:
         data = api.get("/api/v1/dhcp/reservations")
         rows = [[r["mac"], r["ip"], r["name"], r["source"]] for r in data["reservations"]]
@@ -27,13 +29,13 @@ def cmd_reserve(args, api) -> int:
     return 0
 
 
-def cmd_unreserve(args, api) -> int:
+def cmd_unreserve(args: argparse.Namespace, api: ApiClient) -> int:
     res = api.delete(f"/api/v1/dhcp/reservations/{q(args.mac)}")
     emit(args, res, f"reservation of {args.mac} removed")
     return 0
 
 
-def register(sub, common) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("leases", parents=[common], help="DHCP leases (active ones; --all for every row)")
     p.add_argument("--all", action="store_true", help="include released, expired and declined rows")
     p.set_defaults(func=cmd_leases)

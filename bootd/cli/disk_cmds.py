@@ -1,14 +1,15 @@
 """bootctl disk list | boot | reset | commit: hosts' NBD disks (NBD helper)."""
 from __future__ import annotations
 
+import argparse
 import time
 
-from bootd.cli.api_client import q
+from bootd.cli.api_client import ApiClient, q
 from bootd.cli.bootctl import emit, fmt_age, fmt_time, table
 from bootd.units import human
 
 
-def cmd_list(args, api) -> int:
+def cmd_list(args: argparse.Namespace, api: ApiClient) -> int:
     data = api.get("/api/v1/disks")
     now = data.get("now") or time.time()
     rows = []
@@ -33,32 +34,34 @@ def cmd_list(args, api) -> int:
     return 0
 
 
-def cmd_boot(args, api) -> int:
+def cmd_boot(args: argparse.Namespace, api: ApiClient) -> int:
     body = {"snapshot": args.snapshot} if args.snapshot else {}
     res = api.post(f"/api/v1/disks/{q(args.host)}/boot", body)
-    emit(args, res, f"{res['mac']}: {res['uri']} over {res['snapshot']} ({'persistent' if res['persistent'] else 'fresh'} disk, "
+    emit(args, res, f"{res['mac']}: {res['uri']} over {res['snapshot']} "
+                    f"({'persistent' if res['persistent'] else 'fresh'} disk, "
                     f"ready in {res['ms']} ms)\nkernel command line: {res['cmdline']}")
     return 0
 
 
-def cmd_reset(args, api) -> int:
+def cmd_reset(args: argparse.Namespace, api: ApiClient) -> int:
     res = api.post(f"/api/v1/disks/{q(args.host)}/reset", {})
     emit(args, res, f"{res['mac']}: disk discarded ({res['exports_removed']} export(s) removed"
                     f"{', persistent layer deleted' if res['layer_removed'] else ''}); the next boot starts clean")
     return 0
 
 
-def cmd_commit(args, api) -> int:
+def cmd_commit(args: argparse.Namespace, api: ApiClient) -> int:
     res = api.post(f"/api/v1/disks/{q(args.host)}/commit", {"note": args.note or "", "force": args.force})
     emit(args, res, f"{res['mac']}: layer committed as draft {res['draft']} (seal it to make a snapshot)")
     return 0
 
 
-def register(sub, common) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("disk", parents=[common], help="hosts' NBD disks: list, boot, reset, commit")
     dsub = p.add_subparsers(dest="disk_cmd", metavar="ACTION")
     dsub.required = True
-    x = dsub.add_parser("list", parents=[common], help="each export: host, snapshot, overlay size, connected, bytes read/written, since")
+    x = dsub.add_parser("list", parents=[common],
+                        help="each export: host, snapshot, overlay size, connected, bytes read/written, since")
     x.set_defaults(func=cmd_list)
     x = dsub.add_parser("boot", parents=[common], help="prepare a fresh disk for HOST now (what its menu fetch does)")
     x.add_argument("host", help="host name or MAC")

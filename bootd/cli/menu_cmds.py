@@ -1,13 +1,15 @@
 """`bootctl menu HOST`: the boot menu a PC gets now (what it boots by default, what else it may pick)."""
 from __future__ import annotations
 
+import argparse
 from urllib.parse import quote, urlencode
 
+from bootd.cli.api_client import ApiClient
 from bootd.cli.bootctl import emit
 from bootd.cli.text import escape_controls
 
 
-def cmd_menu(args, api) -> int:
+def cmd_menu(args: argparse.Namespace, api: ApiClient) -> int:
     query = {"flavour": args.flavour} if args.flavour else {}
     path = f"/api/v1/hosts/{quote(args.host, safe='')}/menu"
     data = api.get(path + ("?" + urlencode(query) if query else ""), document=args.raw)
@@ -26,7 +28,7 @@ def cmd_menu(args, api) -> int:
     return 0
 
 
-def register(sub, common) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("menu", parents=[common], help="a host's boot menu now (default marked *)")
     p.add_argument("host", help="host name or MAC")
     p.add_argument("--flavour", choices=["ipxe", "pxelinux", "grub"], help="default: the host's own")

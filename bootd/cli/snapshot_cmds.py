@@ -6,12 +6,14 @@ the job at once).
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import sys
 import time
+from typing import Any
 
-from bootd.cli.api_client import ApiError, q
+from bootd.cli.api_client import ApiClient, ApiError, q
 from bootd.cli.bootctl import emit, fmt_time, table
 from bootd.units import human
 
@@ -28,7 +30,7 @@ def _actor() -> str:
         return "unknown"
 
 
-def _body(args, **extra) -> dict:
+def _body(args: argparse.Namespace, **extra: object) -> dict[str, object]:
     body = {"actor": _actor(), "reason": getattr(args, "reason", None) or ""}
     body.update({k: v for k, v in extra.items() if v is not None})
     return body
@@ -39,7 +41,7 @@ def _bar(fraction: float, width: int = 30) -> str:
     return "[" + "#" * done + "-" * (width - done) + f"] {fraction * 100:5.1f}%"
 
 
-def wait_job(args, api, job: dict) -> dict:
+def wait_job(args: argparse.Namespace, api: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
     """Poll a job until it ends, drawing a progress bar on stderr (only on a terminal, unless --progress)."""
     show = not args.json and (sys.stderr.isatty() or getattr(args, "progress", False))
     last = -1.0
@@ -59,7 +61,7 @@ def wait_job(args, api, job: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- image
-def cmd_image_import(args, api) -> int:
+def cmd_image_import(args: argparse.Namespace, api: ApiClient) -> int:
     res = api.post(f"{P}/images", _body(args, name=args.name, file=os.path.abspath(args.file)))
     job = res["job"]
     if args.no_wait:
@@ -71,13 +73,13 @@ def cmd_image_import(args, api) -> int:
     return 0
 
 
-def cmd_image_create(args, api) -> int:
+def cmd_image_create(args: argparse.Namespace, api: ApiClient) -> int:
     snap = api.post(f"{P}/images", _body(args, name=args.name, size=args.size))
     emit(args, snap, f"created {snap['name']}: an empty {human(snap['virtual_size'])} disk")
     return 0
 
 
-def cmd_image_list(args, api) -> int:
+def cmd_image_list(args: argparse.Namespace, api: ApiClient) -> int:
     res = api.get(f"{P}/images")
     rows = [[i["name"], human(i["virtual_size"]), i["snapshots"], i["drafts"], i["latest"], i["current"],
              i["max_depth"], human(i["bytes_on_disk"])] for i in res["images"]]
@@ -93,7 +95,7 @@ def _where(kind: str, target: str) -> str:
     return f"{kind}:{target}"
 
 
-def cmd_list(args, api) -> int:
+def cmd_list(args: argparse.Namespace, api: ApiClient) -> int:
     path = f"{P}/snapshots"
     params = []
     if args.image:
@@ -120,7 +122,7 @@ def cmd_list(args, api) -> int:
     return 0
 
 
-def cmd_draft(args, api) -> int:
+def cmd_draft(args: argparse.Namespace, api: ApiClient) -> int:
     d = api.post(f"{P}/snapshots/{q(args.ref)}/draft", _body(args, host=args.host))
     text = f"draft {d['name']} (id {d['id']}) on top of {d.get('parent', args.ref)}: {d['path']}"
     if args.host:
@@ -131,13 +133,13 @@ def cmd_draft(args, api) -> int:
     return 0
 
 
-def cmd_seal(args, api) -> int:
+def cmd_seal(args: argparse.Namespace, api: ApiClient) -> int:
     s = api.post(f"{P}/snapshots/{q(args.ref)}/seal", _body(args, note=args.note))
     emit(args, s, f"sealed {s['name']}: {s['note']}")
     return 0
 
 
-def cmd_test(args, api) -> int:
+def cmd_test(args: argparse.Namespace, api: ApiClient) -> int:
     if args.end:
         image = args.ref.split("@", 1)[0]
         r = api.post(f"{P}/images/{q(image)}/end-test", _body(args, host=args.host))
@@ -148,7 +150,7 @@ def cmd_test(args, api) -> int:
     return 0
 
 
-def cmd_promote(args, api) -> int:
+def cmd_promote(args: argparse.Namespace, api: ApiClient) -> int:
     r = api.post(f"{P}/snapshots/{q(args.ref)}/promote", _body(args, group=args.group))
     where = "all groups" if r["group"] == "*" else f"group {r['group']}"
     text = f"{r['current']} is now current for {where}" + (f" (was {r['previous']})" if r["previous"] else "")
@@ -158,7 +160,7 @@ def cmd_promote(args, api) -> int:
     return 0
 
 
-def cmd_rollback(args, api) -> int:
+def cmd_rollback(args: argparse.Namespace, api: ApiClient) -> int:
     r = api.post(f"{P}/images/{q(args.image)}/rollback", _body(args, group=args.group))
     where = "all groups" if r["group"] == "*" else f"group {r['group']}"
     text = f"rolled back {where} from {r['rolled_back']} to {r['current']}"
@@ -169,7 +171,7 @@ def cmd_rollback(args, api) -> int:
     return 0
 
 
-def _unknown_host_warning(api, mac: str) -> str | None:
+def _unknown_host_warning(api: ApiClient, mac: str) -> str | None:
     """A warning when no host in the config has this MAC and bootd never saw it boot: most likely a typo,
     and the pin or test would wait for a PC that does not exist."""
     try:
@@ -181,7 +183,7 @@ def _unknown_host_warning(api, mac: str) -> str | None:
     return None
 
 
-def cmd_pin(args, api) -> int:
+def cmd_pin(args: argparse.Namespace, api: ApiClient) -> int:
     r = api.post(f"{P}/snapshots/{q(args.ref)}/pin", _body(args, host=args.host))
     text = f"host {r['host']} is pinned to {r['pin']}"
     warning = _unknown_host_warning(api, r["host"])
@@ -192,21 +194,21 @@ def cmd_pin(args, api) -> int:
     return 0
 
 
-def cmd_unpin(args, api) -> int:
+def cmd_unpin(args: argparse.Namespace, api: ApiClient) -> int:
     image = args.image.split("@", 1)[0]
     r = api.post(f"{P}/images/{q(image)}/unpin", _body(args, host=args.host))
     emit(args, r, f"host {r['host']} is no longer pinned to {r['ended']}")
     return 0
 
 
-def cmd_end_maintenance(args, api) -> int:
+def cmd_end_maintenance(args: argparse.Namespace, api: ApiClient) -> int:
     image = args.image.split("@", 1)[0]
     r = api.post(f"{P}/images/{q(image)}/end-maintenance", _body(args, host=args.host))
     emit(args, r, f"host {r['host']} no longer boots {r['ended']} (the draft stays; seal or delete it)")
     return 0
 
 
-def cmd_prune(args, api) -> int:
+def cmd_prune(args: argparse.Namespace, api: ApiClient) -> int:
     r = api.post(f"{P}/images/{q(args.image)}/prune", _body(args, keep=args.keep, dry_run=args.dry_run))
     verb = "would delete" if r["dry_run"] else "deleted"
     lines = [f"{verb}: {', '.join(r['deleted']) or 'nothing'}"]
@@ -216,14 +218,14 @@ def cmd_prune(args, api) -> int:
     return 0
 
 
-def cmd_delete(args, api) -> int:
+def cmd_delete(args: argparse.Namespace, api: ApiClient) -> int:
     path = f"{P}/snapshots/{q(args.ref)}?actor={q(_actor())}&reason={q(args.reason or '')}"
     r = api.delete(path)
     emit(args, r, f"deleted {', '.join(r['deleted'])}")
     return 0
 
 
-def cmd_flatten(args, api) -> int:
+def cmd_flatten(args: argparse.Namespace, api: ApiClient) -> int:
     res = api.post(f"{P}/snapshots/{q(args.ref)}/flatten", _body(args))
     job = res["job"]
     if args.no_wait:
@@ -235,11 +237,12 @@ def cmd_flatten(args, api) -> int:
     return 0
 
 
-def cmd_history(args, api) -> int:
+def cmd_history(args: argparse.Namespace, api: ApiClient) -> int:
     h = api.get(f"{P}/images/{q(args.image)}/history?limit={int(args.limit)}")
     lines = ["snapshots:"]
     for s in h["snapshots"]:
-        lines.append(f"  {s['name']:<20} {s['state']:<8} depth {s['depth']}  {fmt_time(s['sealed_at'] or s['created_at'])}"
+        lines.append(f"  {s['name']:<20} {s['state']:<8} depth {s['depth']}"
+                     f"  {fmt_time(s['sealed_at'] or s['created_at'])}"
                      f"  {s['sealed_by'] or s['created_by']}  {s['note']}")
     lines.append("assignments:")
     for a in h["assignments"]:
@@ -254,7 +257,7 @@ def cmd_history(args, api) -> int:
     return 0
 
 
-def cmd_fsck(args, api) -> int:
+def cmd_fsck(args: argparse.Namespace, api: ApiClient) -> int:
     if args.purge_lost_found:
         r = api.post(f"{P}/snapshot-fsck", _body(args, purge_lost_found=True))
         emit(args, r, f"deleted {len(r['purged'])} files from lost+found" +
@@ -270,7 +273,7 @@ def cmd_fsck(args, api) -> int:
     return 1 if r["problems"] else 0
 
 
-def cmd_which(args, api) -> int:
+def cmd_which(args: argparse.Namespace, api: ApiClient) -> int:
     path = f"{P}/snapshot-boot/{q(args.host)}" + (f"?group={q(args.group)}" if args.group else "")
     r = api.get(path)
     rows = [[i["image"], i["snapshot"], i["why"], i["previous"]] for i in r["images"]]
@@ -279,7 +282,7 @@ def cmd_which(args, api) -> int:
     return 0
 
 
-def cmd_jobs(args, api) -> int:
+def cmd_jobs(args: argparse.Namespace, api: ApiClient) -> int:
     r = api.get(f"{P}/snapshot-jobs")
     rows = [[j["id"], j["kind"], j["target"], j["state"], f"{j['progress'] * 100:.0f}%", j["actor"],
              j["error"] or ""] for j in r["jobs"]]
@@ -287,8 +290,8 @@ def cmd_jobs(args, api) -> int:
     return 0
 
 
-def register(sub, common) -> None:
-    def reason(p):
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser) -> None:
+    def reason(p: argparse.ArgumentParser) -> None:
         p.add_argument("-m", "--reason", help="why (kept in the audit log)")
 
     img = sub.add_parser("image", help="OS images (import, create, list)", parents=[common])

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypedDict
 
 PACKAGES = ["systemd-sysv", "udev", "iproute2", "isc-dhcp-client", "curl", "ca-certificates", "kmod",
             "qemu-system-x86", "xserver-xorg-core", "xserver-xorg-input-libinput", "xinit",
@@ -34,7 +34,10 @@ IFACE=$(ip -4 route show default 2>/dev/null | awk '{for (i=1;i<NF;i++) if ($i==
 MAC=$(cat "/sys/class/net/$IFACE/address")
 URL=$(arg bootd.clients || arg bootd.config || true)
 if [ -z "$URL" ]; then
-    SERVER=$(arg bootd.server) || { echo "bootd-client: no bootd.clients= or bootd.server= on the command line" >&2; exit 1; }
+    SERVER=$(arg bootd.server) || {
+        echo "bootd-client: no bootd.clients= or bootd.server= on the command line" >&2
+        exit 1
+    }
     URL="http://$SERVER:8080/clients/$MAC/"
 fi
 case "$URL" in */) ;; *) URL="$URL/" ;; esac
@@ -122,9 +125,20 @@ _PHASES = [("Retrieving Release", "release"), ("Retrieving Packages", "index"), 
            ("Base system installed", "done")]
 
 
-def build_client_root(target: str | os.PathLike, suite: str = "bookworm", mirror: Optional[str] = None,
+class ClientRootSummary(TypedDict):
+    """What build_client_root made, for bootctl's report."""
+
+    target: str
+    suite: str
+    mirror: str
+    packages: list[str]
+    seconds: float
+    bytes: int
+
+
+def build_client_root(target: str | os.PathLike[str], suite: str = "bookworm", mirror: Optional[str] = None,
                       packages: Optional[list[str]] = None, progress: Callable[[str], None] = print,
-                      debootstrap: str = "debootstrap") -> dict:
+                      debootstrap: str = "debootstrap") -> ClientRootSummary:
     """Make a client root in `target` (must not exist or be empty). Returns a summary."""
     target = Path(target)
     if target.exists() and any(target.iterdir()):
@@ -167,7 +181,7 @@ def build_client_root(target: str | os.PathLike, suite: str = "bookworm", mirror
             "seconds": round(time.monotonic() - started, 1), "bytes": size}
 
 
-def install_hook(root: str | os.PathLike) -> None:
+def install_hook(root: str | os.PathLike[str]) -> None:
     """The init hook (script + enabled unit) and a read-only-root fstab, into an existing root."""
     root = Path(root)
     script = root / "usr/local/sbin/bootd-client-start"

@@ -54,7 +54,7 @@ def check_text(value: str, what: str = "text") -> str:
     return value
 
 
-def parse_nbd_uri(uri: str) -> dict:
+def parse_nbd_uri(uri: str) -> dict[str, str | int]:
     """Split a vetted NBD URI into host, port, export (or socket, export)."""
     m = _NBD_URI_RE.fullmatch(uri or "")
     if not m:
@@ -93,7 +93,7 @@ MemoryMiB = Annotated[int, BeforeValidator(_parse_memory), Field(ge=16, le=4 * 1
 # Extra QEMU arguments an admin may add, and what each one's value may be: None = a flag without value,
 # a frozenset = one of those exact values, a regex = a value matching it in full.
 _SAFE_FILE = r"/[A-Za-z0-9._/-]{1,200}"
-VETTED_QEMU_ARGS: dict[str, None | frozenset[str] | re.Pattern] = {
+VETTED_QEMU_ARGS: dict[str, None | frozenset[str] | re.Pattern[str]] = {
     "-usb": None,
     "-no-reboot": None,
     "-no-hpet": None,
@@ -105,8 +105,9 @@ VETTED_QEMU_ARGS: dict[str, None | frozenset[str] | re.Pattern] = {
     "-rtc": frozenset({"base=utc", "base=localtime", "base=utc,clock=host", "base=localtime,clock=host",
                        "base=utc,driftfix=slew", "base=localtime,driftfix=slew"}),
     "-k": re.compile(r"[a-z]{2}(-[a-z]{2,3})?"),
-    "-boot": re.compile(r"(order=[acdn]{1,4}|once=[acdn]{1,4}|menu=(on|off)|splash-time=[0-9]{1,5}|strict=(on|off))"
-                        r"(,(order=[acdn]{1,4}|once=[acdn]{1,4}|menu=(on|off)|splash-time=[0-9]{1,5}|strict=(on|off)))*"),
+    "-boot": re.compile(
+        r"(order=[acdn]{1,4}|once=[acdn]{1,4}|menu=(on|off)|splash-time=[0-9]{1,5}|strict=(on|off))"
+        r"(,(order=[acdn]{1,4}|once=[acdn]{1,4}|menu=(on|off)|splash-time=[0-9]{1,5}|strict=(on|off)))*"),
     "-serial": re.compile(rf"null|none|file:{_SAFE_FILE}"),
     # a local QMP socket for a management agent on the client (screendumps, clean powerdown)
     "-qmp": re.compile(rf"unix:{_SAFE_FILE},server=on,wait=off"),
@@ -160,7 +161,7 @@ class InstanceConfig(_Strict):
 
     name: Token | None = None                      # default "instanceN"
     description: FreeText | None = None
-    image: Token | None = None                     # image/snapshot whose per-host export it boots (None: host's current)
+    image: Token | None = None                     # image/snapshot whose per-host export it boots (None: current)
     disk_uri: str | None = None                    # a fixed NBD URI instead of the host's export
     format: Literal["raw", "qcow2"] | None = None  # None: what the export says (raw for bootd's exports)
     cache: Literal["none", "writeback", "writethrough", "directsync", "unsafe"] = "writeback"
@@ -183,14 +184,14 @@ class InstanceConfig(_Strict):
 
     @field_validator("disk_uri")
     @classmethod
-    def _uri(cls, v):
+    def _uri(cls, v: str | None) -> str | None:
         if v is not None:
             parse_nbd_uri(v)
         return v
 
     @field_validator("guest_mac")
     @classmethod
-    def _mac(cls, v):
+    def _mac(cls, v: str | None) -> str | None:
         if v is not None:
             mac = parse_mac(v)
             if mac is None:
@@ -203,7 +204,7 @@ class XServerConfig(_Strict):
     """The X server that shows one instance per virtual terminal."""
 
     program: Literal["/usr/bin/Xorg", "/usr/bin/X", "/usr/bin/Xvfb"] = "/usr/bin/Xorg"
-    display_base: int = Field(0, ge=0, le=999)      # instance N uses display :(base+N)
+    display_base: int = Field(default=0, ge=0, le=999)    # instance N uses display :(base+N)
     blanking: bool = False                         # False: -s 0 -dpms (a lab screen never blanks)
     no_cursor: bool = False                        # -nocursor (the viewer draws the guest's cursor)
     depth: Literal[16, 24, 30] | None = None
@@ -233,7 +234,7 @@ class ClientsConfig(_Strict):
     init: Literal["upstart", "systemd", "both"] = "both"
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self) -> ClientsConfig:
         names, vts, ports = set(), set(), set()
         for n, inst in enumerate(self.instances, 1):
             name = inst.name or f"instance{n}"
@@ -269,7 +270,7 @@ def display_port(inst: InstanceConfig, n: int) -> int:
     return {"vnc": 5900, "spice": 5930, "rdp": 3389}[inst.display] + n
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -279,10 +280,10 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def merge_clients(*layers: ClientsConfig | dict | None) -> ClientsConfig | None:
+def merge_clients(*layers: ClientsConfig | dict[str, Any] | None) -> ClientsConfig | None:
     """Group settings overridden by host settings: only fields a layer sets explicitly win; a layer
     that sets `instances` replaces the whole list. None when no layer has a clients section."""
-    merged: dict | None = None
+    merged: dict[str, Any] | None = None
     for layer in layers:
         if layer is None:
             continue

@@ -13,8 +13,7 @@ import shlex
 from dataclasses import dataclass
 from importlib import resources
 
-from .model import (DEFAULT_VIEWER, ClientsConfig, InstanceConfig, check_token, display_port,
-                    parse_nbd_uri)
+from .model import DEFAULT_VIEWER, ClientsConfig, InstanceConfig, check_token, display_port, parse_nbd_uri
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 VIEWER_PATHS = {"xtigervncviewer": "/usr/bin/xtigervncviewer", "vncviewer": "/usr/bin/vncviewer",
@@ -34,7 +33,7 @@ class DiskRef:
     format: str = "raw"
     source: str = "config"   # config | disks | menu: where the URI came from (shown in the index)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         parse_nbd_uri(self.uri)
         if self.format not in ("raw", "qcow2"):
             raise ValueError(f"disk format {self.format!r} must be raw or qcow2")
@@ -89,7 +88,7 @@ _PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 
 def fill(template: str, values: dict[str, str]) -> str:
     """Replace {{key}} placeholders; every placeholder must have a value (no silent blanks)."""
-    def sub(m):
+    def sub(m: re.Match[str]) -> str:
         key = m.group(1)
         if key not in values:
             raise RenderError(f"template placeholder {key!r} has no value")
@@ -223,7 +222,8 @@ def _description(inst: Instance, kind: str, host: HostRef) -> str:
 def instances_of(clients: ClientsConfig, disks: list[DiskRef]) -> list[Instance]:
     if len(disks) != len(clients.instances):
         raise RenderError(f"{len(clients.instances)} instances but {len(disks)} disks")
-    return [Instance(n, cfg, disk, clients) for n, (cfg, disk) in enumerate(zip(clients.instances, disks), 1)]
+    pairs = zip(clients.instances, disks, strict=True)
+    return [Instance(n, cfg, disk, clients) for n, (cfg, disk) in enumerate(pairs, 1)]
 
 
 def render_host(host: HostRef, clients: ClientsConfig, disks: list[DiskRef]) -> dict[str, str]:
@@ -251,9 +251,9 @@ def render_host(host: HostRef, clients: ClientsConfig, disks: list[DiskRef]) -> 
     return files
 
 
-def index_entries(host: HostRef, clients: ClientsConfig, disks: list[DiskRef]) -> list[dict]:
+def index_entries(host: HostRef, clients: ClientsConfig, disks: list[DiskRef]) -> list[dict[str, object]]:
     """What the index lists per instance (for humans and the init hook)."""
-    out = []
+    out: list[dict[str, object]] = []
     for inst in instances_of(clients, disks):
         out.append({"n": inst.n, "name": inst.name, "vt": inst.vt, "display": inst.x_display,
                     "protocol": inst.protocol, "port": inst.port, "viewer": inst.viewer_program,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from bootd.macaddr import MAC_PATTERN, normalize_mac
 from bootd.peers import may_act_for, refuse
@@ -17,6 +17,10 @@ from bootd.service import Service
 
 from .render import RenderError
 from .resolve import NoClientConfig, UnknownHost, render_for
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
+    from bootd.seams import TftpFiles
 
 log = logging.getLogger("bootd.clients")
 
@@ -26,7 +30,7 @@ CLIENT_FILE_RE = re.compile(rf"clients/(?P<mac>{MAC_PATTERN})/(?P<file>[A-Za-z0-
 class ClientFileProvider:
     """TFTP provider (bootd/tftp/server.py seam) for clients/<mac>/<file>."""
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
     async def __call__(self, path: str, client_ip: str, client_mac: Optional[str]) -> Optional[bytes]:
@@ -49,9 +53,10 @@ class ClientFileProvider:
         elif name == "index.json":
             data = json.dumps(rendered.index(), indent=1) + "\n"
         else:
-            data = rendered.files.get(name)
-            if data is None:
+            file_text = rendered.files.get(name)
+            if file_text is None:
                 return None
+            data = file_text
         self.ctx.metrics.inc("clients", "served", via="tftp")
         return data.encode()
 
@@ -62,10 +67,10 @@ class ClientFilesService(Service):
     name = "clients"
 
     def __init__(self) -> None:
-        self.tftp = None
+        self.tftp: Optional[TftpFiles] = None
         self.provider: Optional[ClientFileProvider] = None
 
-    async def start(self, ctx) -> None:
+    async def start(self, ctx: Context) -> None:
         self.tftp = ctx.tftp
         if self.tftp is None:
             log.info("clients: no TFTP server: client files only over HTTP")
@@ -78,10 +83,10 @@ class ClientFilesService(Service):
             self.tftp.remove_provider(self.provider)
         self.provider = None
 
-    async def reload(self, ctx) -> None:
+    async def reload(self, ctx: Context) -> None:
         if ctx.tftp is not self.tftp:
             await self.stop()
             await self.start(ctx)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {"tftp": self.provider is not None}

@@ -18,7 +18,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, TypedDict
 
 from bootd.state import StateStore, disk_full
 
@@ -27,6 +27,21 @@ log = logging.getLogger("bootd.dhcp")
 UNSAVED_MAX = 50_000  # statements kept in memory while the store's filesystem is full; past it: refused
 
 BOUND, RELEASED, DECLINED = "bound", "released", "declined"
+
+Statement = tuple[str, tuple[object, ...]]
+"""One SQL statement and its parameters, queued for the next commit."""
+
+
+class LeaseDict(TypedDict):
+    """A lease as the API shows it (Lease.as_dict)."""
+
+    ip: str
+    mac: str
+    state: str
+    expires: float
+    client_id: Optional[str]
+    hostname: Optional[str]
+    updated: float
 
 
 @dataclass(slots=True)
@@ -39,7 +54,7 @@ class Lease:
     hostname: Optional[str] = None
     updated: float = 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> LeaseDict:
         return {"ip": self.ip, "mac": self.mac, "state": self.state, "expires": self.expires,
                 "client_id": self.client_id, "hostname": self.hostname, "updated": self.updated}
 
@@ -58,10 +73,10 @@ class LeaseTable:
         self.by_mac: dict[str, Lease] = {}  # the MAC's bound (or last released) lease
         self.offers: dict[str, tuple[str, float]] = {}  # ip -> (mac, held until)
         self.offer_by_mac: dict[str, str] = {}  # mac -> ip
-        self._pending: Optional[list[tuple[str, tuple]]] = None
+        self._pending: Optional[list[Statement]] = None
         # bumped whenever an address may have become free (a pool's "exhausted" verdict is then stale)
         self.freed = 0
-        self.unsaved: list[tuple[str, tuple]] = []  # applied in memory, not yet in the store (disk full)
+        self.unsaved: list[Statement] = []  # applied in memory, not yet in the store (disk full)
         self.unsaved_since: Optional[float] = None
         self.load()
 
@@ -84,13 +99,13 @@ class LeaseTable:
             if pending:
                 self._commit(pending)
 
-    def _exec(self, stmts: list[tuple[str, tuple]]) -> None:
+    def _exec(self, stmts: list[Statement]) -> None:
         if self._pending is not None:
             self._pending.extend(stmts)
         else:
             self._commit(stmts)
 
-    def _commit(self, stmts: list[tuple[str, tuple]]) -> None:
+    def _commit(self, stmts: list[Statement]) -> None:
         todo = self.unsaved + stmts
         try:
             with self.store.transaction() as cur:
@@ -159,7 +174,7 @@ class LeaseTable:
         return ip in self.by_ip or ip in self.offers
 
     def active(self, now: float) -> list[Lease]:
-        return [l for l in self.by_ip.values() if l.expires > now]
+        return [lease for lease in self.by_ip.values() if lease.expires > now]
 
     # -- offers (memory only) ----------------------------------------------------------------------
     def hold_offer(self, ip: str, mac: str, until: float) -> None:
@@ -191,7 +206,7 @@ class LeaseTable:
              hostname: Optional[str] = None) -> Lease:
         """Persist a bound lease (and retire the MAC's previous address) before anyone is told."""
         prev = self.by_mac.get(mac)
-        stmts = []
+        stmts: list[Statement] = []
         if prev is not None and prev.ip != ip and self.by_ip.get(prev.ip) is prev:
             stmts.append(("DELETE FROM leases WHERE ip=? AND mac=?", (prev.ip, mac)))
         stmts.append((_UPSERT, (ip, mac, client_id, hostname, BOUND, expires, now)))

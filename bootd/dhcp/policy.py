@@ -18,10 +18,23 @@ from typing import Optional
 
 from bootd.bootplan import settings_of
 from bootd.config import Config, HostConfig
-from bootd.dhcp.codec import (ACK, BOOTREPLY, BOOTREQUEST, DECLINE, DISCOVER, INFORM, MESSAGE_TYPE_NAMES, NAK,
-                              OFFER, RELEASE, REQUEST, DhcpMessage)
+from bootd.dhcp.codec import (
+    ACK,
+    BOOTREPLY,
+    BOOTREQUEST,
+    DECLINE,
+    DISCOVER,
+    INFORM,
+    MESSAGE_TYPE_NAMES,
+    NAK,
+    OFFER,
+    RELEASE,
+    REQUEST,
+    DhcpMessage,
+)
 from bootd.dhcp.firmware import Firmware, identify, loader_for
 from bootd.dhcp.leases import BOUND, LeaseTable
+from bootd.hoststate import FAILED
 
 PROXY_PORT = 4011
 CLIENT_PORT, SERVER_PORT = 68, 67
@@ -36,7 +49,8 @@ _inet_aton = socket.inet_aton
 
 
 def _ip2int(ip: str) -> int:
-    return _U32.unpack(_inet_aton(ip))[0]
+    n: int = _U32.unpack(_inet_aton(ip))[0]
+    return n
 
 
 def _int2ip(n: int) -> str:
@@ -91,7 +105,7 @@ class Outcome:
     broadcast: bool = False  # dest is the limited broadcast on the interface
     link_unicast: bool = False  # dest is a client without an address yet: needs a neighbour entry
     ignored: Optional[str] = None  # why nothing is sent (counted with this reason)
-    event: Optional[dict] = None  # boot event detail to record for `mac`
+    event: Optional[dict[str, object]] = None  # boot event detail to record for `mac`
     event_kind: str = "dhcp"
     mac: Optional[str] = None
     firmware: Optional[Firmware] = None
@@ -348,9 +362,10 @@ class DhcpPolicy:
         if 82 in msg.options:  # RFC 3046: echoed, as the last option
             reply.options[82] = msg.options[82]
 
-    def _event(self, out: Outcome, msg: DhcpMessage, fw: Firmware, mac: str, iface: ServedInterface, **kw) -> None:
+    def _event(self, out: Outcome, msg: DhcpMessage, fw: Firmware, mac: str, iface: ServedInterface,
+               **kw: object) -> None:
         if fw.boots or self.known(mac):
-            d = {"type": MESSAGE_TYPE_NAMES.get(msg.message_type or 0, "?"), "arch": fw.arch,
+            d: dict[str, object] = {"type": MESSAGE_TYPE_NAMES.get(msg.message_type or 0, "?"), "arch": fw.arch,
                  "interface": iface.name, "mode": self.mode, "ipxe": fw.ipxe}
             if msg.giaddr != "0.0.0.0":
                 d["relay"] = msg.giaddr
@@ -381,7 +396,17 @@ class DhcpPolicy:
         reply.options[56] = why.encode()
         out = Outcome(reply=reply, mac=msg.mac)
         self._destination(msg, reply, out, nak=True)
+        asked = msg.requested_ip or msg.ciaddr
+        self._failed(out, msg, iface, f"dhcp: NAK for {asked} ({why})", ip=asked)
         return out
+
+    def _failed(self, out: Outcome, msg: DhcpMessage, iface: ServedInterface, reason: str, **kw: str) -> None:
+        """A failed boot step (bootd/hoststate.py) for a PC that boots or that bootd knows; the server
+        records it and logs it at WARNING with the host's name. Strangers get no event (a flood)."""
+        fw = identify(msg)
+        if fw.boots or self.known(msg.mac):
+            out.event = {"step": "dhcp", "reason": reason, "interface": iface.name, **kw}
+            out.event_kind = FAILED
 
     def _request(self, msg: DhcpMessage, iface: ServedInterface, now: float) -> Outcome:
         mac = msg.mac
@@ -391,12 +416,11 @@ class DhcpPolicy:
             # SELECTING another server's offer: ours is free again
             self.leases.drop_offer(mac)
             return Outcome(ignored="other-server", mac=mac, firmware=fw)
-        want = msg.requested_ip
-        renewing = want is None
-        if renewing:
-            want = msg.ciaddr
-            if want == "0.0.0.0":
-                return Outcome(ignored="request-without-address", mac=mac, firmware=fw)
+        requested = msg.requested_ip
+        renewing = requested is None
+        want = msg.ciaddr if requested is None else requested
+        if renewing and want == "0.0.0.0":
+            return Outcome(ignored="request-without-address", mac=mac, firmware=fw)
         subnet = self.subnet_for(msg, iface) if msg.giaddr != "0.0.0.0" or not renewing \
             else self.subnet_of_ip(want, iface)
         if subnet is None or not subnet.contains(_ip2int(want)):
@@ -459,7 +483,10 @@ class DhcpPolicy:
         if lease.mac != msg.mac or lease.client_id != (cid.hex() if cid else None):
             return Outcome(ignored="decline-lease-mismatch", mac=msg.mac)
         self.leases.decline(ip, msg.mac, now + self.dhcp.decline_quarantine, now)
-        return Outcome(ignored="decline", mac=msg.mac)
+        out = Outcome(ignored="decline", mac=msg.mac)
+        self._failed(out, msg, iface, f"dhcp: the PC declined {ip} (another machine answers on that address)",
+                     ip=ip)
+        return out
 
     def _inform(self, msg: DhcpMessage, iface: ServedInterface, now: float) -> Outcome:
         mac = msg.mac

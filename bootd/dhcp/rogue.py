@@ -3,7 +3,7 @@
 Two DHCP servers on one segment hand PCs to whichever answers first: half a room boots, the other
 half gets a home router's address and no boot file. At start and on reload (config
 `dhcp.detect_other_servers`, full mode) bootd sends one DISCOVER per served interface (a random
-locally administered MAC, broadcast flag) from port 68 and listens `wait` seconds for OFFERs; an
+locally administered MAC, broadcast flag) from port 68 and listens PROBE_WAIT seconds for OFFERs; an
 OFFER from an address that is not bootd's own is another server. bootd's own DHCP server ignores
 these probes (`is_probe`), so they leave no lease, offer or host behind.
 """
@@ -21,7 +21,9 @@ log = logging.getLogger("bootd.dhcp")
 
 CLIENT_PORT = 68
 SERVER_PORT = 67
-PROBE_WAIT = 2.0  # seconds to listen for offers after the DISCOVER (dnsmasq answers in ms, a busy router in <1 s)
+# seconds to listen for offers after the DISCOVER: dnsmasq (and ISC dhcpd with ping-check) first pings
+# the address it will offer and waits up to 3 s for an echo, so a 2 s wait misses them
+PROBE_WAIT = 4.0
 _probe_macs: set[bytes] = set()  # chaddr of probes in flight: bootd's own server leaves them alone
 
 
@@ -83,7 +85,6 @@ async def probe(ifname: str, own: set[str], wait: float = PROBE_WAIT) -> list[Ot
                 msg = decode(data)
             except DhcpDecodeError:
                 continue
-            log.debug("DBG %s %r %s %s", src, msg, msg.xid == xid, msg.chaddr[:6] == mac)
             if msg.op != BOOTREPLY or msg.xid != xid or msg.chaddr[:6] != mac or msg.message_type != OFFER:
                 continue
             server = msg.server_id or src[0]
@@ -103,7 +104,7 @@ async def probe_all(interfaces: dict[str, str], wait: float = PROBE_WAIT) -> tup
     results = await asyncio.gather(*(probe(name, own, wait) for name in interfaces), return_exceptions=True)
     others: list[OtherServer] = []
     problems: list[str] = []
-    for name, res in zip(interfaces, results):
+    for name, res in zip(interfaces, results, strict=True):
         if isinstance(res, BaseException):
             if not isinstance(res, OSError):
                 raise res

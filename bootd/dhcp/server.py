@@ -20,16 +20,18 @@ import struct
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, decode, encode
+from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, DhcpMessage, decode, encode
 from bootd.dhcp.leases import LeaseTable
-from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy
+from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy, Outcome
 from bootd.dhcp.ratelimit import Admission
 from bootd.dhcp.rogue import is_probe
+from bootd.hoststate import FAILED
 from bootd.macaddr import normalize_mac
 from bootd.service import Service
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
+    from bootd.ra import RouterAdvertiser
 
 log = logging.getLogger("bootd.dhcp")
 
@@ -46,6 +48,11 @@ ATF_COM = 0x02
 READ_BATCH = 256  # datagrams read per reader wake-up: known MACs of the batch are answered first
 RECV_SIZE = 4096  # DHCP messages are 300..1500 bytes; anything longer is cut here and fails to decode
 EXPIRE_EVERY = 10.0
+
+Datagram = tuple[bytes, tuple[str, int]]
+"""One received packet and its source address."""
+Decision = tuple[DhcpMessage, Outcome, float]
+"""A decoded packet, what the policy made of it, and when (DhcpService.decide)."""
 
 
 def open_udp(ifname: str, port: int) -> socket.socket:
@@ -96,20 +103,46 @@ class InterfaceSockets:
 class DhcpService(Service):
     name = "dhcp"
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.ctx: Optional["Context"] = None
         self.policy: Optional[DhcpPolicy] = None
         self.leases: Optional[LeaseTable] = None
         self.bound: dict[str, InterfaceSockets] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._tasks: list[asyncio.Task] = []
-        self.ra = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ra: Optional[RouterAdvertiser] = None
         self._missing_logged: set[str] = set()
         self._counts: dict[tuple[str, Optional[tuple[str, str]]], int] = {}
         self.admission: Optional[Admission] = None
         self._queue_drops: dict[int, int] = {}  # socket inode -> drops the kernel counted so far
         self._queue_drops_read = 0.0
+
+    # -- what start() sets up: each raises before start (a caller's bug), so none is None below ---------
+    def _context(self) -> Context:
+        if self.ctx is None:
+            raise RuntimeError("the DHCP service is not started")
+        return self.ctx
+
+    def _policy(self) -> DhcpPolicy:
+        if self.policy is None:
+            raise RuntimeError("the DHCP service is not started")
+        return self.policy
+
+    def _leases(self) -> LeaseTable:
+        if self.leases is None:
+            raise RuntimeError("the DHCP service is not started")
+        return self.leases
+
+    def _admission(self) -> Admission:
+        if self.admission is None:
+            raise RuntimeError("the DHCP service is not started")
+        return self.admission
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the DHCP service is not started")
+        return self._loop
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self, ctx: "Context") -> None:
@@ -155,9 +188,9 @@ class DhcpService(Service):
         if want_ra and self.ra is None:
             from bootd.ra import RouterAdvertiser
             self.ra = RouterAdvertiser(names, ctx.metrics)
-            self.ra.start(self._loop)
+            self.ra.start(self._event_loop())
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         now = self.clock()
         return {"mode": self.ctx.config.dhcp.mode if self.ctx else "off",
                 "interfaces": sorted(self.bound),
@@ -180,18 +213,20 @@ class DhcpService(Service):
     def _apply_event_limits(self) -> None:
         """The boot-event log's bounds (config `events`). DHCP writes most of its rows and its
         housekeeping prunes it, so it also hands the store the limits."""
-        ev = self.ctx.config.events
-        self.ctx.store.set_event_limits(ev.retention, ev.max_rows, ev.coalesce)
+        ctx = self._context()
+        ev = ctx.config.events
+        ctx.store.set_event_limits(ev.retention, ev.max_rows, ev.coalesce)
 
     # -- run-time reservations ---------------------------------------------------------------------
-    def reservations(self) -> list[dict]:
-        out = [{"mac": h.mac, "ip": str(h.ip), "name": h.name, "source": "config"}
-               for h in self.ctx.config.hosts if h.ip is not None]
-        for r in self.ctx.store.dhcp_reservations():
+    def reservations(self) -> list[dict[str, object]]:
+        ctx = self._context()
+        out: list[dict[str, object]] = [{"mac": h.mac, "ip": str(h.ip), "name": h.name, "source": "config"}
+                                        for h in ctx.config.hosts if h.ip is not None]
+        for r in ctx.store.dhcp_reservations():
             out.append({"mac": r["mac"], "ip": r["ip"], "name": r["name"], "source": "store", "created": r["created"]})
         return out
 
-    def add_reservation(self, mac: str, ip: str, name: Optional[str] = None) -> dict:
+    def add_reservation(self, mac: str, ip: str, name: Optional[str] = None) -> dict[str, Optional[str]]:
         """Reserve `ip` for `mac` in the store. ValueError for bad input, LookupError for a conflict."""
         import ipaddress
         mac = normalize_mac(mac)
@@ -199,41 +234,43 @@ class DhcpService(Service):
             addr = ipaddress.IPv4Address(ip)
         except ValueError:
             raise ValueError(f"not an IPv4 address: {ip!r}") from None
-        policy = self.policy
+        ctx, policy = self._context(), self._policy()
         if not any(s.contains(int(addr)) for s in policy.subnets) and \
-                not any(addr in i.subnet for i in self.ctx.config.interfaces):
+                not any(addr in i.subnet for i in ctx.config.interfaces):
             raise ValueError(f"{addr} is in no served subnet")
         if int(addr) in policy.own_ips:
             raise ValueError(f"{addr} is bootd's own address")
         ip = str(addr)
-        if self.ctx.config.host_by_mac(mac) is not None and self.ctx.config.host_by_mac(mac).ip is not None:
+        configured = ctx.config.host_by_mac(mac)
+        if configured is not None and configured.ip is not None:
             raise LookupError(f"{mac} has a reservation in the config file")
         owner = policy.reserved_ips.get(ip)
         if owner is not None and owner != mac:
             raise LookupError(f"{ip} is reserved for {owner}")
-        holder = self.leases.holder(ip, self.clock())
+        holder = self._leases().holder(ip, self.clock())
         if holder not in (None, mac):
             raise LookupError(f"{ip} is leased to {holder or 'nobody (declined, in quarantine)'}")
-        self.ctx.store.put_dhcp_reservation(mac, ip, name, time.time())
+        ctx.store.put_dhcp_reservation(mac, ip, name, time.time())
         self._build_policy()
         return {"mac": mac, "ip": ip, "name": name}
 
     def remove_reservation(self, mac: str) -> bool:
         mac = normalize_mac(mac)
-        removed = self.ctx.store.delete_dhcp_reservation(mac)
+        removed = self._context().store.delete_dhcp_reservation(mac)
         self._build_policy()
         return removed
 
     # -- interfaces --------------------------------------------------------------------------------
     def _ports(self) -> list[int]:
-        mode = self.ctx.config.dhcp.mode
+        mode = self._context().config.dhcp.mode
         if mode == "off":
             return []
         return [SERVER_PORT, PROXY_PORT] if mode == "proxy" else [SERVER_PORT]
 
     def _sync_interfaces(self) -> None:
         """Bind every configured interface that exists; drop sockets of vanished or unlisted ones."""
-        cfg = self.ctx.config
+        ctx = self._context()
+        cfg = ctx.config
         wanted = {i.name for i in cfg.interfaces} if self._ports() else set()
         for name in list(self.bound):
             cur = self.bound[name]
@@ -257,12 +294,13 @@ class DhcpService(Service):
                 for s in socks.values():
                     s.close()
                 log.error("dhcp: cannot listen on %s: %s", name, e)
-                self.ctx.metrics.inc("dhcp", "bind_errors")
+                ctx.metrics.inc("dhcp", "bind_errors")
                 continue
             self._missing_logged.discard(name)
             self.bound[name] = InterfaceSockets(name, idx, socks)
+            loop = self._event_loop()
             for port, s in socks.items():
-                self._loop.add_reader(s.fileno(), self._on_readable, s, name, port)
+                loop.add_reader(s.fileno(), self._on_readable, s, name, port)
             log.info("dhcp (%s) listening on %s ports %s", cfg.dhcp.mode, name, ",".join(map(str, socks)))
 
     def _close_interface(self, name: str) -> None:
@@ -271,7 +309,7 @@ class DhcpService(Service):
             return
         for s in cur.socks.values():
             try:
-                self._loop.remove_reader(s.fileno())
+                self._event_loop().remove_reader(s.fileno())
             except (ValueError, OSError):
                 pass
             s.close()
@@ -306,12 +344,12 @@ class DhcpService(Service):
             await asyncio.sleep(EXPIRE_EVERY)
             try:
                 now = self.clock()
-                self.leases.expire_offers(now)
+                self._leases().expire_offers(now)
                 self._sync_interfaces()  # backstop for a missed netlink event
-                self.ctx.store.enforce_event_limits(now)  # an idle log ages out too
+                self._context().store.enforce_event_limits(now)  # an idle log ages out too
                 self._count_queue_drops(now)
                 self._flush_counts()
-                self.leases.save_unsaved()  # leases a full filesystem kept in memory only (leases.py)
+                self._leases().save_unsaved()  # leases a full filesystem kept in memory only (leases.py)
             except Exception as e:  # never let housekeeping die
                 log.error("dhcp housekeeping: %s", e)
 
@@ -322,10 +360,10 @@ class DhcpService(Service):
         then send the replies (none of them before the commit) and record their boot events."""
         now = self.clock()
         known, strangers = self._read_batch(sock, ifname, now)
-        admission = self.admission
-        decided: list[tuple] = []
+        admission = self._admission()
+        decided: list[Decision] = []
         try:
-            with self.leases.batch():
+            with self._leases().batch():
                 for data, src in known:
                     r = self.decide(data, src, ifname, port)
                     if r is not None:
@@ -343,7 +381,7 @@ class DhcpService(Service):
                         decided.append(r)
                     admission.charge_strangers(time.perf_counter() - t, 0 if r is None else 1)
         except Exception as e:  # the store refused the batch: nothing it promised may go out
-            self.ctx.metrics.inc("dhcp", "errors", float(max(1, len(decided))))
+            self._context().metrics.inc("dhcp", "errors", float(max(1, len(decided))))
             log.error("dhcp: cannot persist leases, %d replies dropped: %s", len(decided), e)
             self._flush_counts()
             return
@@ -363,13 +401,13 @@ class DhcpService(Service):
             self._count_queue_drops(now)
         self._flush_counts()
 
-    def _read_batch(self, sock: socket.socket, ifname: str, now: float) -> tuple[list, list]:
+    def _read_batch(self, sock: socket.socket, ifname: str, now: float) -> tuple[list[Datagram], list[Datagram]]:
         """Up to READ_BATCH datagrams, split into those from known MACs (host entry, reservation,
         lease or offer) and the rest; a MAC over its own rate is counted and dropped here, undecoded."""
-        known: list[tuple[bytes, tuple]] = []
-        strangers: list[tuple[bytes, tuple]] = []
-        admit = self.admission.admit
-        policy, leases = self.policy, self.leases
+        known: list[Datagram] = []
+        strangers: list[Datagram] = []
+        admit = self._admission().admit
+        policy, leases = self._policy(), self._leases()
         by_mac, offer_by_mac = leases.by_mac, leases.offer_by_mac
         count = self._count
         for _ in range(READ_BATCH):
@@ -442,7 +480,7 @@ class DhcpService(Service):
     def _flush_counts(self) -> None:
         if not self._counts:
             return
-        metrics = self.ctx.metrics
+        metrics = self._context().metrics
         for (name, label), n in self._counts.items():
             if label is None:
                 metrics.inc("dhcp", name, n)
@@ -450,7 +488,7 @@ class DhcpService(Service):
                 metrics.inc("dhcp", name, n, **{label[0]: label[1]})
         self._counts.clear()
 
-    def decide(self, data: bytes, src: tuple[str, int], ifname: str, port: int):
+    def decide(self, data: bytes, src: tuple[str, int], ifname: str, port: int) -> Optional[Decision]:
         """Decode and run the policy; returns (msg, outcome, now) or None if there is nothing to do."""
         count = self._count
         count("received")
@@ -463,7 +501,7 @@ class DhcpService(Service):
         if is_probe(msg):  # bootd's own look for other servers (bootd/dhcp/rogue.py): not a PC
             count("ignored", ("reason", "own-probe"))
             return None
-        policy = self.policy
+        policy = self._policy()
         iface = policy.interfaces.get(ifname)
         if iface is None:
             count("ignored", ("reason", "interface-not-served"))
@@ -485,11 +523,13 @@ class DhcpService(Service):
                 return None
         return msg, out, now
 
-    def deliver(self, msg, out, now: float, sock: socket.socket, ifname: str) -> None:
+    def deliver(self, msg: DhcpMessage, out: Outcome, now: float, sock: socket.socket, ifname: str) -> None:
         reply = out.reply
         if reply is not None:
             payload = encode(reply, BOOTP_MIN)
             dest = out.dest
+            if dest is None:  # the policy gives every reply its destination (DhcpPolicy._destination)
+                raise ValueError(f"the policy left the reply to {msg.mac} without a destination")
             if out.link_unicast and not set_neighbour(sock, ifname, dest[0], msg.chaddr):
                 dest = ("255.255.255.255", dest[1])
             try:
@@ -500,21 +540,28 @@ class DhcpService(Service):
                     log.warning("dhcp: cannot send to %s on %s: %s", dest, ifname, e)
                 self._count("send_errors")
 
-    def _record_events(self, decided: list[tuple]) -> None:
+    def _record_events(self, decided: list[Decision]) -> None:
         """The boot events of a batch in one transaction (the store coalesces repeats and keeps the
         log within its row cap); a failure costs the events, never the replies already sent."""
-        events = [(out, when) for _, out, when in decided if out.event is not None]
+        events = [(out, out.event, when) for _, out, when in decided if out.event is not None]
         if not events:
             return
-        store = self.ctx.store
+        store = self._context().store
         try:
             with store.transaction():
-                for out, when in events:
-                    store.record_event(out.mac, out.event_kind, out.event, ts=when)
+                for out, event, when in events:
+                    store.record_event(out.mac, out.event_kind, event, ts=when)
+                    mac = out.mac
+                    if mac is None:  # never: every outcome names the client it is about (DhcpMessage.mac)
+                        continue
+                    if out.event_kind == FAILED:
+                        log.warning("boot of %s failed: %s", self._host_name(mac) or mac,
+                                    event["reason"], extra={"mac": mac})
                     fw = out.firmware
-                    store.touch_host(out.mac, ip=out.event.get("ip"),
+                    ip = event.get("ip")  # the policy's events carry the bound address as a str
+                    store.touch_host(mac, ip=ip if isinstance(ip, str) else None,
                                      arch=fw.arch if fw and fw.arch != "unknown" else None,
-                                     name=self._host_name(out.mac), now=when)
+                                     name=self._host_name(mac), now=when)
         except Exception as e:
             self._count("errors")
             log.error("dhcp: cannot record %d boot events: %s", len(events), e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,6 +12,9 @@ from bootd import __version__
 from bootd.hoststate import disk_connections, host_rows, host_states, room_summary, with_state
 from bootd.http.app import json_error
 from bootd.macaddr import parse_mac
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 routes = web.RouteTableDef()
 
@@ -97,7 +101,7 @@ async def host(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "200"))
     except ValueError:
-        raise json_error(400, "limit must be a whole number")
+        raise json_error(400, "limit must be a whole number") from None
     if not 0 < limit <= 10000:
         raise json_error(400, "limit must be between 1 and 10000")
     disk = (await disk_connections(ctx)).get(row["mac"])
@@ -106,5 +110,5 @@ async def host(request: web.Request) -> web.Response:
     return web.json_response(row)
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     app.add_routes(routes)

@@ -13,22 +13,39 @@ import logging
 import os
 import socket
 import stat
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from bootd.service import Service
+
+if TYPE_CHECKING:
+    from bootd.config import Config
+    from bootd.daemon import Context
 
 log = logging.getLogger("bootd.http")
 
 
-def route_modules() -> list:
+def route_modules() -> list[types.ModuleType]:
     """The modules with `setup_routes(app, ctx)`, imported by name here (not looked up from strings), so a
     missing or broken one fails at the import. One line per component. Imported at call time: each of them
     imports this module's helpers (json_error, read_json)."""
-    from bootd.http import api_core, backup_api, boot, client_api, dhcp_api, disk_api, menu_api, snapshot_api, wake_api
+    from bootd.http import (
+        api_core,
+        backup_api,
+        boot,
+        client_api,
+        dhcp_api,
+        disk_api,
+        host_api,
+        menu_api,
+        snapshot_api,
+        wake_api,
+    )
     return [
         api_core,
         boot,  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
@@ -39,10 +56,11 @@ def route_modules() -> list:
         dhcp_api,  # DHCP helper: /api/v1/dhcp/leases, /api/v1/dhcp/reservations
         wake_api,  # issue 16: POST /api/v1/wake (Wake-on-LAN, paced), GET /api/v1/wake/{job}
         backup_api,  # issue 16: POST /api/v1/backup (online copy of state.db)
+        host_api,  # issue 16: /api/v1/host-registry (bootctl host: registered and unknown hosts)
     ]
 
 
-SITE_KEY = web.AppKey("bootd_site_kind", dict)
+SITE_KEY: web.AppKey[dict[tuple[str, int], str]] = web.AppKey("bootd_site_kind", dict)  # (host, port) -> kind
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")  # api.tcp hosts that listen on every address
 RETIRE_GRACE = 30.0  # seconds a replaced server gets to finish its requests (the reload call itself, downloads)
 
@@ -70,7 +88,7 @@ def _is_admin_path(path: str) -> bool:
 
 
 @web.middleware
-async def access_middleware(request: web.Request, handler):
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     kind = _site_kind(request)
     request["site"] = kind
     if _is_admin_path(request.path):
@@ -106,24 +124,28 @@ def json_error(status: int, reason: str) -> web.HTTPException:
     return cls(text=json.dumps({"error": reason}), content_type="application/json")
 
 
-async def read_json(request: web.Request) -> dict:
+async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says why not."""
     if not request.can_read_body:
         return {}
     try:
         data = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise json_error(400, f"body is not valid JSON: {e}")
+        raise json_error(400, f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise json_error(400, "body must be a JSON object")
     return data
+
+
+ListenerKey = Union[tuple[Literal["unix"], str], tuple[Literal["tcp"], str, int]]
+"""Where a socket listens: ("unix", path) or ("tcp", host, port)."""
 
 
 @dataclass
 class _Listener:
     """One listening socket: where (`key`), what it serves (`kind`) and the socket itself."""
 
-    key: tuple  # ("unix", path) or ("tcp", host, port)
+    key: ListenerKey
     kind: str  # unix | api | boot
     sock: socket.socket
     temp_path: Optional[str] = None  # a new unix socket bound here, renamed onto its path once serving
@@ -135,7 +157,7 @@ class _Server:
 
     app: web.Application
     runner: web.AppRunner
-    listeners: dict[tuple, _Listener] = field(default_factory=dict)
+    listeners: dict[ListenerKey, _Listener] = field(default_factory=dict)
     bound: list[str] = field(default_factory=list)
 
 
@@ -144,9 +166,9 @@ class HttpService(Service):
 
     def __init__(self) -> None:
         self.server: Optional[_Server] = None
-        self.ctx = None
-        self._signature = None
-        self._retiring: set[asyncio.Task] = set()  # replaced servers finishing their requests
+        self.ctx: Optional[Context] = None
+        self._signature: Optional[tuple[object, ...]] = None
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced servers finishing their requests
 
     @property
     def runner(self) -> Optional[web.AppRunner]:
@@ -160,7 +182,7 @@ class HttpService(Service):
     def bound(self) -> list[str]:
         return self.server.bound if self.server else []
 
-    def _make_app(self, ctx) -> web.Application:
+    def _make_app(self, ctx: Context) -> web.Application:
         app = web.Application(middlewares=[access_middleware], client_max_size=4 * 1024 * 1024)
         app["ctx"] = ctx
         app[SITE_KEY] = {}
@@ -169,15 +191,15 @@ class HttpService(Service):
         return app
 
     @staticmethod
-    def _signature_of(cfg) -> tuple:
+    def _signature_of(cfg: Config) -> tuple[object, ...]:
         return (cfg.api.socket, cfg.api.socket_mode, cfg.api.tcp, cfg.api.token_file, cfg.http.enabled,
                 cfg.http.port, cfg.http.idle_timeout, tuple((i.name, str(i.address)) for i in cfg.interfaces))
 
     @staticmethod
-    def _wanted(cfg) -> list[tuple[tuple, str]]:
+    def _wanted(cfg: Config) -> list[tuple[ListenerKey, str]]:
         """(key, kind) of every socket the config asks for: the API's unix socket, its TCP address,
         the boot port on each served interface's address."""
-        out: list[tuple[tuple, str]] = [(("unix", str(cfg.api.socket)), "unix")]
+        out: list[tuple[ListenerKey, str]] = [(("unix", str(cfg.api.socket)), "unix")]
         if cfg.api.tcp:
             host, port = split_hostport(cfg.api.tcp)
             out.append((("tcp", host, port), "api"))
@@ -227,7 +249,7 @@ class HttpService(Service):
             raise
         return sock, temp
 
-    async def _serve(self, ctx, reuse: dict[tuple, _Listener]) -> _Server:
+    async def _serve(self, ctx: Context, reuse: dict[ListenerKey, _Listener]) -> _Server:
         """A new app serving `ctx.config`'s sockets, listening before it returns. Sockets already open
         in `reuse` (same address) are shared, not bound again: no connection is refused during a
         reload. On any failure everything new is closed and `reuse` is left untouched."""
@@ -240,7 +262,8 @@ class HttpService(Service):
         try:
             for key, kind in self._wanted(cfg):
                 if key in server.listeners:
-                    raise RuntimeError(f"{key[1]}:{key[2]} is asked for twice (api.tcp and the boot port?)")
+                    where = ":".join(str(part) for part in key[1:])
+                    raise RuntimeError(f"{where} is asked for twice (api.tcp and the boot port?)")
                 old = reuse.get(key)
                 if old is not None:
                     listener = _Listener(key, kind, old.sock.dup())
@@ -276,10 +299,10 @@ class HttpService(Service):
         return server
 
     @staticmethod
-    def _read_token(cfg) -> Optional[str]:
+    def _read_token(cfg: Config) -> Optional[str]:
         return Path(cfg.api.token_file).read_text().strip() if cfg.api.token_file else None
 
-    async def start(self, ctx) -> None:
+    async def start(self, ctx: Context) -> None:
         self.ctx = ctx
         token = self._read_token(ctx.config)
         self.server = await self._serve(ctx, reuse={})
@@ -306,7 +329,7 @@ class HttpService(Service):
         except OSError:
             pass
 
-    async def reload(self, ctx) -> None:
+    async def reload(self, ctx: Context) -> None:
         """Routes read ctx.config at request time; only a change of sockets, token or timeouts needs a new
         server. It is listening before the old one stops accepting (sockets at unchanged addresses are
         shared); the old one then finishes its requests, this reload's own API call among them."""
@@ -340,5 +363,5 @@ class HttpService(Service):
         finally:
             await server.runner.cleanup()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {"listening": self.bound}

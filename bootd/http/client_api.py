@@ -9,6 +9,8 @@ Admin side: GET /api/v1/clients/<host>/render (host = MAC or name) -> index plus
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from bootd.clientconfig.model import ClientsConfig
@@ -17,6 +19,9 @@ from bootd.clientconfig.resolve import NoClientConfig, UnknownHost, clients_for,
 from bootd.http.app import json_error
 from bootd.macaddr import parse_mac
 from bootd.peers import may_act_for, refuse
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 routes = web.RouteTableDef()
 NO_STORE = {"Cache-Control": "no-store"}  # rendered per request: a new boot means a new export token
@@ -49,18 +54,18 @@ async def _render(request: web.Request, key: str, api: bool):
     except UnknownHost as e:
         ctx.metrics.inc("clients", "errors", reason="unknown-host")
         if api:
-            raise json_error(404, str(e))
-        raise web.HTTPNotFound(text=f"{e}\n")
+            raise json_error(404, str(e)) from None
+        raise web.HTTPNotFound(text=f"{e}\n") from None
     except NoClientConfig as e:
         ctx.metrics.inc("clients", "errors", reason="no-config")
         if api:
-            raise json_error(404, str(e))
-        raise web.HTTPNotFound(text=f"{e}\n")
+            raise json_error(404, str(e)) from None
+        raise web.HTTPNotFound(text=f"{e}\n") from None
     except (RenderError, ValueError) as e:
         ctx.metrics.inc("clients", "errors", reason="render")
         if api:
-            raise json_error(409, f"cannot render: {e}")
-        raise web.HTTPConflict(text=f"cannot render: {e}\n")
+            raise json_error(409, f"cannot render: {e}") from None
+        raise web.HTTPConflict(text=f"cannot render: {e}\n") from None
 
 
 def _record(ctx, mac: str, name: str, nbytes: int, peer: str | None) -> None:
@@ -111,5 +116,5 @@ async def api_render(request: web.Request) -> web.Response:
     return web.json_response({**r.index(), "names": list(r.files), "files": r.files})
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     app.add_routes(routes)

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from bootd.http.app import json_error, read_json
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 routes = web.RouteTableDef()
 
@@ -22,7 +26,7 @@ async def leases(request: web.Request) -> web.Response:
     svc = _service(request)
     now = time.time()
     show_all = request.query.get("all", "") in ("1", "true", "yes")
-    rows = [l.as_dict() for l in svc.leases.by_ip.values() if show_all or l.expires > now]
+    rows = [lease.as_dict() for lease in svc.leases.by_ip.values() if show_all or lease.expires > now]
     rows.sort(key=lambda r: tuple(int(x) for x in r["ip"].split(".")))
     return web.json_response({"leases": rows, "now": now})
 
@@ -39,9 +43,9 @@ async def reserve(request: web.Request) -> web.Response:
     try:
         row = svc.add_reservation(str(body.get("mac", "")), str(body.get("ip", "")), body.get("name"))
     except LookupError as e:
-        raise json_error(409, str(e))
+        raise json_error(409, str(e)) from None
     except ValueError as e:
-        raise json_error(400, str(e))
+        raise json_error(400, str(e)) from None
     return web.json_response(row, status=201)
 
 
@@ -51,11 +55,11 @@ async def unreserve(request: web.Request) -> web.Response:
     try:
         gone = svc.remove_reservation(request.match_info["mac"])
     except ValueError as e:
-        raise json_error(400, str(e))
+        raise json_error(400, str(e)) from None
     if not gone:
         raise json_error(404, "no run-time reservation for that MAC")
     return web.json_response({"removed": request.match_info["mac"]})
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     app.add_routes(routes)

@@ -108,5 +108,5 @@ async def commit_disk(request: web.Request) -> web.Response:
         raise json_error(e.status, str(e)) from None
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     app.add_routes(routes)

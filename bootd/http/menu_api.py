@@ -1,11 +1,16 @@
 """Admin API: what a host's menu looks like now, in any flavour, without starting a boot."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from bootd.http.api_core import find_host
 from bootd.http.app import json_error
 from pxe.booter import RENDERERS, Booter, render
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 
 async def host_menu(request: web.Request) -> web.Response:
@@ -28,5 +33,5 @@ async def host_menu(request: web.Request) -> web.Response:
     })
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     app.router.add_get("/api/v1/hosts/{ident}/menu", host_menu)

@@ -10,7 +10,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -20,6 +20,9 @@ from bootd.macaddr import parse_mac
 from bootd.seams import SnapshotJobs, Snapshots
 from snapshots.errors import SnapshotError
 from snapshots.model import ALL_GROUPS, FsckReport, Snapshot
+
+if TYPE_CHECKING:
+    from bootd.daemon import Context
 
 P = "/api/v1"
 
@@ -337,7 +340,7 @@ async def fsck(request: web.Request) -> web.Response:
     return await _call(store.fsck, repair)
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     r = app.router
     r.add_get(f"{P}/images", list_images)
     r.add_post(f"{P}/images", create_image)

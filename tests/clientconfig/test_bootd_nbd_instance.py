@@ -63,7 +63,8 @@ def test_rendered_instance_boots_bootds_per_host_export(lab, bootd_daemon, tmp_p
             out, _ = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise AssertionError(f"run {attempt}: QEMU did not end:\n{log.read_text(errors='replace')[-2000:]}")
+            serial = log.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"run {attempt}: QEMU did not end:\n{serial}") from None
         text = log.read_text(errors="replace") if log.exists() else ""
         assert proc.returncode == 0 and "BOOTD-CLIENT-MARKER" in text, (out, text[-2000:], d.log()[-2000:])
         assert "BOOTD-WRITE: ok" in text and "BOOTD-POWEROFF" in text

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from bootd.clientconfig.clientroot import apt_mirror, install_hook
-from bootd.clientconfig.render import DiskRef, HostRef, render_host
 from bootd.clientconfig.model import ClientsConfig
+from bootd.clientconfig.render import DiskRef, HostRef, render_host
 
 from .helpers import TWO_INSTANCE_YAML
 

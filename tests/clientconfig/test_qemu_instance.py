@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from support import artifact_dir
 
 from bootd.clientconfig.resolve import render_for
 from bootd.config import parse_config
 from bootd.daemon import Context
 from bootd.state import StateStore
 from nbdexport.model import Export
-from support import artifact_dir
 
 from .guestdisk import ROOT, assets_ready, make_guest_disk
 
@@ -148,7 +148,7 @@ def test_rendered_instance_boots_host_disk_served_by_qemu_nbd(tmp_path, netns, a
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"QEMU did not end; serial:\n{log.read_text(errors='replace')[-2000:]}")
+        raise AssertionError(f"QEMU did not end; serial:\n{log.read_text(errors='replace')[-2000:]}") from None
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, f"QEMU exited {proc.returncode}: {out!r}"
     assert "BOOTD-CLIENT-MARKER: guest booted from its NBD disk" in text, text[-2000:]

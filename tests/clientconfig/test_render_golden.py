@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from bootd.clientconfig.render import DiskRef, HostRef, render_host
-from bootd.clientconfig.resolve import clients_for, find_host
 from golden import check_golden_dir
+
+from bootd.clientconfig.render import DiskRef, render_host
+from bootd.clientconfig.resolve import clients_for, find_host
 
 from .helpers import two_instance_config, upstart_exec
 

@@ -3,7 +3,6 @@ TFTP, `bootctl client render` prints them, and a config reload changes what is s
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
@@ -53,7 +52,8 @@ def test_http_tftp_and_bootctl_serve_the_rendered_files(lab, bootd_daemon, tmp_p
     for name in names:
         code, text = curl(client, f"{base}/{MAC}/{name}")
         assert code == 200 and text == rendered["files"][name], name
-    assert "file=nbd://10.77.0.1:10809/fixedDebian,format=qcow2,cache=none" in rendered["files"]["qemuinstance2.service"]
+    assert "file=nbd://10.77.0.1:10809/fixedDebian,format=qcow2,cache=none" in \
+        rendered["files"]["qemuinstance2.service"]
 
     code, body = curl(client, f"{base}/{MAC}/index.json")
     index = json.loads(body)

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bootd.clientconfig.model import ClientsConfig, InstanceConfig, merge_clients, parse_extra_arg
 from bootd.clientconfig.render import DiskRef, HostRef, render_host, sh_join, systemd_quote
@@ -88,7 +89,7 @@ def test_descriptions_with_spaces_and_parentheses_are_quoted():
     inst = InstanceConfig(description=desc)
     files = render_host(HostRef("52:54:00:00:00:09", "pc9"), ClientsConfig(instances=[inst]),
                         [DiskRef("nbd://10.0.0.1/x")])
-    line = next(l for l in files["qemuinstance1.conf"].splitlines() if l.startswith("description "))
+    line = next(ln for ln in files["qemuinstance1.conf"].splitlines() if ln.startswith("description "))
     assert shlex.split(line) == ["description", f"bootd QEMU instance 1 ({desc}) for pc9"]
     assert f"Description=bootd QEMU instance 1 ({desc}) for pc9\n" in files["qemuinstance1.service"]
 
@@ -155,7 +156,7 @@ def test_any_description_is_refused_or_rendered_verbatim(text):
         return
     files = render_host(HostRef("52:54:00:00:00:09", "pc9"), ClientsConfig(instances=[inst]),
                         [DiskRef("nbd://10.0.0.1/x")])
-    line = next(l for l in files["xserver1.conf"].splitlines() if l.startswith("description "))
+    line = next(ln for ln in files["xserver1.conf"].splitlines() if ln.startswith("description "))
     assert shlex.split(line) == ["description", f"bootd X server 1 ({text}) for pc9"]
     assert "\n" not in text and "%" not in text and "$" not in text
 

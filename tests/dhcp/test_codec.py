@@ -6,12 +6,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from bootd.dhcp.codec import (BOOTP_MIN, MAGIC, DhcpDecodeError, DhcpMessage, build_tlv, decode, encode,
-                              parse_tlv)
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pcap import read_udp
+
+from bootd.dhcp.codec import BOOTP_MIN, MAGIC, DhcpDecodeError, DhcpMessage, build_tlv, decode, encode, parse_tlv
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "dhcp"
 GOLDEN = sorted(DATA.glob("*.pcap"))
@@ -124,7 +123,7 @@ def test_relay_agent_and_encapsulated():
         parse_tlv(b"\x06\x05\x08")
     bad = DhcpMessage(chaddr=bytes(6), options={53: b"\x01", 82: b"\x01\x09abc"})
     with pytest.raises(DhcpDecodeError):
-        bad.relay_agent
+        _ = bad.relay_agent
 
 
 def test_uuid_missing_or_odd_shapes():

@@ -5,9 +5,9 @@ import pytest
 import yaml
 
 from bootd.config import parse_config
-from bootd.dhcp.codec import ACK, DISCOVER, DECLINE, INFORM, NAK, OFFER, RELEASE, REQUEST, DhcpMessage, decode, encode
+from bootd.dhcp.codec import ACK, DECLINE, DISCOVER, INFORM, NAK, OFFER, RELEASE, REQUEST, DhcpMessage, decode, encode
 from bootd.dhcp.leases import LeaseTable
-from bootd.dhcp.policy import DhcpPolicy, IPXE_NO_PXEDHCP
+from bootd.dhcp.policy import IPXE_NO_PXEDHCP, DhcpPolicy
 from bootd.state import StateStore
 
 T0 = 1_800_000_000.0

@@ -223,7 +223,8 @@ def start_dnsmasq(lab, tmp_path):
     site = lab.add_client(address="10.77.0.2")
     (tmp_path / "site").mkdir(mode=0o777)
     site.ns.popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-resolv",
-                   "--no-hosts", "--interface=eth0", "--bind-interfaces", "--dhcp-range=10.77.0.150,10.77.0.199,1h", "--no-ping",
+                   "--no-hosts", "--interface=eth0", "--bind-interfaces", "--dhcp-range=10.77.0.150,10.77.0.199,1h",
+                   "--no-ping",
                    f"--dhcp-leasefile={tmp_path}/site/leases", f"--pid-file={tmp_path}/site/pid"],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return site
@@ -279,8 +280,9 @@ def test_fuzz_while_a_valid_client_keeps_getting_answers(lab, bootd_daemon):
 
 
 def test_kill_9_during_perfdhcp_never_gives_an_address_twice(lab, bootd_daemon, tmp_path):
-    from bootd.dhcp.codec import DhcpDecodeError, decode
     from pcap import read_udp
+
+    from bootd.dhcp.codec import DhcpDecodeError, decode
     d = bootd_daemon(dhcp_config(), ns=lab.server)
     c = lab.add_client(address="10.77.0.50")
     pcap = tmp_path / "dora.pcap"
@@ -423,7 +425,8 @@ def boot_ovmf_native_pxe(lab, tmp_path, mac: str) -> str:
     log = tmp_path / "serial.log"
     p = lab.server.popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
                           "-serial", f"file:{log}", "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-                          "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=", "-bios", "/usr/share/ovmf/OVMF.fd"],
+                          "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=",
+                          "-bios", "/usr/share/ovmf/OVMF.fd"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # iPXE's banner: OVMF took an offer, fetched ipxe.efi over TFTP and started it

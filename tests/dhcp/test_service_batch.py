@@ -8,10 +8,10 @@ import yaml
 
 from bootd.config import parse_config
 from bootd.dhcp.codec import DhcpMessage, decode, encode
+from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.server import DhcpService
 from bootd.metrics import Metrics
 from bootd.state import StateStore
-from bootd.dhcp.leases import LeaseTable
 
 
 class FakeSocket:

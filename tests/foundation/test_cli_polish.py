@@ -53,7 +53,7 @@ def test_exit_status_usage_and_not_running(tmp_path):
     assert bootctl(missing, "wake").returncode == 2
 
 
-def test_status_metrics_and_hosts_list_are_tables(bootd_daemon, tmp_path):
+def test_metrics_is_a_table_of_plain_numbers(bootd_daemon, tmp_path):
     d = bootd_daemon(config(tmp_path))
     boot = d.storage / "boot"
     boot.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,11 @@ def test_status_metrics_and_hosts_list_are_tables(bootd_daemon, tmp_path):
     assert any(re.match(r"^http +bytes +29000000$", line) for line in lines), text
     assert any(re.match(r"^http +responses\{status=200\} +1$", line) for line in lines), text
     assert "e+" not in text
+    assert json.loads(d.bootctl("--json", "metrics", check=True).stdout)["http"]["bytes"] == 29_000_000
 
+
+def test_status_is_a_table_without_python_dicts(bootd_daemon, tmp_path):
+    d = bootd_daemon(config(tmp_path))
     st = json.loads(d.bootctl("--json", "status", check=True).stdout)
     text = d.bootctl("status", check=True).stdout
     assert "{'" not in text and "': " not in text, text  # no Python dict reprs
@@ -77,32 +81,38 @@ def test_status_metrics_and_hosts_list_are_tables(bootd_daemon, tmp_path):
     tftp = next(s for s in st["services"] if s["name"] == "tftp")
     # the TFTP data pump's nested status as dotted settings, one row each
     assert re.search(rf"^ +data_pump\.mode +{tftp['data_pump']['mode']}$", text, re.M), text
-    assert re.search(rf"^tftp +addresses +-$", text, re.M), text
+    assert re.search(r"^tftp +addresses +-$", text, re.M), text
     for service in st["services"]:
         assert re.search(rf"^{service['name']} ", text, re.M), (service["name"], text)
 
+
+def test_hosts_list_like_the_other_lists(bootd_daemon, tmp_path):
+    d = bootd_daemon(config(tmp_path))
     listed = d.bootctl("hosts", "list", check=True)
     assert "pc1" in listed.stdout and PC1 in listed.stdout
     assert listed.stdout == d.bootctl("hosts", check=True).stdout
     as_json = json.loads(d.bootctl("--json", "hosts", "list", check=True).stdout)
     assert [h["mac"] for h in as_json["hosts"]] == [PC1]
+    assert "pc1" in d.bootctl("hosts", "pc1", check=True).stdout  # one host's timeline as before
 
 
-def test_refusals_pin_warning(bootd_daemon, tmp_path):
+def test_refusals_exit_1_with_the_reason_alone(bootd_daemon, tmp_path):
     d = bootd_daemon(config(tmp_path))
     d.bootctl("image", "create", "deb", "--size", "16M", check=True)
-
-    # refused by bootd: exit 1, the reason alone on stderr; its HTTP status only in --json
     r = d.bootctl("image", "create", "deb", "--size", "16M")
     assert r.returncode == 1 and "already exists" in r.stderr, r
     assert not re.search(r"HTTP \d+", r.stderr), r.stderr
     r = d.bootctl("--json", "image", "create", "deb", "--size", "16M")
-    assert r.returncode == 1 and json.loads(r.stdout)["status"] == 409, r
+    assert r.returncode == 1 and json.loads(r.stdout)["status"] == 409, r  # the status stays in --json
     r = d.bootctl("snapshot", "promote", "nosuch@v1")
     assert r.returncode == 1 and r.stderr.startswith("bootctl: no image named 'nosuch'"), r
     assert not re.search(r"HTTP \d+", r.stderr), r.stderr
 
-    # a pin to a MAC neither configured nor ever seen is done, with a warning (a typo pins nothing useful)
+
+def test_pin_to_a_mac_nobody_knows_warns(bootd_daemon, tmp_path):
+    d = bootd_daemon(config(tmp_path))
+    d.bootctl("image", "create", "deb", "--size", "16M", check=True)
+    # done (the PC may boot later), with a warning: a typo in the MAC pins nothing useful
     r = d.bootctl("snapshot", "pin", "deb@v1", NOBODY)
     assert r.returncode == 0, r
     assert f"warning: no configured or seen host has MAC {NOBODY}" in r.stdout, r.stdout

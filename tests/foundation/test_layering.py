@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("bootd", "nbdexport", "pxe", "snapshots")
 
 # The modules allowed to hold SQL text: the state layer and the per-component store modules the README names.
-SQL_MODULES = {"bootd.state", "snapshots.store", "bootd.dhcp.leases", "nbdexport.store"}
+SQL_MODULES = {"bootd.state", "bootd.dhcp.leases", "nbdexport.store",
+               "snapshots.queries", "snapshots.lifecycle", "snapshots.prune", "snapshots.fsck"}
 
 CONFIG_LAYER = {"bootd", "bootd.config", "bootd.macaddr", "bootd.nfsconfig", "bootd.clientconfig",
                 "bootd.clientconfig.model"}

@@ -73,6 +73,8 @@ def lab_config(hosts: list[dict], rate: float = 20.0, dhcp: str = "off") -> dict
     return {"interfaces": [{"name": "br0", "address": "10.77.0.1/24"}, {"name": "lab2", "address": "10.88.0.1/24"}],
             "dhcp": {"mode": dhcp, "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.199"}]},
             "tftp": {"enabled": False}, "nbd": {"enabled": False},
+            # HTTP only with DHCP (it serves the iPXE script URL DHCP hands out); lab2 may not exist without it
+            "http": {"enabled": dhcp != "off"},
             "wake": {"rate": rate},
             "images": [{"name": "deb"}], "groups": [{"name": "room1", "images": ["deb"]},
                                                     {"name": "empty", "images": ["deb"]}],

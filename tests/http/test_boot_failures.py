@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.netns,
 PC01_IP = "10.77.0.21"  # room1, fetches the missing kernel over HTTP
 PC02_IP = "10.77.0.22"  # room1, fetches it over TFTP
 PC03_IP = "10.77.0.23"  # room2, boots fine (kernel and initrd over HTTP)
+PC04_IP = "10.77.0.24"  # room3, gets a NAK and declines its address
 ROGUE_IP = "10.77.0.250"  # the other DHCP server (dnsmasq)
 
 
@@ -71,7 +72,7 @@ def env(tmp_path_factory):
     e.lab = Lab()
     try:
         e.pcs = {"pc01": e.lab.add_client(address=PC01_IP), "pc02": e.lab.add_client(address=PC02_IP),
-                 "pc03": e.lab.add_client(address=PC03_IP)}
+                 "pc03": e.lab.add_client(address=PC03_IP), "pc04": e.lab.add_client()}
         e.workdir = wd = tmp_path_factory.mktemp("bootd-failures")
         boot = wd / "storage" / "boot"
         boot.mkdir(parents=True)
@@ -86,10 +87,12 @@ def env(tmp_path_factory):
             "storage": {"directory": str(wd / "storage")},
             "images": [{"name": "broken", "kernel": "vmlinuz-x", "initrd": "initrd.img"},
                        {"name": "good", "kernel": "vmlinuz", "initrd": "initrd.img"}],
-            "groups": [{"name": "room1", "images": ["broken"]}, {"name": "room2", "images": ["good"]}],
+            "groups": [{"name": "room1", "images": ["broken"]}, {"name": "room2", "images": ["good"]},
+                       {"name": "room3", "images": ["good"]}],
             "hosts": [{"mac": e.pcs["pc01"].mac, "name": "pc01", "ip": PC01_IP, "group": "room1"},
                       {"mac": e.pcs["pc02"].mac, "name": "pc02", "ip": PC02_IP, "group": "room1"},
-                      {"mac": e.pcs["pc03"].mac, "name": "pc03", "ip": PC03_IP, "group": "room2"}],
+                      {"mac": e.pcs["pc03"].mac, "name": "pc03", "ip": PC03_IP, "group": "room2"},
+                      {"mac": e.pcs["pc04"].mac, "name": "pc04", "ip": PC04_IP, "group": "room3"}],
         }
         e.bootd = BootdProcess(wd, config, ns=e.lab.server)
         e.bootd.start()
@@ -166,6 +169,48 @@ def test_missing_kernel_in_config_is_a_status_warning(env):
     assert _warning_lines(env.bootd.log(), "image broken: kernel vmlinuz-x is missing")
 
 
+SEND_DHCP = r"""
+import sys
+from scapy.all import BOOTP, DHCP, IP, UDP, Ether, conf, sendp
+conf.verb = 0
+mac, kind, ip = sys.argv[1:4]
+chaddr = bytes.fromhex(mac.replace(":", ""))
+opts = [("message-type", kind), ("requested_addr", ip), ("client_id", b"\x01" + chaddr)]
+if kind == "decline":
+    opts.append(("server_id", "10.77.0.1"))
+sendp(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+      / BOOTP(op=1, chaddr=chaddr, xid=0x6116) / DHCP(options=opts + ["end"]), iface="eth0")
+"""
+
+
+def _wait_failure(env, host: str, reason: str) -> dict:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        h = env.bootd.api.get(f"/api/v1/hosts/{host}")
+        if h["last_error"] == reason:
+            return h
+        time.sleep(0.2)
+    raise AssertionError(f"{host}: no failure {reason!r}: {env.bootd.api.get(f'/api/v1/hosts/{host}')}")
+
+
+def test_dhcp_nak_and_decline_are_failed_steps(env):
+    pc = env.pcs["pc04"]
+    pc.ns.run([sys.executable, "-c", SEND_DHCP, pc.mac, "request", "10.99.0.5"])
+    reason = "dhcp: NAK for 10.99.0.5 (wrong network)"
+    h = _wait_failure(env, "pc04", reason)
+    assert h["state"] == "failed"
+    assert _warning_lines(env.bootd.log(), reason) and all("pc04" in line for line in
+                                                           _warning_lines(env.bootd.log(), reason))
+    # a real client gets its reserved address, then declines it (as after an ARP conflict)
+    r = pc.ns.run(["udhcpc", "-n", "-q", "-f", "-i", "eth0", "-s", "/bin/true", "-t", "5", "-T", "1"],
+                  check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pc.ns.run([sys.executable, "-c", SEND_DHCP, pc.mac, "decline", PC04_IP])
+    reason = f"dhcp: the PC declined {PC04_IP} (another machine answers on that address)"
+    _wait_failure(env, "pc04", reason)
+    assert "pc04" in _warning_lines(env.bootd.log(), reason)[0]
+
+
 def test_another_dhcp_server_is_a_status_warning(env, tmp_path):
     st = env.wait_dhcp_check()
     assert not any("another DHCP server" in w for w in st["warnings"]), st["warnings"]
@@ -195,6 +240,8 @@ def test_another_dhcp_server_is_a_status_warning(env, tmp_path):
     env.reload()
     st = env.wait_dhcp_check()
     assert not any("another DHCP server" in w for w in st["warnings"]), st["warnings"]
-    # bootd's own probes left nothing behind in its own server: no host row for a probe MAC
+    # bootd's own server saw its probes (start and two reloads) and left them alone: no offer, no host
+    dhcp = env.bootd.api.get("/api/v1/metrics")["dhcp"]
+    assert dhcp.get("ignored{reason=own-probe}", 0) >= 3, dhcp
     macs = {h["mac"] for h in env.bootd.api.get("/api/v1/hosts")["hosts"]}
     assert macs == {pc.mac for pc in env.pcs.values()}, macs

@@ -3,7 +3,6 @@ qemu-storage-daemon on a free loopback port (killed after the test, whatever hap
 from __future__ import annotations
 
 import pytest
-
 from nbdtest import Harness, make_base
 
 

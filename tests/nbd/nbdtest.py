@@ -1,5 +1,6 @@
-"""Helpers for the disk tests (tests/nbd has no __init__.py: a package named `nbd` would shadow libnbd): base qcow2 images with known content, and a DiskManager driving a real
-qemu-storage-daemon on a free loopback port (its process is killed after the test, whatever happens)."""
+"""Helpers for the disk tests (tests/nbd has no __init__.py: a package named `nbd` would shadow libnbd):
+base qcow2 images with known content, and a DiskManager driving a real qemu-storage-daemon on a free
+loopback port (its process is killed after the test, whatever happens)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-
-import pytest
 
 from bootd.state import StateStore
 from nbdexport.manager import DiskManager

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from nbdtest import make_base, sha256
 
 pytestmark = pytest.mark.netns

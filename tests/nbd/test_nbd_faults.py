@@ -9,7 +9,6 @@ import time
 
 import nbd
 import pytest
-
 from nbdtest import MiB, sha256
 
 A = "52:54:00:00:01:0a"

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import nbd
 import pytest
+from nbdtest import MiB, make_base
 
 from bootd.state import StateStore
 from nbdexport.errors import NoSpace
-
-from nbdtest import MiB, make_base
 
 A = "52:54:00:00:0d:0a"
 B = "52:54:00:00:0d:0b"

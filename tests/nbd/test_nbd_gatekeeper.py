@@ -17,7 +17,6 @@ import textwrap
 import time
 
 import pytest
-
 from nbdtest import make_base, sha256
 
 pytestmark = pytest.mark.netns
@@ -371,7 +370,7 @@ def test_per_export_io_counts(lab, bootd_daemon, tmp_path, handoff):
     b = lab.add_client("10.77.0.11")
     d = bootd_daemon(two_hosts(a, b, handoff), ns=lab.server)
     ea = bootctl_json(d, "disk", "boot", "pc-a", "--snapshot", str(base))
-    eb = bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))
+    bootctl_json(d, "disk", "boot", "pc-b", "--snapshot", str(base))  # B has a disk and does nothing with it
 
     def row(host):
         return [x for x in bootctl_json(d, "disk", "list")["disks"] if x["host"] == host][0]
@@ -437,7 +436,6 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
     import asyncio
 
     import nbd
-
     from nbdtest import Harness
 
     base = make_base(tmp_path / "b.qcow2", size_mb=16)
@@ -452,7 +450,7 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
         return h.run(asyncio.to_thread(client))
 
     def everyone_may_open(h):  # the policy is not what this test is about: loopback client, no host table
-        h.m.may_open = lambda ip, name: True
+        h.m.access.may_open = lambda ip, name: True
 
     plain = Harness(tmp_path, gatekeeper=True, handoff=False).start()
     everyone_may_open(plain)
@@ -505,13 +503,12 @@ def test_handoff_reads_a_control_message_that_comes_after_its_connection(tmp_pat
     import socket
 
     import nbd
-
     from nbdtest import Harness
 
     base = make_base(tmp_path / "b.qcow2", size_mb=16)
     h = Harness(tmp_path, gatekeeper=True).start()
     try:
-        h.m.may_open = lambda ip, name: True
+        h.m.access.may_open = lambda ip, name: True
         e = h.run(h.m.prepare_boot("52:54:00:00:00:0a", base))
 
         def client():

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import nbd
 import pytest
-
 from nbdtest import MiB
 
 A = "52:54:00:00:00:1a"

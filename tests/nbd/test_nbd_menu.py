@@ -8,7 +8,6 @@ import textwrap
 import time
 
 import pytest
-
 from nbdtest import make_base
 
 pytestmark = pytest.mark.netns

@@ -7,11 +7,10 @@ from typing import Any, Optional
 
 import nbd
 import pytest
+from nbdtest import MiB, sha256
 
 from nbdexport.errors import DiskError
 from nbdexport.qsd import StorageDaemon
-
-from nbdtest import MiB, sha256
 
 A = "52:54:00:00:00:0a"
 B = "52:54:00:00:00:0b"

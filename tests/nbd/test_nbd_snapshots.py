@@ -6,9 +6,10 @@ import subprocess
 
 import nbd
 import pytest
+from nbdtest import MiB, make_base, sha256
 
 import snapshots.store as snapstore
-from nbdtest import MiB, make_base, sha256
+from snapshots.errors import Refused
 
 A = "52:54:00:00:02:0a"
 P = "52:54:00:00:02:0f"
@@ -70,7 +71,7 @@ def test_a_snapshot_under_a_running_export_cannot_be_deleted(lab_images):
     store.promote(v2.id, None, actor="test")
     hs.run(hs.m.prepare_boot(A))
     assert store.open_by(store.get(v2.id))
-    with pytest.raises(Exception):
+    with pytest.raises(Refused, match="open by a client"):
         store.delete(v2.id, actor="test")
     assert store.get(v2.id).state == "sealed"
 

@@ -6,8 +6,16 @@ import ipaddress
 import pytest
 
 from bootd.config import ConfigError, parse_config
-from bootd.nfs import (NfsConfig, choose_server, cmdline_for, kernel_nfsd_available, render_ganesha_exports,
-                       render_kernel_exports, served_subnets, write_if_changed)
+from bootd.nfs import (
+    NfsConfig,
+    choose_server,
+    cmdline_for,
+    kernel_nfsd_available,
+    render_ganesha_exports,
+    render_kernel_exports,
+    served_subnets,
+    write_if_changed,
+)
 
 CONFIG = """
 interfaces:
@@ -24,7 +32,7 @@ nfs:
 def test_kernel_exports_are_read_only_and_limited_to_served_subnets():
     cfg = parse_config(CONFIG)
     text = render_kernel_exports(cfg.nfs, served_subnets(cfg))
-    lines = [l for l in text.splitlines() if not l.startswith("#")]
+    lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
     opts = "ro,no_root_squash,async,no_subtree_check,insecure"
     assert lines == [f"/srv/bootd/clientroot 10.77.0.0/24({opts}) 10.78.0.0/16({opts})",
                      f"/srv/bootd/clientroot-test 10.77.0.0/24({opts}) 10.78.0.0/16({opts})"]

@@ -74,6 +74,11 @@ def test_an_unknown_pc_boots_the_default_group(store):
     assert [i.key for i in menu.items] == ["exam", "deb", "local"] and menu.default == "deb"
     assert "nomodeset" in menu.item("deb").cmdline.split()
     assert "DEFAULT deb" in render(menu, "pxelinux")
+    # a menu asked for without a MAC (pxelinux.cfg/default from an address no binding names): the group's
+    # images and arguments, no disk
+    anonymous = asyncio.run(Booter(ctx).menu_for(None, "10.77.0.1"))
+    assert [i.key for i in anonymous.items] == ["exam", "deb", "local"] and anonymous.default == "deb"
+    assert "nomodeset" in anonymous.item("deb").cmdline.split()
     # a listed PC keeps its own group
     assert plan_for(cfg, None, KNOWN).settings.group == "room1"
     assert offered_file(cfg, store, KNOWN) == b"undionly.kpxe"

@@ -47,3 +47,45 @@ def test_pxelinux_boots_the_per_mac_default(lab, bootd_daemon, tmp_path):
     assert ("kernel", "vmlinuz") in kinds, kinds
     order = [k for k, _ in kinds]
     assert order.index("dhcp") < order.index("loader") < order.index("menu") < order.index("kernel"), order
+
+
+def test_a_power_on_is_one_boot_although_pxelinux_reads_its_menu_twice(lab, bootd_daemon, tmp_path):
+    """ldlinux.c32 and then menu.c32 each read pxelinux.cfg/01-<mac>: one boot, one set of disks, and
+    the disk on the kernel's command line is the one `bootctl disk list` shows (issue 16, lab run)."""
+    import re
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
+    from nbdtest import make_base
+
+    need_assets()
+    if not PXELINUX.exists() or not (MODULES / "ldlinux.c32").exists():
+        pytest.skip("pxelinux / syslinux-common not installed")
+    mac = "52:54:00:77:01:02"
+    config = room_config(lab, tmp_path, mac, "bootd-lab", 2, boot="pxelinux", image_cmdline="bootd.hold=0")
+    config["nbd"] = {"enabled": True}
+    src = make_base(tmp_path / "windows.qcow2", size_mb=16)
+    for img in config["images"]:
+        if img["name"] == "windows":
+            img["disk"] = str(src)
+    d = bootd_daemon(config, ns=lab.server)
+    deadline = time.monotonic() + 60
+    while not any(i.get("current") for i in d.api.get("/api/v1/images")["images"]):
+        assert time.monotonic() < deadline, "windows was not imported"
+        time.sleep(0.2)
+    qemu, serial = start_pc(lab, "pxe-qemu-one-boot", mac)
+    try:
+        cmdline = wait_for(serial, r"Command line: [^\r\n]*", 240, qemu)
+        assert cmdline, f"the kernel did not start; serial:\n{tail(serial)}"
+    finally:
+        stop_pc(qemu)
+    word = re.search(r"bootd\.nbd=\S+:10809/([A-Za-z0-9_-]+)", cmdline.group(0))
+    assert word, cmdline.group(0)
+    events = d.api.get(f"/api/v1/hosts/{mac}")["events"]
+    menu_reads = [e for e in events if e["kind"] == "menu" and e["detail"].get("outcome") == "complete"
+                  and e["detail"].get("path") == f"pxelinux.cfg/01-{mac.replace(':', '-')}"]
+    assert len(menu_reads) == 2, [(e["kind"], e["detail"]) for e in events]  # pxelinux does read it twice
+    boots = [e for e in events if e["kind"] == "disk" and e["detail"].get("action") == "boot"]
+    assert len(boots) == 1, [e["detail"] for e in boots]
+    disks = [e for e in d.api.get("/api/v1/disks")["disks"] if e["mac"] == mac]
+    assert word.group(1) in {e["export"] for e in disks} and len({e["boot"] for e in disks}) == 1, disks

@@ -8,9 +8,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from snaputil import make_raw_disk  # noqa: E402
+
 from bootd.state import StateStore  # noqa: E402
 from snapshots.store import SnapshotStore  # noqa: E402
-from snaputil import make_raw_disk  # noqa: E402
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import json
 import os
 
 import pytest
-
-
 from snaputil import MiB, make_raw_disk, mode_of, pattern_at, write_pattern
 
 PC1 = "52:54:00:00:01:01"

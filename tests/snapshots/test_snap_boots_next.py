@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
-import shutil
-
 from snaputil import MiB, write_pattern  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

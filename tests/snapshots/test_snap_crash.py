@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from snaputil import MiB, make_raw_disk, pattern_at, patterns_at, write_pattern
 
 from bootd.state import StateStore
 from snapshots.crash import POINTS
-from snapshots.store import SnapshotStore, read_qcow2_header
-from snaputil import MiB, make_raw_disk, pattern_at, patterns_at, write_pattern
+from snapshots.files import read_qcow2_header
+from snapshots.store import SnapshotStore
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -115,7 +116,8 @@ def state_of(op: str, store: SnapshotStore, base: dict) -> str:
         alive = {s.version for s in store.snapshots("deb") if s.sealed}
         return {frozenset({1, 2, 3, 4, 5}): "old", frozenset({1, 2, 3, 5}): "new"}[frozenset(alive)]
     if op == "draft":
-        drafts = [s for s in store.snapshots("deb") if s.state == "draft" and s.backing_id == store.resolve("deb@v5").id]
+        v5 = store.resolve("deb@v5").id
+        drafts = [s for s in store.snapshots("deb") if s.state == "draft" and s.backing_id == v5]
         return {0: "old", 1: "new"}[len(drafts)]
     if op == "import":
         return "new" if [i for i in store.images() if i["name"] == "other"] else "old"

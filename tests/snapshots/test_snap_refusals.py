@@ -5,9 +5,9 @@ import os
 import subprocess
 
 import pytest
+from snaputil import MiB, make_raw_disk
 
 from snapshots.errors import NoSpace, NotFound, Refused, SnapshotError
-from snaputil import MiB, make_raw_disk
 
 MAC = "52:54:00:12:34:56"
 
@@ -133,8 +133,9 @@ def small_fs(tmp_path):
 
 
 def test_full_disk_never_corrupts_the_store(state, tmp_path, small_fs):
-    from snapshots.store import SnapshotStore
     from snaputil import write_pattern
+
+    from snapshots.store import SnapshotStore
     store = SnapshotStore(state, small_fs / "snapshots", min_free_bytes=0)
     disk = make_raw_disk(tmp_path / "big.raw", size_mb=64, pattern=None)
     for off in range(0, 16):            # 16 MiB of data: more than the file system holds

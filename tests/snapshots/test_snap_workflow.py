@@ -122,6 +122,7 @@ def test_adopt_a_host_layer_as_draft(store, raw_disk, tmp_path):
     """The NBD engine's `bootctl disk commit`: a per-host overlay (backing = the snapshot's absolute path,
     elsewhere on disk) becomes a draft of the image, then a sealed snapshot with the host's writes."""
     import subprocess
+
     from snapshots.errors import Refused
     v1 = store.import_image("deb", str(raw_disk), "t")
     layer = tmp_path / "host-overlay.qcow2"
