@@ -21,7 +21,7 @@ from bootd.config import Config, ConfigError, load_config
 from bootd.logsetup import setup_logging
 from bootd.metrics import Metrics
 from bootd.notify import Notifier
-from bootd.seams import Booter, Disks, ReloadRequest, Snapshots, SnapshotJobs, TftpFiles
+from bootd.seams import Booter, Disks, ReloadRequest, SnapshotJobs, Snapshots, TftpFiles
 from bootd.service import Service
 from bootd.state import STATE_OPEN_ERRORS, StateError, StateStore
 
@@ -154,7 +154,8 @@ class Daemon:
                 started.append(svc)
                 log.info("started %s", svc.name)
         except Exception as e:
-            log.error("cannot start %s: %s", ctx.services[len(started)].name, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("cannot start %s: %s", ctx.services[len(started)].name, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             await self._stop_services(started)
             store.close()
             return 1

@@ -34,7 +34,6 @@ from bootd.dhcp.codec import (
 )
 from bootd.dhcp.firmware import Firmware, identify, loader_for
 from bootd.dhcp.leases import BOUND, LeaseTable
-from bootd.hoststate import FAILED
 
 PROXY_PORT = 4011
 CLIENT_PORT, SERVER_PORT = 68, 67
@@ -96,6 +95,9 @@ class Subnet:
 
     def in_range(self, ip_int: int) -> bool:
         return self.start <= ip_int <= self.end
+
+
+FAILED_STEP = "failed"  # the event kind of a failed boot step (bootd/hoststate.py FAILED, a layer above)
 
 
 @dataclass(slots=True)
@@ -406,7 +408,7 @@ class DhcpPolicy:
         fw = identify(msg)
         if fw.boots or self.known(msg.mac):
             out.event = {"step": "dhcp", "reason": reason, "interface": iface.name, **kw}
-            out.event_kind = FAILED
+            out.event_kind = FAILED_STEP
 
     def _request(self, msg: DhcpMessage, iface: ServedInterface, now: float) -> Outcome:
         mac = msg.mac

@@ -27,9 +27,10 @@ PROBE_WAIT = 4.0
 _probe_macs: set[bytes] = set()  # chaddr of probes in flight: bootd's own server leaves them alone
 
 
-def is_probe(msg: DhcpMessage) -> bool:
-    """The message is one of bootd's own probes (looped back to its own DHCP server)."""
-    return msg.chaddr[:6] in _probe_macs
+def is_probe(packet: bytes) -> bool:
+    """The packet is one of bootd's own probes (looped back to its own DHCP server): its chaddr, at
+    offset 28 of the BOOTP header, is a probe's MAC. Checked before decoding: it is not a PC's."""
+    return bool(_probe_macs) and packet[28:34] in _probe_macs
 
 
 @dataclass(frozen=True)

@@ -491,15 +491,15 @@ class DhcpService(Service):
     def decide(self, data: bytes, src: tuple[str, int], ifname: str, port: int) -> Optional[Decision]:
         """Decode and run the policy; returns (msg, outcome, now) or None if there is nothing to do."""
         count = self._count
+        if is_probe(data):  # bootd's own look for other servers (bootd/dhcp/rogue.py): not a PC
+            count("ignored", ("reason", "own-probe"))
+            return None
         count("received")
         try:
             msg = decode(data)
         except DhcpDecodeError as e:
             count("malformed")
             log.debug("dhcp: malformed packet from %s on %s: %s", src, ifname, e)
-            return None
-        if is_probe(msg):  # bootd's own look for other servers (bootd/dhcp/rogue.py): not a PC
-            count("ignored", ("reason", "own-probe"))
             return None
         policy = self._policy()
         iface = policy.interfaces.get(ifname)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 routes = web.RouteTableDef()
 
 
-def _interfaces(ctx) -> list[dict]:
+def _interfaces(ctx: Context) -> list[dict[str, str]]:
     out = []
     for iface in ctx.config.interfaces:
         state = "unknown"
@@ -74,7 +74,7 @@ async def metrics_prom(request: web.Request) -> web.Response:
     return web.Response(text=request.app["ctx"].metrics.prometheus(), content_type="text/plain")
 
 
-def find_host(ctx, ident: str) -> dict:
+def find_host(ctx: Context, ident: str) -> dict[str, Any]:
     """A host by name or MAC (configured or only seen), or a 404 that says so."""
     mac = parse_mac(ident)
     for row in host_rows(ctx):

@@ -12,12 +12,15 @@ http.idle_timeout (the runner's keepalive_timeout).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.typedefs import Handler, LooseHeaders
 
 from bootd.hoststate import host_name, record_failure
 from bootd.macaddr import parse_mac
@@ -26,9 +29,12 @@ from bootd.tftp.events import event_kind
 from bootd.tftp.paths import resolve
 from pxe.booter import Booter, render
 
+if TYPE_CHECKING:
+    from bootd.daemon import Context
+
 log = logging.getLogger("bootd.http.boot")
 
-CAP_KEY = web.AppKey("bootd_connection_cap", object)
+CAP_KEY: web.AppKey[ConnectionCap] = web.AppKey("bootd_connection_cap")
 
 
 # -- confinement -------------------------------------------------------------------------------------
@@ -45,10 +51,10 @@ class ConnectionCap:
     """Open connections per client address, counted from their first request until they close."""
 
     def __init__(self) -> None:
-        self.by_ip: dict[str, set] = {}
+        self.by_ip: dict[str, set[asyncio.BaseTransport]] = {}
         self._admits = 0
 
-    def admit(self, ip: str, transport, cap: int) -> bool:
+    def admit(self, ip: str, transport: asyncio.BaseTransport, cap: int) -> bool:
         conns = self.by_ip.setdefault(ip, set())
         if transport in conns:
             return True
@@ -65,7 +71,7 @@ class ConnectionCap:
         return True
 
     @staticmethod
-    def _prune(conns: set) -> None:
+    def _prune(conns: set[asyncio.BaseTransport]) -> None:
         for t in [t for t in conns if t.is_closing()]:
             conns.discard(t)
 
@@ -74,7 +80,7 @@ class ConnectionCap:
 
 
 @web.middleware
-async def connection_cap_middleware(request: web.Request, handler):
+async def connection_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ip = request.remote
     transport = request.transport
     if ip and transport is not None and request.get("site") != "unix" and not isinstance(
@@ -96,11 +102,12 @@ async def connection_cap_middleware(request: web.Request, handler):
 def local_ip(request: web.Request) -> Optional[str]:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if isinstance(sockname, tuple) and sockname:
-        return sockname[0]
+        address: str = sockname[0]
+        return address
     return None
 
 
-def file_kind(ctx, rel: str) -> str:
+def file_kind(ctx: Context, rel: str) -> str:
     for image in ctx.config.images:
         if rel == image.kernel.lstrip("/"):
             return "kernel"
@@ -112,12 +119,13 @@ def file_kind(ctx, rel: str) -> str:
 class BootFileResponse(web.FileResponse):
     """A FileResponse that records the fetch (bytes sent, time taken) once it is done."""
 
-    def __init__(self, path: Path, ctx, rel: str, **kw):
-        super().__init__(path, chunk_size=256 * 1024, **kw)
+    def __init__(self, path: Path, ctx: Context, rel: str, status: int = 200, reason: Optional[str] = None,
+                 headers: Optional[LooseHeaders] = None):
+        super().__init__(path, chunk_size=256 * 1024, status=status, reason=reason, headers=headers)
         self._ctx = ctx
         self._rel = rel
 
-    async def prepare(self, request):
+    async def prepare(self, request: web.BaseRequest) -> Optional[AbstractStreamWriter]:
         t0 = time.monotonic()
         error = None
         try:
@@ -128,7 +136,7 @@ class BootFileResponse(web.FileResponse):
         finally:
             self._record(request, time.monotonic() - t0, error)
 
-    def _record(self, request, duration: float, error: Optional[str]) -> None:
+    def _record(self, request: web.BaseRequest, duration: float, error: Optional[str]) -> None:
         ctx = self._ctx
         ctx.metrics.inc("http", "responses", status=str(self.status))
         if request.method != "GET" or self.status not in (200, 206):
@@ -136,7 +144,8 @@ class BootFileResponse(web.FileResponse):
         nbytes = self.content_length or 0
         ctx.metrics.inc("http", "bytes", nbytes)
         mac = mac_at(ctx, request.remote)
-        detail = {"path": self._rel, "proto": "http", "status": self.status, "client": request.remote}
+        detail: dict[str, object] = {"path": self._rel, "proto": "http", "status": self.status,
+                                     "client": request.remote}
         if request.headers.get("Range"):
             detail["range"] = request.headers.get("Range")
         if error:
@@ -151,7 +160,7 @@ class BootFileResponse(web.FileResponse):
             log.warning("http: cannot record boot event: %s", e)
 
 
-def _not_found(ctx, request: web.Request, rel: str) -> None:
+def _not_found(ctx: Context, request: web.Request, rel: str) -> None:
     """A PC asked for a boot file that is not there: a failed boot step on its timeline and a warning
     naming it. An address no host is known at only gets an info line (scanners, browsers)."""
     mac = mac_at(ctx, request.remote)
@@ -205,7 +214,7 @@ async def chain_script(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def setup_routes(app: web.Application, ctx) -> None:
+def setup_routes(app: web.Application, ctx: Context) -> None:
     app[CAP_KEY] = ConnectionCap()
     app.middlewares.append(connection_cap_middleware)
     app.router.add_get("/boot/boot.ipxe", chain_script, allow_head=False)

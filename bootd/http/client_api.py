@@ -15,7 +15,7 @@ from aiohttp import web
 
 from bootd.clientconfig.model import ClientsConfig
 from bootd.clientconfig.render import RenderError
-from bootd.clientconfig.resolve import NoClientConfig, UnknownHost, clients_for, render_for
+from bootd.clientconfig.resolve import NoClientConfig, RenderedHost, UnknownHost, clients_for, render_for
 from bootd.http.app import json_error
 from bootd.macaddr import parse_mac
 from bootd.peers import may_act_for, refuse
@@ -45,7 +45,7 @@ def _owner_check(request: web.Request, key: str) -> str:
     return mac
 
 
-async def _render(request: web.Request, key: str, api: bool):
+async def _render(request: web.Request, key: str, api: bool) -> RenderedHost:
     ctx = request.app["ctx"]
     if not api:
         key = _owner_check(request, key)
@@ -68,7 +68,7 @@ async def _render(request: web.Request, key: str, api: bool):
         raise web.HTTPConflict(text=f"cannot render: {e}\n") from None
 
 
-def _record(ctx, mac: str, name: str, nbytes: int, peer: str | None) -> None:
+def _record(ctx: Context, mac: str, name: str, nbytes: int, peer: str | None) -> None:
     ctx.metrics.inc("clients", "served")
     try:
         ctx.store.record_event(mac, "config", {"file": name, "via": "http", "peer": peer}, nbytes=nbytes)

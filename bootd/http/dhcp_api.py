@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from aiohttp import web
 
@@ -10,12 +10,13 @@ from bootd.http.app import json_error, read_json
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
+    from bootd.dhcp.server import DhcpService
 
 routes = web.RouteTableDef()
 
 
-def _service(request: web.Request):
-    svc = request.app["ctx"].service("dhcp")
+def _service(request: web.Request) -> DhcpService:
+    svc: Optional[DhcpService] = request.app["ctx"].service("dhcp")
     if svc is None or svc.leases is None:
         raise json_error(503, "the DHCP service is not running")
     return svc
@@ -23,10 +24,12 @@ def _service(request: web.Request):
 
 @routes.get("/api/v1/dhcp/leases")
 async def leases(request: web.Request) -> web.Response:
-    svc = _service(request)
+    table = _service(request).leases
+    if table is None:  # _service refuses a service without one; this says so to the type checker
+        raise json_error(503, "the DHCP service is not running")
     now = time.time()
     show_all = request.query.get("all", "") in ("1", "true", "yes")
-    rows = [lease.as_dict() for lease in svc.leases.by_ip.values() if show_all or lease.expires > now]
+    rows = [lease.as_dict() for lease in table.by_ip.values() if show_all or lease.expires > now]
     rows.sort(key=lambda r: tuple(int(x) for x in r["ip"].split(".")))
     return web.json_response({"leases": rows, "now": now})
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,7 +26,7 @@ def _disks(request: web.Request) -> tuple[Context, Disks]:
     return ctx, ctx.disks
 
 
-def _mac(ctx, host: str) -> str:
+def _mac(ctx: Context, host: str) -> str:
     """A host given by configured name, by a name in the hosts table, or by MAC."""
     cfg = ctx.config.host_by_name(host)
     if cfg is not None:
@@ -40,7 +40,7 @@ def _mac(ctx, host: str) -> str:
         raise json_error(404, f"unknown host {host!r} (not a configured name, a known name or a MAC)") from None
 
 
-async def _body(request: web.Request) -> dict:
+async def _body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:

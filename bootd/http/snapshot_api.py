@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -47,7 +47,7 @@ def _jobs(request: web.Request) -> SnapshotJobs:
     return jobs
 
 
-def actor_of(request: web.Request, body: dict) -> str:
+def actor_of(request: web.Request, body: dict[str, Any]) -> str:
     """`alice (uid 1000)`: the claimed name plus what the kernel says about the peer."""
     claimed = str(body.get("actor") or "").strip()[:64] or "unknown"
     sock = request.transport.get_extra_info("socket") if request.transport else None
@@ -62,20 +62,21 @@ def actor_of(request: web.Request, body: dict) -> str:
     return f"{claimed} (via {peer[0]})" if peer else claimed
 
 
-def _host(request: web.Request, value) -> str:
+def _host(request: web.Request, value: object) -> str:
     """A MAC, or a host name from the config, -> MAC."""
     if not value:
         raise SnapshotError("a host (MAC address or config host name) is required")
     mac = parse_mac(str(value))
     if mac:
         return mac
-    h = request.app["ctx"].config.host_by_name(str(value))
+    ctx: Context = request.app["ctx"]
+    h = ctx.config.host_by_name(str(value))
     if h is None:
         raise SnapshotError(f"{value!r} is neither a MAC address nor a host name in the config")
     return h.mac
 
 
-def _group(request: web.Request, value) -> str:
+def _group(request: web.Request, value: object) -> str:
     """A config group name, or None/'*'/'all' for every group."""
     if value in (None, "", ALL_GROUPS, "all"):
         return ALL_GROUPS
@@ -90,7 +91,7 @@ def _ref(request: web.Request) -> str:
     return unquote(request.match_info["ref"])
 
 
-async def _call(fn, *args, status: int = 200, **kw) -> web.Response:
+async def _call(fn: Callable[..., object], *args: object, status: int = 200, **kw: object) -> web.Response:
     try:
         result = await asyncio.to_thread(fn, *args, **kw)
     except SnapshotError as exc:
@@ -100,7 +101,7 @@ async def _call(fn, *args, status: int = 200, **kw) -> web.Response:
     return web.json_response(result, status=status)
 
 
-def _with_warnings(store, snap_dict: dict) -> dict:
+def _with_warnings(store: Snapshots, snap_dict: dict[str, Any]) -> dict[str, Any]:
     if snap_dict.get("depth", 1) > store.depth_warning:
         snap_dict["warnings"] = [f"chain of {snap_dict['depth']} layers (more than {store.depth_warning}): "
                                  f"reads get slower; run bootctl snapshot flatten {snap_dict['name']}"]
@@ -138,7 +139,7 @@ async def image_detail(request: web.Request) -> web.Response:
     store = _store(request)
     name = request.match_info["name"]
 
-    def detail():
+    def detail() -> dict[str, object]:
         snaps = [_with_warnings(store, s.to_dict()) for s in store.snapshots(name)]
         return {"image": name, "snapshots": snaps,
                 "assignments": [a.to_dict() for a in store.assignments(name)]}
@@ -192,7 +193,7 @@ async def prune(request: web.Request) -> web.Response:
     store = _store(request)
     body = await read_json(request)
     try:
-        keep = int(body.get("keep"))
+        keep = int(body.get("keep", ""))  # missing: "" is no whole number either
     except (TypeError, ValueError):
         return _err(400, "keep (how many of the newest snapshots to keep) must be a whole number")
     return await _call(store.prune, request.match_info["name"], keep, actor_of(request, body),
@@ -205,7 +206,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
     image = request.query.get("image") or None
     include_deleted = request.query.get("all") in ("1", "true", "yes")
 
-    def listing():
+    def listing() -> dict[str, object]:
         return {"snapshots": [_with_warnings(store, s.to_dict()) for s in store.snapshots(image, include_deleted)],
                 "assignments": [a.to_dict() for a in store.assignments(image)]}
     return await _call(listing)
@@ -214,7 +215,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
 async def snapshot_detail(request: web.Request) -> web.Response:
     store = _store(request)
 
-    def detail():
+    def detail() -> dict[str, Any]:
         s = store.resolve(_ref(request))
         d = _with_warnings(store, s.to_dict())
         d["in_use"] = store.usage(s)
@@ -230,7 +231,7 @@ async def draft(request: web.Request) -> web.Response:
     except SnapshotError as exc:
         return _err(exc.status, str(exc))
 
-    def run():
+    def run() -> dict[str, Any]:
         d = store.draft(_ref(request), actor_of(request, body), str(body.get("reason") or ""), host=host)
         out = _with_warnings(store, d.to_dict())
         out["parent"] = store.get(d.parent_id).name if d.parent_id is not None else None
@@ -250,7 +251,8 @@ async def seal(request: web.Request) -> web.Response:
 Assign = Callable[[str, str, str, str], dict[str, Any]]  # (snapshot ref, host MAC or group, actor, reason)
 
 
-def _assign(name: str, method: Callable[[Snapshots], Assign], target_key: str):
+def _assign(name: str, method: Callable[[Snapshots], Assign],
+            target_key: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A handler assigning the snapshot in the path to a host (test, pin) or a group (promote)."""
     resolve_target = _host if target_key == "host" else _group
 
@@ -303,7 +305,7 @@ async def boot_choice(request: web.Request) -> web.Response:
         return _err(exc.status, str(exc))
     group = request.query.get("group") or planner.settings_for(mac).group  # the boot plan's group
 
-    def choose():
+    def choose() -> dict[str, object]:
         out = []
         for img in store.images():
             snap, why = store.boot_choice(mac, group, img["name"])

@@ -60,15 +60,18 @@ def test_example_config_passes_the_checker():
     # bad MAC, on the line of the mac key of hosts[1]
     ('mac: "52:54:00:00:00:02"', 'mac: "52:54:00:00:00:zz"', "bootd.yaml:20 hosts[1].mac: not a MAC address"),
     # duplicate MAC
-    ('mac: "52:54:00:00:00:02"', 'mac: "52-54-00-00-00-01"', "bootd.yaml:20 hosts[1].mac: duplicate MAC 52:54:00:00:00:01"),
+    ('mac: "52:54:00:00:00:02"', 'mac: "52-54-00-00-00-01"',
+     "bootd.yaml:20 hosts[1].mac: duplicate MAC 52:54:00:00:00:01"),
     # duplicate IP
     ("ip: 10.90.0.12", "ip: 10.90.0.11", "bootd.yaml:22 hosts[1].ip: duplicate IP 10.90.0.11"),
     # wrong type
-    ("  mode: full\n", "  mode: full\n  lease_time: forever\n", "bootd.yaml:6 dhcp.lease_time: Input should be a valid integer"),
+    ("  mode: full\n", "  mode: full\n  lease_time: forever\n",
+     "bootd.yaml:6 dhcp.lease_time: Input should be a valid integer"),
     # unknown key
     ("    name: pc02\n", "    name: pc02\n    colour: blue\n", "bootd.yaml:22 hosts[1].colour: unknown key"),
     # pool outside the interface's subnet
-    ("end: 10.90.0.199", "end: 10.91.0.199", "bootd.yaml:9 dhcp.pools[0].end: 10.91.0.199 is outside br0's subnet 10.90.0.0/24"),
+    ("end: 10.90.0.199", "end: 10.91.0.199",
+     "bootd.yaml:9 dhcp.pools[0].end: 10.91.0.199 is outside br0's subnet 10.90.0.0/24"),
     # bad enum value
     ("mode: full", "mode: sometimes", "bootd.yaml:5 dhcp.mode: Input should be 'full', 'proxy' or 'off'"),
     # reference to an unknown group
@@ -77,14 +80,16 @@ def test_example_config_passes_the_checker():
     # bad IP address
     ("address: 10.90.0.1/24", "address: 10.90.0.300/24", "bootd.yaml:3 interfaces[0].address: "),
     # host IP outside every served subnet
-    ("ip: 10.90.0.12", "ip: 192.168.1.12", "bootd.yaml:22 hosts[1].ip: 192.168.1.12 is in no served interface's subnet"),
+    ("ip: 10.90.0.12", "ip: 192.168.1.12",
+     "bootd.yaml:22 hosts[1].ip: 192.168.1.12 is in no served interface's subnet"),
     # missing required field
     ("    name: pc02\n", "", "bootd.yaml:20 hosts[1].name: required field is missing"),
     # a file that must exist
     ("  - name: debian\n", "  - name: debian\n    disk: /nonexistent/disk.qcow2\n",
      "bootd.yaml:12 images[0].disk: file not found: /nonexistent/disk.qcow2"),
     # duplicate key in a mapping
-    ("  mode: full\n", "  mode: full\n  mode: proxy\n", "bootd.yaml:6: YAML syntax error: duplicate key 'mode' (first on line 5)"),
+    ("  mode: full\n", "  mode: full\n  mode: proxy\n",
+     "bootd.yaml:6: YAML syntax error: duplicate key 'mode' (first on line 5)"),
     # a kernel path the pxelinux/GRUB menus could not quote
     ("  - name: debian\n", "  - name: debian\n    kernel: my kernel\n",
      "bootd.yaml:12 images[0].kernel: a path in the boot root without spaces"),

@@ -91,8 +91,8 @@ def test_bad_config_at_start_exits_1_with_errors(bootd_daemon):
 
 
 def test_bootctl_when_not_running(tmp_path):
-    r = subprocess.run([str(Path(sys.executable).parent / "bootctl"), "--socket", str(tmp_path / "none.sock"), "status"],
-                       capture_output=True, text=True)
+    r = subprocess.run([str(Path(sys.executable).parent / "bootctl"), "--socket", str(tmp_path / "none.sock"),
+                        "status"], capture_output=True, text=True)
     assert r.returncode == 3 and "bootd is not running" in r.stderr
 
 
@@ -116,7 +116,8 @@ def test_api_over_tcp_needs_the_token(bootd_daemon, tmp_path, netns):
     token.write_text("s3cret\n")
     d = bootd_daemon({"api": {"tcp": "127.0.0.1:18081", "token_file": str(token)}}, ns=netns)
     probe = ("import sys,json,urllib.request as u\n"
-             "req=u.Request('http://127.0.0.1:18081/api/v1/status', headers=dict(a.split('=',1) for a in sys.argv[1:]))\n"
+             "req=u.Request('http://127.0.0.1:18081/api/v1/status',"
+             " headers=dict(a.split('=',1) for a in sys.argv[1:]))\n"
              "try:\n print(u.urlopen(req).status)\nexcept Exception as e:\n print(getattr(e,'code',e))\n")
     r = netns.run([sys.executable, "-c", probe])
     assert r.stdout.strip() == "401"

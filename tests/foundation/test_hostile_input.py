@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BOOTCTL = str(Path(sys.executable).parent / "bootctl")
 
 PROBE = ("import sys, urllib.request as u\n"
-         "req = u.Request(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]} if len(sys.argv) > 2 else {})\n"
+         "req = u.Request(sys.argv[1],"
+         " headers={'Authorization': 'Bearer ' + sys.argv[2]} if len(sys.argv) > 2 else {})\n"
          "try:\n print(u.urlopen(req, timeout=10).status)\n"
          "except Exception as e:\n print(getattr(e, 'code', type(e).__name__))\n")
 
@@ -322,12 +323,14 @@ def wait(xid, types):
             return m
 for attempt in range(5):
     xid = 0x13000 + attempt
-    s.sendto(encode(DhcpMessage(xid=xid, flags=0x8000, chaddr=mac, options={53: b"\x01", **extra})), ("255.255.255.255", 67))
+    s.sendto(encode(DhcpMessage(xid=xid, flags=0x8000, chaddr=mac, options={53: b"\x01", **extra})),
+             ("255.255.255.255", 67))
     off = wait(xid, {2})
     if off is None:
         continue
-    s.sendto(encode(DhcpMessage(xid=xid, flags=0x8000, chaddr=mac, options={53: b"\x03", 50: socket.inet_aton(off.yiaddr),
-                                54: off.options[54], **extra})), ("255.255.255.255", 67))
+    s.sendto(encode(DhcpMessage(xid=xid, flags=0x8000, chaddr=mac,
+                                options={53: b"\x03", 50: socket.inet_aton(off.yiaddr), 54: off.options[54], **extra})),
+             ("255.255.255.255", 67))
     ack = wait(xid, {5})
     if ack is not None:
         print(ack.yiaddr)
@@ -353,7 +356,7 @@ def test_client_supplied_strings_reach_bootctl_escaped(lab, bootd_daemon):
     assert len(out.splitlines()) == 2, out  # the header and the one lease: no forged line
     # --json keeps the exact value (JSON escapes it)
     leases = json.loads(d.bootctl("leases", "--json", check=True).stdout)["leases"]
-    assert [l["hostname"] for l in leases] == [hostname]
+    assert [lease["hostname"] for lease in leases] == [hostname]
 
 
 def test_escape_controls_keeps_text_and_escapes_every_control():
@@ -383,4 +386,5 @@ def test_check_config_refuses_api_on_the_boot_port(tmp_path):
                     f"api: {{tcp: '0.0.0.0:8080', token_file: {token}}}\n")
     r = subprocess.run([sys.executable, "-m", "bootd.cli.bootd_main", "check-config", str(path)],
                        capture_output=True, text=True, timeout=60, cwd=str(ROOT))
-    assert r.returncode == 1 and "bootd.yaml:3 api.tcp: 0.0.0.0:8080 takes the boot port 10.9.0.1:8080" in r.stderr, r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "bootd.yaml:3 api.tcp: 0.0.0.0:8080 takes the boot port 10.9.0.1:8080" in r.stderr, r.stderr

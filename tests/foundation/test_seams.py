@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from golden import UPDATE_ENV, check_golden, check_golden_dir
 
 from bootd.daemon import Context
-from golden import UPDATE_ENV, check_golden, check_golden_dir
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("bootd", "nbdexport", "pxe", "snapshots")

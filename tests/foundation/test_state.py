@@ -19,7 +19,8 @@ def test_migrates_an_older_schema_forward_without_losing_rows(tmp_path):
     old.touch_host("52:54:00:00:00:01", ip="10.0.0.5", arch="bios", name="pc01", now=1000.0)
     old.record_event("52:54:00:00:00:01", "dhcp", {"offered": "10.0.0.5"}, ts=1001.0)
     with old.transaction() as cur:
-        cur.execute("INSERT INTO leases(ip, mac, state, expires, updated) VALUES ('10.0.0.5','52:54:00:00:00:01','bound',9e9,1)")
+        cur.execute("INSERT INTO leases(ip, mac, state, expires, updated)"
+                    " VALUES ('10.0.0.5','52:54:00:00:00:01','bound',9e9,1)")
     old.close()
 
     extra = Migration(max(m.version for m in MIGRATIONS) + 1, "test: add a column",

@@ -21,7 +21,7 @@ def test_systemd_analyze_verify(tmp_path):
     path.write_text(unit)
     r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
                        env=dict(os.environ, SYSTEMD_LOG_LEVEL="warning"))
-    problems = [l for l in (r.stderr + r.stdout).splitlines() if "bootd.service" in l]
+    problems = [line for line in (r.stderr + r.stdout).splitlines() if "bootd.service" in line]
     assert r.returncode == 0 and not problems, r.stderr + r.stdout
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from support import BootdProcess, have  # noqa: E402
 from netns import Lab  # noqa: E402
+from support import BootdProcess, have  # noqa: E402
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0 or not have("curl"), reason="needs root and curl")]

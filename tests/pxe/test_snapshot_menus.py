@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from golden import check_golden
 
 from bootd.config import parse_config
 from bootd.daemon import Context
@@ -17,7 +18,6 @@ from bootd.state import StateStore
 from pxe.booter import Booter, render
 from pxe.tokens import fallback_token
 from snapshots.store import SnapshotStore
-from golden import check_golden
 
 GOLDEN = Path(__file__).parent / "golden"
 PC01, PC02 = "52:54:00:00:00:01", "52:54:00:00:00:02"
