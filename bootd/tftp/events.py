@@ -22,6 +22,9 @@ class BootEventLog(Protocol):
 
     def touch_host(self, mac: str, ip: Optional[str] = None) -> None: ...
 
+    # who is at a peer address, when the server has no resolver of its own (bootd/peers.py resolver)
+    def mac_for_ip(self, ip: str, now: Optional[float] = None) -> Optional[str]: ...
+
 
 def event_kind(path: str, dynamic: bool = False) -> str:
     """Which step of a boot a fetched name is, for the boot timeline."""
