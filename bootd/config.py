@@ -260,6 +260,9 @@ class NbdConfig(Section):
     run_dir: Optional[str] = None  # QMP socket, pid file, log of the storage daemon; default <directory>/run
     reap_after: Annotated[float, Field(gt=0)] = 4 * 3600  # drop a boot's disk after this long without a connection
     reap_interval: Annotated[float, Field(gt=0)] = 60  # how often the reaper and the free-space check run
+    # a maintenance host's draft export is released this many seconds after its NBD client disconnected
+    # (and did not reconnect): `bootctl snapshot seal` works right after the PC is shut down
+    maintenance_release_after: Annotated[float, Field(gt=0, le=3600)] = 10
     warn_free_percent: Annotated[float, Field(ge=0, le=100)] = 10  # warn below this share free (or storage.min_free_mb)
     check_exports: bool = True  # read each new export with libnbd before the host is told its name
     qsd_binary: str = "qemu-storage-daemon"

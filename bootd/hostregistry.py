@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import ipaddress
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -22,6 +23,8 @@ from bootd.service import Service
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
+
+log = logging.getLogger("bootd.hosts")
 
 OUI_FILE = "/usr/share/ieee-data/oui.txt"  # Debian package ieee-data (deps/debian-packages.txt, runtime)
 CSV_COLUMNS = ("mac", "name", "group", "ip")
@@ -322,12 +325,16 @@ class HostRegistryService(Service):
 
     async def start(self, ctx: "Context") -> None:
         self.ctx = ctx
+        for conflict in ctx.host_conflicts:
+            log.warning("hosts: %s", conflict)
 
     async def stop(self) -> None:
         return None
 
     async def reload(self, ctx: "Context") -> None:
         self.ctx = ctx  # the daemon merged the registered hosts into the new config already
+        for conflict in ctx.host_conflicts:
+            log.warning("hosts: %s", conflict)
 
     def status(self) -> dict[str, Any]:
         return {"registered": len(self.ctx.store.registered_hosts()), "conflicts": len(self.ctx.host_conflicts)}

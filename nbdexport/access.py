@@ -5,6 +5,7 @@ its address (the daemon's `owner_of`: bootd/peers.py mac_at), never from an old 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Iterable, Optional
 
 from nbdexport.exports import ExportSet
@@ -41,5 +42,10 @@ class AccessPolicy:
         return [r.name for r in self.exports.rows.values() if mac is not None and r.mac == mac]
 
     def may_open(self, peer_ip: str, name: str) -> bool:
+        """Only the owner opens; its open counts as activity (a draft's release waits for a disconnect)."""
         row = self.exports.rows.get(name)
-        return row is not None and self.peer_mac(peer_ip) == row.mac
+        if row is None or self.peer_mac(peer_ip) != row.mac:
+            return False
+        row.opened = True
+        row.last_active = time.time()
+        return True

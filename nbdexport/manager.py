@@ -132,6 +132,7 @@ class DiskManager:
             await ex.restore()
         if ex.daemon_socket is not None:
             await self._start_gatekeeper(ex.daemon_socket)
+        await self.reaper.release_gone_drafts()
         self.reaper.start()
 
     async def _start_gatekeeper(self, daemon_socket: Callable[[], str]) -> None:
@@ -239,6 +240,8 @@ class DiskManager:
                 await ex.create_overlay(snap.path, path)
             row = await ex.add(mac, boot, True, snap, path, persistent, server_ip, now)
         ex.inc("boots")
+        if snap.draft:
+            self.reaper.wake()  # its release after a shutdown needs the reaper's short interval
         self.store.record_event(mac, "disk", {"action": "boot", "snapshot": snap.name, "persistent": persistent,
                                               "ms": round((time.monotonic() - t0) * 1000, 1)})
         return row.export(self.s.port, self.s.tls)
@@ -321,6 +324,13 @@ class DiskManager:
 
     async def reap_once(self, now: Optional[float] = None) -> list[str]:
         return await self.reaper.reap_once(now)
+
+    async def end_maintenance(self, mac: str, snapshot_id: Optional[int] = None) -> list[str]:
+        """The host's maintenance ended: its export of the draft (of `snapshot_id`, or any) goes now, so the
+        draft can be sealed at once. Returns the names of the drafts released."""
+        rows = await self.reaper.release_drafts(
+            norm_mac(mac), lambda r: snapshot_id is None or r.snap.id == snapshot_id)
+        return [r.snap.name for r in rows]
 
     def space(self) -> SpaceReport:
         return self.exports.space()

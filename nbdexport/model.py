@@ -111,6 +111,12 @@ class ExportRow:
     created: float
     last_active: float = 0.0
     full: bool = False  # a write past nbd.overlay_max was refused (memory only: until the next boot)
+    opened: bool = False  # a client opened it since bootd started (memory only: a draft's release waits for one)
+
+    @property
+    def is_draft(self) -> bool:
+        """A maintenance host's draft exported as is (see has_overlay)."""
+        return not self.has_overlay
 
     def export(self, port: int, tls: bool) -> Export:
         return Export(self.mac, self.name, self.server_ip, port, self.snap.id, self.snap.name, self.size,
@@ -130,6 +136,7 @@ class DiskSettings:
     port: int = 10809
     reap_after: float = 4 * 3600
     reap_interval: float = 60
+    maintenance_release_after: float = 10.0  # a draft's export goes this long after its host disconnected
     warn_free_percent: float = 10
     warn_free_bytes: int = 1 << 30
     check_exports: bool = True

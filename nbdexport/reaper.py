@@ -22,6 +22,7 @@ class Reaper:
         self.exports = exports
         self.configured_ips = configured_ips
         self._task: Optional[asyncio.Task[None]] = None
+        self._wake = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -29,6 +30,10 @@ class Reaper:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+    def wake(self) -> None:
+        """Run the next round now (a draft was just exported: its interval is shorter)."""
+        self._wake.set()
 
     def peer_ips(self) -> dict[str, int]:
         """{address: established connections} to the NBD port, seen in the daemon's network namespace."""
@@ -67,12 +72,16 @@ class Reaper:
             if self.connected(mac, conn):
                 for r in rows:
                     r.last_active = now
+                    r.opened = True
                 try:
                     ex.tables.touch_exports(mac, now)
                 except sqlite3.Error as e:  # a full filesystem: reaping must still go on (it frees space)
                     log.warning("cannot store the last activity of %s: %s", mac, e)
                 continue
-            if now - max(r.last_active for r in rows) < ex.s.reap_after:
+            released = await self.release_drafts(mac, lambda r: r.opened and
+                                                 now - r.last_active >= ex.s.maintenance_release_after)
+            rows = [r for r in rows if r not in released]
+            if not rows or now - max(r.last_active for r in rows) < ex.s.reap_after:
                 continue
             async with ex.mac_lock(mac):
                 rows = ex.of_mac(mac)
@@ -85,6 +94,34 @@ class Reaper:
             log.info("reaped the disk of %s (gone for %.0f s)", mac, now - max(r.last_active for r in rows))
         return reaped
 
+    async def release_drafts(self, mac: str, which: Callable[[ExportRow], bool] = lambda r: True) -> list[ExportRow]:
+        """Drop `mac`'s exports of a maintenance draft (those `which` picks): the draft file stays (it is the
+        snapshot store's), only the export goes, so the draft can be sealed. Returns the rows dropped."""
+        ex = self.exports
+        async with ex.mac_lock(mac):
+            rows = [r for r in ex.of_mac(mac) if r.is_draft and which(r)]
+            for r in rows:
+                ex.forget(r)
+                await ex.teardown(r, delete_file=False)
+                ex.inc("maintenance_released")
+                log.info("released the draft export of %s (%s)", mac, r.snap.name)
+                ex.store.record_event(mac, "disk", {"action": "draft-released", "snapshot": r.snap.name})
+        return rows
+
+    async def release_gone_drafts(self) -> list[str]:
+        """At start-up: drafts whose host is not connected now are released at once (a bootd restart
+        must not leave a draft unsealable for nbd.reap_after). Returns the MACs."""
+        conn = self.peer_ips()
+        macs = sorted({r.mac for r in self.exports.rows.values() if r.is_draft})
+        return [mac for mac in macs if not self.connected(mac, conn) and await self.release_drafts(mac)]
+
+    def _interval(self) -> float:
+        """nbd.reap_interval; shorter while a draft is exported, so its release follows a shutdown closely."""
+        s = self.exports.s
+        if any(r.is_draft for r in self.exports.rows.values()):
+            return min(s.reap_interval, max(0.5, s.maintenance_release_after / 4))
+        return s.reap_interval
+
     async def _loop(self) -> None:
         while True:
             try:
@@ -93,4 +130,8 @@ class Reaper:
                 raise
             except Exception as e:
                 log.error("reaper: %s", e)
-            await asyncio.sleep(self.exports.s.reap_interval)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval())
+            except asyncio.TimeoutError:
+                pass

@@ -77,6 +77,7 @@ def settings_from(config: Config) -> tuple[DiskSettings, Optional[TlsSettings]]:
         directory=disk_directory(config), run_dir=run_directory(config), listen=addresses[0] if addresses else "",
         listen_all=addresses,
         port=n.port, reap_after=n.reap_after, reap_interval=n.reap_interval,
+        maintenance_release_after=n.maintenance_release_after,
         warn_free_percent=n.warn_free_percent, warn_free_bytes=config.storage.min_free_mb << 20,
         check_exports=check, tls=server_tls is not None, client_tls=client_tls,
         gatekeeper=gatekeeper, aio=n.aio, subclusters=n.subclusters, handoff=n.handoff, overlay_max=int(n.overlay_max),

@@ -437,7 +437,7 @@ class SnapshotLifecycle:
             record_audit(cur, actor, f"un{kind}" if kind != "test" else "end-test", image, old["snapshot_id"], mac,
                          reason)
         self.hooks.notify(f"un{kind}", {"image": image, "host": mac})
-        return {"image": image, "host": mac, "ended": name}
+        return {"image": image, "host": mac, "ended": name, "snapshot_id": old["snapshot_id"]}
 
     def test(self, ref: str | int, host: str, actor: str, reason: str = "") -> dict[str, Any]:
         """Boot a sealed snapshot on one host only, to try it before promoting it."""

@@ -105,6 +105,13 @@ class Harness:
             assert time.monotonic() < deadline, "condition not reached"
             self.settle(0.05)
 
+    def wait_restarted(self, restarts: int) -> None:
+        """Until the daemon was restarted `restarts` times and its exports are back: `restarts` counts the
+        new process before its restore, which runs under qsd.lock (a blocking client call made in between
+        would find no export, with the loop standing still until it returns)."""
+        qsd = self.m.qsd
+        self.wait(lambda: qsd.restarts == restarts and qsd.up.is_set() and not qsd.lock.locked())
+
     def uri(self, name: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{name}"
 

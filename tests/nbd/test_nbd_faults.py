@@ -49,7 +49,7 @@ def test_storage_daemon_killed_mid_write_is_restarted_with_its_exports(harness, 
     os.kill(old_pid, signal.SIGKILL)  # mid-write
     t.join(20)
     assert not t.is_alive() and errors, "the writer should see its connection die"
-    hs.wait(lambda: hs.m.qsd.restarts == 1 and hs.m.qsd.up.is_set())
+    hs.wait_restarted(1)
     assert hs.m.qsd.pid != old_pid
     # both exports are back under the same names; A's flushed write is there, B is intact
     c2 = connect(ea.uri)

@@ -95,7 +95,7 @@ def test_overlay_max_fails_that_hosts_writes_only(harness, bases, small_fs):
     # a restarted storage daemon puts the limit back on A's export
     pid = hs.m.qsd.pid
     os.kill(pid, 9)
-    hs.wait(lambda: hs.m.qsd.restarts == 1 and hs.m.qsd.up.is_set())
+    hs.wait_restarted(1)
     ca = connect(ea.uri)
     assert write_until_error(ca, 40 * MiB, 4)[1] == "ENOSPC"
     ca.shutdown()
