@@ -316,8 +316,8 @@ class DiskManager:
         return path, snap
 
     # -- admin operations (commits.py), reaping (reaper.py), reports (diskmetrics.py) -------------------
-    async def reset(self, mac: str) -> dict[str, Any]:
-        return await self.admin.reset(mac)
+    async def reset(self, mac: str, dry_run: bool = False) -> dict[str, Any]:
+        return await self.admin.reset(mac, dry_run)
 
     async def commit(self, mac: str, note: str = "", force: bool = False) -> dict[str, Any]:
         return await self.admin.commit(mac, note, force)

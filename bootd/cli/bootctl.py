@@ -51,6 +51,21 @@ def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
         print(escape_controls(text, keep_lines=True))
 
 
+def confirmed(args: argparse.Namespace, what: str, plan: list[str]) -> bool:
+    """A destructive command goes ahead only with --yes, or when the admin answers y at a terminal; it
+    first lists what it will remove. Without either it says so on stderr (and removes nothing)."""
+    if getattr(args, "yes", False):
+        return True
+    lines = [f"{what} would remove:"] + [f"  {item}" for item in plan or ["nothing"]]
+    print(escape_controls("\n".join(lines), keep_lines=True), file=sys.stderr)
+    if not getattr(args, "json", False) and sys.stdin.isatty() and sys.stderr.isatty():
+        print("go ahead? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() in ("y", "yes"):
+            return True
+    print("nothing removed; add --yes to go ahead", file=sys.stderr)
+    return False
+
+
 def fmt_time(ts: float | None) -> str:
     if not ts:
         return "-"

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from bootd import __version__
 from bootd.cli.text import escape_controls
@@ -41,6 +44,39 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+INSTANCE_LOCK = "bootd.lock"
+_instance_lock: Optional[int] = None  # held (open, flock'ed) for the life of `bootd run`
+
+
+def _take_instance_lock(config_path: str) -> Optional[str]:
+    """One bootd per storage directory: flock `<storage>/bootd.lock` before the daemon touches anything
+    (a second one would replace the first's qemu-storage-daemon and share its state database).
+    Returns why it cannot run (naming the running pid), or None with the lock held until exit. A config
+    that does not load is left to the daemon, which reports every problem with its FILE:LINE."""
+    global _instance_lock
+    try:
+        storage = load_config(config_path).storage_dir
+    except ConfigError:
+        return None
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        fd = os.open(storage / INSTANCE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        return f"cannot open the instance lock {storage / INSTANCE_LOCK}: {e}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return (f"another bootd (pid {holder}) is running on storage directory {storage} "
+                f"(lock {storage / INSTANCE_LOCK}); stop it first (systemctl stop bootd) or use another "
+                "storage.directory")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _instance_lock = fd
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bootd", description="Network-boot server for computer labs.")
     p.add_argument("--version", action="version", version=f"bootd {__version__}")
@@ -74,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(cfg.hosts)} hosts, {len(cfg.images)} images, dhcp {cfg.dhcp.mode})")
         return 0
 
+    refused = _take_instance_lock(args.config)
+    if refused is not None:
+        print(escape_controls(f"bootd run: {refused}"), file=sys.stderr)
+        return 1
     from bootd.daemon import run_daemon
     return run_daemon(args.config)
 

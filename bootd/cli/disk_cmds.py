@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from bootd.cli.api_client import ApiClient, q
-from bootd.cli.bootctl import emit, fmt_age, fmt_time, table
+from bootd.cli.bootctl import EXIT_REFUSED, confirmed, emit, fmt_age, fmt_time, table
 from bootd.units import human
 
 
@@ -44,9 +45,15 @@ def cmd_boot(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def cmd_reset(args: argparse.Namespace, api: ApiClient) -> int:
+    """Lists what goes (bootd's plan) and needs --yes or a y at a terminal; a maintenance draft is refused."""
+    plan = api.post(f"/api/v1/disks/{q(args.host)}/reset", {"dry_run": True})
+    if not confirmed(args, f"disk reset {args.host}", plan["would_remove"]):
+        if args.json:
+            print(json.dumps(plan, indent=2, sort_keys=True))
+        return EXIT_REFUSED
     res = api.post(f"/api/v1/disks/{q(args.host)}/reset", {})
-    emit(args, res, f"{res['mac']}: disk discarded ({res['exports_removed']} export(s) removed"
-                    f"{', persistent layer deleted' if res['layer_removed'] else ''}); the next boot starts clean")
+    emit(args, res, f"{res['mac']}: disk discarded (removed: {'; '.join(res['removed']) or 'nothing'}); "
+                    f"the next boot starts clean")
     return 0
 
 
@@ -69,6 +76,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     x.set_defaults(func=cmd_boot)
     x = dsub.add_parser("reset", parents=[common], help="discard HOST's disk changes (its persistent layer)")
     x.add_argument("host", help="host name or MAC")
+    x.add_argument("--yes", action="store_true", help="go ahead without asking (else: list what goes, ask at a TTY)")
     x.set_defaults(func=cmd_reset)
     x = dsub.add_parser("commit", parents=[common], help="turn HOST's persistent layer into a draft of its image")
     x.add_argument("host", help="host name or MAC")

@@ -91,8 +91,9 @@ async def boot_disk(request: web.Request) -> web.Response:
 async def reset_disk(request: web.Request) -> web.Response:
     ctx, disks = _disks(request)
     mac = _mac(ctx, request.match_info["host"])
-    try:
-        return web.json_response(await disks.reset(mac))
+    body = await _body(request)
+    try:  # dry_run: only the plan, what a reset would remove (bootctl shows it and asks for --yes)
+        return web.json_response(await disks.reset(mac, dry_run=bool(body.get("dry_run"))))
     except DiskError as e:
         raise json_error(e.status, str(e)) from None
 

@@ -286,7 +286,7 @@ def test_overlay_max_in_the_daemon_other_hosts_keep_dhcp_and_disks(lab, bootd_da
     assert disks[a.mac]["overlay_max"] == 16 << 20
     assert disks[a.mac]["overlay_full"] and not disks[b.mac]["overlay_full"]
     # `bootctl disk reset` of A works without a restart; A's next boot writes again
-    d.bootctl("disk", "reset", a.mac, check=True)
+    d.bootctl("disk", "reset", a.mac, "--yes", check=True)
     ua2 = boot_disk(a, "10.77.0.10")
     assert ua2 != ua
     assert nbd_write(a, ua2, 2, 8)["written"] == 8
@@ -313,7 +313,7 @@ def test_filesystem_filled_by_an_overlay_dhcp_answers_and_disk_reset_frees_it(la
     # DHCP still answers another PC (the state store writes into its reserve, or keeps it in memory)
     assert dhcp_address(b, tmp_path) == "10.77.0.20"
     # `bootctl disk reset` frees A's overlay first, then writes the state store: it succeeds
-    r = d.bootctl("disk", "reset", a.mac)
+    r = d.bootctl("disk", "reset", a.mac, "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert free_bytes(storage) > 16 << 20
     # and the lab goes on without a restart: B boots a disk, A boots a fresh one
