@@ -218,6 +218,17 @@ class EventsConfig(Section):
     retention: Annotated[int, Field(ge=60)] = 7 * 86400  # seconds an event is kept
     max_rows: Annotated[int, Field(ge=100)] = 200_000  # newest rows kept; older ones are pruned
     coalesce: Annotated[float, Field(ge=0)] = 60.0  # seconds a repeat of a host's last event counts on its row
+    # seconds a snapshot-store audit row (who promoted, sealed, deleted what) is kept; at least `retention`
+    audit_retention: Annotated[int, Field(ge=86400)] = 365 * 86400
+
+    @model_validator(mode="after")
+    def _audit_outlives_events(self) -> Self:
+        if self.audit_retention < self.retention and "audit_retention" not in self.model_fields_set:
+            self.audit_retention = self.retention  # the default follows a longer event retention
+        elif self.audit_retention < self.retention:
+            raise ValueError(f"audit_retention ({self.audit_retention} s) must be at least retention "
+                             f"({self.retention} s): audit rows are kept longer than boot events")
+        return self
 
 
 class StorageConfig(Section):
@@ -518,7 +529,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def _next_event(self) -> tuple[yaml.Event, Optional[yaml.Mark]]:
         """The next event, not consumed, and where it starts (this pure-Python loader's marks are yaml.Mark)."""
-        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in yaml-stubs
+        event: yaml.Event = self.peek_event()  # unannotated in yaml-stubs: typed here
         return event, event.start_mark if isinstance(event.start_mark, yaml.Mark) else None
 
     def compose_node(self, parent: Optional[yaml.Node], index: int) -> Optional[yaml.Node]:

@@ -56,6 +56,7 @@ class EventLimits:
     retention: float = 7 * 86400.0  # seconds an event is kept
     max_rows: int = 200_000  # the newest rows kept
     coalesce: float = 60.0  # a repeat of a MAC's last event within this many seconds counts on its row
+    audit_retention: float = 365 * 86400.0  # seconds a snapshot-store audit row is kept (longer than events)
 
     @property
     def slack(self) -> int:
@@ -647,21 +648,24 @@ class StateStore:
         with self._lock:
             return self._delete_events("ts < ?", older_than)
 
-    def set_event_limits(self, retention: float, max_rows: int, coalesce: float) -> None:
+    def set_event_limits(self, retention: float, max_rows: int, coalesce: float,
+                         audit_retention: float = EventLimits.audit_retention) -> None:
         with self._lock:
-            self.event_limits = EventLimits(float(retention), int(max_rows), float(coalesce))
+            self.event_limits = EventLimits(float(retention), int(max_rows), float(coalesce), float(audit_retention))
             self._inserts_until_prune = 0
             self._next_retention_prune = 0.0
 
     def enforce_event_limits(self, now: Optional[float] = None) -> int:
-        """Prune the event log to its retention and row cap; returns the rows deleted. Called on
-        inserts (see record_event) and periodically, so an idle log also ages out."""
+        """Prune the event log to its retention and row cap, and the snapshot audit log to its own (longer)
+        retention; returns the rows deleted. Called on inserts (see record_event) and periodically, so an
+        idle log also ages out."""
         now = time.time() if now is None else now
         limits = self.event_limits
         with self._lock:
             n = 0
             if now >= self._next_retention_prune:
                 n += self._delete_events("ts < ?", now - limits.retention)
+                n += self.conn.execute("DELETE FROM audit WHERE at < ?", (now - limits.audit_retention,)).rowcount
                 self._next_retention_prune = now + 60.0
             keep = max(1, limits.max_rows - limits.slack)
             row = self.conn.execute("SELECT id FROM boot_events ORDER BY id DESC LIMIT 1 OFFSET ?",

@@ -316,6 +316,15 @@ class SnapshotLifecycle:
         if snap.state != "sealed":
             raise Refused(f"cannot {what} {snap.name}: it is {snap.state}")
 
+    @staticmethod
+    def _host_overrides(cur: ReplayCursor, image_id: int) -> list[dict[str, Any]]:
+        """Hosts whose test or pin of the image outlives a promote or rollback (they keep booting their own
+        snapshot): named in its answer so nobody believes a whole room moved."""
+        rows = cur.execute("SELECT a.kind, a.target, a.snapshot_id FROM assignments a WHERE a.image_id = ? "
+                           "AND a.kind IN ('test', 'pin') AND a.status = 'active' ORDER BY a.target, a.kind",
+                           (image_id,)).fetchall()
+        return [{"host": r["target"], "kind": r["kind"], "snapshot": name_in(cur, r["snapshot_id"])} for r in rows]
+
     def promote(self, ref: str | int, group: str | None, actor: str, reason: str = "") -> dict[str, Any]:
         """Make a sealed snapshot current for `group` (None/'*' = all groups); the previous one is remembered."""
         snap = self.queries.resolve(ref)
@@ -342,10 +351,11 @@ class SnapshotLifecycle:
             crash_point("promote.inserted")
             previous = name_in(cur, old["snapshot_id"]) if old is not None else None
             record_audit(cur, actor, "promote", snap.image, snap.id, target, reason, {"previous": previous})
+            overrides = self._host_overrides(cur, snap.image_id)
         crash_point("promote.committed")
         self.hooks.notify("promote", {"image": snap.image, "snapshot": snap.id, "group": target})
         return {"image": snap.image, "group": target, "current": snap.name, "previous": previous,
-                "warnings": self._warnings_for(snap)}
+                "warnings": self._warnings_for(snap), "hosts_not_following": overrides}
 
     def rollback(self, image: str, group: str | None, actor: str, reason: str = "") -> dict[str, Any]:
         """Make the previously promoted snapshot current again; repeated rollbacks walk back the history."""
@@ -396,10 +406,11 @@ class SnapshotLifecycle:
             now_current = name_in(cur, new_id)
             record_audit(cur, actor, "rollback", image, new_id, target, reason,
                          {"from": left, "to": now_current, "follows_all_groups": back is None})
+            overrides = self._host_overrides(cur, img["id"])
         crash_point("rollback.committed")
         self.hooks.notify("rollback", {"image": image, "snapshot": new_id, "group": target})
         return {"image": image, "group": target, "current": now_current, "rolled_back": left,
-                "follows_all_groups": back is None,
+                "follows_all_groups": back is None, "hosts_not_following": overrides,
                 "previous": (p.name if (p := self.queries.previous_for(target, image)) else None)}
 
     def _host_assign(self, kind: str, ref: str | int, host: str, actor: str, reason: str) -> dict[str, Any]:

@@ -150,10 +150,23 @@ def cmd_test(args: argparse.Namespace, api: ApiClient) -> int:
     return 0
 
 
+def _not_following(r: dict[str, Any]) -> str:
+    """The hosts a promote or rollback does not move (their own test or pin), and how to move them."""
+    text = ""
+    for h in r.get("hosts_not_following", []):
+        who = h["name"] or h["host"]
+        undo = (f"bootctl snapshot test {r['image']} {who} --end" if h["kind"] == "test"
+                else f"bootctl snapshot unpin {r['image']} {who}")
+        what = "tests" if h["kind"] == "test" else "is pinned to"
+        text += f"\nnote: host {who} still {what} {h['snapshot']} and keeps booting it (to follow: {undo})"
+    return text
+
+
 def cmd_promote(args: argparse.Namespace, api: ApiClient) -> int:
     r = api.post(f"{P}/snapshots/{q(args.ref)}/promote", _body(args, group=args.group))
     where = "all groups" if r["group"] == "*" else f"group {r['group']}"
     text = f"{r['current']} is now current for {where}" + (f" (was {r['previous']})" if r["previous"] else "")
+    text += _not_following(r)
     for w in r.get("warnings", []):
         text += f"\nwarning: {w}"
     emit(args, r, text)
@@ -167,6 +180,7 @@ def cmd_rollback(args: argparse.Namespace, api: ApiClient) -> int:
     if r.get("follows_all_groups"):
         text += " (it follows the all-groups current again)"
     text += f"; another rollback would go to {r['previous']}" if r.get("previous") else "; no earlier promotion left"
+    text += _not_following(r)
     emit(args, r, text)
     return 0
 
@@ -276,7 +290,11 @@ def cmd_fsck(args: argparse.Namespace, api: ApiClient) -> int:
 def cmd_which(args: argparse.Namespace, api: ApiClient) -> int:
     path = f"{P}/snapshot-boot/{q(args.host)}" + (f"?group={q(args.group)}" if args.group else "")
     r = api.get(path)
-    rows = [[i["image"], i["snapshot"], i["why"], i["previous"]] for i in r["images"]]
+    def why(i: dict[str, Any]) -> str:
+        if i["why"] not in ("test", "pinned", "maintenance"):
+            return str(i["why"])
+        return f"{i['why']}: not its group's {i.get('group_boots') or 'nothing promoted'} (outlives promote/rollback)"
+    rows = [[i["image"], i["snapshot"], why(i), i["previous"]] for i in r["images"]]
     emit(args, r, f"host {r['host']} (group {r['group'] or '-'}):\n" +
          table(rows, ["IMAGE", "BOOTS", "WHY", "ROLLBACK-TO"]))
     return 0

@@ -215,7 +215,7 @@ class DhcpService(Service):
         housekeeping prunes it, so it also hands the store the limits."""
         ctx = self._context()
         ev = ctx.config.events
-        ctx.store.set_event_limits(ev.retention, ev.max_rows, ev.coalesce)
+        ctx.store.set_event_limits(ev.retention, ev.max_rows, ev.coalesce, ev.audit_retention)
 
     # -- run-time reservations ---------------------------------------------------------------------
     def reservations(self) -> list[dict[str, object]]:

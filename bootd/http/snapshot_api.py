@@ -7,6 +7,7 @@ Store calls run in a worker thread so qemu-img never blocks the boot traffic on 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -101,6 +102,14 @@ async def _call(fn: Callable[..., object], *args: object, status: int = 200, **k
     return web.json_response(result, status=status)
 
 
+def _answer(resp: web.Response) -> dict[str, Any]:
+    """The JSON object of one of these handlers' own answers (to add to it before it goes out)."""
+    body = resp.body
+    if not isinstance(body, (bytes, bytearray)):
+        raise TypeError("a JSON answer has a bytes body")
+    return dict(json.loads(body))
+
+
 def _with_warnings(store: Snapshots, snap_dict: dict[str, Any]) -> dict[str, Any]:
     if snap_dict.get("depth", 1) > store.depth_warning:
         snap_dict["warnings"] = [f"chain of {snap_dict['depth']} layers (more than {store.depth_warning}): "
@@ -159,8 +168,8 @@ async def rollback(request: web.Request) -> web.Response:
         group = _group(request, body.get("group"))
     except SnapshotError as exc:
         return _err(exc.status, str(exc))
-    return await _call(store.rollback, request.match_info["name"], group, actor_of(request, body),
-                       str(body.get("reason") or ""))
+    return _hosts_not_following(request, await _call(store.rollback, request.match_info["name"], group,
+                                                     actor_of(request, body), str(body.get("reason") or "")))
 
 
 Unassign = Callable[[str, str, str, str], dict[str, Any]]  # (image, host MAC, actor, reason) -> what changed
@@ -186,7 +195,14 @@ async def end_test(request: web.Request) -> web.Response:
 
 
 async def end_maintenance(request: web.Request) -> web.Response:
-    return await _unassign(request, lambda store: store.end_maintenance)
+    """The host no longer boots the draft, and its export of the draft goes now: `seal` works at once."""
+    resp = await _unassign(request, lambda store: store.end_maintenance)
+    disks = request.app["ctx"].disks
+    if resp.status != 200 or disks is None:
+        return resp
+    result = _answer(resp)
+    result["released"] = await disks.end_maintenance(result["host"], result.get("snapshot_id"))
+    return web.json_response(result)
 
 
 async def prune(request: web.Request) -> web.Response:
@@ -271,7 +287,29 @@ def _assign(name: str, method: Callable[[Snapshots], Assign],
 
 test_on_host = _assign("test", lambda store: store.test, "host")
 pin = _assign("pin", lambda store: store.pin, "host")
-promote = _assign("promote", lambda store: store.promote, "group")
+_promote = _assign("promote", lambda store: store.promote, "group")
+
+
+def _hosts_not_following(request: web.Request, resp: web.Response) -> web.Response:
+    """A promote's or rollback's answer names the hosts of that group (every host: all groups) that keep
+    booting their own test or pinned snapshot, with their config names."""
+    if resp.status != 200:
+        return resp
+    result = _answer(resp)
+    ctx: Context = request.app["ctx"]
+    group = result.get("group")
+    kept = []
+    for h in result.get("hosts_not_following", []):
+        if group not in (None, ALL_GROUPS) and ctx.planner.settings_for(h["host"]).group != group:
+            continue
+        cfg = ctx.config.host_by_mac(h["host"])
+        kept.append({**h, "name": cfg.name if cfg is not None else None})
+    result["hosts_not_following"] = kept
+    return web.json_response(result)
+
+
+async def promote(request: web.Request) -> web.Response:
+    return _hosts_not_following(request, await _promote(request))
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -310,9 +348,14 @@ async def boot_choice(request: web.Request) -> web.Response:
         for img in store.images():
             snap, why = store.boot_choice(mac, group, img["name"])
             prev = store.previous_for(group, img["name"]) if group else None
+            # a test, pin or maintenance outlives promotes and rollbacks: say what the group boots instead
+            own = why in ("test", "pinned", "maintenance")
+            grp = ((store.assigned(img["name"], "current", group) if group else None)
+                   or store.assigned(img["name"], "current", ALL_GROUPS)) if own else None
             out.append({"image": img["name"], "snapshot": snap.name if snap else None,
                         "snapshot_id": snap.id if snap else None, "why": why,
-                        "previous": prev.name if prev else None})
+                        "previous": prev.name if prev else None,
+                        "group_boots": grp.name if grp else None})
         return {"host": mac, "group": group, "images": out}
     return await _call(choose)
 
