@@ -1,6 +1,8 @@
-"""Small C helper programs that bootd builds at run time and keeps running (the NBD splicer, the TFTP pump).
+"""Small C helper programs that bootd runs and keeps running (the NBD splicer, the TFTP pump).
 
-Both are one C file compiled with gcc into a run directory (the source's hash in the binary's name, so
+An installed bootd finds them prebuilt in HELPERS_DIR (compiled when the Debian package was built, from
+the same source: the source's hash is in the name). Otherwise (a source tree, a wheel) each is one C file
+compiled with gcc at run time into a run directory (the source's hash in the binary's name, so
 an update rebuilds), started in their own session with a SOCK_SEQPACKET control socket, watched with a
 pidfd, and restarted with a backoff when they die. What each says over its control socket, and what a
 death costs, is the subclass's business.
@@ -54,9 +56,72 @@ def check_private_dir(path: Path) -> None:
                            "refusing to build or run helpers from it")
 
 
+# Where an installed bootd (the Debian package, `make deb`) finds the helpers compiled at package build
+# time (scripts/build-helpers.py): looked at first, so an installed bootd needs no compiler. Compiling at
+# run time stays as the developer's path (a source tree, an editable install, a plain wheel).
+HELPERS_DIR = Path("/usr/lib/bootd/helpers")
+
+
+def _argv(cc: str, flags: Sequence[str], headers: Sequence[Path], library: bool) -> list[str]:
+    return [cc, *WARN_FLAGS, *HARDEN_FLAGS, *(LIBRARY_FLAGS if library else PROGRAM_FLAGS), *flags,
+            *dict.fromkeys(f"-I{Path(h).resolve().parent}" for h in headers)]
+
+
+def prebuilt_name(source: Path, prefix: str, flags: Sequence[str] = (), suffix: str = "",
+                  headers: Sequence[Path] = (), library: bool = False) -> str:
+    """`<prefix><hash><suffix>` of a package-built helper: the hash covers the source, its headers and our
+    flags (not the include paths nor the compiler, which differ between the build and the installed
+    system), so an installed bootd uses a prebuilt binary only if it was made from the very same source."""
+    digest = hashlib.sha256(Path(source).read_bytes())
+    for h in headers:
+        digest.update(Path(h).read_bytes())
+    digest.update("\0".join(_argv("cc", flags, (), library)[1:]).encode())
+    return f"{prefix}{digest.hexdigest()[:12]}{suffix}"
+
+
+def _trusted(path: Path) -> bool:
+    """A file (or directory) root or bootd owns and nobody else can write."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def find_prebuilt(source: Path, prefix: str, flags: Sequence[str] = (), suffix: str = "",
+                  headers: Sequence[Path] = (), library: bool = False,
+                  helpers_dir: Optional[Path] = None) -> Optional[Path]:
+    """The package-built helper for exactly this source in `helpers_dir` (default HELPERS_DIR), or None."""
+    d = Path(helpers_dir) if helpers_dir is not None else HELPERS_DIR
+    binary = d / prebuilt_name(source, prefix, flags, suffix, headers, library)
+    if binary.is_file() and os.access(binary, os.X_OK) and _trusted(binary) and _trusted(d):
+        return binary
+    return None
+
+
+def prebuild_c_program(source: Path, out_dir: Path, prefix: str, what: str, cc: Optional[str] = None,
+                       flags: Sequence[str] = (), suffix: str = "", headers: Sequence[Path] = (),
+                       library: bool = False) -> Path:
+    """Compile `source` with exactly build_c_program's flags into `out_dir/prebuilt_name(...)` (the
+    package build: scripts/build-helpers.py). Raises RuntimeError with the compiler's message."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    binary = out_dir / prebuilt_name(source, prefix, flags, suffix, headers, library)
+    argv = _argv(cc or "gcc", flags, headers, library)
+    try:
+        r = subprocess.run([*argv, "-o", str(binary), "-x", "c", "-"], input=Path(source).read_bytes(),
+                           capture_output=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot run the C compiler: {e}") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot compile the {what}: {r.stderr.decode(errors='replace').strip()[-400:]}")
+    os.chmod(binary, 0o755)
+    return binary
+
+
 def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Optional[str] = None,
                     flags: Sequence[str] = (), suffix: str = "", headers: Sequence[Path] = (),
-                    library: bool = False) -> Path:
+                    library: bool = False, helpers_dir: Optional[Path] = None) -> Path:
     """`run_dir/<prefix><hash><suffix>`, compiled from `source` (a hardened executable, or with
     `library` a shared object for LD_PRELOAD; extra `flags` after ours) if missing; older builds are
     removed. `headers` are the files it #includes by name (their directories go on the include path and
@@ -64,14 +129,17 @@ def build_c_program(source: Path, run_dir: Path, prefix: str, what: str, cc: Opt
     compiler's identity, so a build is reused only for exactly the same inputs; and `run_dir` must be
     private to bootd (check_private_dir), so a file found under that name was built by bootd.
     Raises RuntimeError when it cannot be built, or cannot run from `run_dir` (a `noexec` mount: the
-    kernel refuses to exec or to map it executable there, so building it would only hide the reason)."""
+    kernel refuses to exec or to map it executable there, so building it would only hide the reason).
+    A helper prebuilt for this very source in `helpers_dir` (default HELPERS_DIR) is returned first."""
+    prebuilt = find_prebuilt(source, prefix, flags, suffix, headers, library, helpers_dir)
+    if prebuilt is not None:
+        return prebuilt
     run_dir = Path(run_dir)
     check_private_dir(run_dir)
     if os.statvfs(run_dir).f_flag & os.ST_NOEXEC:
         raise RuntimeError(f"{run_dir} is on a noexec mount: the {what} cannot run from there")
     cc = cc or "gcc"
-    argv = [cc, *WARN_FLAGS, *HARDEN_FLAGS, *(LIBRARY_FLAGS if library else PROGRAM_FLAGS), *flags,
-            *dict.fromkeys(f"-I{Path(h).resolve().parent}" for h in headers)]
+    argv = _argv(cc, flags, headers, library)
     src = Path(source).read_bytes()
     digest = hashlib.sha256(src)
     for h in headers:

@@ -11,7 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from netns import Lab, Netns, leftover_namespaces  # noqa: E402
-
 from support import BootdProcess  # noqa: E402
 
 

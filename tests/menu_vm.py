@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-
 from support import ROOT, artifact_dir, have
 
 ASSETS = ROOT / ".cache" / "assets"

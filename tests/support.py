@@ -127,7 +127,8 @@ class BootdProcess:
         except OSError:
             return ""
 
-    def bootctl(self, *args: str, check: bool = False, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
+    def bootctl(self, *args: str, check: bool = False, timeout: float = 120,
+                input: Optional[str] = None) -> subprocess.CompletedProcess:
         argv = [str(Path(sys.executable).parent / "bootctl"), "--socket", self.socket, *args]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
         if check and r.returncode != 0:

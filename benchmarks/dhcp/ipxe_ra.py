@@ -36,7 +36,8 @@ def boot_once(ra: bool, work: Path, mac: str) -> float:
                "log": {"level": "warning"}}
         (work / "bootd.yaml").write_text(yaml.safe_dump(cfg))
         bootd = lab.server.popen([sys.executable, "-m", "bootd.cli.bootd_main", "--config", str(work / "bootd.yaml"),
-                                  "run"], stdout=open(work / "bootd.log", "ab"), stderr=subprocess.STDOUT, cwd=str(ROOT))
+                                  "run"], stdout=open(work / "bootd.log", "ab"), stderr=subprocess.STDOUT,
+                                 cwd=str(ROOT))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and ":67 " not in lab.server.run(["ss", "-uln"]).stdout + " ":
             if bootd.poll() is not None:

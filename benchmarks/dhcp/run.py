@@ -168,7 +168,7 @@ def measure(kinds: list[str], rates: list[int], duration: int, verbose: bool, tr
             if r["fails"] >= 2:
                 continue
             ok = False
-            for attempt in range(tries):
+            for _attempt in range(tries):
                 res = one_run(kind, rate, duration)
                 r["runs"].append(res)
                 if verbose:
@@ -214,7 +214,8 @@ def main() -> int:
     if "bootd" in out and out.get("kea"):
         out["ratio_bootd_to_kea"] = round(out["bootd"] / out["kea"], 2)
     if not a.no_ipxe:
-        r = subprocess.run([sys.executable, str(Path(__file__).with_name("ipxe_ra.py"))], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, str(Path(__file__).with_name("ipxe_ra.py"))],
+                           capture_output=True, text=True)
         sys.stderr.write(r.stderr)
         if r.returncode == 0:
             ra = json.loads(r.stdout.strip().splitlines()[-1])

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from support import BootdProcess  # noqa: E402
 from netns import Netns  # noqa: E402
+from support import BootdProcess  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 PARALLEL = int(os.environ.get("BENCH_PARALLEL", "16"))
@@ -110,7 +110,8 @@ def main() -> int:
         ns.popen(["taskset", "-c", SERVER_CPU, nginx, "-c", str(conf), "-p", str(tmp / "nginx")],
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         config = {"interfaces": [{"name": "lo", "address": "127.0.0.1/8"}],
-                  "http": {"port": BOOTD_PORT, "max_connections_per_ip": max(16, PARALLEL)}, "tftp": {"enabled": False}, "dhcp": {"mode": "off"},
+                  "http": {"port": BOOTD_PORT, "max_connections_per_ip": max(16, PARALLEL)},
+                  "tftp": {"enabled": False}, "dhcp": {"mode": "off"},
                   "nbd": {"enabled": False}, "storage": {"directory": str(tmp / "storage")},
                   "images": [{"name": "debian", "kernel": "undionly.kpxe", "initrd": "initrd.img"}]}
         (tmp / "bootd").mkdir()
@@ -121,7 +122,7 @@ def main() -> int:
         wait_port(ns, NGINX_PORT)
         urls = {"bootd": f"http://127.0.0.1:{BOOTD_PORT}/boot/files/initrd.img",
                 "nginx": f"http://127.0.0.1:{NGINX_PORT}/boot/files/initrd.img"}
-        for name, url in urls.items():  # warm the page cache and both servers
+        for url in urls.values():  # warm the page cache and both servers
             curl_speed(ns, [url])
         speeds: dict[str, list[float]] = {"bootd": [], "nginx": []}
         for i in range(RUNS):

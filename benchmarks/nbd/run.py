@@ -172,7 +172,8 @@ class QemuNbdPeer:
 class Bootd:
     """The DiskManager exactly as the daemon runs it (with the NBD gatekeeper, connections handed into
     the storage daemon, unless --no-gatekeeper / --splicer), its loop running in a thread as in the
-    daemon: the gatekeeper accepts while the clients run. Every host is configured at the clients' address, so the gatekeeper's policy runs for real."""
+    daemon: the gatekeeper accepts while the clients run. Every host is configured at the clients' address,
+    so the gatekeeper's policy runs for real."""
 
     def __init__(self, work: Path, base: Path, gatekeeper: bool = True, handoff: bool = True):
         self.base = base
@@ -376,11 +377,12 @@ def main() -> int:
               "subclusters": bootd.m.s.subclusters if bootd else None}
     for k, v in res.items():
         b, p, q = med(v["bootd"]), med(v["qemu-nbd"]), med(v["qemu-nbd-same"])
-        paired = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd"]) if y])
-        paired_same = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd-same"]) if y])
+        paired = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd"], strict=True) if y])
+        paired_same = med([x / y for x, y in zip(v["bootd"], v["qemu-nbd-same"], strict=True) if y])
         report[k] = {"bootd": b, "qemu-nbd": p, "ratio": b / p, "paired_ratio": paired,
                      "qemu-nbd-same": q, "paired_ratio_same": paired_same, "runs": v}
-        print(f"{k:<22}{b:>9.0f}{p:>10.0f}{b / p:>7.2f}{paired:>8.2f}  >= 0.95 {'ok    ' if paired >= 0.95 else 'MISSED'}"
+        verdict = "ok    " if paired >= 0.95 else "MISSED"
+        print(f"{k:<22}{b:>9.0f}{p:>10.0f}{b / p:>7.2f}{paired:>8.2f}  >= 0.95 {verdict}"
               f"{q:>10.0f}{paired_same:>8.2f}")
     print(f"{str(a.clients) + ' clients aggregate MB/s':<28}{many_b[0]:>12.0f}{many_p[0]:>12.0f}"
           f"{many_b[0] / many_p[0] if many_p[0] else float('nan'):>8.2f}")

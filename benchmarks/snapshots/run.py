@@ -63,16 +63,17 @@ def bench_size(work: Path, size_gib: int, runs: int, data_mb: int) -> dict[str, 
     for i in range(runs):
         out["draft"].append(timed(lambda: store.draft("img@v1", "bench")))
 
-        def snapshot():
+        def snapshot(i: int = i) -> None:
             dr = store.draft("img@v1", "bench")
             store.seal(dr.id, f"run {i}", "bench")
         out["snapshot"].append(timed(snapshot))
         latest = store.resolve("img@latest")
-        out["promote"].append(timed(lambda: store.promote(latest.id, None, "bench")))
+        out["promote"].append(timed(lambda latest=latest: store.promote(latest.id, None, "bench")))
         out["rollback"].append(timed(lambda: store.rollback("img", None, "bench")))
         for src, key in ((raw, "cp_raw"), (Path(v1.path), "cp_qcow2")):
             dst = d / f"copy-{key}"
-            out[key].append(timed(lambda: subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)))
+            cp = ["cp", "--sparse=always", str(src), str(dst)]
+            out[key].append(timed(lambda cp=cp: subprocess.run(cp, check=True)))
             dst.unlink()
     state.close()
     shutil.rmtree(d)

@@ -161,7 +161,7 @@ def main() -> int:
                     print(f"{mode:6s} {k:9s} no samples")
                     continue
                 g.sort()
-                q = lambda f: g[min(len(g) - 1, int(f * len(g)))]  # noqa: E731
+                q = lambda f, g=g: g[min(len(g) - 1, int(f * len(g)))]  # noqa: E731
                 print(f"{mode:6s} {k:9s} n={len(g):5d} ACK->DATA us: median {statistics.median(g):6.1f}  "
                       f"p10 {q(0.1):6.1f}  p90 {q(0.9):6.1f}  p99 {q(0.99):7.1f}"
                       + (f"   transfer {t[k]:.3f} s" if k in t else ""), flush=True)

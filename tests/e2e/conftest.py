@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT, ensure_assets
 
 E2E_ARTIFACTS = ROOT / "test-artifacts" / "e2e"

@@ -169,7 +169,8 @@ MILESTONES = [
 
 
 # Serial lines after which a boot cannot reach its marker any more.
-FATAL = r"Kernel panic - not syncing|No bootable device|PXE-E16: No valid offer|Boot Failed\.|BdsDxe: No bootable option"
+FATAL = (r"Kernel panic - not syncing|No bootable device|PXE-E16: No valid offer|Boot Failed\.|"
+         r"BdsDxe: No bootable option")
 
 
 @dataclass
@@ -236,7 +237,8 @@ def boot_timeline(result: BootResult, events: list[dict]) -> list[tuple[float, s
         d = e.get("detail") or {}
         if e.get("kind") == "disk" and d.get("snapshot"):
             rows.append((round(t, 2), "disk", "bootd", f"NBD export ready: {d['snapshot']}"
-                         f"{' persistent' if d.get('persistent') else ''} ({d.get('action', '?')}, {d.get('ms', '?')} ms)"))
+                         f"{' persistent' if d.get('persistent') else ''} "
+                         f"({d.get('action', '?')}, {d.get('ms', '?')} ms)"))
             continue
         what = " ".join(str(x) for x in (
             d.get("type"), d.get("path") or d.get("file"), d.get("proto") or d.get("protocol"),
@@ -594,7 +596,8 @@ class BootdLab:
             if not pending:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"images not imported after {timeout}s: {sorted(pending)}\n{self.daemon.log()[-3000:]}")
+                raise RuntimeError(f"images not imported after {timeout}s: {sorted(pending)}\n"
+                                   f"{self.daemon.log()[-3000:]}")
             if self.daemon.proc.poll() is not None:
                 raise RuntimeError(f"bootd exited ({self.daemon.proc.returncode}):\n{self.daemon.log()[-3000:]}")
             time.sleep(0.3)
@@ -744,7 +747,8 @@ def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None
             "events { worker_connections 256; }\n"
             f"http {{ access_log off; sendfile on; default_type application/octet-stream;\n"
             f"  client_body_temp_path {scratch}/ngx_body; proxy_temp_path {scratch}/ngx_proxy;\n"
-            f"  fastcgi_temp_path {scratch}/ngx_fcgi; uwsgi_temp_path {scratch}/ngx_uwsgi; scgi_temp_path {scratch}/ngx_scgi;\n"
+            f"  fastcgi_temp_path {scratch}/ngx_fcgi; uwsgi_temp_path {scratch}/ngx_uwsgi;\n"
+            f"  scgi_temp_path {scratch}/ngx_scgi;\n"
             f"  server {{ listen {ip}:8080; root {root}; }} }}\n")
         lab.server.popen(["nginx", "-c", str(conf), "-e", str(scratch / "nginx.err")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

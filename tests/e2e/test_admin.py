@@ -7,7 +7,6 @@ group `staff` (same image, never promoted there) with `persistent: true`. Each r
 from __future__ import annotations
 
 import pytest
-
 from harness import boot_all, lab_config, running_bootd_lab
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from harness import LabPC, ensure_assets, start_dnsmasq, start_qemu_nbd
 
 

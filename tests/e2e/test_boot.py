@@ -5,7 +5,6 @@ One bootd serves the room; the three PCs boot at once (module fixture), each tes
 from __future__ import annotations
 
 import pytest
-
 from conftest import artifacts_for
 from harness import boot_all, lab_config, running_bootd_lab
 
@@ -31,7 +30,7 @@ def room(assets):
                "uefi": bl.pc("pc-uefi", mac=UEFI_MAC, firmware="uefi"),
                "pxelinux": bl.pc("pc-pxelinux", mac=PXELINUX_MAC, firmware="bios")}
         results = boot_all(list(pcs.values()), timeout=180)
-        yield bl, pcs, dict(zip(pcs, results))
+        yield bl, pcs, dict(zip(pcs, results, strict=True))
 
 
 def _proto(detail: dict) -> str:

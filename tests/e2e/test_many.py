@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import boot_all, lab_config, running_bootd_lab
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]

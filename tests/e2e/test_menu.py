@@ -3,7 +3,6 @@ offers the previous snapshot v1 (A); picking it with the keyboard boots A."""
 from __future__ import annotations
 
 import pytest
-
 from harness import lab_config, running_bootd_lab
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]

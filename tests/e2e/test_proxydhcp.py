@@ -3,7 +3,6 @@ only; bootd in `proxy` mode adds the boot information; the PC boots to its marke
 from __future__ import annotations
 
 import pytest
-
 from harness import lab_config, running_bootd_lab, start_dnsmasq
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]

@@ -138,7 +138,7 @@ def test_disk_reset_cannot_lose_a_draft_and_lists_what_it_removes(lab, bootd_dae
     assert pattern_at(d.storage / "snapshots" / v2["file"], 4 * MiB) == 0x5D
 
     # an ordinary PC's disk: without --yes the reset lists what it would remove and removes nothing
-    ordinary = js(d, "disk", "boot", "pc07")
+    ordinary = js(d, "disk", "boot", "pc07", "--snapshot", "deb@v1")
     overlay = next(p for p in (d.storage / "disks" / "ephemeral").iterdir())
     r = d.bootctl("disk", "reset", "pc07")
     assert r.returncode == 1
