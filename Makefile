@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo bench clean lint
+.PHONY: setup assets test demo bench clean lint deb test-systemd
 
 setup:
 	@bash deps/setup.sh
@@ -23,6 +23,14 @@ test: setup assets
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
+# The Debian package (README "Install on a server"): bootd_<version>_<arch>.deb in the repository root.
+deb: setup
+	@bash scripts/build-deb.sh
+
+# The package under a real systemd as PID 1 (debootstrap + systemd-nspawn -b; several minutes, see README).
+test-systemd: setup
+	@BOOTD_SYSTEMD_TEST=1 $(PY) -m pytest -s tests/e2e/test_installed_unit.py $(PYTEST_ARGS)
+
 demo: setup assets
 	@$(PY) scripts/demo.py
 
@@ -30,4 +38,4 @@ bench: setup assets
 	@$(PY) benchmarks/run_all.py $(BENCH)
 
 clean:
-	rm -rf .cache .pytest_cache test-artifacts *.egg-info
+	rm -rf .cache .pytest_cache test-artifacts *.egg-info bootd_*.deb

@@ -17,11 +17,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, TypeVar
 
-from bootd.config import Config, HostConfig
+from bootd.config import Config, GroupConfig, HostConfig
 from bootd.macaddr import normalize_mac, parse_mac
 from snapshots.model import ALL_GROUPS
 
 LOCAL_KEY = "local"  # the menu's "boot from local disk" entry; no image entry may take this key
+ADMIN_KEY = "bootd-admin"  # the iPXE menu's "Admin" entry (issue 17); reserved the same way
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 # What a host boots of one image, strongest first: (assignment kind, whose, the reason shown to admins).
@@ -106,6 +107,7 @@ class HostSettings:
     boot: str  # menu flavour and so the loader DHCP hands out: "ipxe" | "pxelinux" | "grub"
     persistent: bool
     cmdline: str = ""  # the group's kernel arguments, then the host's (after menu.cmdline and the image's)
+    student_entries: tuple[str, ...] = ("current",)  # what the student menu shows (menu.student_entries)
 
 
 @dataclass(frozen=True)
@@ -142,20 +144,25 @@ class DiskPlan:
 
 @dataclass(frozen=True)
 class BootPlan:
-    """Everything about what one host boots. `default` is an entry key, None for the local disk."""
+    """Everything about what one host boots. `default` is an entry key, None for the local disk.
+    `entries` are what the menu shows (students' view: the host's `student_entries`); `hidden` the
+    entries it withholds from students, which only the admin menu offers. The disks follow `entries`."""
 
     settings: HostSettings
     entries: tuple[MenuEntry, ...]
     default: Optional[str]
     disk: DiskPlan
     notes: tuple[str, ...] = ()
+    hidden: tuple[MenuEntry, ...] = ()
 
     def entry(self, key: str) -> Optional[MenuEntry]:
         return next((e for e in self.entries if e.key == key), None)
 
     def snapshot_for_image(self, image: str) -> Optional[int]:
-        """The snapshot the host boots of `image` (its menu's non-previous entry), None if it has none."""
-        return next((e.snapshot_id for e in self.entries if e.image == image and not e.previous), None)
+        """The snapshot the host boots of `image` (its non-previous entry, shown or hidden: a client
+        config's instance of an image boots it whatever the menu shows), None if it has none."""
+        return next((e.snapshot_id for e in self.entries + self.hidden if e.image == image and not e.previous),
+                    None)
 
 
 # -- the host list: the config's hosts and the ones registered at run time -----------------------------
@@ -239,7 +246,15 @@ def settings_of(config: Config, mac: str, host: Optional[HostConfig]) -> HostSet
     cmdline = " ".join(a.strip() for a in (group.cmdline if group else "", host.cmdline if host else "") if a.strip())
     return HostSettings(mac=mac, name=host.name if host else None, group=group.name if group else None,
                         images=tuple(images), default_image=default, boot=boot, persistent=persistent,
-                        cmdline=cmdline)
+                        cmdline=cmdline, student_entries=_student_entries(config, group, host))
+
+
+def _student_entries(config: Config, group: Optional[GroupConfig], host: Optional[HostConfig]) -> tuple[str, ...]:
+    """Host over group over menu.student_entries."""
+    for chosen in (host.student_entries if host else None, group.student_entries if group else None):
+        if chosen is not None:
+            return tuple(chosen)
+    return tuple(config.menu.student_entries)
 
 
 def host_settings(config: Config, mac: str) -> HostSettings:
@@ -255,10 +270,10 @@ def anonymous_settings(config: Config) -> HostSettings:
         group = settings_of(config, "", None)
         return HostSettings(mac="", name=None, group=group.group, images=group.images,
                             default_image=group.default_image, boot="pxelinux", persistent=False,
-                            cmdline=group.cmdline)
+                            cmdline=group.cmdline, student_entries=group.student_entries)
     names = tuple(i.name for i in config.images)
     return HostSettings(mac="", name=None, group=None, images=names, default_image=names[0] if names else None,
-                        boot="pxelinux", persistent=False)
+                        boot="pxelinux", persistent=False, student_entries=tuple(config.menu.student_entries))
 
 
 S = TypeVar("S", bound=PlannedSnapshot)
@@ -334,7 +349,7 @@ def assemble(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], ho
     kept: list[MenuEntry] = []
     seen: set[str] = set()
     for e in entries:
-        if e.key in seen or e.key == LOCAL_KEY:
+        if e.key in seen or e.key in (LOCAL_KEY, ADMIN_KEY):
             notes.append(f"duplicate or reserved menu key {e.key!r} skipped")
             continue
         seen.add(e.key)
@@ -346,17 +361,37 @@ def assemble(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], ho
         if e.importing and e.snapshot_id is None:
             notes.append(f"image {e.image} is still importing: its entry has no disk until the import is done")
         kept.append(e)
-    # an entry whose image is still importing boots no disk: never the default while another entry can be
-    ready = [e for e in kept if not (e.importing and e.snapshot_id is None)]
-    default = next((e for e in ready if e.default), None) or next((e for e in ready if not e.previous), None)
-    if default is None and kept and not config.menu.local_disk_entry:
-        default = (ready or kept)[0]  # only "previous" (or importing) entries and no local disk entry
+    every = kept
+    current = _pick_default(config, every)
+    kept = [e for e in every if _student_kind(e, host, current) in host.student_entries]
+    hidden = tuple(e for e in every if e not in kept)
+    default = current if current in kept else _pick_default(config, kept)
     main = default.snapshot_id if default is not None else None
     extra = tuple(dict.fromkeys(e.snapshot_id for e in kept if e.snapshot_id is not None and e.snapshot_id != main))
     disk = DiskPlan(image=default.image if default is not None else None, snapshot_id=main,
                     persistent=host.persistent, extra=extra)
     return BootPlan(settings=host, entries=tuple(kept), default=default.key if default is not None else None,
-                    disk=disk, notes=tuple(notes))
+                    disk=disk, notes=tuple(notes), hidden=hidden)
+
+
+def _pick_default(config: Config, entries: list[MenuEntry]) -> Optional[MenuEntry]:
+    """The entry booted when nobody picks one: the default image's, else the first non-previous one.
+    An entry whose image is still importing boots no disk: never the default while another entry can be."""
+    ready = [e for e in entries if not (e.importing and e.snapshot_id is None)]
+    default = next((e for e in ready if e.default), None) or next((e for e in ready if not e.previous), None)
+    if default is None and entries and not config.menu.local_disk_entry:
+        default = (ready or entries)[0]  # only "previous" (or importing) entries and no local disk entry
+    return default
+
+
+def _student_kind(e: MenuEntry, host: HostSettings, current: Optional[MenuEntry]) -> str:
+    """Which `student_entries` value shows `e`: previous, current (what the PC boots by default, its
+    default image's entry) or images (the room's other images)."""
+    if e.previous:
+        return "previous"
+    if e is current or e.image == host.default_image:
+        return "current"
+    return "images"
 
 
 def plan_for(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], mac: Optional[str],

@@ -239,11 +239,18 @@ class StorageConfig(Section):
     state_reserve_mb: Annotated[int, Field(ge=0, le=1024)] = 16
 
 
+StudentEntry = Literal["current", "previous", "images"]
+
+
 class MenuConfig(Section):
     timeout: Annotated[int, Field(ge=0, le=3600)] = 10  # seconds before the default entry boots
     title: str = "bootd"
     local_disk_entry: bool = True
     previous_snapshot_entry: bool = True
+    # what students see (groups and hosts override it): the room's current snapshot of the default image,
+    # the "previous" entries, the room's other images; a hidden entry is not in the menu text at all
+    student_entries: list[StudentEntry] = ["current"]
+    admin_entry: bool = True  # iPXE menus get an "Admin" entry (login, then the admin menu) once an admin exists
     cmdline: str = "console=tty0 console=ttyS0"  # kernel arguments put first on every entry's command line
     pxelinux_ui: str = "menu.c32"  # pxelinux UI module (menu.c32 or vesamenu.c32), in the boot root
     # pxelinux reads its menu twice per power-on (ldlinux.c32, then the UI module): a second read from the
@@ -335,6 +342,7 @@ class GroupConfig(Section):
     boot: Literal["ipxe", "pxelinux", "grub"] = "ipxe"
     persistent: bool = False
     cmdline: str = ""  # kernel arguments of the room, after menu.cmdline and the image's
+    student_entries: Optional[list[StudentEntry]] = None  # overrides menu.student_entries for the room
     clients: Optional[ClientsConfig] = None  # QEMU instances / X server / viewer the PCs boot into
 
 
@@ -350,6 +358,7 @@ class HostConfig(Section):
     boot: Optional[Literal["ipxe", "pxelinux", "grub"]] = None
     persistent: Optional[bool] = None
     cmdline: str = ""  # kernel arguments of this PC, after its group's (the kernel takes the last of a repeated one)
+    student_entries: Optional[list[StudentEntry]] = None  # overrides its group's (and menu.student_entries)
     clients: Optional[ClientsConfig] = None  # overrides the group's clients settings field by field
 
 

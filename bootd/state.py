@@ -220,6 +220,15 @@ MIGRATIONS: list[Migration] = [
             updated    REAL NOT NULL
         );
     """),
+    Migration(8, "admin accounts for the PXE admin menu and the dashboard (bootd/admins.py, issue 17)", """
+        CREATE TABLE admin_accounts (
+            name          TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,           -- argon2id, PHC string; never the password
+            created       REAL NOT NULL,
+            created_by    TEXT NOT NULL,
+            updated       REAL NOT NULL
+        );
+    """),
 ]
 
 
@@ -573,6 +582,35 @@ class StateStore:
                             "VALUES (?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE SET name=excluded.name, "
                             "host_group=excluded.host_group, ip=excluded.ip, updated=excluded.updated",
                             (row["mac"], row["name"], row.get("group"), row.get("ip"), now, now))
+
+    # -- admin accounts (bootd/admins.py) --------------------------------------------------------
+    def admin_accounts(self) -> list[dict[str, Any]]:
+        """Every admin account without its hash: name, created, created_by, updated; by name."""
+        return [dict(r) for r in self.query(
+            "SELECT name, created, created_by, updated FROM admin_accounts ORDER BY name")]
+
+    def admin_password_hash(self, name: str) -> Optional[str]:
+        rows = self.query("SELECT password_hash FROM admin_accounts WHERE name=?", (name,))
+        return str(rows[0]["password_hash"]) if rows else None
+
+    def add_admin_account(self, name: str, password_hash: str, by: str, now: Optional[float] = None) -> bool:
+        """Add an account; False (and nothing changed) when the name is taken."""
+        now = time.time() if now is None else now
+        with self.transaction() as cur:
+            return cur.execute("INSERT INTO admin_accounts(name, password_hash, created, created_by, updated) "
+                               "VALUES (?,?,?,?,?) ON CONFLICT(name) DO NOTHING",
+                               (name, password_hash, now, by, now)).rowcount > 0
+
+    def set_admin_password_hash(self, name: str, password_hash: str, now: Optional[float] = None) -> bool:
+        """Replace an account's hash; False when there is no such account."""
+        now = time.time() if now is None else now
+        with self.transaction() as cur:
+            return cur.execute("UPDATE admin_accounts SET password_hash=?, updated=? WHERE name=?",
+                               (password_hash, now, name)).rowcount > 0
+
+    def remove_admin_account(self, name: str) -> bool:
+        with self.transaction() as cur:
+            return cur.execute("DELETE FROM admin_accounts WHERE name=?", (name,)).rowcount > 0
 
     # -- PXE fallback export tokens (pxe/tokens.py) ------------------------------------------------
     def pxe_token(self, mac: str, new_token: str, now: Optional[float] = None) -> str:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine, run as root: Debian packages from
-# deps/debian-packages.txt, then a venv made from Debian's python3 with --system-site-packages
+# deps/runtime-packages.txt (what an installed bootd needs: the .deb's Depends) and
+# deps/test-packages.txt (building and testing), then a venv made from Debian's python3 with --system-site-packages
 # (so python3-libnbd and python3-systemd import), then `pip install -e .[test,lint]`.
 # Every step is skipped when its result is already there (stamp files under .venv/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-PKGS=$(grep -v '^\s*#' deps/debian-packages.txt | awk 'NF{print $1}' | sort -u)
+PKGS=$(cat deps/runtime-packages.txt deps/test-packages.txt | grep -v '^\s*#' | awk 'NF{print $1}' | sort -u)
 
 missing=()
 for p in $PKGS; do

@@ -83,15 +83,16 @@ class Reaper:
             rows = [r for r in rows if r not in released]
             if not rows or now - max(r.last_active for r in rows) < ex.s.reap_after:
                 continue
+            gone_for = now - max(r.last_active for r in rows)
             async with ex.mac_lock(mac):
-                rows = ex.of_mac(mac)
+                rows = ex.of_mac(mac)  # what is left once the lock is ours (may be nothing)
                 for r in rows:  # the file first, then the row: on a full filesystem only that order works
                     ex.forget(r, stored=False)
                     await ex.teardown(r, delete_file=not r.persistent)
                 ex.tables.drop_exports([r.name for r in rows])
             reaped.append(mac)
             ex.inc("reaped")
-            log.info("reaped the disk of %s (gone for %.0f s)", mac, now - max(r.last_active for r in rows))
+            log.info("reaped the disk of %s (gone for %.0f s)", mac, gone_for)
         return reaped
 
     async def release_drafts(self, mac: str, which: Callable[[ExportRow], bool] = lambda r: True) -> list[ExportRow]:

@@ -93,9 +93,14 @@ class Booter:
             items.append(MenuItem(key=LOCAL_KEY, title="Boot from local disk", kind="local"))
         default = plan.default or LOCAL_KEY  # no entry to default to: the local disk (always present then)
         title = cfg.menu.title + (f": {host.name}" if host.name else "")
+        admin_url = f"{http_base}/boot/admin/{host.mac}.ipxe" if host.mac and self._admin_entry() else None
         return BootMenu(mac=host.mac or None, host_name=host.name, title=title, timeout=cfg.menu.timeout,
                         default=default, items=tuple(items), server=server, http_base=http_base,
-                        pxelinux_ui=cfg.menu.pxelinux_ui, notes=tuple(notes))
+                        pxelinux_ui=cfg.menu.pxelinux_ui, notes=tuple(notes), admin_url=admin_url)
+
+    def _admin_entry(self) -> bool:
+        """The menu offers the admin login when it is enabled and some admin account exists to log in."""
+        return self.ctx.config.menu.admin_entry and bool(self.ctx.store.admin_accounts())
 
     async def _nbd_args(self, plan: BootPlan, server: str, new_boot: bool, notes: list[str]) -> dict[str, str]:
         """`bootd.nbd=HOST:PORT/EXPORT` per entry key: the plan's main disk and its extra exports from

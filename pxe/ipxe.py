@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from pxe.menu import BootMenu, MenuItem, clean_text
+from pxe.menu import ADMIN_KEY, BootMenu, MenuItem, clean_text
 
 
 def _text(s: str) -> str:
@@ -28,6 +28,8 @@ def render_ipxe(menu: BootMenu) -> str:
                 out.append("item --gap --")
                 gap = True
             out.append(f"item {it.key} {_text(it.title)}")
+        if menu.admin_url:
+            out += ["item --gap --", f"item {ADMIN_KEY} Admin (login)"]
         out.append(f"choose --default {menu.default} --timeout {menu.timeout * 1000} target || goto {menu.default}")
         out.append("goto ${target}")
     else:
@@ -35,9 +37,30 @@ def render_ipxe(menu: BootMenu) -> str:
     for it in menu.items:
         out += ["", f":{it.key}"]
         out += _item_body(menu, it)
+    if menu.admin_url and menu.timeout > 0:
+        out += ["", f":{ADMIN_KEY}"] + admin_login(menu.admin_url, "start")
     out += ["", ":failed", "echo bootd: boot failed, back to the menu in 5 s",
             "sleep 5", "goto start", ""]
     return "\n".join(out)
+
+
+def with_credentials(url: str) -> str:
+    """`url` with iPXE's ${username}/${password} as its user part: iPXE sends them as HTTP Basic.
+    The credentials stay in the PC's settings; no menu text ever holds them."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://${{username:uristring}}:${{password:uristring}}@{rest}"
+
+
+def admin_login(admin_url: str, back: str) -> list[str]:
+    """iPXE lines: ask for name and password, fetch the admin menu with them; on a refusal say so,
+    forget the password and go to label `back`."""
+    return ["login || goto " + back,
+            f"chain --replace {with_credentials(admin_url)} || goto {ADMIN_KEY}-refused",
+            f":{ADMIN_KEY}-refused",
+            "clear password",
+            "echo bootd: login refused: wrong name or password, or locked out for a while",
+            "prompt Press any key to return to the menu",
+            f"goto {back}"]
 
 
 def _item_body(menu: BootMenu, it: MenuItem) -> list[str]:

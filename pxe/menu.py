@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from bootd.bootplan import LOCAL_KEY as LOCAL_KEY  # the plan never gives an image this key
+from bootd.bootplan import ADMIN_KEY as ADMIN_KEY  # the plan never gives an image these keys
+from bootd.bootplan import LOCAL_KEY as LOCAL_KEY
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class BootMenu:
     http_base: str  # e.g. http://10.77.0.1:8080
     pxelinux_ui: str = "menu.c32"
     notes: tuple[str, ...] = field(default=())  # problems worth a comment in the rendered file
+    # the admin menu's URL without credentials (http://HOST:PORT/boot/admin/MAC.ipxe): iPXE adds an
+    # "Admin" entry that logs in and fetches it with HTTP Basic; None: no admin entry
+    admin_url: Optional[str] = None
 
     def item(self, key: str) -> Optional[MenuItem]:
         for it in self.items:

@@ -33,14 +33,18 @@ class SnapshotPruner:
         self.files = files
         self.hooks = hooks
 
-    def delete(self, ref: str | int, actor: str, reason: str = "") -> dict[str, Any]:
-        """Delete one snapshot or draft; refused with the reasons while anything uses it."""
+    def delete(self, ref: str | int, actor: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Delete one snapshot or draft; refused with the reasons while anything uses it. `dry_run`: the
+        same checks, and what would go (bootctl lists it before it asks for --yes)."""
         snap = self.queries.resolve(ref)
         if snap.state in ("deleted",):
             raise Refused(f"{snap.name} is already deleted")
         reasons = self.queries.usage(snap)
         if reasons:
             raise Refused(f"cannot delete {snap.name}: " + "; ".join(reasons))
+        if dry_run:
+            what = "draft" if snap.state == "draft" else "snapshot"
+            return {"dry_run": True, "would_delete": [f"{what} {snap.name} and its file {snap.path}"]}
         self._delete_one(snap, actor, reason, "delete")
         return {"deleted": [snap.name]}
 

@@ -196,8 +196,8 @@ class SnapshotStore:
         return self.lifecycle.end_maintenance(image, host, actor, reason)
 
     # ------------------------------------------------------------------ removing (snapshots/prune.py)
-    def delete(self, ref: str | int, actor: str, reason: str = "") -> dict[str, Any]:
-        return self.pruner.delete(ref, actor, reason)
+    def delete(self, ref: str | int, actor: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]:
+        return self.pruner.delete(ref, actor, reason, dry_run)
 
     def prune_plan(self, image: str, keep: int) -> tuple[list[Snapshot], dict[str, list[str]]]:
         return self.pruner.prune_plan(image, keep)

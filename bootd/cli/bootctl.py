@@ -28,7 +28,8 @@ EXIT_NOT_RUNNING = 3
 def command_modules() -> list[types.ModuleType]:
     """The modules with `register(sub, common)`, imported by name (not looked up from strings). One line per
     component. Imported at call time: each of them imports this module's helpers (emit, table)."""
-    from bootd.cli import client_cmds, core_cmds, dhcp_cmds, disk_cmds, host_cmds, menu_cmds, snapshot_cmds, wake_cmds
+    from bootd.cli import (admin_cmds, client_cmds, core_cmds, dhcp_cmds, disk_cmds, host_cmds, menu_cmds,
+                           snapshot_cmds, wake_cmds)
     return [
         core_cmds,
         client_cmds,  # client helper: client render, clientroot build
@@ -38,6 +39,7 @@ def command_modules() -> list[types.ModuleType]:
         menu_cmds,  # menus helper: bootctl menu HOST
         wake_cmds,  # issue 16: bootctl wake HOST|--group ROOM, bootctl backup FILE
         host_cmds,  # issue 16: bootctl host list|add|adopt|set|move|rename|remove|import
+        admin_cmds,  # issue 17: bootctl admin add|passwd|remove|list (admin menu accounts)
     ]
 
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bootd.cli.api_client import ApiClient, ApiError, q
-from bootd.cli.bootctl import emit, fmt_time, table
+from bootd.cli.bootctl import EXIT_REFUSED, confirmed, emit, fmt_time, table
 from bootd.units import human
 
 P = "/api/v1"
@@ -223,6 +223,10 @@ def cmd_end_maintenance(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, api: ApiClient) -> int:
+    if not args.dry_run:
+        plan = api.post(f"{P}/images/{q(args.image)}/prune", _body(args, keep=args.keep, dry_run=True))
+        if plan["deleted"] and not confirmed(args, f"snapshot prune {args.image}", plan["deleted"]):
+            return EXIT_REFUSED
     r = api.post(f"{P}/images/{q(args.image)}/prune", _body(args, keep=args.keep, dry_run=args.dry_run))
     verb = "would delete" if r["dry_run"] else "deleted"
     lines = [f"{verb}: {', '.join(r['deleted']) or 'nothing'}"]
@@ -234,6 +238,9 @@ def cmd_prune(args: argparse.Namespace, api: ApiClient) -> int:
 
 def cmd_delete(args: argparse.Namespace, api: ApiClient) -> int:
     path = f"{P}/snapshots/{q(args.ref)}?actor={q(_actor())}&reason={q(args.reason or '')}"
+    plan = api.delete(path + "&dry_run=1")  # refusals (in use) come here, before any question
+    if not confirmed(args, f"snapshot delete {args.ref}", plan["would_delete"]):
+        return EXIT_REFUSED
     r = api.delete(path)
     emit(args, r, f"deleted {', '.join(r['deleted'])}")
     return 0
@@ -385,10 +392,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     p.add_argument("image")
     p.add_argument("--keep", type=int, required=True, help="how many of the newest snapshots to keep")
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p.add_argument("--yes", action="store_true", help="go ahead without asking (else: list what goes, ask at a TTY)")
     reason(p)
     p.set_defaults(func=cmd_prune)
     p = ssub.add_parser("delete", help="delete one snapshot or draft (refused while in use)", parents=[common])
     p.add_argument("ref")
+    p.add_argument("--yes", action="store_true", help="go ahead without asking (else: list what goes, ask at a TTY)")
     reason(p)
     p.set_defaults(func=cmd_delete)
     p = ssub.add_parser("flatten", help="rewrite a snapshot as a standalone layer (background)", parents=[common])

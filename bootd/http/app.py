@@ -35,6 +35,7 @@ def route_modules() -> list[types.ModuleType]:
     missing or broken one fails at the import. One line per component. Imported at call time: each of them
     imports this module's helpers (json_error, read_json)."""
     from bootd.http import (
+        admin_menu,
         api_core,
         backup_api,
         boot,
@@ -57,6 +58,7 @@ def route_modules() -> list[types.ModuleType]:
         wake_api,  # issue 16: POST /api/v1/wake (Wake-on-LAN, paced), GET /api/v1/wake/{job}
         backup_api,  # issue 16: POST /api/v1/backup (online copy of state.db)
         host_api,  # issue 16: /api/v1/host-registry (bootctl host: registered and unknown hosts)
+        admin_menu,  # issue 17: /api/v1/admins (bootctl admin), /boot/admin/<mac>.ipxe (admin menu at the PC)
     ]
 
 

@@ -156,6 +156,8 @@ class BootFileResponse(web.FileResponse):
         try:
             ctx.store.record_event(mac, file_kind(ctx, self._rel), detail, nbytes=nbytes,
                                    duration=round(duration, 6))
+            if mac:
+                ctx.store.touch_host(mac, ip=request.remote)
         except Exception as e:  # the timeline must never break a transfer
             log.warning("http: cannot record boot event: %s", e)
 
@@ -171,6 +173,10 @@ def _not_found(ctx: Context, request: web.Request, rel: str) -> None:
         return
     record_failure(ctx.store, mac, step, reason, host=host_name(ctx, mac), path=rel, proto="http",
                    client=request.remote)
+    try:
+        ctx.store.touch_host(mac, ip=request.remote)
+    except Exception as e:  # the 404 goes out either way
+        log.warning("http: cannot record host %s: %s", mac, e)
 
 
 # -- handlers -----------------------------------------------------------------------------------------

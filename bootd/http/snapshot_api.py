@@ -315,7 +315,8 @@ async def promote(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     store = _store(request)
     body = dict(request.query)
-    return await _call(store.delete, _ref(request), actor_of(request, body), str(body.get("reason") or ""))
+    dry_run = body.get("dry_run", "") not in ("", "0", "false")  # only the checks and what would go
+    return await _call(store.delete, _ref(request), actor_of(request, body), str(body.get("reason") or ""), dry_run)
 
 
 async def flatten(request: web.Request) -> web.Response:

@@ -50,7 +50,8 @@ def record_not_found(store: BootEventLog, *, mac: str, ip: str, path: str, host:
     ("kernel vmlinuz-x: not found over TFTP") on its timeline and a warning naming the host."""
     step = event_kind(path)
     reason = f"{step} {path}: not found over TFTP" if why is None else f"{step} {path}: not made ({why}) over TFTP"
-    record_failure(store, mac, step, reason, host=host, path=path, protocol="tftp", client=ip)
+    record_failure(store, mac, step, reason, host=host, path=path, protocol="tftp", client=ip,
+                   outcome="not-found" if why is None else "provider-failed")
     try:
         store.touch_host(mac, ip=ip)
     except Exception as e:
@@ -79,4 +80,4 @@ def record_transfer(store: BootEventLog, session: ReadSession, *, mac: Optional[
     if outcome == "timeout" and mac:
         step = event_kind(path, dynamic)
         record_failure(store, mac, step, f"{step} {path}: client timeout over TFTP after {nbytes} bytes",
-                       host=host, path=path, protocol="tftp", client=ip)
+                       host=host, path=path, protocol="tftp", client=ip, outcome=outcome)

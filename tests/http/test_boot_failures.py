@@ -81,7 +81,7 @@ def env(tmp_path_factory):
         config = {
             "interfaces": [{"name": "br0", "address": f"{e.lab.server_ip}/24"}],
             "http": {"port": 8080},
-            "tftp": {"enabled": True},
+            "tftp": {"enabled": True, "timeout": 0.2, "retries": 2},
             "dhcp": {"mode": "full", "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.150"}],
                      "router_advertisements": False},
             "storage": {"directory": str(wd / "storage")},
@@ -116,6 +116,7 @@ def test_missing_kernel_over_http_is_a_failed_step(env):
     assert "state failed" in out, out
     host = env.bootd.api.get("/api/v1/hosts/pc01")
     assert host["state"] == "failed" and host["last_error"] == reason
+    assert host["last_seen"] is not None and host["last_ip"] == PC01_IP  # seen, if only over HTTP
     failed = [ev for ev in host["events"] if ev["kind"] == "failed"]
     assert failed and failed[-1]["detail"]["reason"] == reason and failed[-1]["detail"]["step"] == "kernel"
     lines = _warning_lines(env.bootd.log(), reason)
@@ -133,6 +134,31 @@ def test_missing_kernel_over_tftp_is_a_failed_step(env):
     assert reason in out and "state failed" in out, out
     lines = _warning_lines(env.bootd.log(), reason)
     assert lines and all("pc02" in line for line in lines), env.bootd.log()[-3000:]
+
+
+SILENT_TFTP = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"\x00\x01initrd.img\x00octet\x00", (sys.argv[1], 69))
+n = 0
+try:
+    while True:  # the first block and its retransmissions; never an ACK
+        s.recvfrom(65536)
+        n += 1
+except socket.timeout:
+    pass
+print(n)
+"""
+
+
+def test_a_silent_tftp_client_is_a_timeout(env):
+    r = env.pcs["pc02"].ns.run([sys.executable, "-c", SILENT_TFTP, env.lab.server_ip], timeout=60)
+    assert int(r.stdout.split()[-1]) >= 2  # the block and at least one retransmission
+    reason = "initrd initrd.img: client timeout over TFTP after 0 bytes"
+    host = env.bootd.api.get("/api/v1/hosts/pc02")
+    assert host["last_error"] == reason, host["events"][-3:]
+    assert any(reason in line and "pc02" in line for line in _warning_lines(env.bootd.log(), reason))
 
 
 def test_a_good_boot_is_up_with_its_duration(env):

@@ -75,7 +75,7 @@ def env(tmp_path_factory):
             "tftp": {"enabled": True},
             "dhcp": {"mode": "off"},
             "storage": {"directory": str(wd / "storage")},
-            "menu": {"title": "Lab", "timeout": 5},
+            "menu": {"title": "Lab", "timeout": 5, "student_entries": ["current", "previous", "images"]},
             "images": [{"name": "debian", "title": "Debian 12", "kernel": "debian/vmlinuz",
                         "initrd": "debian/initrd.img", "cmdline": "quiet"},
                        {"name": "windows", "title": "Windows 11", "kernel": "debian/vmlinuz",

@@ -56,7 +56,8 @@ def test_each_entry_boots_its_own_snapshot(lab, bootd_daemon, tmp_path):
         "storage": {"directory": str(tmp_path / "storage")},
         "images": [{"name": "debian", "disk": str(ASSETS / "images" / "os-A.qcow2")},
                    {"name": "windows", "disk": str(ASSETS / "images" / "os-B.qcow2")}],
-        "groups": [{"name": "room1", "images": ["debian", "windows"], "default_image": "debian"}],
+        "groups": [{"name": "room1", "images": ["debian", "windows"], "default_image": "debian",
+                    "student_entries": ["current", "previous", "images"]}],
         "hosts": [{"mac": pc.mac, "name": "pc01", "group": "room1", "default_image": "windows"}],
     }
     d = bootd_daemon(config, ns=lab.server)

@@ -35,6 +35,7 @@ NBD_WORD = re.compile(r"bootd\.nbd=\S+/([A-Za-z0-9_-]+)")
 DISAGREEMENT = f"""
 interfaces:
   - {{name: br0, address: 127.0.0.1/8}}
+menu: {{student_entries: [current, previous, images]}}
 nbd: {{port: 10809}}
 images:
   - {{name: a, kernel: vmlinuz, initrd: initrd.img}}

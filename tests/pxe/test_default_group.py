@@ -29,6 +29,7 @@ def lab(default_group: str | None) -> dict:
         "interfaces": [{"name": "br0", "address": "10.77.0.1/24"}],
         "dhcp": {"mode": "full", "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.109"}]},
         "images": [{"name": "deb"}, {"name": "win"}, {"name": "exam"}],
+        "menu": {"student_entries": ["current", "previous", "images"]},
         "groups": [{"name": "room1", "images": ["deb", "win"]},
                    {"name": "oldroom", "images": ["exam", "deb"], "default_image": "deb", "boot": "pxelinux",
                     "cmdline": "nomodeset"}],

@@ -23,7 +23,7 @@ interfaces:
   - {name: br0, address: 10.77.0.1/24}
 http: {port: 8080}
 nbd: {port: 10809}
-menu: {title: "Lab 4", timeout: 5, cmdline: "console=ttyS0"}
+menu: {title: "Lab 4", timeout: 5, cmdline: "console=ttyS0", student_entries: [current, previous, images]}
 images:
   - {name: debian, title: "Debian 12", kernel: debian/vmlinuz, initrd: debian/initrd.img, cmdline: quiet}
   - {name: exam, title: "Exam", kernel: vmlinuz, initrd: initrd.img}

@@ -30,7 +30,7 @@ interfaces:
   - {name: br0, address: 10.77.0.1/24}
 http: {port: 8080}
 nbd: {port: 10809}
-menu: {title: "Lab 3", timeout: 7, cmdline: "console=ttyS0"}
+menu: {title: "Lab 3", timeout: 7, cmdline: "console=ttyS0", student_entries: [current, previous, images]}
 images:
   - {name: debian, title: "Debian 12 desktop", kernel: debian/vmlinuz, initrd: debian/initrd.img, cmdline: quiet}
   - {name: windows, title: "Windows 11 (QEMU)", kernel: vmlinuz, initrd: initrd.img}
@@ -108,7 +108,8 @@ def test_effective_settings(ctx):
     cfg = ctx.config
     h = boot_host(cfg, "52-54-00-00-00-01")
     assert h == BootHost(mac=PC01, name="pc01", group="room1", images=("debian", "windows"),
-                         default_image="windows", boot="pxelinux", persistent=False)
+                         default_image="windows", boot="pxelinux", persistent=False,
+                         student_entries=("current", "previous", "images"))
     unknown = boot_host(cfg, "52:54:00:ff:ff:ff")
     assert unknown.name is None and unknown.images == ("debian", "windows") and unknown.default_image == "debian"
     assert unknown.boot == "ipxe"

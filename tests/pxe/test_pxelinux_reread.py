@@ -35,6 +35,7 @@ NBD_WORD = re.compile(r"bootd\.nbd=\S+/([A-Za-z0-9_-]+)")
 CONFIG = f"""
 interfaces:
   - {{name: br0, address: 127.0.0.1/8}}
+menu: {{student_entries: [current, previous, images]}}
 images:
   - {{name: a, kernel: vmlinuz, initrd: initrd.img}}
   - {{name: b, kernel: vmlinuz, initrd: initrd.img}}

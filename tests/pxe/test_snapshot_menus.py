@@ -25,7 +25,7 @@ PC01, PC02 = "52:54:00:00:00:01", "52:54:00:00:00:02"
 CONFIG = """
 interfaces:
   - {name: br0, address: 10.77.0.1/24}
-menu: {title: "Lab 3", timeout: 7, cmdline: "console=ttyS0"}
+menu: {title: "Lab 3", timeout: 7, cmdline: "console=ttyS0", student_entries: [current, previous, images]}
 images:
   - {name: debian, title: "Debian 12", kernel: vmlinuz, initrd: initrd.img, cmdline: quiet}
   - {name: windows, title: "Windows 11", kernel: vmlinuz, initrd: initrd.img}

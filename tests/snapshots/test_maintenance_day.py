@@ -92,8 +92,8 @@ def test_end_maintenance_and_restart_release_the_draft_at_once(lab, bootd_daemon
     r = d.bootctl("snapshot", "seal", draft, "--note", "too early")
     assert r.returncode == 1 and "open by a client" in r.stderr
     ended = js(d, "snapshot", "end-maintenance", "deb", "teacher")
-    assert ended["ended"] == draft and ended["released"] == [draft]
     v2 = seal_within(d, draft, 0)  # at once
+    assert ended["ended"] == draft and ended["released"] == [draft]
     assert pattern_at(d.storage / "snapshots" / v2["file"], 4 * MiB) == 0x5B
 
     # the next maintenance: the teacher writes and is shut down, then bootd restarts
@@ -202,3 +202,22 @@ def test_audit_rows_are_pruned_after_their_own_longer_retention(tmp_path):
         assert not st.events()
     finally:
         st.close()
+
+
+def test_snapshot_delete_and_prune_list_what_goes_and_need_yes(bootd_daemon, tmp_path):
+    d = bootd_daemon({"nbd": {"enabled": False}, "storage": {"min_free_mb": 1}})
+    js(d, "image", "import", "deb", str(make_raw_disk(tmp_path / "os.raw", size_mb=32)))
+    v2 = js(d, "snapshot", "seal", js(d, "snapshot", "draft", "deb@v1")["name"], "--note", "v2")
+    v3 = js(d, "snapshot", "seal", js(d, "snapshot", "draft", "deb@v1")["name"], "--note", "v3")
+    js(d, "snapshot", "promote", "deb@v3")
+    r = d.bootctl("snapshot", "delete", "deb@v3")  # in use: refused before any question
+    assert r.returncode == 1 and "cannot delete deb@v3" in r.stderr and "would remove" not in r.stderr
+    r = d.bootctl("snapshot", "prune", "deb", "--keep", "1")
+    assert r.returncode == 1 and "snapshot prune deb would remove:\n  deb@v2" in r.stderr, r.stderr
+    assert "nothing removed; add --yes" in r.stderr and os.path.exists(v2["path"])
+    r = d.bootctl("snapshot", "delete", "deb@v2")
+    assert r.returncode == 1 and f"snapshot deb@v2 and its file {v2['path']}" in r.stderr, r.stderr
+    assert os.path.exists(v2["path"]) and [s["name"] for s in js(d, "snapshot", "list", "deb")["snapshots"]] == [
+        "deb@v1", "deb@v2", "deb@v3"]
+    assert js(d, "snapshot", "delete", "deb@v2", "--yes")["deleted"] == ["deb@v2"]
+    assert not os.path.exists(v2["path"]) and os.path.exists(v3["path"])

@@ -76,7 +76,7 @@ def test_bootctl_workflow_against_daemon(bootd_daemon, tmp_path):
     assert "host 52:54:00:00:01:02 is pinned to it" in err and "in test on host 52:54:00:00:01:01" in err
     js(d, "snapshot", "unpin", "deb", "pc2")
     js(d, "snapshot", "test", "deb", "pc1", "--end")
-    r = js(d, "snapshot", "delete", "deb@v2", "-m", "not needed")
+    r = js(d, "snapshot", "delete", "deb@v2", "-m", "not needed", "--yes")
     assert r["deleted"] == ["deb@v2"] and not os.path.exists(v2["path"])
 
     # the HTTP API answers refusals with a status and a JSON reason
@@ -143,7 +143,7 @@ def test_deep_chain_warned_then_flattened_in_background(bootd_daemon, tmp_path):
     assert [(j["kind"], j["state"], j["progress"]) for j in jobs] == [("import", "done", 1.0), ("flatten", "done", 1.0)]
     assert "already standalone" in refused(d, "snapshot", "flatten", "deb@v10")
     # v1..v9 are no longer needed by v10: prune can now delete all but the rollback target and the newest
-    r = js(d, "snapshot", "prune", "deb", "--keep", "1")
+    r = js(d, "snapshot", "prune", "deb", "--keep", "1", "--yes")
     assert r["deleted"] == [f"deb@v{i}" for i in range(9, 0, -1)]
 
 
@@ -201,7 +201,7 @@ def test_config_disk_imported_at_start_and_maintenance_draft(bootd_daemon, tmp_p
     assert f"host {PC1} boots it for maintenance" in refused(d, "snapshot", "delete", dr["name"])
     js(d, "snapshot", "end-maintenance", "deb", "pc1")
     assert js(d, "snapshot", "which", "pc1")["images"][0]["snapshot"] == "deb@v1"   # back to the room's current
-    assert js(d, "snapshot", "delete", dr["name"])["deleted"] == [dr["name"]]
+    assert js(d, "snapshot", "delete", dr["name"], "--yes")["deleted"] == [dr["name"]]
     # a restart does not import it again
     d.stop()
     d.start()

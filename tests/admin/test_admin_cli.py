@@ -1,0 +1,38 @@
+"""bootctl admin add|passwd|remove|list against a running bootd (issue 17): hashes only in the state
+file, no password in the log, refusals with reasons."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+PASSWORD = "s3cret-Admin-pw"
+
+
+def test_bootctl_admin_add_passwd_list_remove(bootd_daemon):
+    d = bootd_daemon({"dhcp": {"mode": "off"}, "tftp": {"enabled": False}})
+    r = d.bootctl("admin", "add", "alice", "--password-stdin", input=PASSWORD + "\n", check=True)
+    assert "admin alice added" in r.stdout
+    r = d.bootctl("admin", "add", "alice", "--password-stdin", input="another-password\n")
+    assert r.returncode == 1 and "exists" in r.stderr
+    r = d.bootctl("admin", "add", "bob", "--password-stdin", input="short\n")
+    assert r.returncode == 1 and "8 to" in r.stderr
+    r = d.bootctl("admin", "add", "bob")  # no terminal and no --password-stdin
+    assert r.returncode == 2 and "--password-stdin" in r.stderr
+    listing = json.loads(d.bootctl("--json", "admin", "list", check=True).stdout)["admins"]
+    assert [a["name"] for a in listing] == ["alice"] and "password_hash" not in listing[0]
+    assert "alice" in d.bootctl("admin", "list", check=True).stdout
+    db = sqlite3.connect(d.storage / "state.db")
+    first = db.execute("SELECT password_hash FROM admin_accounts WHERE name='alice'").fetchone()[0]
+    assert first.startswith("$argon2id$")
+    d.bootctl("admin", "passwd", "alice", "--password-stdin", input="a-new-password\n", check=True)
+    assert db.execute("SELECT password_hash FROM admin_accounts WHERE name='alice'").fetchone()[0] != first
+    r = d.bootctl("admin", "passwd", "carol", "--password-stdin", input="a-new-password\n")
+    assert r.returncode == 1 and "no admin" in r.stderr
+    d.bootctl("admin", "remove", "alice", check=True)
+    assert "no admin accounts" in d.bootctl("admin", "list", check=True).stdout
+    r = d.bootctl("admin", "remove", "alice")
+    assert r.returncode == 1 and "no admin" in r.stderr
+    db.close()
+    d.stop()
+    log = d.log()
+    assert PASSWORD not in log and "a-new-password" not in log

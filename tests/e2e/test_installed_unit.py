@@ -1,0 +1,309 @@
+"""The package as an admin installs it, under a real systemd as PID 1 (opt-in: BOOTD_SYSTEMD_TEST=1, or
+`make test-systemd`; README "Install on a server" has the times).
+
+A Debian 12 root (debootstrap, cached under .cache/systemd-test) gets the .deb `make deb` builds, installed
+with `apt-get install ./bootd_*.deb` from the Debian mirror apt uses here; then `systemd-nspawn -b` boots it
+(private network) and the test drives systemd in it through nsenter: start (READY, watchdog), reload of a
+good and of a broken config, start with a broken config (FILE:LINE in the journal), a clean stop, and
+`systemd-analyze security` no worse than the unit's score before the package existed."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".cache" / "systemd-test"
+BASE = CACHE / "bookworm-base"
+ARCHIVES = CACHE / "apt-archives"  # downloaded .debs, kept between runs
+CONFIG = "/etc/bootd/bootd.yaml"
+# `systemd-analyze security` of systemd/bootd.service as it was before the package (commit 02c3570): 4.9
+EXPOSURE_BEFORE = 4.9
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("BOOTD_SYSTEMD_TEST") != "1",
+                       reason="long (debootstrap, apt, a booted container): BOOTD_SYSTEMD_TEST=1 or make test-systemd"),
+    pytest.mark.timeout(1800),
+]
+
+
+def debian_mirror() -> tuple[str, str]:
+    """(mirror URI, deb822 sources text) from apt's own config on this machine."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        text = sources.read_text()
+        m = re.search(r"^URIs:\s*(\S+/debian)\s*$", text, re.M)
+        if m:
+            return m.group(1), text
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
+            uri = parts[1] if not parts[1].startswith("[") else parts[2]
+            return uri, ""
+    raise RuntimeError("no Debian bookworm mirror in apt's config")
+
+
+def base_root() -> Path:
+    """A minimal Debian 12 with systemd as init, made once (debootstrap ~35 s) and reused."""
+    stamp = BASE / ".bootd-base-ready"
+    if stamp.exists():
+        return BASE
+    mirror, sources = debian_mirror()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE / f"base.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        r = subprocess.run(["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus",
+                            "bookworm", str(tmp), mirror], capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        if sources:  # the host's sources (security updates too): apt resolves the same versions as here
+            (tmp / "etc/apt/sources.list").unlink(missing_ok=True)
+            (tmp / "etc/apt/sources.list.d/debian.sources").write_text(sources)
+        (tmp / ".bootd-base-ready").write_text(mirror + "\n")
+        shutil.rmtree(BASE, ignore_errors=True)
+        tmp.rename(BASE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BASE
+
+
+def nspawn(root: Path, *argv: str, binds: tuple[str, ...] = (), chdir: str = "/",
+           timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command in `root` (no boot; the host's network, for apt)."""
+    cmd = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit", "--resolv-conf=copy-host",
+           f"--chdir={chdir}", *(f"--bind={b}" for b in binds), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def installed_packages(root: Path) -> set[str]:
+    r = nspawn(root, "dpkg-query", "-W", "-f=${Package} ${Status}\\n")
+    assert r.returncode == 0, r.stderr
+    return {line.split()[0] for line in r.stdout.splitlines() if line.endswith("install ok installed")}
+
+
+class Container:
+    """A booted container (systemd-nspawn -b) and commands in it through nsenter on its PID 1."""
+
+    def __init__(self, root: Path, log: Path):
+        self.root = root
+        self.log_path = log
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.leader = 0
+        self.pulled: set[str] = set()  # the packages `apt install ./bootd.deb` added
+
+    def boot(self, timeout: float = 120) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(["systemd-nspawn", "-q", "-b", "-D", str(self.root), "--register=no",
+                                          "--keep-unit", "--private-network"],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.leader:
+            assert self.proc.poll() is None, self.log_path.read_text(errors="replace")
+            self.leader = self._init_pid()
+            time.sleep(0.2)
+        assert self.leader, "the container's init did not start"
+        r = self.run("systemctl", "is-system-running", "--wait", timeout=timeout)
+        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr + self.run("systemctl", "--failed").stdout
+
+    def _init_pid(self) -> int:
+        """The container's PID 1: the child of nspawn that runs systemd."""
+        assert self.proc is not None
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            for c in map(int, children):
+                try:
+                    if Path(f"/proc/{c}/comm").read_text().strip() == "systemd":
+                        return c
+                except OSError:
+                    continue
+                todo.append(c)
+        return 0
+
+    def run(self, *argv: str, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(self.leader), "-a", "--", *argv], capture_output=True,
+                              text=True, timeout=timeout, input=input)
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        r = self.run("systemctl", "show", unit, *(f"-p{p}" for p in props))
+        return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+    def write(self, path: str, text: str) -> None:
+        r = self.run("sh", "-c", f"cat > {path}", input=text)
+        assert r.returncode == 0, r.stderr
+
+    def journal(self, unit: str) -> str:
+        return self.run("journalctl", "-u", unit, "--no-pager", "-o", "cat").stdout
+
+    def poweroff(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM to nspawn powers the container off
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(timeout=10)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def timings() -> dict[str, float]:
+    t: dict[str, float] = {}
+    yield t
+    print("\ntest_installed_unit times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory, timings):
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (deps/test-packages.txt)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    work = tmp_path_factory.mktemp("installed-unit")
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(ROOT / "scripts/build-deb.sh"), str(work)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    deb = Path(r.stdout.strip().splitlines()[-1])
+    timings["make deb"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    base = base_root()
+    timings["debootstrap (cached after the first run)"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    root = work / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True)
+    before = installed_packages(root)
+    ARCHIVES.mkdir(parents=True, exist_ok=True)
+    # What the README tells the admin, literally (recommends included).
+    binds = (f"{deb}:/root/{deb.name}", f"{ARCHIVES}:/var/cache/apt/archives")
+    r = nspawn(root, "sh", "-c", f"apt-get update -q && apt-get install -y -q ./{deb.name}", binds=binds,
+               chdir="/root")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    c = Container(root, work / "console.log")
+    c.pulled = installed_packages(root) - before
+    timings["apt install ./bootd.deb"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        c.boot()
+        timings["boot to multi-user"] = time.monotonic() - t0
+        yield c
+    finally:
+        c.poweroff()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_apt_install_pulls_runtime_dependencies_only(container):
+    pulled = container.pulled
+    assert "bootd" in pulled
+    for need in ("qemu-utils", "qemu-system-common", "ipxe", "pxelinux", "grub-efi-amd64-bin", "python3-libnbd"):
+        assert need in pulled, sorted(pulled)
+    compilers = {p for p in pulled if re.fullmatch(r"(gcc|cpp|g\+\+|clang|binutils)(-\d+)?", p)}
+    assert not compilers, sorted(compilers)
+    for path in ("/usr/bin/bootd", "/usr/bin/bootctl", CONFIG, "/var/lib/bootd", "/lib/systemd/system/bootd.service"):
+        assert container.run("test", "-e", path).returncode == 0, path
+    helpers = container.run("ls", "/usr/lib/bootd/helpers").stdout.split()
+    assert len(helpers) == 3 and any(h.endswith(".so") for h in helpers), helpers
+
+
+def test_enabled_unit_starts_ready_with_watchdog_and_prebuilt_helpers(container):
+    c = container
+    assert c.run("systemctl", "is-enabled", "bootd").stdout.strip() == "enabled"
+    r = c.run("systemctl", "restart", "bootd")
+    assert r.returncode == 0, r.stderr + c.journal("bootd")
+    s = c.show("bootd", "ActiveState", "SubState", "Type", "WatchdogUSec", "StatusText", "MainPID")
+    assert s["ActiveState"] == "active" and s["SubState"] == "running", s  # Type=notify: READY=1 arrived
+    assert s["WatchdogUSec"] == "30s", s
+    assert s["StatusText"], s  # the daemon's STATUS= line
+    # the watchdog is fed: the time of the last WATCHDOG=1 moves on (pings at half WatchdogSec)
+    first = int(c.show("bootd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
+    wait_for(lambda: int(c.show("bootd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]) > first,
+             40, "a watchdog ping")
+    status = c.run("bootctl", "status")
+    assert status.returncode == 0, status.stderr
+    # the C helpers come from the package: the pump runs from /usr/lib/bootd/helpers, nothing compiled
+    exes = c.run("sh", "-c", "ls -l /proc/[0-9]*/exe 2>/dev/null").stdout
+    assert "/usr/lib/bootd/helpers/tftp-pump-" in exes, exes + c.journal("bootd")
+    assert "data_pump.mode      c" in status.stdout and "data_pump.up        yes" in status.stdout, status.stdout
+    assert c.run("test", "-e", "/usr/bin/gcc").returncode != 0
+
+
+HOST_YAML = """
+hosts:
+  - mac: "52:54:00:aa:bb:01"
+    name: pc-systemd-test
+"""
+
+
+def test_reload_applies_a_change_and_keeps_the_old_config_when_broken(container):
+    c = container
+    good = c.run("cat", CONFIG).stdout
+    c.write(CONFIG, good + HOST_YAML)
+    r = c.run("systemctl", "reload", "bootd")
+    assert r.returncode == 0, r.stderr + c.journal("bootd")
+    wait_for(lambda: "pc-systemd-test" in c.run("bootctl", "hosts").stdout, 30, "the reloaded host list")
+    pid = c.show("bootd", "MainPID")["MainPID"]
+
+    broken = good + HOST_YAML + "log:\n  level: loud\n"
+    line = broken.splitlines().index("  level: loud") + 1
+    c.write(CONFIG, broken)
+    r = c.run("systemctl", "reload", "bootd")
+    assert r.returncode != 0  # the admin sees the reload refused
+    assert f"bootd.yaml:{line}" in c.journal("bootd")
+    s = c.show("bootd", "ActiveState", "MainPID")
+    assert s["ActiveState"] == "active" and s["MainPID"] == pid, s
+    assert "pc-systemd-test" in c.run("bootctl", "hosts").stdout  # still the old (good) config
+    c.write(CONFIG, good)
+
+
+def test_start_with_a_broken_config_fails_with_file_and_line_and_stop_is_clean(container):
+    c = container
+    good = c.run("cat", CONFIG).stdout
+    stops_before = c.journal("bootd").count("stopping")
+    r = c.run("systemctl", "stop", "bootd")
+    assert r.returncode == 0, r.stderr
+    s = c.show("bootd", "ActiveState", "Result", "ExecMainStatus")
+    assert s == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, s
+    assert c.journal("bootd").count("stopping") > stops_before  # SIGTERM handled by bootd, not a kill
+    assert "tftp-pump" not in c.run("sh", "-c", "ls -l /proc/[0-9]*/exe 2>/dev/null").stdout
+
+    c.write(CONFIG, good + "dhcp:\n  mode: sometimes\n")
+    line = len(good.splitlines()) + 2
+    r = c.run("systemctl", "start", "bootd")
+    assert r.returncode != 0
+    assert c.show("bootd", "ActiveState")["ActiveState"] in ("failed", "inactive", "activating")
+    assert f"bootd.yaml:{line} dhcp.mode" in c.journal("bootd"), c.journal("bootd")[-2000:]
+    c.run("systemctl", "stop", "bootd")
+    c.run("systemctl", "reset-failed", "bootd")
+    c.write(CONFIG, good)
+    r = c.run("systemctl", "start", "bootd")
+    assert r.returncode == 0, r.stderr + c.journal("bootd")[-2000:]
+
+
+def test_systemd_analyze_security_no_worse_than_before(container):
+    r = container.run("systemd-analyze", "security", "--no-pager", "bootd.service")
+    m = re.search(r"Overall exposure level for bootd.service: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= EXPOSURE_BEFORE, r.stdout[-3000:]
