@@ -266,12 +266,12 @@ def test_reload_applies_a_change_and_keeps_the_old_config_when_broken(container)
     wait_for(lambda: "pc-systemd-test" in c.run("bootctl", "hosts").stdout, 30, "the reloaded host list")
     pid = c.show("bootd", "MainPID")["MainPID"]
 
-    broken = good + HOST_YAML + "log:\n  level: loud\n"
-    line = broken.splitlines().index("  level: loud") + 1
+    broken = (good + HOST_YAML).replace("  level: info ", "  level: loud ", 1)
+    line = [n for n, text in enumerate(broken.splitlines(), 1) if text.startswith("  level: loud")][0]
     c.write(CONFIG, broken)
     r = c.run("systemctl", "reload", "bootd")
     assert r.returncode != 0  # the admin sees the reload refused
-    assert f"bootd.yaml:{line}" in c.journal("bootd")
+    assert f"bootd.yaml:{line} log.level" in c.journal("bootd"), c.journal("bootd")[-2000:]
     s = c.show("bootd", "ActiveState", "MainPID")
     assert s["ActiveState"] == "active" and s["MainPID"] == pid, s
     assert "pc-systemd-test" in c.run("bootctl", "hosts").stdout  # still the old (good) config
@@ -289,8 +289,9 @@ def test_start_with_a_broken_config_fails_with_file_and_line_and_stop_is_clean(c
     assert c.journal("bootd").count("stopping") > stops_before  # SIGTERM handled by bootd, not a kill
     assert "tftp-pump" not in c.run("sh", "-c", "ls -l /proc/[0-9]*/exe 2>/dev/null").stdout
 
-    c.write(CONFIG, good + "dhcp:\n  mode: sometimes\n")
-    line = len(good.splitlines()) + 2
+    broken = good.replace('  mode: "off"', "  mode: sometimes", 1)
+    line = [n for n, text in enumerate(broken.splitlines(), 1) if text == "  mode: sometimes"][0]
+    c.write(CONFIG, broken)
     r = c.run("systemctl", "start", "bootd")
     assert r.returncode != 0
     assert c.show("bootd", "ActiveState")["ActiveState"] in ("failed", "inactive", "activating")
