@@ -251,6 +251,9 @@ class MenuConfig(Section):
     # the "previous" entries, the room's other images; a hidden entry is not in the menu text at all
     student_entries: list[StudentEntry] = ["current"]
     admin_entry: bool = True  # iPXE menus get an "Admin" entry (login, then the admin menu) once an admin exists
+    admin_failure_delay: Annotated[float, Field(ge=0, le=30)] = 2.0  # seconds a refused admin login waits
+    admin_lockout_after: Annotated[int, Field(ge=1, le=100)] = 5  # failed logins (per PC, per account) before a lock
+    admin_lockout: Annotated[float, Field(gt=0, le=86400)] = 30.0  # seconds of the first lock; doubles per failure
     cmdline: str = "console=tty0 console=ttyS0"  # kernel arguments put first on every entry's command line
     pxelinux_ui: str = "menu.c32"  # pxelinux UI module (menu.c32 or vesamenu.c32), in the boot root
     # pxelinux reads its menu twice per power-on (ldlinux.c32, then the UI module): a second read from the

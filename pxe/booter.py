@@ -11,7 +11,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from bootd.bootplan import BootPlan, Planner, anonymous_settings
+from bootd.bootplan import BootPlan, MenuEntry, Planner, anonymous_settings, entry_key
 from bootd.config import Config
 from bootd.nfs import cmdline_for as nfs_cmdline_for
 from pxe.catalog import BootHost, Catalog, CatalogEntry
@@ -97,6 +97,35 @@ class Booter:
         return BootMenu(mac=host.mac or None, host_name=host.name, title=title, timeout=cfg.menu.timeout,
                         default=default, items=tuple(items), server=server, http_base=http_base,
                         pxelinux_ui=cfg.menu.pxelinux_ui, notes=tuple(notes), admin_url=admin_url)
+
+    async def boot_once(self, mac: str, image: str, snapshot_id: int, label: str,
+                        server_ip: Optional[str] = None) -> BootMenu:
+        """A one-entry menu (no wait) booting `snapshot_id` of `image` on `mac` once: the admin menu's
+        "boot once" (issue 17). The disk is one more export in the PC's current boot; the plan is
+        unchanged, so the next boot is the usual one."""
+        cfg: Config = self.ctx.config
+        server = server_ip or cfg.server_ip or "127.0.0.1"
+        http_base = f"http://{_url_host(server)}:{cfg.http.port}"
+        img = cfg.image(image)
+        if img is None:
+            raise ValueError(f"image {image} is not in the config")
+        host = self.ctx.planner.settings_for(mac)
+        entry = MenuEntry(entry_key(image, "once"), image, f"{img.title or image} ({label}, once)", img.kernel,
+                          img.initrd, img.cmdline, snapshot_id=snapshot_id)
+        nbd: Optional[str] = None
+        notes: list[str] = []
+        if cfg.nbd.enabled and self.ctx.disks is not None:
+            if self.ctx.disks.export_for(mac) is None:
+                await self.ctx.disks.prepare_boot(mac, snapshot=snapshot_id, server_ip=server)
+            nbd = (await self.ctx.disks.prepare_export(mac, snapshot_id, server_ip=server)).cmdline
+        elif cfg.nbd.enabled:
+            notes.append("no NBD manager running: the fallback export, not the chosen snapshot")
+            nbd = f"bootd.nbd={_url_host(server)}:{cfg.nbd.port}/{fallback_token(self.ctx.store, mac)}"
+        item = MenuItem(key=entry.key, title=entry.title, kind="linux", kernel=entry.kernel, initrd=entry.initrd,
+                        cmdline=self._cmdline(host, entry, server, http_base, nbd, snapshot_id), image=image,
+                        snapshot_id=snapshot_id)
+        return BootMenu(mac=mac, host_name=host.name, title=cfg.menu.title, timeout=0, default=item.key,
+                        items=(item,), server=server, http_base=http_base, notes=tuple(notes))
 
     def _admin_entry(self) -> bool:
         """The menu offers the admin login when it is enabled and some admin account exists to log in."""

@@ -111,7 +111,8 @@ class Container:
             time.sleep(0.2)
         assert self.leader, "the container's init did not start"
         r = self.run("systemctl", "is-system-running", "--wait", timeout=timeout)
-        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr + self.run("systemctl", "--failed").stdout
+        failed = self.run("systemctl", "--failed").stdout
+        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr + failed
 
     def _init_pid(self) -> int:
         """The container's PID 1: the child of nspawn that runs systemd."""

@@ -3,6 +3,7 @@ sources (bootd/tftp/pump.c, nbdexport/splicer.c, nbdexport/handoff.c and their h
 `pip install` of a wheel runs the daemon with disks and the TFTP pump degraded."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -50,3 +51,21 @@ def test_sdist_carries_the_c_helper_sources(tmp_path):
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert C_FILES <= names, sorted(C_FILES - names)
+
+
+KILL_BY_NAME = re.compile(r"\b(pkill|killall|killall5)\b|\bkill\b[^\n#]*\$\((pidof|pgrep)\b")
+
+
+def test_set_up_and_build_scripts_kill_nothing_by_name():
+    """deps/setup.sh once ran `pkill -x dnsmasq` (and the like) after installing test peers: on a real server
+    that stops the site's own dnsmasq or kea. Set-up, build and packaging scripts must never kill by name
+    (they keep postinsts from starting servers with a policy-rc.d instead)."""
+    scripts = [*ROOT.glob("deps/*.sh"), *ROOT.glob("scripts/*.sh"), ROOT / "Makefile"]
+    assert ROOT / "deps/setup.sh" in scripts
+    offenders = []
+    for path in scripts:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
+            if KILL_BY_NAME.search(code):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, offenders

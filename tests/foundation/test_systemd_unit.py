@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,3 +64,19 @@ def test_the_units_bootd_command_lines_work_as_shipped(tmp_path):
     assert r.returncode != 0 and "bootd.yaml:4 log.level" in r.stderr, r.stderr
     run = commands["ExecStart"][0]
     assert run[-1] == "run" and run[1:3] == ["--config", "/etc/bootd/bootd.yaml"], run
+
+
+# `systemd-analyze security` of the unit before the package existed (commit 02c3570): 4.9. The booted check
+# is tests/e2e/test_installed_unit.py; this one runs offline on the unit file.
+EXPOSURE_BEFORE = 4.9
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_security_exposure_no_worse_than_before(tmp_path):
+    path = tmp_path / "bootd.service"
+    path.write_text((ROOT / "systemd/bootd.service").read_text())
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
+                       capture_output=True, text=True, env=dict(os.environ, SYSTEMD_LOG_LEVEL="warning"))
+    m = re.search(r"Overall exposure level for bootd.service: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= EXPOSURE_BEFORE, r.stdout[-3000:]
