@@ -8,8 +8,10 @@ tests step it instead of sleeping.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -237,3 +239,23 @@ class NonceBook:
             return None
         del self._open[nonce]
         return grant if grant.expires > self.clock() else None
+
+
+# -- bootloader password hashes (pxelinux MENU PASSWD, GRUB password_pbkdf2) ----------------------------
+_CRYPT_SALT = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def sha512_crypt(password: str, salt: Optional[str] = None) -> str:
+    """A SHA-512 crypt hash ($6$SALT$HASH) for pxelinux's MENU PASSWD: the same as `openssl passwd -6`.
+    Python 3.11's crypt module is deprecated (gone in 3.13), hence openssl, which Debian always has."""
+    salt = salt or "".join(secrets.choice(_CRYPT_SALT) for _ in range(16))
+    out = subprocess.run(["openssl", "passwd", "-6", "-salt", salt, "-stdin"], input=password + "\n",
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def grub_pbkdf2(password: str, salt: Optional[bytes] = None, iterations: int = 10000) -> str:
+    """grub-mkpasswd-pbkdf2's format: grub.pbkdf2.sha512.ITERATIONS.SALT.HASH (hex, 64-byte salt and hash)."""
+    salt = salt if salt is not None else secrets.token_bytes(64)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return f"grub.pbkdf2.sha512.{iterations}.{salt.hex().upper()}.{digest.hex().upper()}"

@@ -254,6 +254,24 @@ class MenuConfig(Section):
     admin_failure_delay: Annotated[float, Field(ge=0, le=30)] = 2.0  # seconds a refused admin login waits
     admin_lockout_after: Annotated[int, Field(ge=1, le=100)] = 5  # failed logins (per PC, per account) before a lock
     admin_lockout: Annotated[float, Field(gt=0, le=86400)] = 30.0  # seconds of the first lock; doubles per failure
+    # pxelinux and GRUB rooms: the bootloader's own password guards the admin (boot-once) entries; a hash
+    # in the bootloader's format (an argon2 account hash cannot be turned into one): bootctl admin loader-hashes
+    admin_pxelinux_passwd: Optional[str] = None  # SHA-512 crypt ($6$...) for MENU PASSWD
+    admin_grub_pbkdf2: Optional[str] = None  # grub.pbkdf2.sha512.ITER.SALT.HASH for GRUB superuser "admin"
+
+    @field_validator("admin_pxelinux_passwd")
+    @classmethod
+    def _sha512_crypt(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"\$6\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}", v):
+            raise ValueError("a SHA-512 crypt hash ($6$SALT$HASH, e.g. from bootctl admin loader-hashes)")
+        return v
+
+    @field_validator("admin_grub_pbkdf2")
+    @classmethod
+    def _grub_pbkdf2(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"grub\.pbkdf2\.sha512\.\d+\.[0-9A-Fa-f]+\.[0-9A-Fa-f]+", v):
+            raise ValueError("a grub-mkpasswd-pbkdf2 hash (grub.pbkdf2.sha512.ITER.SALT.HASH)")
+        return v
     cmdline: str = "console=tty0 console=ttyS0"  # kernel arguments put first on every entry's command line
     pxelinux_ui: str = "menu.c32"  # pxelinux UI module (menu.c32 or vesamenu.c32), in the boot root
     # pxelinux reads its menu twice per power-on (ldlinux.c32, then the UI module): a second read from the

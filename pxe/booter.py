@@ -79,24 +79,34 @@ class Booter:
         if mac is None:
             notes.append("client MAC unknown: no disk and no client config on the command lines")
         notes.extend(plan.notes)
+        # pxelinux/GRUB rooms with a bootloader password: what students do not see, behind that password
+        loader_hash = {"pxelinux": cfg.menu.admin_pxelinux_passwd, "grub": cfg.menu.admin_grub_pbkdf2}.get(host.boot)
+        guarded = plan.hidden if mac and loader_hash else ()
         if not mac:
             nbd = {}
         elif preview:
             nbd = self._current_nbd_args(plan, server, notes)
         else:
-            nbd = await self._nbd_args(plan, server, new_boot, notes)
+            nbd = await self._nbd_args(plan, server, new_boot, notes, guarded)
         items = [MenuItem(key=e.key, title=e.title, kind="linux", kernel=e.kernel, initrd=e.initrd,
                           cmdline=self._cmdline(host, e, server, http_base, nbd.get(e.key), e.snapshot_id),
                           image=e.image, snapshot_id=e.snapshot_id, version=e.version, previous=e.previous)
                  for e in plan.entries]
         if cfg.menu.local_disk_entry or not items:
             items.append(MenuItem(key=LOCAL_KEY, title="Boot from local disk", kind="local"))
+        admin_items = tuple(
+            MenuItem(key=e.key, title=f"Admin: {e.title}", kind="linux", kernel=e.kernel, initrd=e.initrd,
+                     cmdline=self._cmdline(host, e, server, http_base, nbd.get(e.key), e.snapshot_id),
+                     image=e.image, snapshot_id=e.snapshot_id, version=e.version, previous=e.previous)
+            for e in guarded)
         default = plan.default or LOCAL_KEY  # no entry to default to: the local disk (always present then)
         title = cfg.menu.title + (f": {host.name}" if host.name else "")
         admin_url = f"{http_base}/boot/admin/{host.mac}.ipxe" if host.mac and self._admin_entry() else None
         return BootMenu(mac=host.mac or None, host_name=host.name, title=title, timeout=cfg.menu.timeout,
                         default=default, items=tuple(items), server=server, http_base=http_base,
-                        pxelinux_ui=cfg.menu.pxelinux_ui, notes=tuple(notes), admin_url=admin_url)
+                        pxelinux_ui=cfg.menu.pxelinux_ui, notes=tuple(notes), admin_url=admin_url,
+                        admin_items=admin_items, pxelinux_passwd=cfg.menu.admin_pxelinux_passwd,
+                        grub_pbkdf2=cfg.menu.admin_grub_pbkdf2)
 
     async def boot_once(self, mac: str, image: str, snapshot_id: int, label: str,
                         server_ip: Optional[str] = None) -> BootMenu:
@@ -131,9 +141,10 @@ class Booter:
         """The menu offers the admin login when it is enabled and some admin account exists to log in."""
         return self.ctx.config.menu.admin_entry and bool(self.ctx.store.admin_accounts())
 
-    async def _nbd_args(self, plan: BootPlan, server: str, new_boot: bool, notes: list[str]) -> dict[str, str]:
+    async def _nbd_args(self, plan: BootPlan, server: str, new_boot: bool, notes: list[str],
+                        guarded: tuple[MenuEntry, ...] = ()) -> dict[str, str]:
         """`bootd.nbd=HOST:PORT/EXPORT` per entry key: the plan's main disk and its extra exports from
-        the NBD engine (or the fallback token)."""
+        the NBD engine (or the fallback token); also for the `guarded` (password-protected) entries."""
         cfg: Config = self.ctx.config
         disks = self.ctx.disks
         mac = plan.settings.mac
@@ -143,7 +154,7 @@ class Booter:
         if disks is None:
             token = fallback_token(self.ctx.store, mac)
             arg = f"bootd.nbd={_url_host(server)}:{cfg.nbd.port}/{token}"
-            return {e.key: arg for e in plan.entries}
+            return {e.key: arg for e in plan.entries + guarded}
         main_sid = plan.disk.snapshot_id
         try:
             if new_boot or disks.export_for(mac) is None:
@@ -153,7 +164,7 @@ class Booter:
             notes.append(f"no disk: {exc}")
             self.ctx.store.record_event(mac, "disk", {"message": f"menu: no disk: {exc}"})
             return out
-        for e in plan.entries:
+        for e in plan.entries + guarded:
             sid = e.snapshot_id
             try:
                 if sid is None:

@@ -34,15 +34,27 @@ def render_grub(menu: BootMenu) -> str:
             f"set timeout={menu.timeout}",
             "set timeout_style=menu",
             f"echo {_quote(menu.title)}"]
+    guarded = bool(menu.admin_items and menu.grub_pbkdf2)
+    if guarded:
+        # with superusers set, an entry without --unrestricted (and the editor, the shell) needs the login
+        out += [f"set superusers={_quote(GRUB_ADMIN)}",
+                f"password_pbkdf2 {GRUB_ADMIN} {_word(menu.grub_pbkdf2 or '')}"]
     for it in menu.items:
         out.append("")
-        out += _entry(it)
+        out += _entry(it, unrestricted=guarded)
+    if guarded:
+        for it in menu.admin_items:
+            out.append("")
+            out += _entry(it, unrestricted=False)
     out.append("")
     return "\n".join(out)
 
 
-def _entry(it: MenuItem) -> list[str]:
-    head = f"menuentry {_quote(it.title)} --id {it.key} {{"
+GRUB_ADMIN = "admin"  # the GRUB superuser's name (menu.admin_grub_pbkdf2 is its password)
+
+
+def _entry(it: MenuItem, unrestricted: bool = False) -> list[str]:
+    head = f"menuentry {_quote(it.title)} --id {it.key} {'--unrestricted ' if unrestricted else ''}{{"
     if it.kind == "local":
         # Back to the UEFI boot manager, which tries the next boot option: the local disk.
         return [head, "  exit", "}"]

@@ -53,10 +53,11 @@ def with_credentials(url: str) -> str:
 
 def admin_login(admin_url: str, back: str) -> list[str]:
     """iPXE lines: ask for name and password, fetch the admin menu with them; on a refusal say so,
-    forget the password and go to label `back`."""
+    forget both (the next login form starts empty) and go to label `back`."""
     return ["login || goto " + back,
             f"chain --replace {with_credentials(admin_url)} || goto {ADMIN_KEY}-refused",
             f":{ADMIN_KEY}-refused",
+            "clear username",
             "clear password",
             "echo bootd: login refused: wrong name or password, or locked out for a while",
             "prompt Press any key to return to the menu",

@@ -51,6 +51,11 @@ class BootMenu:
     # the admin menu's URL without credentials (http://HOST:PORT/boot/admin/MAC.ipxe): iPXE adds an
     # "Admin" entry that logs in and fetches it with HTTP Basic; None: no admin entry
     admin_url: Optional[str] = None
+    # pxelinux/GRUB rooms: the entries students do not see, offered behind the bootloader's own password
+    # (boot once; state changes need iPXE or the dashboard), and that password's hash in each format
+    admin_items: tuple[MenuItem, ...] = field(default=())
+    pxelinux_passwd: Optional[str] = None
+    grub_pbkdf2: Optional[str] = None
 
     def item(self, key: str) -> Optional[MenuItem]:
         for it in self.items:

@@ -36,6 +36,11 @@ def render_pxelinux(menu: BootMenu) -> str:
             out += ["MENU SEPARATOR", ""]
             gap = True
         out += _label(menu, it)
+    if menu.admin_items and menu.pxelinux_passwd and menu.timeout > 0:
+        # each admin entry asks for the password when picked (menu.c32); students see the titles only
+        out += ["", "MENU SEPARATOR"]
+        for it in menu.admin_items:
+            out += [""] + _label(menu, it) + [f"  MENU PASSWD {clean_text(menu.pxelinux_passwd)}"]
     out.append("")
     return "\n".join(out)
 

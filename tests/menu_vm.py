@@ -48,7 +48,8 @@ def room_config(lab, tmp_path: Path, mac: str, title: str, timeout: int, boot: O
         "dhcp": {"mode": "full", "pools": [{"interface": "br0", "start": "10.77.0.100", "end": "10.77.0.150"}]},
         "nbd": {"enabled": False},
         "storage": {"directory": str(tmp_path / "storage")},
-        "menu": {"title": title, "timeout": timeout, "cmdline": "console=ttyS0"},
+        "menu": {"title": title, "timeout": timeout, "cmdline": "console=ttyS0",
+                 "student_entries": ["current", "previous", "images"]},  # the tests pick other entries
         "images": images,
         "groups": [group],
         "hosts": [{"mac": mac, "name": "pc01", "group": "room1", "default_image": "windows"}],

@@ -70,6 +70,15 @@ def cmd_remove(args: argparse.Namespace, api: ApiClient) -> int:
     return 0
 
 
+@_with_password
+def cmd_loader_hashes(args: argparse.Namespace, api: ApiClient, password: str) -> int:
+    """Computed here (no bootd needed): the lines to put under `menu:` for pxelinux and GRUB rooms."""
+    from bootd.admins import grub_pbkdf2, sha512_crypt
+    data = {"admin_pxelinux_passwd": sha512_crypt(password), "admin_grub_pbkdf2": grub_pbkdf2(password)}
+    emit(args, data, "\n".join(f'  {k}: "{v}"' for k, v in data.items()))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace, api: ApiClient) -> int:
     data = api.get(BASE)
     rows = [[a["name"], fmt_time(a["created"]), a["created_by"], fmt_time(a["updated"])] for a in data["admins"]]
@@ -86,6 +95,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
         a.add_argument("name")
         a.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
         a.set_defaults(func=func)
+    h = s.add_parser("loader-hashes", parents=[common],
+                     help="hashes of a password for pxelinux (MENU PASSWD) and GRUB (password_pbkdf2) rooms")
+    h.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
+    h.set_defaults(func=cmd_loader_hashes, name="the bootloaders")
     r = s.add_parser("remove", parents=[common], help="remove an account")
     r.add_argument("name")
     r.set_defaults(func=cmd_remove)

@@ -28,8 +28,17 @@ EXIT_NOT_RUNNING = 3
 def command_modules() -> list[types.ModuleType]:
     """The modules with `register(sub, common)`, imported by name (not looked up from strings). One line per
     component. Imported at call time: each of them imports this module's helpers (emit, table)."""
-    from bootd.cli import (admin_cmds, client_cmds, core_cmds, dhcp_cmds, disk_cmds, host_cmds, menu_cmds,
-                           snapshot_cmds, wake_cmds)
+    from bootd.cli import (
+        admin_cmds,
+        client_cmds,
+        core_cmds,
+        dhcp_cmds,
+        disk_cmds,
+        host_cmds,
+        menu_cmds,
+        snapshot_cmds,
+        wake_cmds,
+    )
     return [
         core_cmds,
         client_cmds,  # client helper: client render, clientroot build

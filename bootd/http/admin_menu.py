@@ -38,6 +38,7 @@ from pxe.booter import Booter
 from pxe.ipxe import _text, render_ipxe, with_credentials
 from pxe.menu import clean_text
 from snapshots.errors import SnapshotError
+from snapshots.model import ALL_GROUPS
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -240,7 +241,7 @@ def _actions(ctx: Context, mac: str, now: float) -> list[tuple[str, list[MenuAct
                 continue
             boots, why = store.boot_choice(mac, room, image)
             current = store.assigned(image, "current", room) if room else None
-            current = current or store.current(image)
+            current = current or store.assigned(image, "current", ALL_GROUPS)
             for snap in sorted(snaps, key=lambda s: s.id, reverse=True):
                 label = f"v{snap.version}" if snap.version is not None else f"draft-{snap.id}"
                 marks = [m for m, on in (("boots now", boots is not None and boots.id == snap.id),
@@ -363,7 +364,8 @@ async def _run(request: web.Request, mac: str, admin: str, grant: Grant) -> str 
             snap = await asyncio.to_thread(store.get, int(grant.arg("snapshot")))
         if grant.action == "boot":
             label = f"v{snap.version}" if snap.version is not None else f"draft-{snap.id}"
-            menu = await (ctx.booter or Booter(ctx)).boot_once(mac, snap.image, snap.id, label, local_ip(request))
+            booter = ctx.booter if isinstance(ctx.booter, Booter) else Booter(ctx)
+            menu = await booter.boot_once(mac, snap.image, snap.id, label, local_ip(request))
             return web.Response(text=render_ipxe(menu), content_type="text/plain",
                                 headers={"Cache-Control": "no-store"})
         if grant.action == "pin":

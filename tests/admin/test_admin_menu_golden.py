@@ -54,7 +54,8 @@ def render(ctx, mac):
     def link(a: MenuAction) -> str:
         links.append(a)
         return f"/boot/admin/{mac}/do/NONCE{len(links)}"
-    return "#!ipxe\n" + "\n".join(render_admin_menu(ctx, mac, "alice", "http://10.77.0.1:8080", link, now)) + "\n", links
+    lines = render_admin_menu(ctx, mac, "alice", "http://10.77.0.1:8080", link, now)
+    return "#!ipxe\n" + "\n".join(lines) + "\n", links
 
 
 def test_golden_admin_menu(ctx):

@@ -526,7 +526,8 @@ def lab_config(lab, *, images: Optional[dict[str, Optional[Path]]] = None, dhcp_
                  "pools": [] if dhcp_mode != "full" else
                  [{"interface": lab.bridge, "start": pool[0], "end": pool[1]}]},
         "http": {"port": 8080},
-        "menu": {"timeout": menu_timeout, "title": "bootd lab"},
+        # every entry for students (issue 17's default is the current snapshot only): the e2e PCs pick others
+        "menu": {"timeout": menu_timeout, "title": "bootd lab", "student_entries": ["current", "previous", "images"]},
         "log": {"level": "info"},
         "images": [{"name": n, "title": f"{n} test OS", "kernel": "vmlinuz", "initrd": "initrd.img",
                     "cmdline": "quiet", **({"disk": str(d)} if d else {})} for n, d in images.items()],
