@@ -5,7 +5,8 @@ import argparse
 import time
 
 from bootd.cli.api_client import ApiClient, q
-from bootd.cli.bootctl import emit, fmt_age, table
+from bootd.cli.bootctl import EXIT_REFUSED, confirmed, emit, fmt_age, table
+from bootd.macaddr import normalize_mac
 
 
 def cmd_leases(args: argparse.Namespace, api: ApiClient) -> int:
@@ -30,6 +31,14 @@ def cmd_reserve(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def cmd_unreserve(args: argparse.Namespace, api: ApiClient) -> int:
+    try:
+        mac = normalize_mac(args.mac)
+    except ValueError:
+        mac = args.mac
+    rows = [r for r in api.get("/api/v1/dhcp/reservations")["reservations"] if r["mac"] == mac]
+    plan = [f"reservation {r['mac']} -> {r['ip']} ({r['source']})" for r in rows]
+    if plan and not confirmed(args, f"unreserve {args.mac}", plan):  # none: the API says why
+        return EXIT_REFUSED
     res = api.delete(f"/api/v1/dhcp/reservations/{q(args.mac)}")
     emit(args, res, f"reservation of {args.mac} removed")
     return 0
@@ -46,4 +55,5 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     p.set_defaults(func=cmd_reserve)
     p = sub.add_parser("unreserve", parents=[common], help="remove a run-time reservation")
     p.add_argument("mac")
+    p.add_argument("--yes", action="store_true", help="go ahead without asking")
     p.set_defaults(func=cmd_unreserve)

@@ -12,8 +12,9 @@ from functools import wraps
 from typing import Any, Callable
 
 from bootd.cli.api_client import ApiClient, ApiError, q
-from bootd.cli.bootctl import EXIT_REFUSED, emit, fmt_age, table
+from bootd.cli.bootctl import EXIT_REFUSED, confirmed, emit, fmt_age, table
 from bootd.cli.text import escape_controls
+from bootd.macaddr import normalize_mac
 
 BASE = "/api/v1/host-registry"
 
@@ -101,6 +102,14 @@ def cmd_rename(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, api: ApiClient) -> int:
+    try:
+        key = normalize_mac(args.host)
+    except ValueError:
+        key = args.host
+    rows = [r for r in api.get(BASE)["hosts"] if key in (r["mac"], r["name"]) and r["source"] != "config"]
+    plan = [f"registered host {_show(r)} (its group and fixed address; disks and snapshots stay)" for r in rows]
+    if plan and not confirmed(args, f"host remove {args.host}", plan):  # none: the API says why
+        return EXIT_REFUSED
     res = api.delete(f"{BASE}/{q(args.host)}")
     emit(args, res, f"removed {_show(res['removed'])}")
     return 0
@@ -155,6 +164,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     x.set_defaults(func=cmd_rename)
     x = hs.add_parser("remove", parents=[common], help="forget a registered host")
     x.add_argument("host", help="MAC or name")
+    x.add_argument("--yes", action="store_true", help="go ahead without asking")
     x.set_defaults(func=cmd_remove)
     x = hs.add_parser("import", parents=[common], help="register hosts from a CSV (mac,name,group,ip): "
                                                        "all rows or, if one is bad, none")

@@ -57,6 +57,16 @@ class AdminSide:
 
 
 ADMIN_KEY: web.AppKey[AdminSide] = web.AppKey("bootd_admin_side", AdminSide)
+_SIDES: dict[int, AdminSide] = {}  # id(ctx) -> its AdminSide
+
+
+def side_for(ctx: Context) -> AdminSide:
+    """One AdminSide per daemon, kept across reloads (a reload builds a new app): lock-outs and the
+    action links in menus already shown survive a `bootctl reload`."""
+    side = _SIDES.get(id(ctx))
+    if side is None or side.ctx is not ctx:
+        side = _SIDES[id(ctx)] = AdminSide(ctx)
+    return side
 routes = web.RouteTableDef()
 
 
@@ -433,6 +443,6 @@ async def admin_action(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application, ctx: Context) -> None:
-    app[ADMIN_KEY] = AdminSide(ctx)
+    app[ADMIN_KEY] = side_for(ctx)
     app.add_routes(routes)
 

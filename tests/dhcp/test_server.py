@@ -349,7 +349,9 @@ def test_leases_and_runtime_reservations_through_bootctl(lab, bootd_daemon):
     d.start()
     assert udp_client(c, "52:54:00:77:ee:02")[0]["ack"] == "10.77.0.42"
     assert "10.77.0.42" in d.bootctl("reserve", check=True).stdout
-    d.bootctl("unreserve", "52:54:00:77:ee:02", check=True)
+    kept = d.bootctl("unreserve", "52:54:00:77:ee:02")  # destructive: lists what goes, needs --yes
+    assert kept.returncode == 1 and "52:54:00:77:ee:02" in kept.stderr and "add --yes" in kept.stderr, kept
+    d.bootctl("unreserve", "52:54:00:77:ee:02", "--yes", check=True)
     assert d.api.get("/api/v1/dhcp/reservations")["reservations"] == []
 
 

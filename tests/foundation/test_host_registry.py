@@ -211,7 +211,9 @@ def test_bootctl_host_import_dry_run_and_api_reasons(bootd_daemon, tmp_path):
     d.bootctl("host", "rename", "pc001", "pc-one", check=True)
     row = next(h for h in d.api.get("/api/v1/host-registry")["hosts"] if h["mac"] == mac_of(1))
     assert (row["name"], row["group"]) == ("pc-one", "room2")
-    d.bootctl("host", "remove", "pc-one", check=True)
+    kept = d.bootctl("host", "remove", "pc-one")  # destructive: lists what goes, needs --yes
+    assert kept.returncode == 1 and "pc-one" in kept.stderr and "add --yes" in kept.stderr, kept
+    d.bootctl("host", "remove", "pc-one", "--yes", check=True)
     assert len(d.api.get("/api/v1/host-registry")["hosts"]) == 290
     r = d.bootctl("host", "add", "zz", "x", "--group", "room1")
     assert r.returncode == 1 and "not a MAC address" in r.stderr
