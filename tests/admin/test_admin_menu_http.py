@@ -210,7 +210,10 @@ def test_promote_and_rollback_from_the_menu_change_the_second_pcs_boot(env):
 def test_refusals_come_back_as_one_line_and_links_survive_a_reload(env):
     menu = admin_menu(env, env.pc01)
     rollback = action_url(menu, "Roll room room1 back one step (deb)")
-    env.bootd.bootctl("reload", check=True)  # a reload builds a new HTTP app: the link is still open
+    # a reload with a new HTTP timeout builds a new HTTP app: the link shown before is still open
+    config = dict(env.bootd.config_dict, http={**env.bootd.config_dict["http"], "idle_timeout": 31})
+    env.bootd.write_config(config)
+    env.bootd.bootctl("reload", check=True)
     status, result, _ = env.curl(env.pc01, rollback, user=f"alice:{PASSWORD}")
     assert status == 200 and re.search(r"^echo bootd: refused: nothing to roll back", result, re.M), result
 
