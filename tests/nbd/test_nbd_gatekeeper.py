@@ -436,7 +436,6 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
     import asyncio
 
     import nbd
-    from nbdtest import Harness
 
     base = make_base(tmp_path / "b.qcow2", size_mb=16)
     mac = "52:54:00:00:00:0a"
@@ -452,13 +451,31 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
     def everyone_may_open(h):  # the policy is not what this test is about: loopback client, no host table
         h.m.access.may_open = lambda ip, name: True
 
+    daemons: list[int] = []  # every storage daemon this test starts: killed at the end whatever fails
+    try:
+        _adoption_rounds(tmp_path, base, mac, open_and_read, everyone_may_open, daemons)
+    finally:
+        for pid in daemons:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _adoption_rounds(tmp_path, base, mac, open_and_read, everyone_may_open, daemons) -> None:
+    import asyncio
+
+    from nbdtest import Harness
+
     plain = Harness(tmp_path, gatekeeper=True, handoff=False).start()
+    daemons.append(plain.m.qsd.pid)
     everyone_may_open(plain)
     e = plain.run(plain.m.prepare_boot(mac, base))
     c1 = open_and_read(plain, plain.uri(e.name))
     assert plain.m.status()["gatekeeper"]["spliced"] == 1
     plain.run(asyncio.to_thread(c1.shutdown))
     pid = plain.m.qsd.pid
+    daemons.append(pid)
     plain.abandon()
     h = Harness(tmp_path, gatekeeper=True, port=plain.port).start()  # handoff on, daemon without the library
     try:
@@ -476,6 +493,7 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
     # a daemon started with the library: connections handed off, and one survives a bootd restart
     first = Harness(tmp_path / "2", gatekeeper=True).start()
     everyone_may_open(first)
+    daemons.append(first.m.qsd.pid)
     e = first.run(first.m.prepare_boot(mac, base))
     c3 = open_and_read(first, first.uri(e.name))
     assert first.m.status()["gatekeeper"]["handed_off"] == 1
@@ -493,6 +511,7 @@ def test_handoff_follows_the_daemon_bootd_adopts(tmp_path):
     finally:
         again.stop()
         first.stop()
+
 
 
 def test_handoff_reads_a_control_message_that_comes_after_its_connection(tmp_path):
