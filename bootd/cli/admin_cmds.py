@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from bootd.cli.api_client import ApiClient, q
-from bootd.cli.bootctl import EXIT_USAGE, emit, fmt_time, table
+from bootd.cli.bootctl import EXIT_REFUSED, EXIT_USAGE, confirmed, emit, fmt_time, table
 from bootd.cli.snapshot_cmds import _actor
 
 BASE = "/api/v1/admins"
@@ -65,6 +65,10 @@ def cmd_passwd(args: argparse.Namespace, api: ApiClient, password: str) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, api: ApiClient) -> int:
+    plan = [f"admin account {a['name']} (it can no longer open the admin menu)"
+            for a in api.get(BASE)["admins"] if a["name"] == args.name]
+    if plan and not confirmed(args, f"admin remove {args.name}", plan):  # none: the API says why
+        return EXIT_REFUSED
     data = api.delete(f"{BASE}/{q(args.name)}?actor={q(_actor())}")
     emit(args, data, f"admin {args.name} removed")
     return 0
@@ -101,5 +105,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     h.set_defaults(func=cmd_loader_hashes, name="the bootloaders")
     r = s.add_parser("remove", parents=[common], help="remove an account")
     r.add_argument("name")
+    r.add_argument("--yes", action="store_true", help="go ahead without asking")
     r.set_defaults(func=cmd_remove)
     s.add_parser("list", parents=[common], help="list the accounts").set_defaults(func=cmd_list)

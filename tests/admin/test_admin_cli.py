@@ -28,7 +28,9 @@ def test_bootctl_admin_add_passwd_list_remove(bootd_daemon):
     assert db.execute("SELECT password_hash FROM admin_accounts WHERE name='alice'").fetchone()[0] != first
     r = d.bootctl("admin", "passwd", "carol", "--password-stdin", input="a-new-password\n")
     assert r.returncode == 1 and "no admin" in r.stderr
-    d.bootctl("admin", "remove", "alice", check=True)
+    kept = d.bootctl("admin", "remove", "alice")  # destructive: lists what goes, needs --yes
+    assert kept.returncode == 1 and "admin account alice" in kept.stderr and "add --yes" in kept.stderr, kept
+    d.bootctl("admin", "remove", "alice", "--yes", check=True)
     assert "no admin accounts" in d.bootctl("admin", "list", check=True).stdout
     r = d.bootctl("admin", "remove", "alice")
     assert r.returncode == 1 and "no admin" in r.stderr
