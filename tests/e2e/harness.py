@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +327,10 @@ class LabPC:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tap = lab.add_tap()
+        # The QMP socket lives in a short private directory: AF_UNIX paths are limited to 107 bytes, and the
+        # log directory (checkout path + test name) is often longer than that.
+        self._sockdir = Path(tempfile.mkdtemp(prefix="bootd-pc-"))
+        weakref.finalize(self, shutil.rmtree, str(self._sockdir), True)
         self.proc: Optional[subprocess.Popen] = None
         self.serial: Optional[SerialLog] = None
         self.boots = 0
@@ -370,7 +375,7 @@ class LabPC:
 
     @property
     def qmp_path(self) -> Path:
-        return self.workdir / f"{self.name}.qmp"
+        return self._sockdir / "qmp"
 
     def send_keys(self, *keys: str, gap: float = 0.3) -> None:
         """Press keys on the PC's keyboard (QMP send-key, QEMU qcodes: "down", "ret", "1", "tab" ...), as
