@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, TypeVar
 
-from bootd.config import Config, GroupConfig, HostConfig
+from bootd.config import Config, GroupConfig, HostConfig, ImageConfig
 from bootd.macaddr import normalize_mac, parse_mac
 from snapshots.model import ALL_GROUPS
 
@@ -57,6 +57,11 @@ class SnapshotState(Protocol[SnapshotT]):
 
     def previous_for(self, group: Optional[str], image: str) -> Optional[SnapshotT]:
         """The snapshot a rollback of (image, group) would make current."""
+        ...
+
+    def boot_dir_for(self, snapshot_id: int) -> Optional[str]:
+        """Where a native image's snapshot keeps its own kernel and initramfs (relative to the boot root);
+        a draft boots its nearest ancestor's. None when it carries none."""
         ...
 
 
@@ -125,6 +130,7 @@ class MenuEntry:
     default: bool = False
     previous: bool = False
     importing: bool = False  # nothing promoted yet and an import of the image is running: no disk yet
+    native: bool = False  # the snapshot's own kernel, its root mounted from the disk (root=/dev/nbd0)
 
     def __post_init__(self) -> None:
         if not _KEY_RE.match(self.key):
@@ -303,6 +309,17 @@ def _group_current(state: SnapshotState[PlannedSnapshot], group: Optional[str],
     return (state.assigned(image, "current", group) if group else None) or state.assigned(image, "current", ALL_GROUPS)
 
 
+def boot_files(image: ImageConfig, state: Optional[SnapshotState[PlannedSnapshot]],
+               snapshot_id: Optional[int]) -> tuple[str, str]:
+    """(kernel, initrd) an entry boots: the config's for a client image, the snapshot's own for a native
+    one (snapshots/bootfiles.py); a native snapshot without boot files names where they would be, so the
+    PC's failed fetch says which snapshot lacks them."""
+    if image.kind != "native" or snapshot_id is None or state is None:
+        return image.kernel, image.initrd
+    where = state.boot_dir_for(snapshot_id) or f"snapshots/{image.name}/{snapshot_id}"
+    return f"{where}/vmlinuz", f"{where}/initrd.img"
+
+
 def image_entries(config: Config, state: Optional[SnapshotState[PlannedSnapshot]],
                   host: HostSettings, importing: frozenset[str] = frozenset()) -> list[MenuEntry]:
     """Per image the host may boot: the snapshot it boots now (or the bare kernel when nothing is
@@ -325,15 +342,18 @@ def image_entries(config: Config, state: Optional[SnapshotState[PlannedSnapshot]
                                  image.kernel, image.initrd, image.cmdline, default=is_default, importing=busy))
             continue
         tag = {"pinned": ", pinned", "test": ", test", "maintenance": ", maintenance (writable)"}.get(why, "")
-        out.append(MenuEntry(entry_key(name), name, f"{title} ({_label(snap)}{tag})", image.kernel, image.initrd,
-                             image.cmdline, snapshot_id=snap.id, version=snap.name, default=is_default))
+        native = image.kind == "native"
+        out.append(MenuEntry(entry_key(name), name, f"{title} ({_label(snap)}{tag})",
+                             *boot_files(image, state, snap.id), image.cmdline, snapshot_id=snap.id,
+                             version=snap.name, default=is_default, native=native))
         if why in ("pinned", "test", "maintenance"):
             prev = _group_current(state, host.group, name)
         else:
             prev = state.previous_for(host.group if why.startswith("group ") else ALL_GROUPS, name)
         if prev is not None and prev.id != snap.id:
-            out.append(MenuEntry(entry_key(name, "prev"), name, f"{title} (previous: {_label(prev)})", image.kernel,
-                                 image.initrd, image.cmdline, snapshot_id=prev.id, version=prev.name, previous=True))
+            out.append(MenuEntry(entry_key(name, "prev"), name, f"{title} (previous: {_label(prev)})",
+                                 *boot_files(image, state, prev.id), image.cmdline, snapshot_id=prev.id,
+                                 version=prev.name, previous=True, native=native))
     return out
 
 
@@ -356,8 +376,13 @@ def assemble(config: Config, state: Optional[SnapshotState[PlannedSnapshot]], ho
         if e.snapshot_id is None and state is not None and host.mac:
             snap, _ = snapshot_choice(state, host.mac, host.group, e.image)
             if snap is not None:
-                e = MenuEntry(e.key, e.image, e.title, e.kernel, e.initrd, e.cmdline, snap.id, e.version,
-                              e.default, e.previous)
+                image = config.image(e.image)
+                kernel, initrd = boot_files(image, state, snap.id) if image is not None else (e.kernel, e.initrd)
+                e = MenuEntry(e.key, e.image, e.title, kernel, initrd, e.cmdline, snap.id, e.version,
+                              e.default, e.previous, native=image is not None and image.kind == "native")
+        if e.native and e.snapshot_id is not None and state is not None and state.boot_dir_for(e.snapshot_id) is None:
+            notes.append(f"image {e.image} boots its own kernel but snapshot {e.snapshot_id} carries none: "
+                         f"bootctl snapshot kernel {e.snapshot_id}")
         if e.importing and e.snapshot_id is None:
             notes.append(f"image {e.image} is still importing: its entry has no disk until the import is done")
         kept.append(e)

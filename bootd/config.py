@@ -340,6 +340,11 @@ class ImageConfig(Section):
 
     name: Name
     title: Optional[str] = None
+    # client: the PC boots `kernel`/`initrd` below (a shared client Linux that runs the OS, the AnyOS way);
+    # native: the PC boots the kernel and initramfs in the snapshot's own /boot (read at import and seal,
+    # snapshots/bootfiles.py) and mounts the snapshot as its root (Debian's nbd-client hook: root=/dev/nbd0)
+    kind: Literal["client", "native"] = "client"
+    kernel_release: Optional[str] = None  # native, several kernels in /boot: which one (or "latest")
     kernel: str = "vmlinuz"
     initrd: str = "initrd.img"
     cmdline: str = ""
@@ -352,6 +357,22 @@ class ImageConfig(Section):
         if not v or any(c.isspace() or ord(c) < 32 or c in "\"'`$;" for c in v) or ".." in v.split("/"):
             raise ValueError("a path in the boot root without spaces, quotes, '..' or control characters")
         return v
+
+    @field_validator("kernel_release")
+    @classmethod
+    def _release(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not (v == "latest" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}", v)):
+            raise ValueError("a kernel release as in /boot/vmlinuz-RELEASE (like 6.1.0-28-amd64), or latest")
+        return v
+
+    @model_validator(mode="after")
+    def _native_fields(self) -> "ImageConfig":
+        if self.kind == "client" and self.kernel_release is not None:
+            raise ValueError("kernel_release is for kind: native images (they boot the kernel in their own /boot)")
+        if self.kind == "native" and ("kernel" in self.model_fields_set or "initrd" in self.model_fields_set):
+            raise ValueError("a kind: native image boots the kernel in its snapshot's /boot, not `kernel:`; "
+                             "pick one of several with kernel_release: (and leave out kernel:/initrd:)")
+        return self
 
 
 class GroupConfig(Section):

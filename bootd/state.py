@@ -229,6 +229,10 @@ MIGRATIONS: list[Migration] = [
             updated       REAL NOT NULL
         );
     """),
+    Migration(9, "boot files a native image's snapshot carries: its kernel release (snapshots/bootfiles.py, issue 15)",
+              """
+        ALTER TABLE snapshots ADD COLUMN kernel_release TEXT;  -- NULL: the snapshot carries no boot files
+    """),
 ]
 
 

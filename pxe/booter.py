@@ -11,7 +11,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from bootd.bootplan import BootPlan, MenuEntry, Planner, anonymous_settings, entry_key
+from bootd.bootplan import BootPlan, MenuEntry, Planner, anonymous_settings, boot_files, entry_key
 from bootd.config import Config
 from bootd.nfs import cmdline_for as nfs_cmdline_for
 from pxe.catalog import BootHost, Catalog, CatalogEntry
@@ -120,8 +120,9 @@ class Booter:
         if img is None:
             raise ValueError(f"image {image} is not in the config")
         host = self.ctx.planner.settings_for(mac)
-        entry = MenuEntry(entry_key(image, "once"), image, f"{img.title or image} ({label}, once)", img.kernel,
-                          img.initrd, img.cmdline, snapshot_id=snapshot_id)
+        entry = MenuEntry(entry_key(image, "once"), image, f"{img.title or image} ({label}, once)",
+                          *boot_files(img, self.ctx.snapshots, snapshot_id), img.cmdline, snapshot_id=snapshot_id,
+                          native=img.kind == "native")
         nbd: Optional[str] = None
         notes: list[str] = []
         if cfg.nbd.enabled and self.ctx.disks is not None:
@@ -213,6 +214,8 @@ class Booter:
         parts = [cfg.menu.cmdline, e.cmdline, host.cmdline, f"bootd.server={server}"]
         if nbd:
             parts.append(nbd)
+            if e.native:
+                parts.append(stock_nbd_root(nbd))
         if host.mac:
             parts.append(f"bootd.config={http_base}/clients/{host.mac}/")
         parts.append(f"bootd.image={e.image}")
@@ -222,6 +225,13 @@ class Booter:
         if nfs:
             parts.append(nfs)
         return " ".join(p.strip() for p in parts if p and p.strip())
+
+
+def stock_nbd_root(nbd: str) -> str:
+    """The words a stock initramfs mounts its root over NBD with (Debian's nbd-client hook,
+    /usr/share/initramfs-tools/scripts/local-top/nbd: `nbdroot=HOST:PORT/NAME`, the device from
+    `root=/dev/nbd0`, the network from `ip=dhcp`), for the export `bootd.nbd=HOST:PORT/NAME` names."""
+    return f"root=/dev/nbd0 nbdroot={nbd.removeprefix('bootd.nbd=')} ip=dhcp"
 
 
 def _nfs_cmdline(ctx: Context, host: BootHost) -> str:

@@ -19,6 +19,7 @@ from bootd.macaddr import parse_mac
 from bootd.units import human
 
 from . import qemu
+from .bootfiles import BootFileStore, BootKind, KernelFound, valid_release
 from .crash import crash_point
 from .errors import Refused, SnapshotError
 from .files import LayerFiles, allocated, parse_size, read_qcow2_header, unlink_quiet
@@ -60,6 +61,36 @@ class SnapshotLifecycle:
         self.files = files
         self.hooks = hooks
         self.depth_warning = int(depth_warning)
+        # native images carry their boot files (snapshots/bootfiles.py); the config says which images are
+        self.boot_files: BootFileStore | None = None
+        self.boot_kind: BootKind = lambda image: None
+
+    def _kernel_wanted(self, image: str, kernel: str | None) -> tuple[bool, str | None]:
+        """(native?, the kernel release to take) for `image`; `kernel` is what the admin said now."""
+        native = self.boot_kind(image)
+        if native is None:
+            if kernel:
+                raise Refused(f"image {image} boots the config's kernel (kind: client); --kernel is for images "
+                              f"that boot their own (kind: native in the config)")
+            return False, None
+        if kernel is not None and kernel != "latest" and not valid_release(kernel):
+            raise SnapshotError(f"{kernel!r} is not a kernel release (like 6.1.0-28-amd64, or latest)")
+        if self.boot_files is None:
+            raise SnapshotError(f"image {image} is native but this store has no boot root for its kernels",
+                                status=500)
+        return True, kernel or native.kernel_release
+
+    def _read_boot(self, layer: str, image: str, want: str | None, what: str) -> tuple[Path, KernelFound]:
+        assert self.boot_files is not None
+        return self.boot_files.read(layer, image, want, what)
+
+    def _place_boot(self, tmp: Path | None, image: str, snapshot_id: int) -> None:
+        if tmp is not None and self.boot_files is not None:
+            self.boot_files.place(tmp, image, snapshot_id)
+
+    def _discard_boot(self, tmp: Path | None) -> None:
+        if tmp is not None and self.boot_files is not None:
+            self.boot_files.discard(tmp)
 
     def _warnings_for(self, snap: Snapshot) -> list[str]:
         if snap.depth > self.depth_warning:
@@ -97,7 +128,7 @@ class SnapshotLifecycle:
             raise Refused(f"image {name} already exists (import into a new name, or draft a new snapshot of it)")
 
     def _commit_first(self, name: str, size: int, rel: str, source: str, actor: str, reason: str,
-                      action: str, note: str) -> Snapshot:
+                      action: str, note: str, kernel_release: str | None = None) -> Snapshot:
         now = time.time()
         try:
             with self.state.transaction() as cur:
@@ -107,11 +138,14 @@ class SnapshotLifecycle:
                             (name, size, now, actor, source))
                 image_id = inserted_id(cur)
                 cur.execute("INSERT INTO snapshots(image_id, version, state, parent_id, backing_id, file, "
-                            "virtual_size, note, created_at, created_by, sealed_at, sealed_by) "
-                            "VALUES (?, 1, 'sealed', NULL, NULL, ?, ?, ?, ?, ?, ?, ?)",
-                            (image_id, rel, size, note, now, actor, now, actor))
+                            "virtual_size, note, created_at, created_by, sealed_at, sealed_by, kernel_release) "
+                            "VALUES (?, 1, 'sealed', NULL, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (image_id, rel, size, note, now, actor, now, actor, kernel_release))
                 sid = inserted_id(cur)
-                record_audit(cur, actor, action, name, sid, None, reason, {"source": source, "size": size})
+                detail: dict[str, Any] = {"source": source, "size": size}
+                if kernel_release:
+                    detail["kernel"] = kernel_release
+                record_audit(cur, actor, action, name, sid, None, reason, detail)
                 crash_point("import.in-txn")
         except BaseException:
             unlink_quiet(self.files.root / rel)
@@ -120,30 +154,70 @@ class SnapshotLifecycle:
         return self.queries.get(sid)
 
     def import_image(self, name: str, file: str, actor: str, reason: str = "",
-                     progress: Callable[[float], None] | None = None) -> Snapshot:
-        """Import a raw or qcow2 disk image as v1 of a new image (a standalone qcow2 copy)."""
+                     progress: Callable[[float], None] | None = None, kernel: str | None = None) -> Snapshot:
+        """Import a raw or qcow2 disk image as v1 of a new image (a standalone qcow2 copy). A native image's
+        kernel and initramfs are read from the copy before anything is committed: an image without a
+        usable kernel is refused whole."""
         self.check_new_image(name)
+        native, want = self._kernel_wanted(name, kernel)
         found = qemu.check_importable(file)
         need = qemu.measure(file, found.format)
         self.files.check_space(need, f"import {file} ({human(need)} as qcow2)")
         crash_point("import.before")
         tmp, final, rel = self.files.new_file(name)
+        boot: Path | None = None
         try:
             try:
                 qemu.convert(file, found.format, str(tmp), progress)
                 crash_point("import.converted")
+                chosen = None
+                if native:
+                    boot, chosen = self._read_boot(str(tmp), name, want, f"import of {os.path.basename(file)}")
                 os.chmod(tmp, 0o444)
                 self.files.publish(tmp, final)
             except BaseException:
                 unlink_quiet(tmp)
+                self._discard_boot(boot)
                 raise
             crash_point("import.renamed")
-            snap = self._commit_first(name, found.virtual_size, rel, os.path.abspath(file), actor, reason,
-                                      "image-import", f"imported from {os.path.basename(file)}")
+            try:
+                snap = self._commit_first(name, found.virtual_size, rel, os.path.abspath(file), actor, reason,
+                                          "image-import", f"imported from {os.path.basename(file)}",
+                                          chosen.release if chosen else None)
+            except BaseException:
+                self._discard_boot(boot)
+                raise
+            self._place_boot(boot, name, snap.id)
         finally:
             self.files.release(rel)
         self.hooks.notify("image-import", {"image": name, "snapshot": snap.id})
         return snap
+
+    def set_kernel(self, ref: str | int, kernel: str | None, actor: str, reason: str = "") -> Snapshot:
+        """Read a sealed snapshot's boot files again (another of its kernels, or files lost from the boot
+        root): the snapshot's layer is immutable, only which of its kernels the PCs boot changes."""
+        snap = self.queries.resolve(ref)
+        if snap.state != "sealed":
+            raise Refused(f"{snap.name} is {snap.state}: its kernel is read when it is sealed "
+                          f"(bootctl snapshot seal {snap.name} --kernel RELEASE)")
+        native, want = self._kernel_wanted(snap.image, kernel)
+        if not native:
+            raise Refused(f"image {snap.image} boots the config's kernel (kind: client): its snapshots carry none")
+        boot, chosen = self._read_boot(snap.path, snap.image, want, snap.name)
+        try:
+            with self.state.transaction() as cur:
+                row = fetch_one(cur, "SELECT state, kernel_release FROM snapshots WHERE id = ?", (snap.id,))
+                if row["state"] != "sealed":
+                    raise Refused(f"{snap.name} was {row['state']} meanwhile")
+                cur.execute("UPDATE snapshots SET kernel_release = ? WHERE id = ?", (chosen.release, snap.id))
+                record_audit(cur, actor, "kernel", snap.image, snap.id, None, reason,
+                             {"kernel": chosen.release, "was": row["kernel_release"]})
+        except BaseException:
+            self._discard_boot(boot)
+            raise
+        self._place_boot(boot, snap.image, snap.id)
+        self.hooks.notify("kernel", {"image": snap.image, "snapshot": snap.id, "kernel": chosen.release})
+        return self.queries.get(snap.id)
 
     # ------------------------------------------------------------------ lifecycle
     def draft(self, ref: str | int, actor: str, reason: str = "", host: str | None = None) -> Snapshot:
@@ -269,8 +343,10 @@ class SnapshotLifecycle:
                     (image_id, kind, target, snapshot_id, now, actor, reason or ""))
         return old["id"] if old is not None else None
 
-    def seal(self, ref: str | int, note: str, actor: str, reason: str = "") -> Snapshot:
-        """The draft becomes an immutable snapshot: next version number, its note, file read-only."""
+    def seal(self, ref: str | int, note: str, actor: str, reason: str = "", kernel: str | None = None) -> Snapshot:
+        """The draft becomes an immutable snapshot: next version number, its note, file read-only. A native
+        image's draft gets its kernel and initramfs read from its own /boot first: a draft without a usable
+        kernel stays a draft, with the error saying why."""
         snap = self.queries.resolve(ref)
         if snap.state != "draft":
             raise Refused(f"{snap.name} is {snap.state}, not a draft: only drafts can be sealed")
@@ -281,8 +357,17 @@ class SnapshotLifecycle:
         if not os.path.exists(snap.path):
             raise SnapshotError(f"{snap.name}: its file is missing (run bootctl snapshot fsck)", status=500)
         qemu.check(snap.path)
+        native, want = self._kernel_wanted(snap.image, kernel)
+        boot: Path | None = None
+        chosen: KernelFound | None = None
+        if native:
+            boot, chosen = self._read_boot(snap.path, snap.image, want, f"seal of {snap.name}")
         crash_point("seal.before")
-        os.chmod(snap.path, 0o444)
+        try:
+            os.chmod(snap.path, 0o444)
+        except BaseException:
+            self._discard_boot(boot)
+            raise
         crash_point("seal.chmod-done")
         now = time.time()
         try:
@@ -293,18 +378,23 @@ class SnapshotLifecycle:
                 version = fetch_one(cur, "SELECT COALESCE(MAX(version), 0) + 1 FROM snapshots WHERE image_id = ?",
                                     (snap.image_id,))[0]
                 cur.execute("UPDATE snapshots SET state = 'sealed', version = ?, note = ?, sealed_at = ?, "
-                            "sealed_by = ? WHERE id = ?", (version, note or "", now, actor, snap.id))
+                            "sealed_by = ?, kernel_release = ? WHERE id = ?",
+                            (version, note or "", now, actor, chosen.release if chosen else None, snap.id))
                 cur.execute("UPDATE assignments SET status = 'ended', ended_at = ?, ended_by = ? "
                             "WHERE snapshot_id = ? AND kind = 'maintenance' AND status = 'active'",
                             (now, actor, snap.id))
-                record_audit(cur, actor, "seal", snap.image, snap.id, None, reason,
-                             {"version": version, "note": note or "", "draft": snap.name})
+                detail: dict[str, Any] = {"version": version, "note": note or "", "draft": snap.name}
+                if chosen:
+                    detail["kernel"] = chosen.release
+                record_audit(cur, actor, "seal", snap.image, snap.id, None, reason, detail)
                 crash_point("seal.in-txn")
         except BaseException:
+            self._discard_boot(boot)
             if self.queries.get(snap.id).state == "draft":
                 os.chmod(snap.path, 0o644)
             raise
         crash_point("seal.committed")
+        self._place_boot(boot, snap.image, snap.id)
         sealed = self.queries.get(snap.id)
         self.hooks.notify("seal", {"image": sealed.image, "snapshot": sealed.id, "version": sealed.version})
         return sealed

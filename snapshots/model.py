@@ -35,6 +35,7 @@ class Snapshot:
     created_by: str
     sealed_at: float | None
     sealed_by: str | None
+    kernel_release: str | None = None  # a native image's snapshot: the kernel it carries (snapshots/bootfiles.py)
     depth: int = 1
 
     @property

@@ -14,6 +14,7 @@ from typing import Any
 from bootd.units import human
 
 from . import qemu
+from .bootfiles import BootFileStore
 from .crash import crash_point
 from .errors import Refused, SnapshotError
 from .files import LayerFiles, allocated, unlink_quiet
@@ -32,6 +33,7 @@ class SnapshotPruner:
         self.state = queries.state
         self.files = files
         self.hooks = hooks
+        self.boot_files: BootFileStore | None = None  # a native snapshot's kernel goes with it
 
     def delete(self, ref: str | int, actor: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]:
         """Delete one snapshot or draft; refused with the reasons while anything uses it. `dry_run`: the
@@ -44,7 +46,8 @@ class SnapshotPruner:
             raise Refused(f"cannot delete {snap.name}: " + "; ".join(reasons))
         if dry_run:
             what = "draft" if snap.state == "draft" else "snapshot"
-            return {"dry_run": True, "would_delete": [f"{what} {snap.name} and its file {snap.path}"]}
+            boot = f" and its kernel {snap.kernel_release}" if snap.kernel_release else ""
+            return {"dry_run": True, "would_delete": [f"{what} {snap.name} and its file {snap.path}{boot}"]}
         self._delete_one(snap, actor, reason, "delete")
         return {"deleted": [snap.name]}
 
@@ -70,6 +73,8 @@ class SnapshotPruner:
         except FileNotFoundError:
             pass
         qemu.fsync_dir(os.path.dirname(path))
+        if self.boot_files is not None:  # layer files live in <root>/<image>/: the image is the directory
+            self.boot_files.remove(os.path.basename(os.path.dirname(path)), snapshot_id)
         crash_point("prune.unlinked")
         with self.state.transaction() as cur:
             cur.execute("UPDATE snapshots SET state = 'deleted', deleted_at = ? WHERE id = ? AND state = 'deleting'",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from bootd.bootplan import snapshot_choice
 
+from .bootfiles import BootFileStore
 from .errors import NotFound, SnapshotError
 from .files import LayerFiles, allocated
 from .hooks import StoreHooks
@@ -53,6 +54,7 @@ class SnapshotQueries:
         self.state = state
         self.files = files
         self.hooks = hooks
+        self.boot_files: BootFileStore | None = None  # native images' kernels (snapshots/bootfiles.py)
 
     # ------------------------------------------------------------------ snapshots and images
     def row_to_snapshot(self, r: sqlite3.Row, depth: int | None = None) -> Snapshot:
@@ -61,7 +63,7 @@ class SnapshotQueries:
             parent_id=r["parent_id"], backing_id=r["backing_id"], path=str(self.files.path_of(r["file"])),
             file=r["file"], virtual_size=r["virtual_size"], note=r["note"], created_at=r["created_at"],
             created_by=r["created_by"], sealed_at=r["sealed_at"], sealed_by=r["sealed_by"],
-            depth=depth if depth is not None else self._depth(r["id"]))
+            kernel_release=r["kernel_release"], depth=depth if depth is not None else self._depth(r["id"]))
 
     def _depth(self, snapshot_id: int) -> int:
         rows = self.state.query(
@@ -228,6 +230,25 @@ class SnapshotQueries:
         SnapshotState); None if there is none or no such image."""
         rows = self.state.query("SELECT id FROM images WHERE name = ?", (image,))
         return self._active(rows[0]["id"], kind, target) if rows else None
+
+    def boot_dir(self, snap: Snapshot) -> str | None:
+        """Where the snapshot's own kernel and initramfs are, relative to the boot root (None: it has none)."""
+        if snap.kernel_release is None or self.boot_files is None:
+            return None
+        return self.boot_files.rel_dir(snap.image, snap.id)
+
+    def boot_dir_for(self, snapshot_id: int) -> str | None:
+        """The boot files a snapshot boots: its own, or for a draft its nearest ancestor's."""
+        sid: int | None = snapshot_id
+        seen: set[int] = set()
+        while sid is not None and sid not in seen:
+            seen.add(sid)
+            snap = self.get(sid)
+            where = self.boot_dir(snap)
+            if where is not None:
+                return where
+            sid = snap.parent_id
+        return None
 
     def resolve_for_host(self, mac: str, group: str | None, image: str) -> Snapshot | None:
         """What `mac` boots of `image`: the boot plan's rule (bootd.bootplan.snapshot_choice)."""

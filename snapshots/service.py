@@ -9,15 +9,23 @@ from typing import TYPE_CHECKING, Any
 
 from bootd.service import Service
 
+from .bootfiles import BootKind, NativeBoot
 from .jobs import JobManager
 from .store import SnapshotStore
 
 if TYPE_CHECKING:
-    from bootd.config import ImageConfig
+    from bootd.config import Config, ImageConfig
     from bootd.daemon import Context
 
 log = logging.getLogger("bootd.snapshots")
 MiB = 1024 * 1024
+
+
+def _boot_kinds(cfg: Config) -> BootKind:
+    """The config's answer to "does this image carry its own kernel" (kind: native), read at each call so
+    a reload changes it."""
+    native = {img.name: NativeBoot(img.kernel_release) for img in cfg.images if img.kind == "native"}
+    return native.get
 
 
 class SnapshotService(Service):
@@ -30,7 +38,9 @@ class SnapshotService(Service):
 
     async def start(self, ctx: Context) -> None:
         cfg = ctx.config
-        store = SnapshotStore(ctx.store, cfg.storage_dir / "snapshots", min_free_bytes=cfg.storage.min_free_mb * MiB)
+        store = SnapshotStore(ctx.store, cfg.storage_dir / "snapshots", min_free_bytes=cfg.storage.min_free_mb * MiB,
+                              boot_root=cfg.boot_root)
+        store.boot_kind = _boot_kinds(cfg)
         self.store = store
         report = await asyncio.to_thread(store.fsck, True)
         self.last_fsck = report.to_dict()
@@ -77,6 +87,7 @@ class SnapshotService(Service):
         """Import a config image as v1 and, when the image has no current snapshot anywhere yet, make
         v1 current for all groups: a freshly configured room boots without an admin step."""
         snap = store.import_image(img.name, disk, "bootd (config)", "image listed in the config", progress)
+        # (a native image's kernel is read inside import_image: kind and kernel_release come from the config)
         if store.current(img.name) is None:
             try:
                 store.promote(snap.id, None, "bootd (config)", "first snapshot of an image listed in the config")
@@ -90,6 +101,7 @@ class SnapshotService(Service):
     async def reload(self, ctx: Context) -> None:
         if self.store is not None:
             self.store.min_free_bytes = ctx.config.storage.min_free_mb * MiB
+            self.store.boot_kind = _boot_kinds(ctx.config)
             ctx.snapshots = self.store
             self._import_configured(ctx, self.store)
 

@@ -21,6 +21,7 @@ with one job, and forwards to them:
 - snapshots/fsck.py      StoreCheck         the start-up consistency check and its repairs
 - snapshots/files.py     LayerFiles         layer files, free-space reserve, operations under way (no SQL)
 - snapshots/hooks.py     StoreHooks         open checks (NBD exports) and change listeners
+- snapshots/bootfiles.py BootFileStore      a native image's kernel and initramfs, per snapshot
 
 Every method is synchronous and safe to call from a worker thread (StateStore serialises the
 connection); the HTTP API runs them with asyncio.to_thread.
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bootfiles import BootFileStore, BootKind
 from .files import LayerFiles
 from .fsck import StoreCheck
 from .hooks import Listener, OpenCheck, StoreHooks
@@ -49,7 +51,7 @@ class SnapshotStore:
     """The images, their snapshots and their assignments; see the module docstring for the file rules."""
 
     def __init__(self, state: StateStore, root: str | Path, min_free_bytes: int = 0,
-                 depth_warning: int = DEFAULT_DEPTH_WARNING):
+                 depth_warning: int = DEFAULT_DEPTH_WARNING, boot_root: str | Path | None = None):
         self.state = state
         self.files = LayerFiles(root, min_free_bytes)
         self.hooks = StoreHooks()
@@ -57,6 +59,8 @@ class SnapshotStore:
         self.lifecycle = SnapshotLifecycle(self.queries, self.files, self.hooks, depth_warning)
         self.pruner = SnapshotPruner(self.queries, self.files, self.hooks)
         self.check = StoreCheck(self.queries, self.files, self.pruner)
+        self.boot_files = BootFileStore(boot_root) if boot_root is not None else None
+        self.lifecycle.boot_files = self.pruner.boot_files = self.queries.boot_files = self.boot_files
 
     # ------------------------------------------------------------------ settings
     @property
@@ -80,6 +84,23 @@ class SnapshotStore:
     @depth_warning.setter
     def depth_warning(self, value: int) -> None:
         self.lifecycle.depth_warning = int(value)
+
+    @property
+    def boot_kind(self) -> BootKind:
+        """image name -> NativeBoot when its snapshots carry their own kernel (the config's `kind: native`)."""
+        return self.lifecycle.boot_kind
+
+    @boot_kind.setter
+    def boot_kind(self, fn: BootKind) -> None:
+        self.lifecycle.boot_kind = fn
+
+    def boot_dir(self, snap: Snapshot) -> str | None:
+        """Where the snapshot's own kernel and initramfs are, relative to the boot root (None: it has none)."""
+        return self.queries.boot_dir(snap)
+
+    def boot_dir_for(self, snapshot_id: int) -> str | None:
+        """The boot files a snapshot boots: its own, or for a draft its nearest ancestor's."""
+        return self.queries.boot_dir_for(snapshot_id)
 
     # ------------------------------------------------------------------ hooks for other components
     def register_open_check(self, fn: OpenCheck) -> None:
@@ -161,8 +182,11 @@ class SnapshotStore:
         return self.lifecycle.create_image(name, size, actor, reason)
 
     def import_image(self, name: str, file: str, actor: str, reason: str = "",
-                     progress: Progress | None = None) -> Snapshot:
-        return self.lifecycle.import_image(name, file, actor, reason, progress)
+                     progress: Progress | None = None, kernel: str | None = None) -> Snapshot:
+        return self.lifecycle.import_image(name, file, actor, reason, progress, kernel)
+
+    def set_kernel(self, ref: str | int, kernel: str | None, actor: str, reason: str = "") -> Snapshot:
+        return self.lifecycle.set_kernel(ref, kernel, actor, reason)
 
     def draft(self, ref: str | int, actor: str, reason: str = "", host: str | None = None) -> Snapshot:
         return self.lifecycle.draft(ref, actor, reason, host)
@@ -171,8 +195,8 @@ class SnapshotStore:
                          reason: str = "", remove_source: bool = True) -> Snapshot:
         return self.lifecycle.draft_from_layer(snapshot_id, layer_path, note, actor, reason, remove_source)
 
-    def seal(self, ref: str | int, note: str, actor: str, reason: str = "") -> Snapshot:
-        return self.lifecycle.seal(ref, note, actor, reason)
+    def seal(self, ref: str | int, note: str, actor: str, reason: str = "", kernel: str | None = None) -> Snapshot:
+        return self.lifecycle.seal(ref, note, actor, reason, kernel)
 
     def promote(self, ref: str | int, group: str | None, actor: str, reason: str = "") -> dict[str, Any]:
         return self.lifecycle.promote(ref, group, actor, reason)
@@ -220,4 +244,26 @@ class SnapshotStore:
         self.check.refuse_new_database_beside_layers()
 
     def fsck(self, repair: bool = True) -> FsckReport:
-        return self.check.fsck(repair)
+        report = self.check.fsck(repair)
+        if self.boot_files is not None:
+            self._fsck_boot_files(self.boot_files, report, repair)
+        return report
+
+    def _fsck_boot_files(self, boot: BootFileStore, report: FsckReport, repair: bool) -> None:
+        """Kernel directories of snapshots that are gone are removed; a snapshot whose kernel files are
+        missing is a problem the admin fixes with `bootctl snapshot kernel` (its layer still has them)."""
+        for d in boot.debris():
+            if repair:
+                boot.discard(d)
+            report.removed_temp.append(str(d))
+        live = {(s.image, s.id): s for s in self.queries.snapshots(None, include_deleted=False)}
+        for image, sid in boot.known_dirs():
+            if (image, sid) not in live or live[(image, sid)].kernel_release is None:
+                if repair:
+                    boot.remove(image, sid)
+                report.finished_deletes.append(f"kernel files {boot.rel_dir(image, sid)}")
+        for snap in live.values():
+            if snap.kernel_release and not boot.present(snap.image, snap.id):
+                report.problems.append(f"{snap.name}: its kernel {snap.kernel_release} is missing from "
+                                       f"{boot.dir_of(snap.image, snap.id)}; read it again from the snapshot: "
+                                       f"bootctl snapshot kernel {snap.name} --kernel {snap.kernel_release}")

@@ -30,6 +30,10 @@ def _actor() -> str:
         return "unknown"
 
 
+KERNEL_HELP = ("which kernel of the image's /boot its PCs boot (a release such as 6.1.0-28-amd64, or latest); "
+               "for kind: native images, needed when /boot has several")
+
+
 def _body(args: argparse.Namespace, **extra: object) -> dict[str, object]:
     body = {"actor": _actor(), "reason": getattr(args, "reason", None) or ""}
     body.update({k: v for k, v in extra.items() if v is not None})
@@ -62,14 +66,15 @@ def wait_job(args: argparse.Namespace, api: ApiClient, job: dict[str, Any]) -> d
 
 # ---------------------------------------------------------------------------------------- image
 def cmd_image_import(args: argparse.Namespace, api: ApiClient) -> int:
-    res = api.post(f"{P}/images", _body(args, name=args.name, file=os.path.abspath(args.file)))
+    res = api.post(f"{P}/images", _body(args, name=args.name, file=os.path.abspath(args.file), kernel=args.kernel))
     job = res["job"]
     if args.no_wait:
         emit(args, job, f"importing {args.file} as {args.name}: job {job['id']} (bootctl snapshot jobs)")
         return 0
     job = wait_job(args, api, job)
     snap = job["result"]
-    emit(args, snap, f"imported {args.file} as {snap['name']} ({human(snap['virtual_size'])} disk)")
+    kernel = f", boots its own kernel {snap['kernel_release']}" if snap.get("kernel_release") else ""
+    emit(args, snap, f"imported {args.file} as {snap['name']} ({human(snap['virtual_size'])} disk{kernel})")
     return 0
 
 
@@ -134,8 +139,15 @@ def cmd_draft(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def cmd_seal(args: argparse.Namespace, api: ApiClient) -> int:
-    s = api.post(f"{P}/snapshots/{q(args.ref)}/seal", _body(args, note=args.note))
-    emit(args, s, f"sealed {s['name']}: {s['note']}")
+    s = api.post(f"{P}/snapshots/{q(args.ref)}/seal", _body(args, note=args.note, kernel=args.kernel))
+    kernel = f" (boots kernel {s['kernel_release']})" if s.get("kernel_release") else ""
+    emit(args, s, f"sealed {s['name']}: {s['note']}{kernel}")
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace, api: ApiClient) -> int:
+    s = api.post(f"{P}/snapshots/{q(args.ref)}/kernel", _body(args, kernel=args.kernel))
+    emit(args, s, f"{s['name']} boots kernel {s['kernel_release']}")
     return 0
 
 
@@ -327,6 +339,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     p.add_argument("file", help="raw or qcow2 disk image; bootd reads it, so it is a path on the bootd machine")
     p.add_argument("--no-wait", action="store_true", help="return the job at once")
     p.add_argument("--progress", action="store_true", help="draw the progress bar even when not on a terminal")
+    p.add_argument("--kernel", metavar="RELEASE", help=KERNEL_HELP)
     reason(p)
     p.set_defaults(func=cmd_image_import)
     p = isub.add_parser("create", help="a new image whose v1 is an empty disk", parents=[common])
@@ -354,8 +367,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     p = ssub.add_parser("seal", help="turn a draft into an immutable snapshot", parents=[common])
     p.add_argument("ref", help="the draft: IMAGE@draft-ID or ID")
     p.add_argument("-n", "--note", required=True, help="what changed in this snapshot")
+    p.add_argument("--kernel", metavar="RELEASE", help=KERNEL_HELP)
     reason(p)
     p.set_defaults(func=cmd_seal)
+    p = ssub.add_parser("kernel", help="read a sealed snapshot's kernel again from its own /boot (kind: native "
+                        "images): pick another of its kernels, or restore lost boot files", parents=[common])
+    p.add_argument("ref")
+    p.add_argument("--kernel", metavar="RELEASE", help=KERNEL_HELP)
+    reason(p)
+    p.set_defaults(func=cmd_kernel)
     p = ssub.add_parser("test", help="boot a snapshot on one host only", parents=[common])
     p.add_argument("ref")
     p.add_argument("host", help="MAC or host name")

@@ -136,8 +136,9 @@ async def create_image(request: web.Request) -> web.Response:
             await asyncio.to_thread(qemu.check_importable, file)
         except SnapshotError as exc:
             return _err(exc.status, str(exc))
+        kernel = str(body["kernel"]) if body.get("kernel") else None
         job = _jobs(request).start("import", name, actor, lambda progress: store.import_image(
-            name, file, actor, reason, progress).to_dict())
+            name, file, actor, reason, progress, kernel).to_dict())
         return web.json_response({"job": job.to_dict()}, status=202)
     if body.get("size"):
         return await _call(store.create_image, name, body["size"], actor, reason, status=201)
@@ -261,7 +262,17 @@ async def seal(request: web.Request) -> web.Response:
     note = str(body.get("note") or "").strip()
     if not note:
         return _err(400, "a sealed snapshot needs a note saying what changed (--note)")
-    return await _call(store.seal, _ref(request), note, actor_of(request, body), str(body.get("reason") or ""))
+    kernel = str(body["kernel"]) if body.get("kernel") else None
+    return await _call(store.seal, _ref(request), note, actor_of(request, body), str(body.get("reason") or ""),
+                       kernel)
+
+
+async def set_kernel(request: web.Request) -> web.Response:
+    """Read a sealed snapshot's kernel again from its own /boot (another of its kernels, or lost files)."""
+    store = _store(request)
+    body = await read_json(request)
+    kernel = str(body["kernel"]) if body.get("kernel") else None
+    return await _call(store.set_kernel, _ref(request), kernel, actor_of(request, body), str(body.get("reason") or ""))
 
 
 Assign = Callable[[str, str, str, str], dict[str, Any]]  # (snapshot ref, host MAC or group, actor, reason)
@@ -402,6 +413,7 @@ def setup_routes(app: web.Application, ctx: Context) -> None:
     r.add_delete(P + "/snapshots/{ref}", delete)
     r.add_post(P + "/snapshots/{ref}/draft", draft)
     r.add_post(P + "/snapshots/{ref}/seal", seal)
+    r.add_post(P + "/snapshots/{ref}/kernel", set_kernel)
     r.add_post(P + "/snapshots/{ref}/test", test_on_host)
     r.add_post(P + "/snapshots/{ref}/pin", pin)
     r.add_post(P + "/snapshots/{ref}/promote", promote)
