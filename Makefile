@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo bench clean lint deb test-systemd
+.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd
 
 setup:
 	@bash deps/setup.sh
@@ -33,6 +33,11 @@ test-systemd: setup
 
 demo: setup assets
 	@$(PY) scripts/demo.py
+
+# A real Debian 12 (built by scripts/build-real-os.sh) imported as a native image: the lab PC boots the
+# snapshot's own kernel with its root over NBD; update -> new kernel; rollback -> old one (minutes, README).
+demo-real: setup assets
+	@BOOTD_REALOS_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/e2e/test_real_os.py $(PYTEST_ARGS)
 
 bench: setup assets
 	@$(PY) benchmarks/run_all.py $(BENCH)

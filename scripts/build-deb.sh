@@ -67,10 +67,10 @@ install -d -m 0750 "$STAGE/var/lib/bootd"
 
 # 5. control files
 DEPENDS="python3 (>= $PYVER), python3 (<< $NEXT_PYVER), libc6, libgcc-s1"
-for p in $(grep -v '^\s*#' "$SRC/deps/runtime-packages.txt" | awk 'NF && $2 != "recommends" {print $1}'); do
+for p in $(grep -v '^\s*#' "$SRC/deps/runtime-packages.txt" | awk 'NF && $2 != "suggests" {print $1}'); do
     [ "$p" = python3 ] || DEPENDS="$DEPENDS, $p"
 done
-RECOMMENDS=$(grep -v '^\s*#' "$SRC/deps/runtime-packages.txt" | awk '$2 == "recommends" {print $1}' | paste -sd, | sed 's/,/, /g')
+SUGGESTS=$(grep -v '^\s*#' "$SRC/deps/runtime-packages.txt" | awk '$2 == "suggests" {print $1}' | paste -sd, | sed 's/,/, /g')
 install -d "$STAGE/DEBIAN"
 cat > "$STAGE/DEBIAN/control" <<EOF
 Package: bootd
@@ -79,8 +79,7 @@ Architecture: $ARCH
 Maintainer: bootd developers <bootd@localhost>
 Installed-Size: $(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
 Depends: $DEPENDS
-Recommends: $RECOMMENDS
-Suggests: nfs-ganesha, nfs-ganesha-vfs, nfs-kernel-server
+Suggests: $SUGGESTS, nfs-ganesha, nfs-ganesha-vfs, nfs-kernel-server
 Section: net
 Priority: optional
 Description: network-boot server for computer labs
