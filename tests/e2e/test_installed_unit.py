@@ -3,9 +3,11 @@
 
 A Debian 12 root (debootstrap, cached under .cache/systemd-test) gets the .deb `make deb` builds, installed
 with `apt-get install ./bootd_*.deb` from the Debian mirror apt uses here; then `systemd-nspawn -b` boots it
-(private network) and the test drives systemd in it through nsenter: start (READY, watchdog), reload of a
-good and of a broken config, start with a broken config (FILE:LINE in the journal), a clean stop, and
-`systemd-analyze security` no worse than the unit's score before the package existed."""
+in the server namespace of a test lab (a bridge, nothing else: tests/netns.py), and the test drives
+systemd in it through nsenter: start (READY, watchdog), reload of a good and of a broken config, start
+with a broken config (FILE:LINE in the journal), a clean stop, `systemd-analyze security` no worse than
+the unit's score before the package existed, and finally what the admin installed it for: with
+/etc/bootd/bootd.yaml edited to serve the lab, a lab PC (QEMU, iPXE) boots from the installed bootd."""
 from __future__ import annotations
 
 import os
@@ -17,6 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import yaml
+from harness import LabPC, ensure_assets, lab_config
+from netns import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "systemd-test"
@@ -91,8 +96,9 @@ def installed_packages(root: Path) -> set[str]:
 class Container:
     """A booted container (systemd-nspawn -b) and commands in it through nsenter on its PID 1."""
 
-    def __init__(self, root: Path, log: Path):
+    def __init__(self, root: Path, log: Path, lab: Lab):
         self.root = root
+        self.lab = lab
         self.log_path = log
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.leader = 0
@@ -100,8 +106,10 @@ class Container:
 
     def boot(self, timeout: float = 120) -> None:
         with open(self.log_path, "wb") as log:
+            # the container's network is the lab server's namespace: its bridge and nothing of the host
             self.proc = subprocess.Popen(["systemd-nspawn", "-q", "-b", "-D", str(self.root), "--register=no",
-                                          "--keep-unit", "--private-network"],
+                                          "--keep-unit",
+                                          f"--network-namespace-path=/run/netns/{self.lab.server.name}"],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -203,7 +211,8 @@ def container(tmp_path_factory, timings):
     r = nspawn(root, "sh", "-c", f"apt-get update -q && apt-get install -y -q ./{deb.name}", binds=binds,
                chdir="/root")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    c = Container(root, work / "console.log")
+    lab = Lab()
+    c = Container(root, work / "console.log", lab)
     c.pulled = installed_packages(root) - before
     timings["apt install ./bootd.deb"] = time.monotonic() - t0
     t0 = time.monotonic()
@@ -213,6 +222,7 @@ def container(tmp_path_factory, timings):
         yield c
     finally:
         c.poweroff()
+        lab.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -309,3 +319,38 @@ def test_systemd_analyze_security_no_worse_than_before(container):
     m = re.search(r"Overall exposure level for bootd.service: (\d+\.\d+)", r.stdout)
     assert m, r.stdout + r.stderr
     assert float(m.group(1)) <= EXPOSURE_BEFORE, r.stdout[-3000:]
+
+
+def test_a_lab_pc_boots_from_the_installed_bootd(container, tmp_path, timings):
+    """The admin's last step: edit /etc/bootd/bootd.yaml to serve the lab (interface, DHCP pool, an
+    image), restart, and a PC switched on in the lab boots the image's snapshot from the packaged bootd."""
+    c = container
+    assets = ensure_assets()
+    t0 = time.monotonic()
+    boot = c.root / "var/lib/bootd/boot"
+    boot.mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.kernel, boot / "vmlinuz")
+    shutil.copy(assets.initrd, boot / "initrd.img")
+    shutil.copy(assets.image_a, c.root / "var/lib/bootd/os-A.qcow2")
+    cfg = lab_config(c.lab, images={"demo": Path("/var/lib/bootd/os-A.qcow2")})
+    cfg["storage"] = {"directory": "/var/lib/bootd"}
+    cfg["api"] = {"socket": "/run/bootd/api.sock"}
+    good = c.run("cat", CONFIG).stdout
+    c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        r = c.run("systemctl", "restart", "bootd")
+        assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
+        wait_for(lambda: "demo@v1" in c.run("bootctl", "snapshot", "list").stdout, 120, "the image's import")
+        pc = LabPC(c.lab, "pc-installed", tmp_path)
+        try:
+            result = pc.boot(timeout=240)
+        finally:
+            pc.kill()
+        assert result.ok, result.describe() + c.journal("bootd")[-3000:]
+        assert result.marker == "A" and result.fresh is True, result.describe()
+        hosts = c.run("bootctl", "hosts").stdout
+        assert pc.mac in hosts and "demo@v1" in hosts, hosts
+        timings["a lab PC boots from the package"] = time.monotonic() - t0
+    finally:
+        c.write(CONFIG, good)
+        c.run("systemctl", "restart", "bootd")
