@@ -7,7 +7,8 @@ in the server namespace of a test lab (a bridge, nothing else: tests/netns.py), 
 systemd in it through nsenter: start (READY, watchdog), reload of a good and of a broken config, start
 with a broken config (FILE:LINE in the journal), a clean stop, `systemd-analyze security` no worse than
 the unit's score before the package existed, and finally what the admin installed it for: with
-/etc/bootd/bootd.yaml edited to serve the lab, a lab PC (QEMU, iPXE) boots from the installed bootd."""
+/etc/bootd/bootd.yaml edited to serve the lab, a lab PC (QEMU, iPXE) boots from the installed bootd, and a
+client root is exported by NFS-Ganesha under the unit's sandbox."""
 from __future__ import annotations
 
 import os
@@ -36,6 +37,20 @@ pytestmark = [
                        reason="long (debootstrap, apt, a booted container): BOOTD_SYSTEMD_TEST=1 or make test-systemd"),
     pytest.mark.timeout(1800),
 ]
+
+
+GANESHA_CONF = """NFS_CORE_PARAM {
+    Protocols = 4;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+}
+NFSv4 {
+    Graceless = true;
+    Allow_Numeric_Owners = true;
+    Only_Numeric_Owners = true;
+}
+%include "/etc/ganesha/bootd-exports.conf"
+"""
 
 
 def debian_mirror() -> tuple[str, str]:
@@ -109,7 +124,11 @@ class Container:
             # the container's network is the lab server's namespace: its bridge and nothing of the host
             self.proc = subprocess.Popen(["systemd-nspawn", "-q", "-b", "-D", str(self.root), "--register=no",
                                           "--keep-unit",
-                                          f"--network-namespace-path=/run/netns/{self.lab.server.name}"],
+                                          f"--network-namespace-path=/run/netns/{self.lab.server.name}",
+                                          # NFS-Ganesha's VFS back end opens files by handle, which a
+                                          # container forbids by default (a real server allows it)
+                                          "--system-call-filter=open_by_handle_at name_to_handle_at",
+                                          "--capability=CAP_DAC_READ_SEARCH"],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -211,9 +230,18 @@ def container(tmp_path_factory, timings):
     r = nspawn(root, "sh", "-c", f"apt-get update -q && apt-get install -y -q ./{deb.name}", binds=binds,
                chdir="/root")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pulled = installed_packages(root) - before
+    # The NFS server an admin runs beside bootd for client roots (the kernel's is not available here):
+    # NFS-Ganesha from Debian, its ganesha.conf including the exports file bootd renders.
+    r = nspawn(root, "sh", "-c", "apt-get install -y -q nfs-ganesha nfs-ganesha-vfs", binds=binds[1:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (root / "etc/ganesha/ganesha.conf").write_text(GANESHA_CONF)
+    (root / "etc/ganesha/bootd-exports.conf").write_text("# rendered by bootd (nfs.roots)\n")  # before the first start
+    (root / "srv/clientroot").mkdir(parents=True, exist_ok=True)
+    (root / "srv/clientroot/hello.txt").write_text("hello from the client root\n")
     lab = Lab()
     c = Container(root, work / "console.log", lab)
-    c.pulled = installed_packages(root) - before
+    c.pulled = pulled
     timings["apt install ./bootd.deb"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
@@ -351,6 +379,44 @@ def test_a_lab_pc_boots_from_the_installed_bootd(container, tmp_path, timings):
         hosts = c.run("bootctl", "hosts").stdout
         assert pc.mac in hosts and "demo@v1" in hosts, hosts
         timings["a lab PC boots from the package"] = time.monotonic() - t0
+    finally:
+        c.write(CONFIG, good)
+        c.run("systemctl", "restart", "bootd")
+
+
+def test_nfs_exports_apply_under_the_sandbox(container):
+    """A client root in the config: the sandboxed bootd writes NFS-Ganesha's exports file and reloads
+    the server (the packaged nfs-ganesha.service), and a lab client reads the root over NFSv4."""
+    c = container
+    if c.run("systemctl", "is-active", "nfs-ganesha").stdout.strip() != "active":
+        r = c.run("systemctl", "start", "nfs-ganesha")
+        assert r.returncode == 0, r.stderr + c.journal("nfs-ganesha")[-2000:]
+    cfg = {"interfaces": [{"name": c.lab.bridge, "address": f"{c.lab.server_ip}/{c.lab.subnet.prefixlen}"}],
+           "dhcp": {"mode": "off"}, "nbd": {"enabled": False},
+           "nfs": {"server": "ganesha", "roots": [{"name": "debian", "path": "/srv/clientroot"}]},
+           "storage": {"directory": "/var/lib/bootd"}, "api": {"socket": "/run/bootd/api.sock"}}
+    good = c.run("cat", CONFIG).stdout
+    c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        r = c.run("systemctl", "restart", "bootd")
+        assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
+        try:
+            wait_for(lambda: '"ok"' in c.run("bootctl", "--json", "clientroot", "exports").stdout, 30,
+                     "bootd's NFS export check")
+        except AssertionError:
+            raise AssertionError(c.run("bootctl", "--json", "clientroot", "exports").stdout
+                                 + c.run("systemctl", "status", "nfs-ganesha", "--no-pager").stdout
+                                 + c.journal("nfs-ganesha")[-2000:]
+                                 + c.run("tail", "-40", "/var/log/ganesha/ganesha.log").stdout) from None
+        assert "/srv/clientroot" in c.run("cat", "/etc/ganesha/bootd-exports.conf").stdout
+        client = c.lab.add_client(address="10.77.0.70")
+        r = client.ns.run(["nfs-cat", f"nfs://{c.lab.server_ip}/bootd/debian/hello.txt?version=4"], check=False,
+                          timeout=30)
+        assert r.returncode == 0 and r.stdout == "hello from the client root\n", (
+            r.stderr + c.run("cat", "/etc/ganesha/bootd-exports.conf").stdout
+            + c.run("tail", "-30", "/var/log/ganesha/ganesha.log").stdout
+            + c.run("ls", "-la", "/srv/clientroot", "/srv").stdout)
+        assert "Permission denied" not in c.journal("bootd") and "Read-only file system" not in c.journal("bootd")
     finally:
         c.write(CONFIG, good)
         c.run("systemctl", "restart", "bootd")
