@@ -204,8 +204,8 @@ def read_boot_files(path: str, fmt: str, want: str | None, what: str, dest: Path
         chosen = choose_kernel(listing, want, what)
         g.mount_ro(dev, "/")
         try:
-            g.download(chosen.kernel or "/", str(dest / KERNEL))
-            g.download(chosen.initrd or "/", str(dest / INITRD))
+            g.download(chosen.kernel, str(dest / KERNEL))
+            g.download(chosen.initrd, str(dest / INITRD))
         finally:
             g.umount_all()
         return chosen

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 
+from .bootfiles import BootFileStore
 from .errors import Refused, SnapshotError
 from .files import LOST_FOUND, TEMP_PREFIX, LayerFiles, read_qcow2_header, unlink_quiet
 from .lifecycle import record_audit
@@ -27,6 +28,7 @@ class StoreCheck:
         self.state = queries.state
         self.files = files
         self.pruner = pruner
+        self.boot_files: BootFileStore | None = None  # native images' kernels (snapshots/bootfiles.py)
 
     def purge_lost_found(self, actor: str, reason: str = "") -> list[str]:
         """Delete what fsck set aside in lost+found/ (after the admin has looked at it)."""
@@ -70,6 +72,8 @@ class StoreCheck:
         - a file's mode follows its row (sealed 0444, draft 0644).
         - a row's backing follows the qcow2 header (a flatten renamed the file but did not commit).
         - rows whose file is missing are reported (never dropped: the admin decides).
+        - native snapshots' kernel directories: debris and those of gone snapshots removed, missing ones
+          reported (the layer still has them: `bootctl snapshot kernel`).
         - a database without any snapshot beside layer files is refused, nothing moved (see
           refuse_new_database_beside_layers).
         """
@@ -151,4 +155,23 @@ class StoreCheck:
         if repair and not rep.clean:
             with self.state.transaction() as cur:
                 record_audit(cur, "fsck", "fsck", None, None, None, "", rep.to_dict())
+        if self.boot_files is not None:
+            self._fsck_boot_files(self.boot_files, rep, repair)
         return rep
+
+    def _fsck_boot_files(self, boot: BootFileStore, report: FsckReport, repair: bool) -> None:
+        for d in boot.debris():
+            if repair:
+                boot.discard(d)
+            report.removed_temp.append(str(d))
+        live = {(s.image, s.id): s for s in self.queries.snapshots(None, include_deleted=False)}
+        for image, sid in boot.known_dirs():
+            if (image, sid) not in live or live[(image, sid)].kernel_release is None:
+                if repair:
+                    boot.remove(image, sid)
+                report.finished_deletes.append(f"kernel files {boot.rel_dir(image, sid)}")
+        for snap in live.values():
+            if snap.kernel_release and not boot.present(snap.image, snap.id):
+                report.problems.append(f"{snap.name}: its kernel {snap.kernel_release} is missing from "
+                                       f"{boot.dir_of(snap.image, snap.id)}; read it again from the snapshot: "
+                                       f"bootctl snapshot kernel {snap.name} --kernel {snap.kernel_release}")

@@ -60,7 +60,8 @@ class SnapshotStore:
         self.pruner = SnapshotPruner(self.queries, self.files, self.hooks)
         self.check = StoreCheck(self.queries, self.files, self.pruner)
         self.boot_files = BootFileStore(boot_root) if boot_root is not None else None
-        self.lifecycle.boot_files = self.pruner.boot_files = self.queries.boot_files = self.boot_files
+        self.lifecycle.boot_files = self.pruner.boot_files = self.queries.boot_files = self.check.boot_files = \
+            self.boot_files
 
     # ------------------------------------------------------------------ settings
     @property
@@ -93,10 +94,6 @@ class SnapshotStore:
     @boot_kind.setter
     def boot_kind(self, fn: BootKind) -> None:
         self.lifecycle.boot_kind = fn
-
-    def boot_dir(self, snap: Snapshot) -> str | None:
-        """Where the snapshot's own kernel and initramfs are, relative to the boot root (None: it has none)."""
-        return self.queries.boot_dir(snap)
 
     def boot_dir_for(self, snapshot_id: int) -> str | None:
         """The boot files a snapshot boots: its own, or for a draft its nearest ancestor's."""
@@ -244,26 +241,4 @@ class SnapshotStore:
         self.check.refuse_new_database_beside_layers()
 
     def fsck(self, repair: bool = True) -> FsckReport:
-        report = self.check.fsck(repair)
-        if self.boot_files is not None:
-            self._fsck_boot_files(self.boot_files, report, repair)
-        return report
-
-    def _fsck_boot_files(self, boot: BootFileStore, report: FsckReport, repair: bool) -> None:
-        """Kernel directories of snapshots that are gone are removed; a snapshot whose kernel files are
-        missing is a problem the admin fixes with `bootctl snapshot kernel` (its layer still has them)."""
-        for d in boot.debris():
-            if repair:
-                boot.discard(d)
-            report.removed_temp.append(str(d))
-        live = {(s.image, s.id): s for s in self.queries.snapshots(None, include_deleted=False)}
-        for image, sid in boot.known_dirs():
-            if (image, sid) not in live or live[(image, sid)].kernel_release is None:
-                if repair:
-                    boot.remove(image, sid)
-                report.finished_deletes.append(f"kernel files {boot.rel_dir(image, sid)}")
-        for snap in live.values():
-            if snap.kernel_release and not boot.present(snap.image, snap.id):
-                report.problems.append(f"{snap.name}: its kernel {snap.kernel_release} is missing from "
-                                       f"{boot.dir_of(snap.image, snap.id)}; read it again from the snapshot: "
-                                       f"bootctl snapshot kernel {snap.name} --kernel {snap.kernel_release}")
+        return self.check.fsck(repair)
