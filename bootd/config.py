@@ -143,6 +143,9 @@ class DhcpConfig(Section):
     loaders: LoaderConfig = LoaderConfig()
     relay_subnets: list[RelaySubnetConfig] = []  # subnets behind DHCP relay agents (full mode)
     offer_hold: Annotated[int, Field(ge=1, le=3600)] = 60  # seconds an offered address is kept for its client
+    # a request that waited longer than this in the receive queue is skipped, not answered (issue 22): its
+    # client has retried (udhcpc every 3 s, PXE ROMs at 4 s), and the retry is answered instead
+    stale_after: Annotated[float, Field(ge=0.5, le=60)] = 3.0
     # what an iPXE client is told to boot: {server} = bootd's address on the interface, {http_port}, {mac}
     ipxe_script_url: str = "http://{server}:{http_port}/boot/{mac}.ipxe"
     # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`

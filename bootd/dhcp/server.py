@@ -2,11 +2,13 @@
 
 One UDP socket per configured interface on port 67 (plus 4011 in proxy mode), each pinned to its
 interface with SO_BINDTODEVICE, so nothing is ever answered on an interface the config does not name.
-Packets are read straight from the socket in the loop's reader callback (several per wake-up) and
-answered in the same callback: no thread hops, no per-packet tasks. Under a flood (issue 13) the
-receive queue is short, known MACs of each batch are handled first, and `ratelimit.Admission` drops
-what one MAC sends past its rate and what strangers send past their shared budget, each counted as
-dropped{reason=...}, before it is decoded. Interfaces are tracked with a
+Packets are read straight from the socket in the loop's reader callback (all that wait, up to
+READ_BATCH) and answered in the same callback: no thread hops, no per-packet tasks. Under a flood
+(issue 13) `ratelimit.Admission` drops what one MAC sends past its rate and what strangers send past
+their shared budget of CPU time, before it is decoded. Under a boot storm (issue 22) `triage` answers
+the newest packets first and skips those nobody waits for any more (older than `dhcp.stale_after`,
+or a DISCOVER/REQUEST its client has since repeated); known MACs of each batch go before strangers.
+Every skipped packet is counted as dropped{reason=...}. Interfaces are tracked with a
 pyroute2 netlink watcher: one that disappears and comes back (even with a new ifindex) is served again.
 """
 from __future__ import annotations
@@ -25,9 +27,11 @@ from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy, Outcome
 from bootd.dhcp.ratelimit import Admission
 from bootd.dhcp.rogue import is_probe
+from bootd.dhcp.triage import Received, triage
 from bootd.hoststate import FAILED
 from bootd.macaddr import normalize_mac
 from bootd.service import Service
+from bootd.udpbatch import Datagrams, send_many
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -37,15 +41,21 @@ log = logging.getLogger("bootd.dhcp")
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
-# A short receive queue on purpose (issue 13): under a flood a deep one (it was 16 MB) only turned into
-# seconds of latency for every client. What does not fit is dropped by the kernel and counted
+SO_TIMESTAMPNS = SCM_TIMESTAMPNS = 35  # Linux: each datagram's arrival time as a struct timespec
+TIMESPEC = struct.Struct("=qq")
+CMSG_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
+# A bounded receive queue (issue 13): a deep one (it was 16 MB), served first in first out, turned a
+# flood into seconds of latency for every client. Since issue 22 a batch is served newest first and
+# what waited past dhcp.stale_after is skipped unread, so queue depth no longer means latency; the
+# queue holds a room's burst (~1500 requests) while the CPU is busy elsewhere instead of dropping the
+# newest requests at the tail. What does not fit is dropped by the kernel and counted
 # (dropped{reason=queue}); what is read is admitted by ratelimit.Admission before any work.
-RECV_BUFFER = 256 << 10
+RECV_BUFFER = 2 << 20
 SEND_BUFFER = 1 << 20
 QUEUE_DROPS_EVERY = 1.0  # seconds between readings of the kernel's drop counters
 SIOCSARP = 0x8955
 ATF_COM = 0x02
-READ_BATCH = 256  # datagrams read per reader wake-up: known MACs of the batch are answered first
+READ_BATCH = 2048  # datagrams read per reader wake-up: triage needs to see what waits to pick the newest
 RECV_SIZE = 4096  # DHCP messages are 300..1500 bytes; anything longer is cut here and fails to decode
 EXPIRE_EVERY = 10.0
 
@@ -69,6 +79,7 @@ def open_udp(ifname: str, port: int) -> socket.socket:
                 s.setsockopt(socket.SOL_SOCKET, force, size)  # beyond rmem_max: needs CAP_NET_ADMIN
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, plain, size)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # arrival times for triage (stale packets)
         s.bind(("0.0.0.0", port))
         s.setblocking(False)
     except BaseException:
@@ -103,8 +114,10 @@ class InterfaceSockets:
 class DhcpService(Service):
     name = "dhcp"
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 send: Callable[[socket.socket, Datagrams], list[Optional[int]]] = send_many) -> None:
         self.clock = clock
+        self.send = send  # how a batch of replies leaves (bootd/udpbatch.py)
         self.ctx: Optional["Context"] = None
         self.policy: Optional[DhcpPolicy] = None
         self.leases: Optional[LeaseTable] = None
@@ -356,12 +369,14 @@ class DhcpService(Service):
     # -- packets -------------------------------------------------------------------------------------
     def _on_readable(self, sock: socket.socket, ifname: str, port: int) -> None:
         """Read what the socket holds (up to READ_BATCH), decide the packets of known MACs first and
-        strangers' only while their time budget lasts, commit the lease changes in one transaction,
-        then send the replies (none of them before the commit) and record their boot events."""
+        strangers' only while their budget lasts, each newest first (`triage`), commit the lease
+        changes in one transaction, then send the replies (none of them before the commit) and record
+        their boot events."""
         now = self.clock()
         known, strangers = self._read_batch(sock, ifname, now)
         admission = self._admission()
         decided: list[Decision] = []
+        cpu = time.thread_time  # strangers pay for the CPU they take, not for time the scheduler gave others
         try:
             with self._leases().batch():
                 for data, src in known:
@@ -375,60 +390,70 @@ class DhcpService(Service):
                         self._count("received")
                         self._count("dropped", ("reason", refused))
                         continue
-                    t = time.perf_counter()
+                    t = cpu()
                     r = self.decide(data, src, ifname, port)
                     if r is not None:
                         decided.append(r)
-                    admission.charge_strangers(time.perf_counter() - t, 0 if r is None else 1)
+                    admission.charge_strangers(cpu() - t, 0 if r is None else 1)
         except Exception as e:  # the store refused the batch: nothing it promised may go out
             self._context().metrics.inc("dhcp", "errors", float(max(1, len(decided))))
             log.error("dhcp: cannot persist leases, %d replies dropped: %s", len(decided), e)
             self._flush_counts()
             return
-        t = time.perf_counter()
-        for i, (msg, out, when) in enumerate(decided):
-            if i == n_known:
-                t = time.perf_counter()  # from here on the replies are strangers'
-            try:
-                self.deliver(msg, out, when, sock, ifname)
-            except Exception as e:  # a bug must cost one reply, not the batch or the reader
-                self._count("errors")
-                log.error("dhcp: cannot send the reply to %r: %s", msg, e)
+        t = cpu()
+        self.send_replies(decided, sock, ifname)  # one system call; known PCs' replies first in it
         self._record_events(decided)
-        if len(decided) > n_known:  # sending and recording for strangers is theirs to pay too
-            admission.charge_strangers(time.perf_counter() - t)
+        if len(decided) > n_known:  # strangers pay their share of sending and recording
+            admission.charge_strangers((cpu() - t) * (len(decided) - n_known) / len(decided))
         if now - self._queue_drops_read >= QUEUE_DROPS_EVERY:
             self._count_queue_drops(now)
         self._flush_counts()
 
     def _read_batch(self, sock: socket.socket, ifname: str, now: float) -> tuple[list[Datagram], list[Datagram]]:
-        """Up to READ_BATCH datagrams, split into those from known MACs (host entry, reservation,
-        lease or offer) and the rest; a MAC over its own rate is counted and dropped here, undecoded."""
-        known: list[Datagram] = []
-        strangers: list[Datagram] = []
+        """Up to READ_BATCH datagrams, triaged (newest first, stale and superseded ones skipped) and
+        split into those from known MACs (host entry, reservation, lease or offer) and the rest; a MAC
+        over its own rate is counted and dropped here, undecoded."""
         admit = self._admission().admit
-        policy, leases = self._policy(), self._leases()
-        by_mac, offer_by_mac = leases.by_mac, leases.offer_by_mac
         count = self._count
+        wall = time.time()
+        got: list[Received] = []
         for _ in range(READ_BATCH):
             try:
-                data, src = sock.recvfrom(RECV_SIZE)
+                data, anc, _flags, src = sock.recvmsg(RECV_SIZE, CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 log.debug("dhcp recv on %s: %s", ifname, e)
                 break
-            chaddr = data[28:34]  # BOOTP chaddr; a shorter packet is malformed and a stranger
-            refused = admit(chaddr, now)
+            refused = admit(data[28:34], now)  # BOOTP chaddr; a shorter packet is malformed and a stranger
             if refused is not None:
                 count("received")
                 count("dropped", ("reason", refused))
                 continue
+            at = wall
+            for level, kind, value in anc:
+                if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(value) >= TIMESPEC.size:
+                    sec, nsec = TIMESPEC.unpack_from(value)
+                    at = sec + nsec * 1e-9
+            got.append(Received(data, src, at))
+        fresh, stale, superseded = triage(got, wall, self._policy().dhcp.stale_after)
+        for reason, n in (("stale", stale), ("superseded", superseded)):
+            if n:
+                c = self._counts
+                c[("received", None)] = c.get(("received", None), 0) + n
+                k = ("dropped", ("reason", reason))
+                c[k] = c.get(k, 0) + n
+        known: list[Datagram] = []
+        strangers: list[Datagram] = []
+        policy, leases = self._policy(), self._leases()
+        by_mac, offer_by_mac = leases.by_mac, leases.offer_by_mac
+        for p in fresh:
+            chaddr = p.data[28:34]
             mac = chaddr.hex(":") if len(chaddr) == 6 else ""
             if mac and (policy.known(mac) or mac in by_mac or mac in offer_by_mac):
-                known.append((data, src))
+                known.append((p.data, p.src))
             else:
-                strangers.append((data, src))
+                strangers.append((p.data, p.src))
         return known, strangers
 
     def _count_queue_drops(self, now: float) -> None:
@@ -524,21 +549,39 @@ class DhcpService(Service):
         return msg, out, now
 
     def deliver(self, msg: DhcpMessage, out: Outcome, now: float, sock: socket.socket, ifname: str) -> None:
-        reply = out.reply
-        if reply is not None:
-            payload = encode(reply, BOOTP_MIN)
-            dest = out.dest
-            if dest is None:  # the policy gives every reply its destination (DhcpPolicy._destination)
-                raise ValueError(f"the policy left the reply to {msg.mac} without a destination")
+        """Send the reply of one decision (if it has one) right away."""
+        self.send_replies([(msg, out, now)], sock, ifname)
+
+    def send_replies(self, decided: list[Decision], sock: socket.socket, ifname: str) -> None:
+        """The replies of a batch, in order, in one sendmmsg() (bootd/udpbatch.py): one system call, so
+        one chance for the scheduler to take the CPU away, instead of one per reply. A reply that
+        cannot be encoded or sent costs that reply only."""
+        out_box: list[tuple[bytes, tuple[str, int]]] = []
+        kinds: list[str] = []
+        for msg, out, _when in decided:
+            reply = out.reply
+            if reply is None:
+                continue
+            try:
+                payload = encode(reply, BOOTP_MIN)
+                dest = out.dest
+                if dest is None:  # the policy gives every reply its destination (DhcpPolicy._destination)
+                    raise ValueError(f"the policy left the reply to {msg.mac} without a destination")
+            except Exception as e:  # a bug must cost one reply, not the batch or the reader
+                self._count("errors")
+                log.error("dhcp: cannot send the reply to %r: %s", msg, e)
+                continue
             if out.link_unicast and not set_neighbour(sock, ifname, dest[0], msg.chaddr):
                 dest = ("255.255.255.255", dest[1])
-            try:
-                sock.sendto(payload, dest)
-                self._count("answered", ("type", MESSAGE_TYPE_NAMES.get(reply.options[53][0], "?")))
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.ENOBUFS):
-                    log.warning("dhcp: cannot send to %s on %s: %s", dest, ifname, e)
-                self._count("send_errors")
+            out_box.append((payload, dest))
+            kinds.append(MESSAGE_TYPE_NAMES.get(reply.options[53][0], "?"))
+        for (_payload, dest), kind, err in zip(out_box, kinds, self.send(sock, out_box), strict=True):
+            if err is None:
+                self._count("answered", ("type", kind))
+                continue
+            if err not in (errno.EAGAIN, errno.ENOBUFS):
+                log.warning("dhcp: cannot send to %s on %s: %s", dest, ifname, os.strerror(err))
+            self._count("send_errors")
 
     def _record_events(self, decided: list[Decision]) -> None:
         """The boot events of a batch in one transaction (the store coalesces repeats and keeps the

@@ -12,6 +12,7 @@ from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.server import DhcpService
 from bootd.metrics import Metrics
 from bootd.state import StateStore
+from bootd.udpbatch import send_each
 
 
 class FakeSocket:
@@ -21,6 +22,10 @@ class FakeSocket:
         self.inbox = list(datagrams)
         self.sent = []
 
+
+    def recvmsg(self, n, ancbufsize=0):  # as the kernel gives it without a timestamp: "now"
+        data, src = self.recvfrom(n)
+        return data, [], 0, src
     def recvfrom(self, n):
         if not self.inbox:
             raise BlockingIOError
@@ -41,7 +46,7 @@ class Ctx:
 
 @pytest.fixture
 def svc(tmp_path):
-    s = DhcpService()
+    s = DhcpService(send=send_each)  # the fake socket records each sendto
     s.ctx = Ctx(tmp_path)
     s.leases = LeaseTable(s.ctx.store)
     s._build_policy()
@@ -65,7 +70,7 @@ def test_a_burst_is_one_commit_and_every_ack_follows_its_lease(svc):
     offers = [m for m, _ in sock.sent]
     assert len(offers) == 40 and all(m.message_type == 2 for m in offers)
     assert {d for _, d in sock.sent} == {("10.80.0.2", 67)}
-    sock = FakeSocket([request(i, m.yiaddr) for i, m in enumerate(offers)])
+    sock = FakeSocket([request(m.xid, m.yiaddr) for m in offers])
     svc._on_readable(sock, "br0", 67)
     acks = [m for m, _ in sock.sent]
     assert len(acks) == 40 and all(m.message_type == 5 for m in acks)

@@ -707,11 +707,13 @@ def running_bootd_lab(workdir: Path, make_config: Callable[[object], dict], asse
 
 @contextmanager
 def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None,
-                     subnet: str = "10.77.0.0/24") -> Iterator[object]:
+                     subnet: str = "10.77.0.0/24", lab=None, pool: Optional[tuple[str, str]] = None,
+                     extra: Iterable[str] = (), nginx_workers: str = "1") -> Iterator[object]:
     """The same lab served the classic way: dnsmasq (DHCP, RA, iPXE options 175/176, TFTP with
     undionly.kpxe/ipxe.efi), nginx (the iPXE script, kernel, initrd) and qemu-nbd --snapshot (a fresh
     copy-on-write view per process: restart it per boot with `lab.fresh_disk()`). Yields the Lab with
-    `.pc(name, mac, firmware)` and `.fresh_disk()` attached."""
+    `.pc(name, mac, firmware)` and `.fresh_disk()` attached. Given a `lab`, it serves that one (and
+    leaves it standing), from `pool` (first, last address), with `extra` dnsmasq options."""
     import ipaddress
 
     from netns import Lab
@@ -720,7 +722,11 @@ def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bootd-peer-"))
     os.chmod(scratch, 0o755)  # dnsmasq (TFTP) and nginx workers run as nobody
-    lab = Lab(subnet=ipaddress.IPv4Network(subnet))
+    own_lab = lab is None
+    lab = lab if lab is not None else Lab(subnet=ipaddress.IPv4Network(subnet))
+    pool = pool or (str(lab.subnet.network_address + 100), str(lab.subnet.network_address + 149))
+    started: list[subprocess.Popen] = []
+    nbd: list[subprocess.Popen] = []
     pcs: list[LabPC] = []
     try:
         ip = lab.server_ip
@@ -739,28 +745,27 @@ def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None
         for p in root.iterdir():
             os.chmod(p, 0o644)
         os.chmod(root, 0o755)
-        lab.server.run(["ip", "-6", "addr", "add", "fd77::1/64", "dev", lab.bridge, "nodad"])
-        start_dnsmasq(lab, scratch / "dnsmasq", tftp_root=root, range_start=str(lab.subnet.network_address + 100),
-                      range_end=str(lab.subnet.network_address + 149), extra=[
+        lab.server.run(["ip", "-6", "addr", "replace", "fd77::1/64", "dev", lab.bridge, "nodad"])
+        started.append(start_dnsmasq(lab, scratch / "dnsmasq", tftp_root=root, range_start=pool[0],
+                                     range_end=pool[1], extra=[*extra,
                           "--dhcp-match=set:ipxe,175", "--dhcp-match=set:efi64,option:client-arch,7",
                           f"--dhcp-boot=tag:ipxe,http://{ip}:8080/boot.ipxe",
                           "--dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi", "--dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe",
                           "--dhcp-option-force=tag:ipxe,encap:175,176,1",
-                          "--enable-ra", "--dhcp-range=fd77::,ra-only"])
+                          "--enable-ra", "--dhcp-range=fd77::,ra-only"]))
         conf = scratch / "nginx.conf"
         conf.write_text(
-            f"daemon off; worker_processes 1; pid {scratch}/nginx.pid; error_log {scratch}/nginx.err;\n"
-            "events { worker_connections 256; }\n"
+            f"daemon off; worker_processes {nginx_workers}; pid {scratch}/nginx.pid; error_log {scratch}/nginx.err;\n"
+            "events { worker_connections 1024; }\n"
             f"http {{ access_log off; sendfile on; default_type application/octet-stream;\n"
             f"  client_body_temp_path {scratch}/ngx_body; proxy_temp_path {scratch}/ngx_proxy;\n"
             f"  fastcgi_temp_path {scratch}/ngx_fcgi; uwsgi_temp_path {scratch}/ngx_uwsgi;\n"
             f"  scgi_temp_path {scratch}/ngx_scgi;\n"
             f"  server {{ listen {ip}:8080; root {root}; }} }}\n")
-        lab.server.popen(["nginx", "-c", str(conf), "-e", str(scratch / "nginx.err")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(lab.server.popen(["nginx", "-c", str(conf), "-e", str(scratch / "nginx.err")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_tcp(lab, 8080)
         disk = image or assets.image_a
-        nbd: list[subprocess.Popen] = []
 
         def fresh_disk() -> None:
             for p in nbd:
@@ -789,5 +794,17 @@ def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None
     finally:
         for p in pcs:
             p.kill()
-        lab.close()
+        if own_lab:
+            lab.close()
+        else:  # the lab stays: stop what was started on it (nginx's workers go with their master)
+            for p in started + nbd:
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    try:
+                        os.killpg(p.pid, sig)
+                        p.wait(timeout=10)
+                        break
+                    except ProcessLookupError:
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
         shutil.rmtree(scratch, ignore_errors=True)

@@ -276,6 +276,8 @@ def test_enabled_unit_starts_ready_with_watchdog_and_prebuilt_helpers(container)
     assert s["ActiveState"] == "active" and s["SubState"] == "running", s  # Type=notify: READY=1 arrived
     assert s["WatchdogUSec"] == "30s", s
     assert s["StatusText"], s  # the daemon's STATUS= line
+    stat = c.run("cat", f"/proc/{s['MainPID']}/stat").stdout
+    assert int(stat[stat.rindex(")") + 2:].split()[16]) == -10, stat  # Nice= of the unit (issue 22)
     # the watchdog is fed: the time of the last WATCHDOG=1 moves on (pings at half WatchdogSec)
     first = int(c.show("bootd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
     wait_for(lambda: int(c.show("bootd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]) > first,
