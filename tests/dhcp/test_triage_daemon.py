@@ -31,8 +31,8 @@ s.bind(("0.0.0.0", 68))
 def discover(mac, xid):
     m = DhcpMessage(xid=xid, flags=0x8000, chaddr=bytes.fromhex(mac.replace(":", "")), options={53: b"\x01"})
     s.sendto(encode(m), ("255.255.255.255", 67))
-discover("52:54:00:77:c0:01", 0x101)          # will have waited 2 s when the server reads it: stale
-time.sleep(2.0)
+discover("52:54:00:77:c0:01", 0x101)          # will have waited 4 s when the server reads it: stale
+time.sleep(4.0)
 discover("52:54:00:77:c0:02", 0x201)
 discover("52:54:00:77:c0:03", 0x301)          # the same client again, new transaction: superseded
 discover("52:54:00:77:c0:03", 0x302)
@@ -52,7 +52,7 @@ print(json.dumps(offers), flush=True)
 
 
 def test_stopped_server_answers_the_newest_and_skips_stale_and_superseded(lab, bootd_daemon):
-    d = bootd_daemon(dhcp_config(stale_after=1.0), ns=lab.server)
+    d = bootd_daemon(dhcp_config(stale_after=2.0), ns=lab.server)  # 2 s to spare for the fresh ones
     c = lab.add_client(address="10.77.0.50")
     d.signal(signal.SIGSTOP)
     try:
