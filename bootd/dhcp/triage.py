@@ -5,9 +5,11 @@ socket queue. A client that has waited past its retry interval has already sent 
 so answering the old copy first only delays the new one behind work nobody waits for. So, before any
 decoding: the newest packets go first; a DISCOVER or REQUEST that the same client (chaddr) has since
 followed with a newer packet is skipped ("superseded": its reply would carry a transaction the client
-has left); a packet older than `stale_after` seconds is skipped ("stale"). Other messages (RELEASE,
-DECLINE, INFORM) are never skipped for being superseded. Pure functions, no I/O: the caller gives the
-arrival times (the kernel's receive timestamps) and the clock.
+has left); a DISCOVER, REQUEST or INFORM older than `stale_after` seconds is skipped ("stale": its
+client has retried or given up). A RELEASE or DECLINE is never skipped: it asks for no answer, but it
+says something about an address (free again, in use by someone else) however late it is read.
+Pure functions, no I/O: the caller gives the arrival times (the kernel's receive timestamps) and the
+clock.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 DHCP_MAGIC = b"\x63\x82\x53\x63"
 OPTIONS_AT = 240  # the BOOTP header (236 bytes) and the magic cookie
 SUPERSEDABLE = frozenset({1, 3})  # DISCOVER, REQUEST: a newer packet from the client replaces them
+KEPT = frozenset({4, 7})  # DECLINE, RELEASE: state news, never skipped
 
 
 @dataclass(slots=True)
@@ -55,7 +58,7 @@ def triage(packets: list[Received], now: float, stale_after: float) -> tuple[lis
     seen: set[bytes] = set()
     stale = superseded = 0
     for p in reversed(packets):
-        if now - p.at > stale_after:
+        if now - p.at > stale_after and message_type(p.data) not in KEPT:
             stale += 1
             continue
         chaddr = p.data[28:44]

@@ -77,3 +77,11 @@ def test_a_stale_repeat_does_not_count_as_the_newest():
     assert keep == [] and stale == 1
     newer = Received(packet(7, 1, xid=1), ("0.0.0.0", 68), T - 1.0)
     assert triage([stale_copy, newer], T, 3.0) == ([newer], 1, 0)
+
+
+def test_a_late_release_or_decline_is_still_handled():
+    """They ask for no answer but say an address is free or in use: never skipped as stale."""
+    late = [Received(packet(7, t), ("10.0.0.5", 68), T - 30.0) for t in (4, 7)]
+    late_inform = Received(packet(8, 8), ("10.0.0.6", 68), T - 30.0)
+    keep, stale, superseded = triage([*late, late_inform], T, 3.0)
+    assert keep == list(reversed(late)) and (stale, superseded) == (1, 0)
