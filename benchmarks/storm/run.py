@@ -58,10 +58,12 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def server_usage(lab: Lab) -> tuple[dict[str, float], int]:
-    """CPU seconds used so far per program name and resident memory now, over every process in the
+def server_usage(lab: Lab) -> tuple[dict[str, float], dict[str, float], int]:
+    """Per program name, CPU seconds used so far and seconds its threads were runnable but waited for
+    a CPU (schedstat; bootd's main thread apart), and resident memory now, over every process in the
     server's namespace (bootd and its qemu-storage-daemon; dnsmasq, nginx and its workers, qemu-nbd)."""
     cpu: dict[str, float] = {}
+    waited: dict[str, float] = {}
     rss = 0
     for pid in lab.server.pids():
         try:
@@ -70,13 +72,18 @@ def server_usage(lab: Lab) -> tuple[dict[str, float], int]:
             fields = stat[stat.rindex(")") + 2:].split()
             cpu[name] = cpu.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK
             rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-            for tid in os.listdir(f"/proc/{pid}/task"):  # time its threads were runnable but not running
-                waited = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
-                key = f"{name}{' main thread' if tid == str(pid) else ''} waiting"
-                cpu[key] = cpu.get(key, 0.0) + waited
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                key = f"{name} main thread" if tid == str(pid) else name
+                w = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+                waited[key] = waited.get(key, 0.0) + w
         except (OSError, ValueError, IndexError):
             pass
-    return cpu, rss
+    return cpu, waited, rss
+
+
+def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What grew by more than 0.05 s between two readings of server_usage."""
+    return {k: round(v - before.get(k, 0.0), 2) for k, v in after.items() if v - before.get(k, 0.0) > 0.05}
 
 
 def renew_macs(lab: Lab) -> None:
@@ -111,7 +118,7 @@ def storm(lab: Lab, n: int, work: Path, timeout: float = 240.0, profile: int | N
                                     "--output", str(work / "profile.raw"), "--duration", "40"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
-        cpu0, _ = server_usage(lab)
+        cpu0, wait0, _ = server_usage(lab)
         t0 = time.monotonic()
         fcntl.flock(hold, fcntl.LOCK_UN)  # power on
         deadline = t0 + timeout
@@ -121,7 +128,7 @@ def storm(lab: Lab, n: int, work: Path, timeout: float = 240.0, profile: int | N
             except subprocess.TimeoutExpired:
                 pass
         wall = time.monotonic() - t0
-        cpu1, rss = server_usage(lab)
+        cpu1, wait1, rss = server_usage(lab)
         if spy is not None:
             spy.wait(timeout=60)
             summarize_profile(work / "profile.raw", work / "profile.txt")
@@ -145,10 +152,7 @@ def storm(lab: Lab, n: int, work: Path, timeout: float = 240.0, profile: int | N
     for r in rows:
         if "fail" in r:
             fails[r["fail"]] = fails.get(r["fail"], 0) + 1
-    by_program = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()
-                  if v - cpu0.get(k, 0.0) > 0.05 and not k.endswith(" waiting")}
-    waiting = {k[:-8]: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()
-               if v - cpu0.get(k, 0.0) > 0.05 and k.endswith(" waiting")}
+    by_program, waiting = grown(cpu0, cpu1), grown(wait0, wait1)
     return {"pcs": n, "addressed": len(got), "done": len(done), "all_done_s": max(done) if done else None,
             "wall_s": wall, "dhcp_p50": pct(got, 0.5), "dhcp_p99": pct(got, 0.99), "done_p50": pct(done, 0.5),
             "done_p99": pct(done, 0.99), "failures": fails, "cpu_s": sum(by_program.values()),

@@ -439,10 +439,8 @@ class DhcpService(Service):
         fresh, stale, superseded = triage(got, wall, self._policy().dhcp.stale_after)
         for reason, n in (("stale", stale), ("superseded", superseded)):
             if n:
-                c = self._counts
-                c[("received", None)] = c.get(("received", None), 0) + n
-                k = ("dropped", ("reason", reason))
-                c[k] = c.get(k, 0) + n
+                self._count("received", n=n)
+                self._count("dropped", ("reason", reason), n)
         known: list[Datagram] = []
         strangers: list[Datagram] = []
         policy, leases = self._policy(), self._leases()
@@ -483,24 +481,13 @@ class DhcpService(Service):
             new += max(0, drops - self._queue_drops.get(inode, 0))
         self._queue_drops = inodes
         if new:
-            c = self._counts
-            k = ("dropped", ("reason", "queue"))
-            c[k] = c.get(k, 0) + new
+            self._count("dropped", ("reason", "queue"), new)
 
-    def handle_datagram(self, data: bytes, src: tuple[str, int], sock: socket.socket, ifname: str,
-                        port: int) -> None:
-        """One datagram, decided and answered (its lease change committed on its own)."""
-        r = self.decide(data, src, ifname, port)
-        if r is not None:
-            self.deliver(r[0], r[1], r[2], sock, ifname)
-            self._record_events([r])
-        self._flush_counts()
-
-    def _count(self, name: str, label: Optional[tuple[str, str]] = None) -> None:
+    def _count(self, name: str, label: Optional[tuple[str, str]] = None, n: int = 1) -> None:
         """Count locally; `_flush_counts` hands the sums to ctx.metrics once per batch (cheaper)."""
         k = (name, label)
         c = self._counts
-        c[k] = c.get(k, 0) + 1
+        c[k] = c.get(k, 0) + n
 
     def _flush_counts(self) -> None:
         if not self._counts:
@@ -547,10 +534,6 @@ class DhcpService(Service):
             if out.event is None:
                 return None
         return msg, out, now
-
-    def deliver(self, msg: DhcpMessage, out: Outcome, now: float, sock: socket.socket, ifname: str) -> None:
-        """Send the reply of one decision (if it has one) right away."""
-        self.send_replies([(msg, out, now)], sock, ifname)
 
     def send_replies(self, decided: list[Decision], sock: socket.socket, ifname: str) -> None:
         """The replies of a batch, in order, in one sendmmsg() (bootd/udpbatch.py): one system call, so

@@ -58,12 +58,13 @@ def triage(packets: list[Received], now: float, stale_after: float) -> tuple[lis
     seen: set[bytes] = set()
     stale = superseded = 0
     for p in reversed(packets):
-        if now - p.at > stale_after and message_type(p.data) not in KEPT:
+        mtype = message_type(p.data)
+        if now - p.at > stale_after and mtype not in KEPT:
             stale += 1
             continue
         chaddr = p.data[28:44]
         if chaddr in seen:
-            if message_type(p.data) in SUPERSEDABLE:
+            if mtype in SUPERSEDABLE:
                 superseded += 1
                 continue
         else:
