@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd
+.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd test-secureboot
 
 setup:
 	@bash deps/setup.sh
@@ -31,8 +31,14 @@ deb: setup
 test-systemd: setup
 	@BOOTD_SYSTEMD_TEST=1 $(PY) -m pytest -s tests/e2e/test_installed_unit.py $(PYTEST_ARGS)
 
+# Secure Boot (OVMF with Microsoft's keys: shim -> signed GRUB -> signed kernel) and UEFI HTTP boot, on
+# real firmware under TCG; times per phase in test-artifacts/e2e/secureboot/phases.md (~2 min, README).
+test-secureboot: setup assets
+	@BOOTD_SECUREBOOT_TEST=1 $(PY) -m pytest tests/e2e/test_secureboot_qemu.py $(PYTEST_ARGS)
+
+# DEMO_ARGS=--uefi (OVMF) or --secureboot (OVMF, Secure Boot on: shim -> signed GRUB -> signed kernel)
 demo: setup assets
-	@$(PY) scripts/demo.py
+	@$(PY) scripts/demo.py $(DEMO_ARGS)
 
 # A real Debian 12 (built by scripts/build-real-os.sh) imported as a native image: the lab PC boots the
 # snapshot's own kernel with its root over NBD; update -> new kernel; rollback -> old one (minutes, README).

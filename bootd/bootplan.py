@@ -113,6 +113,7 @@ class HostSettings:
     persistent: bool
     cmdline: str = ""  # the group's kernel arguments, then the host's (after menu.cmdline and the image's)
     student_entries: tuple[str, ...] = ("current",)  # what the student menu shows (menu.student_entries)
+    secureboot: bool = False  # UEFI Secure Boot on: shim -> signed GRUB -> signed kernel (boot is "grub")
 
 
 @dataclass(frozen=True)
@@ -247,12 +248,15 @@ def settings_of(config: Config, mac: str, host: Optional[HostConfig]) -> HostSet
               (group.default_image if group else None)
     if default not in images:
         default = images[0] if images else None
-    boot = (host.boot if host and host.boot else None) or (group.boot if group else "ipxe")
+    secureboot = host.secureboot if host and host.secureboot is not None else bool(group and group.secureboot)
+    boot = (host.boot if host and host.boot else None) or \
+        ("grub" if secureboot else (group.boot if group else "ipxe"))
     persistent = host.persistent if host and host.persistent is not None else bool(group and group.persistent)
     cmdline = " ".join(a.strip() for a in (group.cmdline if group else "", host.cmdline if host else "") if a.strip())
     return HostSettings(mac=mac, name=host.name if host else None, group=group.name if group else None,
                         images=tuple(images), default_image=default, boot=boot, persistent=persistent,
-                        cmdline=cmdline, student_entries=_student_entries(config, group, host))
+                        cmdline=cmdline, student_entries=_student_entries(config, group, host),
+                        secureboot=secureboot)
 
 
 def _student_entries(config: Config, group: Optional[GroupConfig], host: Optional[HostConfig]) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import posixpath
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from bootd import authenticode  # is a kernel signed (Secure Boot rooms)
 from bootd.clientconfig.model import ClientsConfig  # client helper: what a client boots into
 from bootd.macaddr import normalize_mac  # the one MAC normaliser (other modules import it from bootd.macaddr)
 from bootd.nfsconfig import NfsConfig  # client helper: NFS exports of client roots (the pure model)
@@ -104,6 +106,14 @@ class LoaderConfig(Section):
     uefi_http: str = "ipxe.efi"
     pxelinux: str = "pxelinux.0"
     grub_x64: str = "grubx64.efi"
+    # Secure Boot (`secureboot: true` rooms): Debian's Microsoft-signed shim; Debian's signed network GRUB
+    # goes next to it as grubx64.efi, the name shim loads from its own directory (pxe/loaders.py)
+    shim_x64: str = "secureboot/shimx64.efi"
+
+    @property
+    def secureboot_grub(self) -> str:
+        """The signed GRUB: what shim loads from its own directory."""
+        return posixpath.join(posixpath.dirname(self.shim_x64), "grubx64.efi")
 
 
 class RelaySubnetConfig(AddressRange):
@@ -148,8 +158,10 @@ class DhcpConfig(Section):
     stale_after: Annotated[float, Field(ge=0.5, le=60)] = 3.0
     # what an iPXE client is told to boot: {server} = bootd's address on the interface, {http_port}, {mac}
     ipxe_script_url: str = "http://{server}:{http_port}/boot/{mac}.ipxe"
-    # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`
-    http_boot_url: str = "http://{server}:{http_port}/boot/files/{file}"
+    # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`, {host} = {server} with
+    # ":{http_port}" unless the port is 80 (GRUB 2.06, Debian 12's signed GRUB, cannot use a port in its
+    # HTTP device: a GRUB room's HTTP boot works only on port 80, README "Secure Boot")
+    http_boot_url: str = "http://{host}/boot/files/{file}"
     rate_limit: DhcpRateLimitConfig = DhcpRateLimitConfig()
     detect_other_servers: bool = True  # full mode: look for another DHCP server at start/reload (bootd/dhcp/rogue.py)
 
@@ -157,9 +169,10 @@ class DhcpConfig(Section):
     @classmethod
     def _template(cls, v: str) -> str:
         try:
-            v.format(server="10.0.0.1", http_port=80, mac="00:00:00:00:00:00", file="x")
+            v.format(server="10.0.0.1", http_port=80, host="10.0.0.1", mac="00:00:00:00:00:00", file="x")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"bad URL template ({e}); use {{server}}, {{http_port}}, {{mac}}, {{file}}") from None
+            raise ValueError(f"bad URL template ({e}); use {{server}}, {{http_port}}, {{host}}, {{mac}}, "
+                             f"{{file}}") from None
         return v
 
 
@@ -385,10 +398,26 @@ class GroupConfig(Section):
     images: list[str] = []
     default_image: Optional[str] = None
     boot: Literal["ipxe", "pxelinux", "grub"] = "ipxe"
+    # UEFI PCs with Secure Boot on: shim -> Debian's signed GRUB -> signed kernels (boot: grub is implied)
+    secureboot: bool = False
     persistent: bool = False
     cmdline: str = ""  # kernel arguments of the room, after menu.cmdline and the image's
     student_entries: Optional[list[StudentEntry]] = None  # overrides menu.student_entries for the room
     clients: Optional[ClientsConfig] = None  # QEMU instances / X server / viewer the PCs boot into
+
+    @model_validator(mode="after")
+    def _secureboot_boots_grub(self) -> Self:
+        if self.secureboot:
+            if "boot" in self.model_fields_set and self.boot != "grub":
+                raise ValueError(secureboot_refusal(self.boot))
+            self.boot = "grub"
+        return self
+
+
+def secureboot_refusal(boot: str) -> str:
+    loader = {"ipxe": "iPXE", "pxelinux": "pxelinux"}.get(boot, boot)
+    return (f"secureboot: true needs boot: grub (shim, then Debian's signed GRUB); {loader} is not signed "
+            f"for Secure Boot, so a PC with Secure Boot on refuses to run it (leave boot: out, or set grub)")
 
 
 class HostConfig(Section):
@@ -401,10 +430,17 @@ class HostConfig(Section):
     images: Optional[list[str]] = None  # overrides the group's list
     default_image: Optional[str] = None
     boot: Optional[Literal["ipxe", "pxelinux", "grub"]] = None
+    secureboot: Optional[bool] = None  # overrides its group's
     persistent: Optional[bool] = None
     cmdline: str = ""  # kernel arguments of this PC, after its group's (the kernel takes the last of a repeated one)
     student_entries: Optional[list[StudentEntry]] = None  # overrides its group's (and menu.student_entries)
     clients: Optional[ClientsConfig] = None  # overrides the group's clients settings field by field
+
+    @model_validator(mode="after")
+    def _secureboot_boots_grub(self) -> Self:
+        if self.secureboot and self.boot not in (None, "grub"):
+            raise ValueError(secureboot_refusal(self.boot))
+        return self
 
 
 class WakeConfig(Section):
@@ -841,4 +877,49 @@ def _semantic_problems(cfg: Config) -> list[tuple[ConfigPath, str]]:
     for section, root in (("tftp", cfg.tftp.root), ("http", cfg.http.root)):
         if root is not None and not Path(root).is_dir():
             out.append(((section, "root"), f"directory not found: {root}"))
+    out += _secureboot_problems(cfg)
+    return out
+
+
+def _secureboot_problems(cfg: Config) -> list[tuple[ConfigPath, str]]:
+    """What a PC with Secure Boot on would refuse: a kernel without a signature, for every image a
+    `secureboot: true` room or PC may boot; and a shim directory whose grubx64.efi is the unsigned GRUB."""
+    out: list[tuple[ConfigPath, str]] = []
+    shim_grub = cfg.dhcp.loaders.secureboot_grub
+    if shim_grub.lstrip("/") == cfg.dhcp.loaders.grub_x64.lstrip("/"):
+        out.append((("dhcp", "loaders", "shim_x64"), f"{cfg.dhcp.loaders.shim_x64}: shim loads {shim_grub} beside "
+                                                     f"it, which is the unsigned GRUB (dhcp.loaders.grub_x64): "
+                                                     f"put shim in a directory of its own"))
+    every = [i.name for i in cfg.images]
+    rooms: list[tuple[ConfigPath, list[str]]] = []
+    for i, g in enumerate(cfg.groups):
+        if g.secureboot:
+            rooms.append((("groups", i, "secureboot"), g.images or every))
+    for i, h in enumerate(cfg.hosts):
+        group = cfg.group(h.group)
+        if h.secureboot and not (group and group.secureboot and h.images is None):
+            rooms.append((("hosts", i, "secureboot"), h.images or (group.images if group and group.images else every)))
+    seen: set[tuple[ConfigPath, str]] = set()
+    for where, names in rooms:
+        for name in names:
+            image = cfg.image(name)
+            if image is None or image.kind != "client" or (where, name) in seen:
+                continue  # unknown: reported above; native: its kernel comes from the snapshot's /boot
+            seen.add((where, name))
+            kernel = cfg.boot_root / image.kernel.lstrip("/")
+            if not kernel.is_file():
+                continue  # missing: a warning at start (bootd/bootchecks.py), not a refusal
+            try:
+                signed = authenticode.is_signed(kernel)
+            except OSError as e:
+                out.append((where, f"image {name}: cannot read its kernel {kernel}: {e.strerror}"))
+                continue
+            if signed is None:
+                out.append((where, f"image {name}: its kernel {image.kernel} is not an EFI program (no PE header): "
+                                   f"a PC with Secure Boot on cannot start it"))
+            elif not signed:
+                out.append((where, f"image {name}: its kernel {image.kernel} is not signed (no Authenticode "
+                                   f"signature): shim refuses it on a PC with Secure Boot on. Boot a signed "
+                                   f"distribution kernel (Debian's linux-image-*-amd64 is), or sign it with "
+                                   f"your own key enrolled as a MOK (README, Secure Boot)"))
     return out

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Protocol
+
+from bootd.bootnames import program_of
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -68,11 +70,12 @@ class BootSummary:
     boot_started: Optional[float] = None
     last_boot_duration: Optional[float] = None
     snapshot: Optional[str] = None
+    chain: list[dict[str, str]] = field(default_factory=list)  # the latest boot's loader chain, in order
 
     def as_dict(self) -> dict[str, object]:
         return {"state": self.state, "last_error": self.last_error, "last_error_at": self.last_error_at,
                 "boot_started": self.boot_started, "last_boot_duration": self.last_boot_duration,
-                "snapshot": self.snapshot}
+                "snapshot": self.snapshot, "chain": self.chain}
 
 
 def _boots(events: list[dict]) -> list[list[dict]]:
@@ -113,6 +116,26 @@ def _came_up(boot: list[dict]) -> Optional[float]:
     return max(fetched.values()) if all(k in fetched for k in _UP_KINDS) else None
 
 
+_CHAIN_KINDS = ("loader", "script", "menu", "kernel", "initrd")
+
+
+def loader_chain(boot: list[dict]) -> list[dict[str, str]]:
+    """What ran, in order, in one boot: every boot program (shim, grub, ipxe, pxelinux), menu, kernel and
+    initrd fetched whole, with the protocol that carried it (a Secure Boot PC: shim -> grub -> menu ->
+    kernel -> initrd)."""
+    out: list[dict[str, str]] = []
+    for e in boot:
+        if e["kind"] not in _CHAIN_KINDS or not _complete(e):
+            continue
+        d = e.get("detail") or {}
+        path = str(d.get("path") or d.get("file") or "").lstrip("/")
+        step = {"step": program_of(path) if e["kind"] == "loader" else e["kind"], "path": path,
+                "proto": str(d.get("proto") or d.get("protocol") or "")}
+        if not out or out[-1] != step:
+            out.append(step)
+    return out
+
+
 def _retried(boot: list[dict], failure: dict) -> bool:
     """The step that failed was fetched whole afterwards (a PC retrying, this time with luck)."""
     step = (failure.get("detail") or {}).get("step")
@@ -144,6 +167,7 @@ def summarize(events: list[dict], connected: bool = False, now: Optional[float] 
         return out
     boot = boots[-1]
     out.boot_started = float(boot[0]["ts"])
+    out.chain = loader_chain(boot)
     up_at = _came_up(boot)
     failures = [e for e in boot if e["kind"] == FAILED]
     recent = now - max(_end(e) for e in boot) <= BOOTING_WINDOW

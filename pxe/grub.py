@@ -1,6 +1,8 @@
 """GRUB flavour of a BootMenu: UEFI PCs running GRUB's network image, files over TFTP.
 
-GRUB's netboot root is `(tftp,SERVER)`, so kernel and initrd are absolute paths from the boot root.
+GRUB's netboot root is the device it was loaded from: `(tftp,SERVER)` after a PXE boot, where kernel and
+initrd are absolute paths from the boot root; `(http,SERVER:PORT)` after a UEFI HTTP boot, where bootd
+serves the boot root under /boot/files (`files` = "/boot/files").
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ def _word(s: str) -> str:
     return s if _BARE.match(s) else _quote(s)
 
 
-def _path(p: str) -> str:
-    return _word("/" + clean_text(p).lstrip("/"))
+def _path(p: str, files: str = "") -> str:
+    return _word(files.rstrip("/") + "/" + clean_text(p).lstrip("/"))
 
 
-def render_grub(menu: BootMenu) -> str:
+def render_grub(menu: BootMenu, files: str = "") -> str:
+    """The menu as grub.cfg; `files`: where the boot root is on GRUB's root device ("" over TFTP)."""
     out = [f"# bootd menu for {clean_text(menu.host_name or 'unknown host')} ({menu.mac or 'no MAC'});"
            " rendered per request"]
     out += [f"# note: {clean_text(n)}" for n in menu.notes]
@@ -41,11 +44,11 @@ def render_grub(menu: BootMenu) -> str:
                 f"password_pbkdf2 {GRUB_ADMIN} {_word(menu.grub_pbkdf2 or '')}"]
     for it in menu.items:
         out.append("")
-        out += _entry(it, unrestricted=guarded)
+        out += _entry(it, unrestricted=guarded, files=files)
     if guarded:
         for it in menu.admin_items:
             out.append("")
-            out += _entry(it, unrestricted=False)
+            out += _entry(it, unrestricted=False, files=files)
     out.append("")
     return "\n".join(out)
 
@@ -53,7 +56,7 @@ def render_grub(menu: BootMenu) -> str:
 GRUB_ADMIN = "admin"  # the GRUB superuser's name (menu.admin_grub_pbkdf2 is its password)
 
 
-def _entry(it: MenuItem, unrestricted: bool = False) -> list[str]:
+def _entry(it: MenuItem, unrestricted: bool = False, files: str = "") -> list[str]:
     head = f"menuentry {_quote(it.title)} --id {it.key} {'--unrestricted ' if unrestricted else ''}{{"
     if it.kind == "local":
         # Back to the UEFI boot manager, which tries the next boot option: the local disk.
@@ -63,6 +66,6 @@ def _entry(it: MenuItem, unrestricted: bool = False) -> list[str]:
     kernel, initrd = it.linux_files()
     return [head,
             f"  echo {_quote('Loading ' + it.title + ' ...')}",
-            f"  linux {_path(kernel)} {args}".rstrip(),
-            f"  initrd {_path(initrd)}",
+            f"  linux {_path(kernel, files)} {args}".rstrip(),
+            f"  initrd {_path(initrd, files)}",
             "}"]

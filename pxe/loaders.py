@@ -3,8 +3,15 @@
 An admin should not have to copy undionly.kpxe or pxelinux.0 by hand before the first PC boots, the way
 dnsmasq or LTSP setups need. At start-up (and on reload) every loader the config names that is missing
 from the boot root is copied from the Debian package that ships it (ipxe, pxelinux, syslinux-common,
-grub-efi-amd64-bin). Files already there are left alone: an admin's own build wins. Copies, not
-symlinks: the TFTP server refuses links that leave its root.
+grub-efi-amd64-bin; for Secure Boot shim-signed and grub-efi-amd64-signed). Files already there are left
+alone: an admin's own build wins. Copies, not symlinks: the TFTP server refuses links that leave its root.
+
+Secure Boot: the PC's firmware runs only what Microsoft's UEFI CA signed, which is shim; shim runs only
+what Debian's key signed, which is Debian's network GRUB and Debian's kernels. shim loads `grubx64.efi`
+from its own directory (over TFTP or HTTP, as it was loaded), so the signed GRUB goes next to shim under
+that name, in a directory of its own (`secureboot/`): the unsigned GRUB bootd builds keeps `grubx64.efi`
+at the top. Both GRUBs have the prefix `/grub` on the device they came from, so they read the per-host
+menu `grub/grub.cfg` from bootd over the protocol that loaded them.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ STOCK = {
 SYSLINUX_MODULES_DIR = "/usr/lib/syslinux/modules/bios"
 SYSLINUX_MODULES = ["ldlinux.c32", "menu.c32", "vesamenu.c32", "libutil.c32", "libcom32.c32", "chain.c32"]
 GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"
+SIGNED_SHIM = "/usr/lib/shim/shimx64.efi.signed"  # shim-signed: signed by Microsoft's UEFI CA
+SIGNED_GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"  # grub-efi-amd64-signed: Debian's key
+SHIM_LOADS = "grubx64.efi"  # what shim loads from its own directory
 GRUB_MODULES = ["normal", "configfile", "linux", "efinet", "tftp", "http", "net", "echo", "test", "sleep",
                 "efi_gop", "efi_uga", "all_video", "chain", "part_gpt", "part_msdos", "fat", "ext2", "reboot", "halt"]
 
@@ -57,7 +67,9 @@ def _make_grub(dest: Path) -> bool:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / dest.name
-        r = subprocess.run(["grub-mkimage", "-O", "x86_64-efi", "-p", "(tftp)/grub", "-o", str(out),
+        # "/grub" on the boot device: (tftp,SERVER)/grub after a PXE boot, (http,SERVER:PORT)/grub after a
+        # UEFI HTTP boot (the prefix Debian's signed network GRUB has too)
+        r = subprocess.run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/grub", "-o", str(out),
                             *[m for m in GRUB_MODULES if os.path.exists(f"{GRUB_EFI_DIR}/{m}.mod")]],
                            capture_output=True, text=True)
         if r.returncode != 0:
@@ -73,7 +85,7 @@ def install_loaders(boot_root: Path, loaders: LoaderConfig) -> list[str]:
     installed. Names with no stock source are reported once and left to the admin."""
     boot_root.mkdir(parents=True, exist_ok=True)
     installed: list[str] = []
-    names: set[str] = {getattr(loaders, f) for f in type(loaders).model_fields}
+    names: set[str] = {getattr(loaders, f) for f in type(loaders).model_fields if f != "shim_x64"}
     for name in sorted(names):
         dest = boot_root / name
         if dest.exists():
@@ -94,6 +106,23 @@ def install_loaders(boot_root: Path, loaders: LoaderConfig) -> list[str]:
                 mdest = dest.parent / mod
                 if not mdest.exists() and _copy(f"{SYSLINUX_MODULES_DIR}/{mod}", mdest):
                     installed.append(str(mdest.relative_to(boot_root)))
+    installed += _install_secureboot(boot_root, loaders)
     if installed:
         log.info("installed stock loaders into %s: %s", boot_root, ", ".join(installed))
     return installed
+
+
+def _install_secureboot(boot_root: Path, loaders: LoaderConfig) -> list[str]:
+    """Debian's signed shim and network GRUB, side by side; each left alone when already there."""
+    out = []
+    for rel, src, package in zip((loaders.shim_x64, loaders.secureboot_grub), (SIGNED_SHIM, SIGNED_GRUB),
+                                 ("shim-signed", "grub-efi-amd64-signed"), strict=True):
+        dest = boot_root / rel
+        if dest.exists():
+            continue
+        if _copy(src, dest):
+            out.append(rel)
+        else:
+            log.info("Secure Boot loader %s: %s is missing (apt install %s); PCs of secureboot: true rooms "
+                     "will get 'file not found'", rel, src, package)
+    return out

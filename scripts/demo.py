@@ -3,10 +3,11 @@
 
 Builds the client assets if needed (scripts/build-assets.sh), starts bootd inside a private network
 namespace (bridge 10.77.0.1/24, generated config), imports the demo OS image with `bootctl image import`,
-promotes it, switches on a QEMU lab PC (SeaBIOS + iPXE NIC ROM, or OVMF with --uefi) and prints its boot
-timeline (DHCP, loader, menu, kernel, initrd, disk, from bootd's boot events and the PC's serial console)
-and the marker the PC read from its disk. Everything is removed afterwards, also on failure or Ctrl-C.
-Uses the same harness as tests/e2e.
+promotes it, switches on a QEMU lab PC (SeaBIOS + iPXE NIC ROM; OVMF with --uefi; OVMF with Secure
+Boot on and Microsoft's keys with --secureboot, in a `secureboot: true` room: shim, signed GRUB, signed
+kernel) and prints its boot timeline (DHCP, loader, menu, kernel, initrd, disk, from bootd's boot events
+and the PC's serial console) and the marker the PC read from its disk. Everything is removed afterwards,
+also on failure or Ctrl-C. Uses the same harness as tests/e2e.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ MAC = "52:54:00:de:00:01"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--uefi", action="store_true", help="boot the PC with OVMF (UEFI) instead of SeaBIOS")
+    ap.add_argument("--secureboot", action="store_true",
+                    help="OVMF with Secure Boot on (Microsoft's keys) in a secureboot: true room")
     ap.add_argument("--keep-logs", metavar="DIR", help="keep the serial log and bootd's log in DIR")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -43,7 +46,8 @@ def main() -> int:
     logs = Path(args.keep_logs) if args.keep_logs else Path(tempfile.mkdtemp(prefix="bootd-demo-"))
     try:
         def config(lab):
-            return lab_config(lab, images={"demo": None}, menu_timeout=0,
+            groups = [{"name": "lab", "images": ["demo"], "secureboot": True}] if args.secureboot else None
+            return lab_config(lab, images={"demo": None}, menu_timeout=0, groups=groups,
                               hosts=[{"mac": MAC, "name": "lab-pc-01", "group": "lab"}])
 
         print("demo: starting bootd in a private network namespace (bridge br0, 10.77.0.1/24) ...", flush=True)
@@ -55,9 +59,10 @@ def main() -> int:
             print("demo: $ bootctl snapshot promote demo@v1")
             r = bl.bootctl("snapshot", "promote", "demo@v1")
             print("   " + r.stdout.strip().replace("\n", "\n   "))
-            firmware = "uefi" if args.uefi else "bios"
-            print(f"demo: switching on lab-pc-01 ({MAC}, {'OVMF' if args.uefi else 'SeaBIOS + iPXE ROM'}, "
-                  f"QEMU TCG) ...", flush=True)
+            firmware = "uefi-secureboot" if args.secureboot else "uefi" if args.uefi else "bios"
+            what = {"bios": "SeaBIOS + iPXE ROM", "uefi": "OVMF",
+                    "uefi-secureboot": "OVMF, Secure Boot on with Microsoft's keys"}[firmware]
+            print(f"demo: switching on lab-pc-01 ({MAC}, {what}, QEMU TCG) ...", flush=True)
             pc = bl.pc("lab-pc-01", mac=MAC, firmware=firmware)
             result = pc.boot(timeout=240)
             rows = boot_timeline(result, bl.events(MAC))
@@ -66,6 +71,8 @@ def main() -> int:
             if not result.ok:
                 print("demo: the PC did not reach its marker:\n" + result.describe(40), file=sys.stderr)
                 return 1
+            if args.secureboot:
+                print(f"demo: the PC's kernel says Secure Boot is {result.secureboot}")
             print(f"demo: lab-pc-01 got {result.ip}, booted demo@v1 over NBD and read its marker: "
                   f"BOOTD-MARKER: {result.marker} (fresh disk: {'yes' if result.fresh else 'no'}) "
                   f"in {result.elapsed:.1f} s")

@@ -65,7 +65,10 @@ def cmd_hosts(args: argparse.Namespace, api: ApiClient) -> int:
                  f"state {h['state']}  snapshot {h['snapshot'] or '-'}"
                  f"  last boot {fmt_duration(h['last_boot_duration'])}",
                  f"last error: {h['last_error']} ({fmt_time(h['last_error_at'])})" if h["last_error"]
-                 else "last error: none", "boot timeline:"]
+                 else "last error: none"]
+        if h.get("chain"):
+            lines.append("loader chain: " + " -> ".join(f"{c['step']} {c['path']} ({c['proto']})" for c in h["chain"]))
+        lines.append("boot timeline:")
         events = h["events"]
         start = None
         for e in events:

@@ -50,19 +50,25 @@ def identify(msg: DhcpMessage) -> Firmware:
     return Firmware(arch=arch, arch_code=code, pxe=msg.is_pxe, http=http, ipxe=msg.is_ipxe)
 
 
-def loader_for(fw: Firmware, loaders: LoaderConfig, boot: str = "ipxe") -> Optional[str]:
+def loader_for(fw: Firmware, loaders: LoaderConfig, boot: str = "ipxe", secureboot: bool = False) -> Optional[str]:
     """The boot program file for this firmware (a path in the boot root), or None if none fits.
 
-    `boot` is the host's or group's choice: ipxe (default), pxelinux (BIOS) or grub (UEFI x86-64)."""
+    `boot` is the host's or group's choice: ipxe (default), pxelinux (BIOS) or grub (UEFI x86-64);
+    `secureboot`: a UEFI x86-64 PC gets Debian's signed shim, which loads the signed GRUB beside it.
+    A UEFI HTTP boot client of a grub (or Secure Boot) room gets the same chain over HTTP."""
     a = fw.arch
     if a == "bios":
         return loaders.pxelinux if boot == "pxelinux" else loaders.bios
-    if a == "uefi-x64":
-        return loaders.grub_x64 if boot == "grub" else loaders.uefi_x64
+    if a in ("uefi-x64", "uefi-x64-http"):
+        if secureboot:
+            return loaders.shim_x64
+        if boot == "grub":
+            return loaders.grub_x64
+        return loaders.uefi_x64 if a == "uefi-x64" else loaders.uefi_http
     if a == "uefi-ia32":
         return loaders.uefi_ia32
     if a == "uefi-arm64":
         return loaders.uefi_arm64
-    if a in ("uefi-x64-http", "uefi-ia32-http", "uefi-arm64-http"):
+    if a in ("uefi-ia32-http", "uefi-arm64-http"):
         return loaders.uefi_http
     return None

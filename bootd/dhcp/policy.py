@@ -116,8 +116,11 @@ class Outcome:
 class DhcpPolicy:
     """Answers for one config. Rebuilt on reload; the lease table outlives it."""
 
-    def __init__(self, config: Config, leases: LeaseTable, store_reservations: Optional[dict[str, str]] = None):
+    def __init__(self, config: Config, leases: LeaseTable, store_reservations: Optional[dict[str, str]] = None,
+                 secureboot_http: bool = False):
         self.config = config
+        # the signed GRUB in the boot root can fetch over HTTP (Secure Boot rooms may UEFI-HTTP-boot)
+        self.secureboot_http = secureboot_http
         self.dhcp = config.dhcp
         self.mode = config.dhcp.mode
         self.leases = leases
@@ -171,26 +174,40 @@ class DhcpPolicy:
     def boot_choice(self, mac: str) -> str:
         """The host's menu flavour from its boot plan's settings (bootd/bootplan.py): picks the loader."""
         return settings_of(self.config, mac, self.hosts.get(mac)).boot
-
     def ipxe_script_url(self, server: str, mac: str) -> str:
-        return self.dhcp.ipxe_script_url.format(server=server, http_port=self.http_port, mac=mac)
+        host = server if self.http_port == 80 else f"{server}:{self.http_port}"
+        return self.dhcp.ipxe_script_url.format(server=server, http_port=self.http_port, host=host, mac=mac)
 
     def boot_target(self, fw: Firmware, mac: str, server: str) -> Optional[str]:
         """The file name (or URL) this client should boot next; None if it gets no boot info."""
         if not fw.boots:
             return None
-        choice = self.boot_choice(mac)
+        settings = settings_of(self.config, mac, self.hosts.get(mac))
+        choice = settings.boot
         if fw.ipxe and choice == "ipxe":
             return self.ipxe_script_url(server, mac)
-        loader = loader_for(fw, self.dhcp.loaders, choice)
+        loader = loader_for(fw, self.dhcp.loaders, choice, settings.secureboot)
         if fw.ipxe and (loader is None or loader in self.ipxe_loaders):
             # a pxelinux/grub host whose firmware has no such loader: never hand iPXE to iPXE (a loop)
             return self.ipxe_script_url(server, mac)
         if loader is None:
             return None
         if fw.http:
-            return self.dhcp.http_boot_url.format(server=server, http_port=self.http_port, file=loader)
+            if settings.secureboot and not self.secureboot_http:
+                return None  # the signed GRUB would load and then fail to fetch its menu (http_boot_problem)
+            host = server if self.http_port == 80 else f"{server}:{self.http_port}"
+            return self.dhcp.http_boot_url.format(server=server, http_port=self.http_port, host=host, file=loader)
         return loader
+
+    def http_boot_problem(self, fw: Firmware, mac: str) -> Optional[str]:
+        """Why a UEFI HTTP boot client of this host's room gets no boot file, if it is that."""
+        if fw.http and not fw.ipxe and not self.secureboot_http and \
+                settings_of(self.config, mac, self.hosts.get(mac)).secureboot:
+            return ("UEFI HTTP boot of a Secure Boot PC: the signed GRUB beside shim has no HTTP client "
+                    "(Debian 12's grub-efi-amd64-signed fetches over TFTP only), so it would stop at its prompt; "
+                    "this PC gets no boot file over HTTP. Let its firmware PXE-boot (IPv4) instead: shim and "
+                    "GRUB over TFTP, Secure Boot on")
+        return None
 
     def known(self, mac: str) -> bool:
         return mac in self.hosts or mac in self.reservations
@@ -372,6 +389,11 @@ class DhcpPolicy:
             if msg.giaddr != "0.0.0.0":
                 d["relay"] = msg.giaddr
             d.update({k: v for k, v in kw.items() if v is not None})
+            if fw.http and kw.get("file") is None:
+                problem = self.http_boot_problem(fw, mac)
+                if problem:  # a failed step on the PC's timeline, with the reason
+                    d.update(step="dhcp", reason=problem)
+                    out.event_kind = "failed"
             out.event = d
 
     def _discover(self, msg: DhcpMessage, iface: ServedInterface, now: float) -> Outcome:

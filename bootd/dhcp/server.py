@@ -22,6 +22,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
+from bootd.authenticode import grub_has_http
 from bootd.dhcp.codec import BOOTP_MIN, MESSAGE_TYPE_NAMES, DhcpDecodeError, DhcpMessage, decode, encode
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import PROXY_PORT, SERVER_PORT, DhcpPolicy, Outcome
@@ -218,7 +219,9 @@ class DhcpService(Service):
     def _build_policy(self) -> None:
         assert self.ctx is not None and self.leases is not None
         rows = self.ctx.store.dhcp_reservations()
-        self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows})
+        cfg = self.ctx.config
+        self.policy = DhcpPolicy(cfg, self.leases, {r["mac"]: r["ip"] for r in rows},
+                                 secureboot_http=grub_has_http(cfg.http_root / cfg.dhcp.loaders.secureboot_grub))
         rl = self.ctx.config.dhcp.rate_limit
         self.admission = Admission(rl.per_mac, rl.per_mac_burst, rl.unknown_cpu, rl.unknown_answers,
                                    rl.unknown_answers_burst, now=self.clock())

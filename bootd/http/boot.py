@@ -5,6 +5,9 @@
   root (`..`, absolute, backslash, NUL, symlinks pointing out) are 404, never the file.
 - `GET /boot/<mac>.ipxe`: the host's iPXE menu, rendered now (a new boot: fresh disk overlays).
 - `GET /boot/boot.ipxe`: a two-line script chaining to the per-MAC one, for hand-made DHCP setups.
+- `GET /grub/grub.cfg[-01-<mac>]`: the host's GRUB menu for a GRUB that came over UEFI HTTP boot (its
+  prefix is /grub on the server it came from); its kernel and initrd paths point into /boot/files.
+  GRUB's other probes under /grub/ (module lists, fonts) are a quiet 404.
 Every fetch is a boot event (loader/menu/script/kernel/initrd/file) so `bootctl hosts NAME` shows the
 boot's timeline. Connections per client address are capped (http.max_connections_per_ip): a PC
 looping in its firmware cannot starve the other 299 at 8:00; idle keep-alive connections close after
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -22,12 +26,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.typedefs import Handler, LooseHeaders
 
+from bootd.bootnames import event_kind, is_optional
 from bootd.hoststate import host_name, record_failure
 from bootd.macaddr import parse_mac
 from bootd.peers import mac_at, may_act_for, refuse
-from bootd.tftp.events import event_kind
 from bootd.tftp.paths import resolve
 from pxe.booter import Booter, render
+from pxe.grub import render_grub
+from pxe.service import GRUB_RE
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -165,6 +171,9 @@ class BootFileResponse(web.FileResponse):
 def _not_found(ctx: Context, request: web.Request, rel: str) -> None:
     """A PC asked for a boot file that is not there: a failed boot step on its timeline and a warning
     naming it. An address no host is known at only gets an info line (scanners, browsers)."""
+    if is_optional(rel):
+        log.debug("http: %s asked for optional %r: not there", request.remote, rel)
+        return
     mac = mac_at(ctx, request.remote)
     step = file_kind(ctx, rel)
     reason = f"{step} {rel}: not found over HTTP"
@@ -182,7 +191,7 @@ def _not_found(ctx: Context, request: web.Request, rel: str) -> None:
 # -- handlers -----------------------------------------------------------------------------------------
 async def boot_file(request: web.Request) -> web.StreamResponse:
     ctx = request.app["ctx"]
-    rel = request.match_info["path"]
+    rel = re.sub("/{2,}", "/", request.match_info["path"])  # shim asks for DIR//grubx64.efi
     path = confined_path(ctx.config.http_root, rel)
     if path is None:
         ctx.metrics.inc("http", "not_found")
@@ -214,6 +223,32 @@ async def ipxe_script(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
+async def grub_menu(request: web.Request) -> web.Response:
+    ctx = request.app["ctx"]
+    name = "grub/" + request.match_info["name"]
+    m = GRUB_RE.fullmatch(name)
+    if m is None:
+        log.debug("http: %s asked for %r: not served (a GRUB probe)", request.remote, name)
+        raise web.HTTPNotFound(text="not found\n")
+    mac = parse_mac(m.group("mac")) if m.group("mac") else mac_at(ctx, request.remote)
+    if mac is None:
+        raise web.HTTPNotFound(text="no host is known at your address\n")
+    if not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
+        refuse(ctx, "http", request.remote, mac, "the GRUB menu")
+        raise web.HTTPForbidden(text="this menu belongs to another host\n")
+    t0 = time.monotonic()
+    booter = ctx.booter or Booter(ctx)
+    menu = await booter.menu_for(mac, local_ip(request))
+    body = render_grub(menu, files="/boot/files").encode()
+    ctx.store.touch_host(mac, ip=request.remote)
+    ctx.store.record_event(mac, "menu", {"path": name, "proto": "http", "default": menu.default,
+                                        "client": request.remote},
+                           nbytes=len(body), duration=round(time.monotonic() - t0, 6))
+    log.info("http: GRUB menu for %s (default %s)", mac, menu.default, extra={"mac": mac})
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
 async def chain_script(request: web.Request) -> web.Response:
     # ${net0/mac} is aa:bb:cc:dd:ee:ff, which the per-MAC route accepts as it is.
     return web.Response(text="#!ipxe\nchain /boot/${net0/mac}.ipxe\n", content_type="text/plain",
@@ -226,5 +261,6 @@ def setup_routes(app: web.Application, ctx: Context) -> None:
     app.router.add_get("/boot/boot.ipxe", chain_script, allow_head=False)
     app.router.add_get("/boot/files/{path:.+}", boot_file)  # HEAD too
     app.router.add_get("/boot/{mac}.ipxe", ipxe_script, allow_head=False)
+    app.router.add_get("/grub/{name:.+}", grub_menu, allow_head=False)
     cap = app[CAP_KEY]
     ctx.metrics.add_gauges("http", lambda: {"open_connections": cap.open_connections()})

@@ -2,12 +2,15 @@
 
 Every finished transfer is `store.record_event(mac, kind, {"path": ...}, nbytes=, duration=)` with kind
 loader / menu / kernel / initrd / config / file guessed from the name (HTTP boot uses the same names).
+
+The names themselves (which step, which program, which are optional) are bootd/bootnames.py.
 """
 from __future__ import annotations
 
 import logging
 from typing import Optional, Protocol
 
+from bootd.bootnames import event_kind, is_optional
 from bootd.hoststate import record_failure
 from bootd.tftp.session import ReadSession
 
@@ -26,28 +29,14 @@ class BootEventLog(Protocol):
     def mac_for_ip(self, ip: str, now: Optional[float] = None) -> Optional[str]: ...
 
 
-def event_kind(path: str, dynamic: bool = False) -> str:
-    """Which step of a boot a fetched name is, for the boot timeline."""
-    name = path.lower()
-    base = name.rsplit("/", 1)[-1]
-    if name.startswith("clients/"):
-        return "config"  # rendered client configs (bootd/clientconfig)
-    if (dynamic or name.startswith("pxelinux.cfg/") or base.endswith((".cfg", ".ipxe", ".conf", ".menu"))
-            or "grub.cfg" in base):
-        return "menu"
-    if base.endswith((".efi", ".kpxe", ".pxe", ".0", ".c32", ".lkrn", ".com", ".mod")):
-        return "loader"
-    if base.startswith(("vmlinuz", "bzimage", "linux", "kernel")):
-        return "kernel"
-    if base.startswith(("initrd", "initramfs", "initram")) or base.endswith((".cpio", ".cpio.gz", ".img")):
-        return "initrd"
-    return "file"
-
-
 def record_not_found(store: BootEventLog, *, mac: str, ip: str, path: str, host: Optional[str],
                      why: Optional[str] = None) -> None:
     """A PC asked for a name that is not served (or whose provider failed, `why`): a failed boot step
-    ("kernel vmlinuz-x: not found over TFTP") on its timeline and a warning naming the host."""
+    ("kernel vmlinuz-x: not found over TFTP") on its timeline and a warning naming the host. A name boot
+    programs only probe for (OPTIONAL_NAMES) is not a failure."""
+    if why is None and is_optional(path):
+        log.debug("tftp: %s asked for optional %r: not there", ip, path)
+        return
     step = event_kind(path)
     reason = f"{step} {path}: not found over TFTP" if why is None else f"{step} {path}: not made ({why}) over TFTP"
     record_failure(store, mac, step, reason, host=host, path=path, protocol="tftp", client=ip,

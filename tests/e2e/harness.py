@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSET_DIR = Path(os.environ.get("BOOTD_ASSETS", ROOT / ".cache" / "assets"))
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# OVMF's Secure Boot build with Microsoft's keys enrolled (PK/KEK/db: the UEFI CA that signed shim), as on
+# a PC bought with Secure Boot on. Its flash is SMM-protected: it needs q35 with SMM and secure pflash.
+OVMF_CODE_SECURE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
+OVMF_VARS_SECURE = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+FIRMWARES = ("bios", "uefi", "uefi-secureboot", "direct")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +196,7 @@ class BootResult:
     log: str
     config_url: Optional[str] = None
     nbd: Optional[str] = None
+    secureboot: Optional[str] = None  # BOOTD-SECUREBOOT: enabled | disabled | no-uefi
     started_at: float = 0.0           # wall clock (time.time()) when QEMU was started
 
     @property
@@ -257,7 +263,7 @@ def format_timeline(rows: list[tuple[float, str, str, str]]) -> str:
 
 def parse_serial(lines: list[tuple[float, str]]) -> dict:
     out: dict = {"marker": None, "fresh": None, "ip": None, "errors": [], "stages": {}, "milestones": {},
-                 "config_url": None, "nbd": None}
+                 "config_url": None, "nbd": None, "secureboot": None}
     rx = [(n, re.compile(p)) for n, p in MILESTONES]
     for t, line in lines:
         for name, r in rx:
@@ -274,6 +280,8 @@ def parse_serial(lines: list[tuple[float, str]]) -> dict:
             out["errors"].append(line.split(":", 1)[1].strip())
         elif line.startswith("BOOTD-CONFIG:"):
             out["config_url"] = line.split(":", 1)[1].strip()
+        elif line.startswith("BOOTD-SECUREBOOT:"):
+            out["secureboot"] = line.split(":", 1)[1].strip()
         elif line.startswith("BOOTD-NBD:"):
             out["nbd"] = line.split(":", 1)[1].strip()
         elif line.startswith("BOOTD-STAGE:"):
@@ -311,8 +319,8 @@ class LabPC:
                  nic: str = "virtio-net-pci", memory: int = 256, kernel: Optional[Path] = None,
                  initrd: Optional[Path] = None, append: str = "", extra_args: Iterable[str] = (),
                  rom: Optional[str] = None):
-        if firmware not in ("bios", "uefi", "direct"):
-            raise ValueError(f"firmware must be bios, uefi or direct, not {firmware!r}")
+        if firmware not in FIRMWARES:
+            raise ValueError(f"firmware must be one of {', '.join(FIRMWARES)}, not {firmware!r}")
         self.lab = lab
         self.name = name
         self.mac = (mac or lab.next_mac()).lower()
@@ -342,16 +350,21 @@ class LabPC:
         return self.workdir / f"{self.name}.boot{self.boots}.serial.log"
 
     def argv(self) -> list[str]:
-        a = ["qemu-system-x86_64", "-name", self.name, "-machine", "pc", "-accel", qemu_accel(), "-m", str(self.memory),
-             "-smp", "1", "-nographic", "-monitor", "none", "-serial", f"file:{self.log_path}", "-no-reboot",
+        machine = "q35,smm=on" if self.firmware == "uefi-secureboot" else "pc"
+        a = ["qemu-system-x86_64", "-name", self.name, "-machine", machine, "-accel", qemu_accel(),
+             "-m", str(self.memory), "-smp", "1", "-nographic", "-monitor", "none",
+             "-serial", f"file:{self.log_path}", "-no-reboot",
              "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
              "-netdev", f"tap,id=lan,ifname={self.tap},script=no,downscript=no",
              "-device", f"{self.nic},netdev=lan,mac={self.mac}" + ("" if self.rom is None else f",romfile={self.rom}")]
-        if self.firmware == "uefi":
-            vars_copy = self.workdir / f"{self.name}.OVMF_VARS.fd"
+        if self.firmware in ("uefi", "uefi-secureboot"):
+            secure = self.firmware == "uefi-secureboot"
+            vars_copy = self.workdir / f"{self.name}.OVMF_VARS{'.secure' if secure else ''}.fd"
             if not vars_copy.exists():
-                shutil.copy(OVMF_VARS, vars_copy)
-            a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                shutil.copy(OVMF_VARS_SECURE if secure else OVMF_VARS, vars_copy)
+            if secure:
+                a += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+            a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECURE if secure else OVMF_CODE}",
                   "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}", "-boot", "n"]
         elif self.firmware == "bios":
             a += ["-boot", "n"]
@@ -614,7 +627,10 @@ class BootdLab:
 
     # -- lab PCs ----------------------------------------------------------------------------------
     def pc(self, name: str, mac: Optional[str] = None, firmware: str = "bios", **kw) -> LabPC:
-        if firmware == "uefi":
+        if firmware == "uefi-secureboot":
+            # 256 MiB is too little after OVMF's SMM reservations: the kernel's EFI stub fails to decompress
+            kw.setdefault("memory", 512)
+        if firmware in ("uefi", "uefi-secureboot"):
             # OVMF's own PXE client (VirtioNetDxe, no NIC ROM) asks DHCP for the UEFI loader, as a real
             # UEFI PC does; with QEMU's EFI iPXE ROM the loader step would be skipped.
             kw.setdefault("nic", "virtio-net-pci")

@@ -257,7 +257,8 @@ def container(tmp_path_factory, timings):
 def test_apt_install_pulls_runtime_dependencies_only(container):
     pulled = container.pulled
     assert "bootd" in pulled
-    for need in ("qemu-utils", "qemu-system-common", "ipxe", "pxelinux", "grub-efi-amd64-bin", "python3-libnbd"):
+    for need in ("qemu-utils", "qemu-system-common", "ipxe", "pxelinux", "grub-efi-amd64-bin", "python3-libnbd",
+                 "shim-signed", "grub-efi-amd64-signed"):
         assert need in pulled, sorted(pulled)
     compilers = {p for p in pulled if re.fullmatch(r"(gcc|cpp|g\+\+|clang|binutils)(-\d+)?", p)}
     assert not compilers, sorted(compilers)
@@ -289,6 +290,9 @@ def test_enabled_unit_starts_ready_with_watchdog_and_prebuilt_helpers(container)
     assert "/usr/lib/bootd/helpers/tftp-pump-" in exes, exes + c.journal("bootd")
     assert "data_pump.mode      c" in status.stdout and "data_pump.up        yes" in status.stdout, status.stdout
     assert c.run("test", "-e", "/usr/bin/gcc").returncode != 0
+    # the Secure Boot chain from Debian's signed packages, stocked into the boot root at start (issue 21)
+    for f in ("secureboot/shimx64.efi", "secureboot/grubx64.efi", "grubx64.efi", "ipxe.efi"):
+        assert c.run("test", "-s", f"/var/lib/bootd/boot/{f}").returncode == 0, f + c.journal("bootd")
 
 
 HOST_YAML = """

@@ -25,7 +25,8 @@ SQL_MODULES = {"bootd.state", "bootd.dhcp.leases", "nbdexport.store",
                "snapshots.queries", "snapshots.lifecycle", "snapshots.prune", "snapshots.fsck"}
 
 CONFIG_LAYER = {"bootd", "bootd.config", "bootd.macaddr", "bootd.nfsconfig", "bootd.clientconfig",
-                "bootd.clientconfig.model"}
+                "bootd.clientconfig.model",
+                "bootd.authenticode"}  # stdlib only: the config check reads a kernel's PE header
 # Sans-IO protocol cores: bytes and explicit time in, bytes and timers out.
 PROTOCOL_CORES = {"bootd.dhcp.codec", "bootd.dhcp.policy", "bootd.tftp.session"}
 # Shared helpers: used by several components, so they import none of them.

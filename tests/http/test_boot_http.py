@@ -254,6 +254,34 @@ def test_pxelinux_and_grub_menus_over_tftp(env):
     assert "DEFAULT debian" in r.stdout.decode() and "Lab: pc02" in r.stdout.decode()
 
 
+def test_grub_menu_over_http_boot(env):
+    """A GRUB loaded by UEFI HTTP boot reads $prefix/grub.cfg = /grub/grub.cfg on bootd's HTTP port: the
+    asking PC's menu, whose kernel and initrd are URLs paths under /boot/files on the same server."""
+    since = time.time()
+    text = env.curl("-f", f"{env.base}/grub/grub.cfg", client=env.pc02).stdout.decode()
+    assert "set default=debian" in text and "pc02" in text
+    assert "linux /boot/files/debian/vmlinuz" in text and "initrd /boot/files/debian/initrd.img" in text
+    mac = env.pc01.mac
+    text = env.curl("-f", f"{env.base}/grub/grub.cfg-01-{mac.replace(':', '-')}").stdout.decode()
+    assert "set default=windows" in text  # pc01's own default
+    # another PC's per-MAC menu: refused; GRUB's probes: a 404 that is no failed boot step
+    code = env.curl("-o", "/dev/null", "-w", "%{http_code}", f"{env.base}/grub/grub.cfg-01-{mac.replace(':', '-')}",
+                    client=env.pc02).stdout
+    assert code == b"403"
+    for probe in ("grub/x86_64-efi/grub.cfg", "grub/x86_64-efi/command.lst", "boot/files/sb/revocations_sbat.efi"):
+        code = env.curl("-o", "/dev/null", "-w", "%{http_code}", f"{env.base}/{probe}", client=env.pc02).stdout
+        assert code == b"404", probe
+    # shim asks for DIR//grubx64.efi: the same file, recorded under its plain name
+    body = env.curl("-f", "--path-as-is", f"{env.base}/boot/files/debian//vmlinuz", client=env.pc02).stdout
+    assert body == env.files["debian/vmlinuz"]
+    events = [ev for ev in env.bootd.api.get("/api/v1/hosts/pc02")["events"] if ev["ts"] >= since]
+    events = [ev for ev in events if ev["kind"] != "disk"]
+    assert [ev["kind"] for ev in events] == ["menu", "kernel"], events
+    assert events[0]["detail"]["path"] == "grub/grub.cfg" and events[0]["detail"]["proto"] == "http"
+    assert events[-1]["detail"]["path"] == "debian/vmlinuz"
+    assert not any(ev["kind"] == "failed" for ev in events)
+
+
 def test_boot_timeline(env):
     mac = env.pc02.mac
     since = time.time()
