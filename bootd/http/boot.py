@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -33,6 +33,7 @@ from bootd.peers import mac_at, may_act_for, refuse
 from bootd.tftp.paths import resolve
 from pxe.booter import Booter, render
 from pxe.grub import render_grub
+from pxe.menu import BootMenu
 from pxe.service import GRUB_RE
 
 if TYPE_CHECKING:
@@ -200,30 +201,37 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
     return BootFileResponse(path, ctx, rel)
 
 
-async def ipxe_script(request: web.Request) -> web.Response:
+async def _menu_response(request: web.Request, mac: str, what: str, kind: str, path: str,
+                         render_menu: Callable[[BootMenu], str]) -> web.Response:
+    """The host's menu, rendered now (a new boot: fresh disk overlays), for its own address only; one
+    boot event of `kind` for it."""
     ctx = request.app["ctx"]
-    mac = parse_mac(request.match_info["mac"])
-    if mac is None:
-        raise web.HTTPNotFound(text="not a MAC address\n")
     if not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
-        refuse(ctx, "http", request.remote, mac, "the iPXE menu")
+        refuse(ctx, "http", request.remote, mac, f"the {what}")
         raise web.HTTPForbidden(text="this menu belongs to another host\n")
     t0 = time.monotonic()
     booter = ctx.booter or Booter(ctx)
     menu = await booter.menu_for(mac, local_ip(request))
-    text = render(menu, "ipxe")
-    body = text.encode()
+    body = render_menu(menu).encode()
     if request.remote:
         ctx.store.touch_host(mac, ip=request.remote)
-    ctx.store.record_event(mac, "script", {"path": request.path, "proto": "http", "default": menu.default,
-                                          "client": request.remote},
+    ctx.store.record_event(mac, kind, {"path": path, "proto": "http", "default": menu.default,
+                                      "client": request.remote},
                            nbytes=len(body), duration=round(time.monotonic() - t0, 6))
-    log.info("http: iPXE menu for %s (default %s)", mac, menu.default, extra={"mac": mac})
+    log.info("http: %s for %s (default %s)", what, mac, menu.default, extra={"mac": mac})
     return web.Response(body=body, content_type="text/plain", charset="utf-8",
                         headers={"Cache-Control": "no-store"})
 
 
+async def ipxe_script(request: web.Request) -> web.Response:
+    mac = parse_mac(request.match_info["mac"])
+    if mac is None:
+        raise web.HTTPNotFound(text="not a MAC address\n")
+    return await _menu_response(request, mac, "iPXE menu", "script", request.path, lambda m: render(m, "ipxe"))
+
+
 async def grub_menu(request: web.Request) -> web.Response:
+    """GRUB after a UEFI HTTP boot: its root is this server, so kernel and initrd are under /boot/files."""
     ctx = request.app["ctx"]
     name = "grub/" + request.match_info["name"]
     m = GRUB_RE.fullmatch(name)
@@ -233,20 +241,8 @@ async def grub_menu(request: web.Request) -> web.Response:
     mac = parse_mac(m.group("mac")) if m.group("mac") else mac_at(ctx, request.remote)
     if mac is None:
         raise web.HTTPNotFound(text="no host is known at your address\n")
-    if not may_act_for(ctx, request.remote, mac, request.get("site", "boot")):
-        refuse(ctx, "http", request.remote, mac, "the GRUB menu")
-        raise web.HTTPForbidden(text="this menu belongs to another host\n")
-    t0 = time.monotonic()
-    booter = ctx.booter or Booter(ctx)
-    menu = await booter.menu_for(mac, local_ip(request))
-    body = render_grub(menu, files="/boot/files").encode()
-    ctx.store.touch_host(mac, ip=request.remote)
-    ctx.store.record_event(mac, "menu", {"path": name, "proto": "http", "default": menu.default,
-                                        "client": request.remote},
-                           nbytes=len(body), duration=round(time.monotonic() - t0, 6))
-    log.info("http: GRUB menu for %s (default %s)", mac, menu.default, extra={"mac": mac})
-    return web.Response(body=body, content_type="text/plain", charset="utf-8",
-                        headers={"Cache-Control": "no-store"})
+    return await _menu_response(request, mac, "GRUB menu", "menu", name,
+                                lambda menu: render_grub(menu, files="/boot/files"))
 
 
 async def chain_script(request: web.Request) -> web.Response:

@@ -107,6 +107,20 @@ def boot(bl, name: str, mac: str, firmware: str, extra=()) -> tuple[BootResult, 
     return r, events
 
 
+def boot_over_http(bl, name: str, mac: str) -> tuple[BootResult, list[dict]]:
+    """A PC without Secure Boot whose firmware can only UEFI-HTTP-boot: it reaches its marker, on a fresh
+    disk, without one TFTP packet on the bridge and without a failed step."""
+    cap = Capture(bl, bl.logs / f"{name}.pcap")
+    r, events = boot(bl, name, mac, "uefi", HTTP_ONLY)
+    tftp = cap.packets()
+    assert r.ok and r.marker == "A" and r.fresh is True, r.describe()
+    assert r.secureboot == "disabled", r.describe()
+    assert "Start HTTP Boot over IPv4" in r.log and "Start PXE over IPv4" not in r.log, r.describe()
+    assert tftp == [], tftp
+    assert not [e for e in events if e["kind"] == "failed"], events
+    return r, events
+
+
 def phases(r: BootResult, events: list[dict]) -> dict[str, float]:
     """Seconds since power-on when each step was done: bootd's events (recorded when a fetch ends) and the
     PC's serial console."""
@@ -180,17 +194,11 @@ def test_secure_boot_pc_trying_http_boot_is_told_why(lab):
 
 def test_uefi_http_boot_of_a_grub_room_sends_no_tftp(lab):
     bl = lab
-    cap = Capture(bl, bl.logs / "grub-http.pcap")
-    r, events = boot(bl, "pc-grub-http", GRUB_HTTP, "uefi", HTTP_ONLY)
-    tftp = cap.packets()
-    assert r.ok and r.marker == "A" and r.fresh is True, r.describe()
-    assert "Start HTTP Boot over IPv4" in r.log and "Start PXE over IPv4" not in r.log, r.describe()
+    r, events = boot_over_http(bl, "pc-grub-http", GRUB_HTTP)
     assert chain(bl, "pc-grub-http") == [("grub", "http"), ("menu", "http"), ("kernel", "http"), ("initrd", "http")]
     dhcp = [e["detail"] for e in events if e["kind"] == "dhcp"]
     assert dhcp[0]["arch"] == "uefi-x64-http" and \
         dhcp[0]["file"] == f"http://{bl.lab.server_ip}:8080/boot/files/grubx64.efi"  # bootd's GRUB, any port
-    assert tftp == [], tftp
-    assert not [e for e in events if e["kind"] == "failed"], events
     PHASES["UEFI HTTP boot: GRUB (HTTP)"] = phases(r, events)
 
 
@@ -213,14 +221,8 @@ def test_secure_boot_firmware_refuses_an_unsigned_loader(lab):
 
 def test_uefi_http_boot_of_an_ipxe_room_sends_no_tftp(lab):
     bl = lab
-    cap = Capture(bl, bl.logs / "http.pcap")
-    r, events = boot(bl, "pc-http", HTTP_IPXE, "uefi", HTTP_ONLY)
-    tftp = cap.packets()
-    assert r.ok and r.marker == "A" and r.fresh is True, r.describe()
-    assert r.secureboot == "disabled", r.describe()
-    assert "Start HTTP Boot over IPv4" in r.log and "Start PXE over IPv4" not in r.log, r.describe()
+    r, events = boot_over_http(bl, "pc-http", HTTP_IPXE)
     assert chain(bl, "pc-http") == [("ipxe", "http"), ("script", "http"), ("kernel", "http"), ("initrd", "http")]
-    assert tftp == [], tftp
     PHASES["UEFI HTTP boot: iPXE (HTTP)"] = phases(r, events)
 
 
