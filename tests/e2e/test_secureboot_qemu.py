@@ -10,6 +10,7 @@
   and initrd over HTTP, an iPXE room's PC ipxe.efi, its script, kernel and initrd, and not one TFTP
   packet crosses the bridge. A Secure Boot PC trying UEFI HTTP boot gets an address, no boot file and a
   failed step saying why: Debian 12's signed GRUB has no HTTP client (README, Secure Boot).
+- The same HTTP boot with bootd in proxy mode beside the site's DHCP server (dnsmasq).
 - The OVMF PXE path (ipxe.efi over TFTP) is booted in the same run as the reference for the times.
 
 The PCs boot one after another (2 CPUs: one TCG PC at a time keeps the phase times comparable); the
@@ -34,6 +35,7 @@ from harness import (
     format_timeline,
     lab_config,
     running_bootd_lab,
+    start_dnsmasq,
 )
 from support import have
 
@@ -49,6 +51,7 @@ SB_PXE = "52:54:00:5b:01:01"
 SB_HTTP = "52:54:00:5b:01:02"
 SB_REFUSED = "52:54:00:5b:01:03"
 GRUB_HTTP = "52:54:00:5b:01:06"
+PROXY_HTTP = "52:54:00:5b:01:07"
 HTTP_IPXE = "52:54:00:5b:01:04"
 PXE_IPXE = "52:54:00:5b:01:05"
 # OVMF's boot manager tries PXEv4, PXEv6, then HTTPv4: these fw_cfg knobs (OvmfPkg) leave only HTTP boot
@@ -224,6 +227,28 @@ def test_uefi_http_boot_of_an_ipxe_room_sends_no_tftp(lab):
     r, events = boot_over_http(bl, "pc-http", HTTP_IPXE)
     assert chain(bl, "pc-http") == [("ipxe", "http"), ("script", "http"), ("kernel", "http"), ("initrd", "http")]
     PHASES["UEFI HTTP boot: iPXE (HTTP)"] = phases(r, events)
+
+
+def test_uefi_http_boot_in_proxy_mode_beside_the_sites_dhcp(assets, lab):
+    """The site's DHCP server (dnsmasq on another host) gives the address, bootd in proxy mode the URL
+    (with option 60 HTTPClient): OVMF's HTTP boot takes both offers, and GRUB and its menu come over HTTP.
+    (Its own lab: this one's bootd is in proxy mode; `lab` only orders it after the other boots.)"""
+    logs = lab.logs / "proxy"
+    with running_bootd_lab(logs, lambda lab: lab_config(
+            lab, images={"demo": assets.image_a}, dhcp_mode="proxy", menu_timeout=0,
+            groups=[{"name": "grub", "images": ["demo"], "boot": "grub"}],
+            hosts=[{"mac": PROXY_HTTP, "name": "pc-proxy-http", "group": "grub"}]), assets) as bl:
+        bl.logs = logs
+        site = bl.lab.add_client(address="10.77.0.2")
+        start_dnsmasq(bl.lab, logs / "dnsmasq", ns=site.ns, interface="eth0",
+                      range_start="10.77.0.200", range_end="10.77.0.220")
+        r, events = boot_over_http(bl, "pc-proxy-http", PROXY_HTTP)
+        assert r.ip and 200 <= int(r.ip.rsplit(".", 1)[1]) <= 220, r.describe()  # dnsmasq's address
+        assert PROXY_HTTP in (logs / "dnsmasq" / "dnsmasq.leases").read_text()
+        proxy = [e["detail"] for e in events if e["kind"] == "proxydhcp"]
+        assert proxy and proxy[0]["arch"] == "uefi-x64-http" and proxy[0]["file"].endswith("/boot/files/grubx64.efi")
+        assert chain(bl, "pc-proxy-http") == [("grub", "http"), ("menu", "http"), ("kernel", "http"),
+                                              ("initrd", "http")]
 
 
 def test_ovmf_pxe_reference_in_the_same_run(lab):
