@@ -1,6 +1,7 @@
 """Checks of the setup at start and on every reload, shown as warnings (log, `bootctl status`):
 a kernel or initrd an image names that is not in the boot root (every PC choosing that image would
-fail at that step), and another DHCP server answering on a served interface (bootd/dhcp/rogue.py).
+fail at that step), a Secure Boot room whose signed shim or GRUB is not there (Debian's packages
+missing), and another DHCP server answering on a served interface (bootd/dhcp/rogue.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def missing_boot_files(config: Config) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def missing_secureboot_loaders(config: Config) -> list[str]:
+    """One line per signed loader a `secureboot: true` room (or PC) needs that is not in the boot root:
+    its UEFI PCs would get "file not found" right after DHCP."""
+    rooms = [f"group {g.name}" for g in config.groups if g.secureboot]
+    rooms += [f"host {h.name}" for h in config.hosts if h.secureboot]
+    if not rooms:
+        return []
+    loaders = config.dhcp.loaders
+    out = []
+    for rel, package in ((loaders.shim_x64, "shim-signed"), (loaders.secureboot_grub, "grub-efi-amd64-signed")):
+        if not (config.boot_root / rel).is_file():
+            out.append(f"{', '.join(rooms)} (secureboot: true): {rel} is missing from {config.boot_root}: "
+                       f"apt install {package} (bootd copies it at start), or put a signed one there")
+    return out
+
+
 class SetupChecks(Service):
     """Runs the checks at start and reload; the other-DHCP probe runs in the background (it listens
     for ~2 s), so neither start-up nor a reload waits for it."""
@@ -62,7 +79,7 @@ class SetupChecks(Service):
                 pass
 
     def _check(self, config: Config) -> None:
-        self.file_warnings = missing_boot_files(config)
+        self.file_warnings = missing_boot_files(config) + missing_secureboot_loaders(config)
         for w in self.file_warnings:
             log.warning("%s", w)
         if self._probe is not None:

@@ -232,6 +232,19 @@ def test_signed_shim_and_grub_are_stocked_side_by_side(tmp_path):
     assert (root / "secureboot" / "shimx64.efi").read_bytes() == b"admin's own shim"
 
 
+@needs_shim
+def test_a_secure_boot_room_without_its_signed_loaders_is_a_warning(boot_root):
+    from bootd.bootchecks import missing_secureboot_loaders
+    cfg = parse_config(config_text(boot_root, {"secureboot": True}))
+    warnings = missing_secureboot_loaders(cfg)
+    assert len(warnings) == 2 and "group lab (secureboot: true): secureboot/shimx64.efi is missing" in warnings[0]
+    assert "apt install shim-signed" in warnings[0] and "apt install grub-efi-amd64-signed" in warnings[1]
+    install_loaders(boot_root, cfg.dhcp.loaders)
+    assert missing_secureboot_loaders(cfg) == []
+    (boot_root.parent / "empty").mkdir()
+    assert missing_secureboot_loaders(parse_config(config_text(boot_root.parent / "empty", {}))) == []  # no such room
+
+
 # -- the timeline ------------------------------------------------------------------------------------
 def test_probes_are_not_failures_and_programs_have_names():
     for name in ("secureboot/revocations_sku.efi", "secureboot/revocations_sbat.efi",
