@@ -1,7 +1,8 @@
 """Checks of the setup at start and on every reload, shown as warnings (log, `bootctl status`):
 a kernel or initrd an image names that is not in the boot root (every PC choosing that image would
 fail at that step), a Secure Boot room whose signed shim or GRUB is not there (Debian's packages
-missing), and another DHCP server answering on a served interface (bootd/dhcp/rogue.py).
+missing), GRUB rooms behind proxyDHCP (they need the site's DHCP to name bootd as next-server), and
+another DHCP server answering on a served interface (bootd/dhcp/rogue.py).
 """
 from __future__ import annotations
 
@@ -51,6 +52,22 @@ def missing_secureboot_loaders(config: Config) -> list[str]:
     return out
 
 
+def proxy_grub_rooms(config: Config) -> list[str]:
+    """In proxy mode, GRUB (Debian 12's 2.06, signed or not) takes its TFTP server from the site server's
+    DHCP ACK, not from bootd's proxy offer: its rooms boot only if the site's DHCP names bootd as the
+    next server (siaddr), else GRUB stops at its prompt after loading."""
+    if config.dhcp.mode != "proxy":
+        return []
+    rooms = [f"group {g.name}" for g in config.groups if g.boot == "grub"]
+    rooms += [f"host {h.name}" for h in config.hosts if h.boot == "grub" or h.secureboot]
+    if not rooms:
+        return []
+    server = config.server_ip or "bootd's address"
+    return [f"{', '.join(rooms)} boot GRUB in proxy mode: the site's DHCP server must give these PCs {server} as "
+            f"next-server (siaddr; dnsmasq dhcp-boot=,,{server}, ISC/kea next-server), because GRUB takes its "
+            f"server from that server's answer, not from bootd's proxy offer (README, Secure Boot)"]
+
+
 class SetupChecks(Service):
     """Runs the checks at start and reload; the other-DHCP probe runs in the background (it listens
     for ~2 s), so neither start-up nor a reload waits for it."""
@@ -79,7 +96,8 @@ class SetupChecks(Service):
                 pass
 
     def _check(self, config: Config) -> None:
-        self.file_warnings = missing_boot_files(config) + missing_secureboot_loaders(config)
+        self.file_warnings = missing_boot_files(config) + missing_secureboot_loaders(config) + \
+            proxy_grub_rooms(config)
         for w in self.file_warnings:
             log.warning("%s", w)
         if self._probe is not None:

@@ -10,7 +10,8 @@
   and initrd over HTTP, an iPXE room's PC ipxe.efi, its script, kernel and initrd, and not one TFTP
   packet crosses the bridge. A Secure Boot PC trying UEFI HTTP boot gets an address, no boot file and a
   failed step saying why: Debian 12's signed GRUB has no HTTP client (README, Secure Boot).
-- The same HTTP boot with bootd in proxy mode beside the site's DHCP server (dnsmasq).
+- The HTTP boot and the Secure Boot PXE boot again with bootd in proxy mode beside the site's DHCP
+  server (dnsmasq).
 - The OVMF PXE path (ipxe.efi over TFTP) is booted in the same run as the reference for the times.
 
 The PCs boot one after another (2 CPUs: one TCG PC at a time keeps the phase times comparable); the
@@ -52,6 +53,7 @@ SB_HTTP = "52:54:00:5b:01:02"
 SB_REFUSED = "52:54:00:5b:01:03"
 GRUB_HTTP = "52:54:00:5b:01:06"
 PROXY_HTTP = "52:54:00:5b:01:07"
+PROXY_SB = "52:54:00:5b:01:08"
 HTTP_IPXE = "52:54:00:5b:01:04"
 PXE_IPXE = "52:54:00:5b:01:05"
 # OVMF's boot manager tries PXEv4, PXEv6, then HTTPv4: these fw_cfg knobs (OvmfPkg) leave only HTTP boot
@@ -229,26 +231,40 @@ def test_uefi_http_boot_of_an_ipxe_room_sends_no_tftp(lab):
     PHASES["UEFI HTTP boot: iPXE (HTTP)"] = phases(r, events)
 
 
-def test_uefi_http_boot_in_proxy_mode_beside_the_sites_dhcp(assets, lab):
-    """The site's DHCP server (dnsmasq on another host) gives the address, bootd in proxy mode the URL
-    (with option 60 HTTPClient): OVMF's HTTP boot takes both offers, and GRUB and its menu come over HTTP.
+def test_proxy_mode_beside_the_sites_dhcp_http_boot_and_secure_boot(assets, lab):
+    """The site's DHCP server (dnsmasq on another host) gives the addresses, bootd in proxy mode the boot
+    information: OVMF's HTTP boot takes the URL (option 60 HTTPClient) and GRUB and its menu come over
+    HTTP; a Secure Boot PC takes the proxy offer's shim over TFTP and boots the signed chain. GRUB takes
+    its TFTP server from the site server's ACK, so that server names bootd as next-server (the warning
+    `bootctl status` gives in proxy mode with GRUB rooms, README).
     (Its own lab: this one's bootd is in proxy mode; `lab` only orders it after the other boots.)"""
     logs = lab.logs / "proxy"
     with running_bootd_lab(logs, lambda lab: lab_config(
             lab, images={"demo": assets.image_a}, dhcp_mode="proxy", menu_timeout=0,
-            groups=[{"name": "grub", "images": ["demo"], "boot": "grub"}],
-            hosts=[{"mac": PROXY_HTTP, "name": "pc-proxy-http", "group": "grub"}]), assets) as bl:
+            groups=[{"name": "grub", "images": ["demo"], "boot": "grub"},
+                    {"name": "secure", "images": ["demo"], "secureboot": True}],
+            hosts=[{"mac": PROXY_HTTP, "name": "pc-proxy-http", "group": "grub"},
+                   {"mac": PROXY_SB, "name": "pc-proxy-sb", "group": "secure"}]), assets) as bl:
         bl.logs = logs
         site = bl.lab.add_client(address="10.77.0.2")
         start_dnsmasq(bl.lab, logs / "dnsmasq", ns=site.ns, interface="eth0",
-                      range_start="10.77.0.200", range_end="10.77.0.220")
+                      range_start="10.77.0.200", range_end="10.77.0.220",
+                      extra=[f"--dhcp-boot=,,{bl.lab.server_ip}"])  # next-server: bootd, no boot file
+        warning = bl.daemon.api.get("/api/v1/status")
+        assert "boot GRUB in proxy mode" in json.dumps(warning), warning
         r, events = boot_over_http(bl, "pc-proxy-http", PROXY_HTTP)
         assert r.ip and 200 <= int(r.ip.rsplit(".", 1)[1]) <= 220, r.describe()  # dnsmasq's address
-        assert PROXY_HTTP in (logs / "dnsmasq" / "dnsmasq.leases").read_text()
         proxy = [e["detail"] for e in events if e["kind"] == "proxydhcp"]
         assert proxy and proxy[0]["arch"] == "uefi-x64-http" and proxy[0]["file"].endswith("/boot/files/grubx64.efi")
         assert chain(bl, "pc-proxy-http") == [("grub", "http"), ("menu", "http"), ("kernel", "http"),
                                               ("initrd", "http")]
+        r, events = boot(bl, "pc-proxy-sb", PROXY_SB, "uefi-secureboot")
+        assert r.ok and r.marker == "A" and r.secureboot == "enabled", r.describe()
+        assert r.ip and 200 <= int(r.ip.rsplit(".", 1)[1]) <= 220, r.describe()
+        assert chain(bl, "pc-proxy-sb") == [("shim", "tftp"), ("grub", "tftp"), ("menu", "tftp"), ("kernel", "tftp"),
+                                            ("initrd", "tftp")]
+        leases = (logs / "dnsmasq" / "dnsmasq.leases").read_text()
+        assert PROXY_HTTP in leases and PROXY_SB in leases, leases
 
 
 def test_ovmf_pxe_reference_in_the_same_run(lab):

@@ -245,6 +245,16 @@ def test_a_secure_boot_room_without_its_signed_loaders_is_a_warning(boot_root):
     assert missing_secureboot_loaders(parse_config(config_text(boot_root.parent / "empty", {}))) == []  # no such room
 
 
+def test_grub_rooms_in_proxy_mode_are_a_warning_naming_next_server(boot_root):
+    from bootd.bootchecks import proxy_grub_rooms
+    cfg = parse_config(config_text(boot_root, {"secureboot": True}, dhcp={"mode": "proxy"}))
+    [warning] = proxy_grub_rooms(cfg)
+    assert warning.startswith("group lab boot GRUB in proxy mode") and "10.77.0.1 as next-server" in warning
+    assert "dhcp-boot=,,10.77.0.1" in warning
+    assert proxy_grub_rooms(parse_config(config_text(boot_root, {"secureboot": True}))) == []  # full mode
+    assert proxy_grub_rooms(parse_config(config_text(boot_root, {}, dhcp={"mode": "proxy"}))) == []  # iPXE rooms
+
+
 # -- the timeline ------------------------------------------------------------------------------------
 def test_probes_are_not_failures_and_programs_have_names():
     for name in ("secureboot/revocations_sku.efi", "secureboot/revocations_sbat.efi",
