@@ -63,7 +63,7 @@ def proxy_grub_rooms(config: Config) -> list[str]:
     if not rooms:
         return []
     server = config.server_ip or "bootd's address"
-    return [f"{', '.join(rooms)} boot GRUB in proxy mode: the site's DHCP server must give these PCs {server} as "
+    return [f"{', '.join(rooms)}: PCs booting GRUB in proxy mode: the site's DHCP server must give these PCs {server} as "
             f"next-server (siaddr; dnsmasq dhcp-boot=,,{server}, ISC/kea next-server), because GRUB takes its "
             f"server from that server's answer, not from bootd's proxy offer (README, Secure Boot)"]
 

@@ -251,7 +251,7 @@ def test_proxy_mode_beside_the_sites_dhcp_http_boot_and_secure_boot(assets, lab)
                       range_start="10.77.0.200", range_end="10.77.0.220",
                       extra=[f"--dhcp-boot=,,{bl.lab.server_ip}"])  # next-server: bootd, no boot file
         warning = bl.daemon.api.get("/api/v1/status")
-        assert "boot GRUB in proxy mode" in json.dumps(warning), warning
+        assert "PCs booting GRUB in proxy mode" in json.dumps(warning), warning
         r, events = boot_over_http(bl, "pc-proxy-http", PROXY_HTTP)
         assert r.ip and 200 <= int(r.ip.rsplit(".", 1)[1]) <= 220, r.describe()  # dnsmasq's address
         proxy = [e["detail"] for e in events if e["kind"] == "proxydhcp"]

@@ -249,7 +249,7 @@ def test_grub_rooms_in_proxy_mode_are_a_warning_naming_next_server(boot_root):
     from bootd.bootchecks import proxy_grub_rooms
     cfg = parse_config(config_text(boot_root, {"secureboot": True}, dhcp={"mode": "proxy"}))
     [warning] = proxy_grub_rooms(cfg)
-    assert warning.startswith("group lab boot GRUB in proxy mode") and "10.77.0.1 as next-server" in warning
+    assert warning.startswith("group lab: PCs booting GRUB in proxy mode") and "10.77.0.1 as next-server" in warning
     assert "dhcp-boot=,,10.77.0.1" in warning
     assert proxy_grub_rooms(parse_config(config_text(boot_root, {"secureboot": True}))) == []  # full mode
     assert proxy_grub_rooms(parse_config(config_text(boot_root, {}, dhcp={"mode": "proxy"}))) == []  # iPXE rooms
