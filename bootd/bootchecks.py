@@ -63,8 +63,8 @@ def proxy_grub_rooms(config: Config) -> list[str]:
     if not rooms:
         return []
     server = config.server_ip or "bootd's address"
-    return [f"{', '.join(rooms)}: PCs booting GRUB in proxy mode: the site's DHCP server must give these PCs {server} as "
-            f"next-server (siaddr; dnsmasq dhcp-boot=,,{server}, ISC/kea next-server), because GRUB takes its "
+    return [f"{', '.join(rooms)}: PCs booting GRUB in proxy mode: the site's DHCP server must give these "
+            f"PCs {server} as next-server (siaddr; dnsmasq dhcp-boot=,,{server}, ISC/kea next-server), because GRUB takes its "
             f"server from that server's answer, not from bootd's proxy offer (README, Secure Boot)"]
 
 
