@@ -64,8 +64,9 @@ def proxy_grub_rooms(config: Config) -> list[str]:
         return []
     server = config.server_ip or "bootd's address"
     return [f"{', '.join(rooms)}: PCs booting GRUB in proxy mode: the site's DHCP server must give these "
-            f"PCs {server} as next-server (siaddr; dnsmasq dhcp-boot=,,{server}, ISC/kea next-server), because GRUB takes its "
-            f"server from that server's answer, not from bootd's proxy offer (README, Secure Boot)"]
+            f"PCs {server} as next-server (siaddr; dnsmasq dhcp-boot=,,{server}, ISC/kea next-server), "
+            f"because GRUB takes its server from that server's answer, not from bootd's proxy offer "
+            f"(README, Secure Boot)"]
 
 
 class SetupChecks(Service):
