@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shutil
 import subprocess
 import tempfile
@@ -44,7 +45,8 @@ SYSLINUX_MODULES = ["ldlinux.c32", "menu.c32", "vesamenu.c32", "libutil.c32", "l
 GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"
 SIGNED_SHIM = "/usr/lib/shim/shimx64.efi.signed"  # shim-signed: signed by Microsoft's UEFI CA
 SIGNED_GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"  # grub-efi-amd64-signed: Debian's key
-SHIM_LOADS = "grubx64.efi"  # what shim loads from its own directory
+# shim's MokManager, which it loads from its own directory when an admin enrolls a Machine Owner Key
+SIGNED_MOKMANAGER = "/usr/lib/shim/mmx64.efi.signed"
 GRUB_MODULES = ["normal", "configfile", "linux", "efinet", "tftp", "http", "net", "echo", "test", "sleep",
                 "efi_gop", "efi_uga", "all_video", "chain", "part_gpt", "part_msdos", "fat", "ext2", "reboot", "halt"]
 
@@ -113,10 +115,12 @@ def install_loaders(boot_root: Path, loaders: LoaderConfig) -> list[str]:
 
 
 def _install_secureboot(boot_root: Path, loaders: LoaderConfig) -> list[str]:
-    """Debian's signed shim and network GRUB, side by side; each left alone when already there."""
+    """Debian's signed shim, network GRUB and MokManager, side by side; each left alone when there."""
     out = []
-    for rel, src, package in zip((loaders.shim_x64, loaders.secureboot_grub), (SIGNED_SHIM, SIGNED_GRUB),
-                                 ("shim-signed", "grub-efi-amd64-signed"), strict=True):
+    mokmanager = posixpath.join(posixpath.dirname(loaders.shim_x64), "mmx64.efi")
+    for rel, src, package in ((loaders.shim_x64, SIGNED_SHIM, "shim-signed"),
+                              (loaders.secureboot_grub, SIGNED_GRUB, "grub-efi-amd64-signed"),
+                              (mokmanager, SIGNED_MOKMANAGER, "shim-helpers-amd64-signed")):
         dest = boot_root / rel
         if dest.exists():
             continue

@@ -291,7 +291,7 @@ def test_enabled_unit_starts_ready_with_watchdog_and_prebuilt_helpers(container)
     assert "data_pump.mode      c" in status.stdout and "data_pump.up        yes" in status.stdout, status.stdout
     assert c.run("test", "-e", "/usr/bin/gcc").returncode != 0
     # the Secure Boot chain from Debian's signed packages, stocked into the boot root at start (issue 21)
-    for f in ("secureboot/shimx64.efi", "secureboot/grubx64.efi", "grubx64.efi", "ipxe.efi"):
+    for f in ("secureboot/shimx64.efi", "secureboot/grubx64.efi", "secureboot/mmx64.efi", "grubx64.efi", "ipxe.efi"):
         assert c.run("test", "-s", f"/var/lib/bootd/boot/{f}").returncode == 0, f + c.journal("bootd")
 
 

@@ -223,9 +223,10 @@ def test_which_grub_speaks_http(tmp_path):
 def test_signed_shim_and_grub_are_stocked_side_by_side(tmp_path):
     root = tmp_path / "boot"
     got = install_loaders(root, LoaderConfig())
-    assert "secureboot/shimx64.efi" in got and "secureboot/grubx64.efi" in got
+    assert "secureboot/shimx64.efi" in got and "secureboot/grubx64.efi" in got and "secureboot/mmx64.efi" in got
     assert filecmp.cmp(root / "secureboot" / "shimx64.efi", SIGNED_SHIM, shallow=False)
     assert filecmp.cmp(root / "secureboot" / "grubx64.efi", SIGNED_GRUB, shallow=False)
+    assert filecmp.cmp(root / "secureboot" / "mmx64.efi", "/usr/lib/shim/mmx64.efi.signed", shallow=False)
     assert is_signed(root / "secureboot" / "grubx64.efi") and not is_signed(root / "grubx64.efi")
     (root / "secureboot" / "shimx64.efi").write_bytes(b"admin's own shim")
     assert install_loaders(root, LoaderConfig()) == []
