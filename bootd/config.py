@@ -110,10 +110,14 @@ class LoaderConfig(Section):
     # goes next to it as grubx64.efi, the name shim loads from its own directory (pxe/loaders.py)
     shim_x64: str = "secureboot/shimx64.efi"
 
+    def beside_shim(self, name: str) -> str:
+        """A file shim loads from its own directory (grubx64.efi, MokManager's mmx64.efi)."""
+        return posixpath.join(posixpath.dirname(self.shim_x64), name)
+
     @property
     def secureboot_grub(self) -> str:
         """The signed GRUB: what shim loads from its own directory."""
-        return posixpath.join(posixpath.dirname(self.shim_x64), "grubx64.efi")
+        return self.beside_shim("grubx64.efi")
 
 
 class RelaySubnetConfig(AddressRange):
@@ -159,8 +163,7 @@ class DhcpConfig(Section):
     # what an iPXE client is told to boot: {server} = bootd's address on the interface, {http_port}, {mac}
     ipxe_script_url: str = "http://{server}:{http_port}/boot/{mac}.ipxe"
     # UEFI HTTP boot: the loader's URL; {file} = the loader name from `loaders`, {host} = {server} with
-    # ":{http_port}" unless the port is 80 (GRUB 2.06, Debian 12's signed GRUB, cannot use a port in its
-    # HTTP device: a GRUB room's HTTP boot works only on port 80, README "Secure Boot")
+    # ":{http_port}" unless the port is 80 (the ipxe_script_url knows {host} too)
     http_boot_url: str = "http://{host}/boot/files/{file}"
     rate_limit: DhcpRateLimitConfig = DhcpRateLimitConfig()
     detect_other_servers: bool = True  # full mode: look for another DHCP server at start/reload (bootd/dhcp/rogue.py)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import shutil
 import subprocess
 import tempfile
@@ -117,10 +116,9 @@ def install_loaders(boot_root: Path, loaders: LoaderConfig) -> list[str]:
 def _install_secureboot(boot_root: Path, loaders: LoaderConfig) -> list[str]:
     """Debian's signed shim, network GRUB and MokManager, side by side; each left alone when there."""
     out = []
-    mokmanager = posixpath.join(posixpath.dirname(loaders.shim_x64), "mmx64.efi")
     for rel, src, package in ((loaders.shim_x64, SIGNED_SHIM, "shim-signed"),
                               (loaders.secureboot_grub, SIGNED_GRUB, "grub-efi-amd64-signed"),
-                              (mokmanager, SIGNED_MOKMANAGER, "shim-helpers-amd64-signed")):
+                              (loaders.beside_shim("mmx64.efi"), SIGNED_MOKMANAGER, "shim-helpers-amd64-signed")):
         dest = boot_root / rel
         if dest.exists():
             continue

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
-from bootd.bootplan import settings_of
+from bootd.bootplan import HostSettings, settings_of
 from bootd.config import Config, HostConfig
 from bootd.dhcp.codec import (
     ACK,
@@ -174,9 +174,14 @@ class DhcpPolicy:
     def boot_choice(self, mac: str) -> str:
         """The host's menu flavour from its boot plan's settings (bootd/bootplan.py): picks the loader."""
         return settings_of(self.config, mac, self.hosts.get(mac)).boot
+
+    def _url_host(self, server: str) -> str:
+        """{host} of the URL templates: the address, with the port unless it is HTTP's own."""
+        return server if self.http_port == 80 else f"{server}:{self.http_port}"
+
     def ipxe_script_url(self, server: str, mac: str) -> str:
-        host = server if self.http_port == 80 else f"{server}:{self.http_port}"
-        return self.dhcp.ipxe_script_url.format(server=server, http_port=self.http_port, host=host, mac=mac)
+        return self.dhcp.ipxe_script_url.format(server=server, http_port=self.http_port,
+                                                host=self._url_host(server), mac=mac)
 
     def boot_target(self, fw: Firmware, mac: str, server: str) -> Optional[str]:
         """The file name (or URL) this client should boot next; None if it gets no boot info."""
@@ -193,16 +198,19 @@ class DhcpPolicy:
         if loader is None:
             return None
         if fw.http:
-            if settings.secureboot and not self.secureboot_http:
+            if self._no_http_boot(settings):
                 return None  # the signed GRUB would load and then fail to fetch its menu (http_boot_problem)
-            host = server if self.http_port == 80 else f"{server}:{self.http_port}"
-            return self.dhcp.http_boot_url.format(server=server, http_port=self.http_port, host=host, file=loader)
+            return self.dhcp.http_boot_url.format(server=server, http_port=self.http_port,
+                                                  host=self._url_host(server), file=loader)
         return loader
+
+    def _no_http_boot(self, settings: HostSettings) -> bool:
+        """A Secure Boot PC while the signed GRUB has no HTTP client: no boot file over HTTP."""
+        return settings.secureboot and not self.secureboot_http
 
     def http_boot_problem(self, fw: Firmware, mac: str) -> Optional[str]:
         """Why a UEFI HTTP boot client of this host's room gets no boot file, if it is that."""
-        if fw.http and not fw.ipxe and not self.secureboot_http and \
-                settings_of(self.config, mac, self.hosts.get(mac)).secureboot:
+        if fw.http and not fw.ipxe and self._no_http_boot(settings_of(self.config, mac, self.hosts.get(mac))):
             return ("UEFI HTTP boot of a Secure Boot PC: the signed GRUB beside shim has no HTTP client "
                     "(Debian 12's grub-efi-amd64-signed fetches over TFTP only), so it would stop at its prompt; "
                     "this PC gets no boot file over HTTP. Let its firmware PXE-boot (IPv4) instead: shim and "

@@ -122,6 +122,7 @@ class DhcpService(Service):
         self.ctx: Optional["Context"] = None
         self.policy: Optional[DhcpPolicy] = None
         self.leases: Optional[LeaseTable] = None
+        self.secureboot_http = False  # the signed GRUB in the boot root has HTTP (_check_secureboot_grub)
         self.bound: dict[str, InterfaceSockets] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,6 +164,7 @@ class DhcpService(Service):
         self.ctx = ctx
         self._loop = asyncio.get_running_loop()
         self.leases = LeaseTable(ctx.store)
+        self._check_secureboot_grub()
         self._build_policy()
         self._apply_event_limits()
         ctx.metrics.add_gauges("dhcp", self._gauges)
@@ -191,6 +193,7 @@ class DhcpService(Service):
 
     async def reload(self, ctx: "Context") -> None:
         self.ctx = ctx
+        self._check_secureboot_grub()
         self._build_policy()
         self._apply_event_limits()
         self._sync_interfaces()
@@ -216,12 +219,17 @@ class DhcpService(Service):
                 "unsaved_lease_changes": float(len(self.leases.unsaved)) if self.leases else 0.0,
                 "interfaces_bound": float(len(self.bound))}
 
+    def _check_secureboot_grub(self) -> None:
+        """Whether the signed GRUB in the boot root speaks HTTP: read once per start and reload (the boot
+        root is stocked just before), not at every policy rebuild (a reservation change rebuilds it)."""
+        cfg = self._context().config
+        self.secureboot_http = grub_has_http(cfg.http_root / cfg.dhcp.loaders.secureboot_grub)
+
     def _build_policy(self) -> None:
         assert self.ctx is not None and self.leases is not None
         rows = self.ctx.store.dhcp_reservations()
-        cfg = self.ctx.config
-        self.policy = DhcpPolicy(cfg, self.leases, {r["mac"]: r["ip"] for r in rows},
-                                 secureboot_http=grub_has_http(cfg.http_root / cfg.dhcp.loaders.secureboot_grub))
+        self.policy = DhcpPolicy(self.ctx.config, self.leases, {r["mac"]: r["ip"] for r in rows},
+                                 secureboot_http=self.secureboot_http)
         rl = self.ctx.config.dhcp.rate_limit
         self.admission = Admission(rl.per_mac, rl.per_mac_burst, rl.unknown_cpu, rl.unknown_answers,
                                    rl.unknown_answers_burst, now=self.clock())
