@@ -38,6 +38,15 @@ def check_name(name: str) -> str:
     return name
 
 
+ROLES = ("admin", "viewer")  # admin: every action; viewer: reads the dashboard, changes nothing
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise AdminError(f"bad role {role!r}: one of {', '.join(ROLES)}")
+    return role
+
+
 def check_password(password: str) -> str:
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         raise AdminError(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
@@ -59,10 +68,20 @@ class Accounts:
     def list(self) -> list[dict[str, object]]:
         return self.store.admin_accounts()
 
-    def add(self, name: str, password: str, by: str) -> None:
+    def add(self, name: str, password: str, by: str, role: str = "admin") -> None:
         check_name(name)
-        if not self.store.add_admin_account(name, self.hasher.hash(check_password(password)), by):
+        check_role(role)
+        if not self.store.add_admin_account(name, self.hasher.hash(check_password(password)), by, role=role):
             raise AdminError(f"admin {name} exists (bootctl admin passwd changes the password)")
+
+    def set_role(self, name: str, role: str) -> None:
+        if not self.store.set_admin_role(name, check_role(role)):
+            raise AdminError(f"no admin named {name!r}")
+
+    def role(self, name: str) -> Optional[str]:
+        """The account's role now (None: no such account): read at every dashboard request, so a
+        removed account or a lowered role takes effect at the next click, not at the next login."""
+        return self.store.admin_role(name) if NAME_RE.match(name) else None
 
     def passwd(self, name: str, password: str) -> None:
         if not self.store.set_admin_password_hash(name, self.hasher.hash(check_password(password))):

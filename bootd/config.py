@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -223,12 +224,61 @@ class ApiConfig(Section):
     @field_validator("tcp")
     @classmethod
     def _hostport(cls, v: Optional[str]) -> Optional[str]:
+        return _check_hostport(v)
+
+
+def _check_hostport(v: Optional[str]) -> Optional[str]:
+    if v is None:
+        return v
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT")
+    return v
+
+
+class UiConfig(Section):
+    """The web dashboard (bootd/ui): its own listener, never the boot port; off unless `listen` is set.
+
+    On an address other than loopback it serves HTTPS with `tls_cert` + `tls_key`. Behind a reverse proxy
+    that terminates TLS, listen on 127.0.0.1 and set `behind_proxy` (the proxy's X-Forwarded-For then names
+    the browser for the lock-out and the audit)."""
+
+    tls_cert: Optional[str] = None  # PEM certificate (chain) file
+    tls_key: Optional[str] = None  # PEM private key file
+    behind_proxy: bool = False
+    session_idle: Annotated[int, Field(ge=60)] = 1800  # seconds without a request before a login ends
+    session_max: Annotated[int, Field(ge=300)] = 12 * 3600  # seconds a login lasts at most
+    listen: Optional[str] = None  # "HOST:PORT" (checked last: it reads the TLS fields above)
+
+    @field_validator("tls_key")
+    @classmethod
+    def _pair(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if bool(v) != bool(info.data.get("tls_cert")):
+            raise ValueError("tls_cert and tls_key go together")
+        return v
+
+    @field_validator("behind_proxy")
+    @classmethod
+    def _proxy(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("tls_cert"):
+            raise ValueError("behind a proxy, the proxy terminates TLS: leave tls_cert and tls_key unset")
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
         if v is None:
             return v
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected HOST:PORT")
+        _check_hostport(v)
+        host = v.rpartition(":")[0].strip("[]")
+        if not info.data.get("tls_cert") and host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"{v} is not loopback: set tls_cert and tls_key, or listen on 127.0.0.1 behind a "
+                             "reverse proxy that terminates TLS (README)")
         return v
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
 
 class EventsConfig(Section):
@@ -463,6 +513,7 @@ class Config(Section):
     tftp: TftpConfig = TftpConfig()
     http: HttpConfig = HttpConfig()
     api: ApiConfig = ApiConfig()
+    ui: UiConfig = UiConfig()
     storage: StorageConfig = StorageConfig()
     menu: MenuConfig = MenuConfig()
     nbd: NbdConfig = NbdConfig()

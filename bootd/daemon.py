@@ -87,6 +87,10 @@ def build_services(ctx: Context) -> list[Service]:
     services: list[Service] = []
     from bootd.hostregistry import HostRegistryService
     services.append(HostRegistryService())  # issue 16: registered hosts; warns when the config's win a conflict
+    from bootd.hostfeed import HostFeed
+    services.append(HostFeed())  # issue 18: PCs' tiles pushed live to the dashboard (idle while nobody watches)
+    from bootd.metrichistory import MetricHistory
+    services.append(MetricHistory())  # issue 18: the last hour of bytes served per protocol (Server page)
     # Storage first (the snapshot store and NBD exports), then what serves files, DHCP last: a PC must
     # never be told to fetch something that is not served yet.
     from snapshots.service import SnapshotService

@@ -71,11 +71,12 @@ class BootSummary:
     last_boot_duration: Optional[float] = None
     snapshot: Optional[str] = None
     chain: list[dict[str, str]] = field(default_factory=list)  # the latest boot's loader chain, in order
+    step: Optional[str] = None  # while booting: the latest boot's last step (dhcp, loader, menu, kernel...)
 
     def as_dict(self) -> dict[str, object]:
         return {"state": self.state, "last_error": self.last_error, "last_error_at": self.last_error_at,
                 "boot_started": self.boot_started, "last_boot_duration": self.last_boot_duration,
-                "snapshot": self.snapshot, "chain": self.chain}
+                "snapshot": self.snapshot, "chain": self.chain, "step": self.step}
 
 
 def _boots(events: list[dict]) -> list[list[dict]]:
@@ -93,6 +94,12 @@ def _boots(events: list[dict]) -> list[list[dict]]:
         else:
             cur.append(e)
     return boots
+
+
+def latest_boot(events: list[dict]) -> list[dict]:
+    """The events (oldest first) of the latest boot among `events` (the PC page's timeline)."""
+    boots = _boots(events)
+    return boots[-1] if boots else []
 
 
 def _end(e: dict) -> float:
@@ -180,7 +187,18 @@ def summarize(events: list[dict], connected: bool = False, now: Optional[float] 
         out.state = "up"
     else:
         out.state = "booting" if recent else "off"
+    if out.state == "booting":
+        steps = [e for e in boot if e["kind"] not in (FAILED, "admin")]
+        out.step = _step_name(steps[-1]) if steps else None
     return out
+
+
+def _step_name(e: dict) -> str:
+    """A boot event as the step a PC is at: 'dhcp', 'loader ipxe', 'menu', 'kernel', 'disk'..."""
+    if e["kind"] == "loader":
+        d = e.get("detail") or {}
+        return f"loader {program_of(str(d.get('path') or d.get('file') or ''))}".strip()
+    return "dhcp" if e["kind"] in _DHCP_KINDS else str(e["kind"])
 
 
 def host_rows(ctx: "Context") -> list[dict]:

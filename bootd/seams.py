@@ -64,6 +64,9 @@ class Snapshots(SnapshotState[Snapshot], Protocol):
 
     def history(self, image: str, limit: int = 200) -> dict[str, Any]: ...
 
+    def audit_log(self, image: str | None = None, limit: int = 100, actor: str | None = None,
+                  action: str | None = None, target: str | None = None) -> list[dict[str, Any]]: ...
+
     def prune(self, image: str, keep: int, actor: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]: ...
 
     # snapshots and their lifecycle

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 EVENT_LOG_MANAGED = 6  # the schema version from which events are coalesced and pruned
 
@@ -233,6 +233,9 @@ MIGRATIONS: list[Migration] = [
               """
         ALTER TABLE snapshots ADD COLUMN kernel_release TEXT;  -- NULL: the snapshot carries no boot files
     """),
+    Migration(10, "admin roles for the dashboard: admin (everything) or viewer (read-only) (issue 18)", """
+        ALTER TABLE admin_accounts ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    """),
 ]
 
 
@@ -260,6 +263,9 @@ class StateStore:
                                                     Optional[float], float]] = {}
         self._inserts_until_prune = 0  # 0: the next insert prunes first (the file may be over the cap)
         self._next_retention_prune = 0.0
+        # called with the MAC of every boot event written (the dashboard's live feed, bootd/hostfeed.py);
+        # they must be quick and thread-safe: a TFTP or DHCP worker thread may be the writer
+        self.event_listeners: list[Callable[[Optional[str]], None]] = []
         self.migrate(MIGRATIONS if migrations is None else migrations)
 
     def _open_checked(self) -> sqlite3.Connection:
@@ -589,21 +595,34 @@ class StateStore:
 
     # -- admin accounts (bootd/admins.py) --------------------------------------------------------
     def admin_accounts(self) -> list[dict[str, Any]]:
-        """Every admin account without its hash: name, created, created_by, updated; by name."""
+        """Every admin account without its hash: name, role, created, created_by, updated; by name."""
         return [dict(r) for r in self.query(
-            "SELECT name, created, created_by, updated FROM admin_accounts ORDER BY name")]
+            "SELECT name, role, created, created_by, updated FROM admin_accounts ORDER BY name")]
 
     def admin_password_hash(self, name: str) -> Optional[str]:
         rows = self.query("SELECT password_hash FROM admin_accounts WHERE name=?", (name,))
         return str(rows[0]["password_hash"]) if rows else None
 
-    def add_admin_account(self, name: str, password_hash: str, by: str, now: Optional[float] = None) -> bool:
+    def admin_role(self, name: str) -> Optional[str]:
+        """The account's role ('admin' or 'viewer'); None when there is no such account."""
+        rows = self.query("SELECT role FROM admin_accounts WHERE name=?", (name,))
+        return str(rows[0]["role"]) if rows else None
+
+    def add_admin_account(self, name: str, password_hash: str, by: str, now: Optional[float] = None,
+                          role: str = "admin") -> bool:
         """Add an account; False (and nothing changed) when the name is taken."""
         now = time.time() if now is None else now
         with self.transaction() as cur:
-            return cur.execute("INSERT INTO admin_accounts(name, password_hash, created, created_by, updated) "
-                               "VALUES (?,?,?,?,?) ON CONFLICT(name) DO NOTHING",
-                               (name, password_hash, now, by, now)).rowcount > 0
+            return cur.execute("INSERT INTO admin_accounts(name, password_hash, created, created_by, updated, role) "
+                               "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO NOTHING",
+                               (name, password_hash, now, by, now, role)).rowcount > 0
+
+    def set_admin_role(self, name: str, role: str, now: Optional[float] = None) -> bool:
+        """Change an account's role; False when there is no such account."""
+        now = time.time() if now is None else now
+        with self.transaction() as cur:
+            return cur.execute("UPDATE admin_accounts SET role=?, updated=? WHERE name=?",
+                               (role, now, name)).rowcount > 0
 
     def set_admin_password_hash(self, name: str, password_hash: str, now: Optional[float] = None) -> bool:
         """Replace an account's hash; False when there is no such account."""
@@ -640,6 +659,12 @@ class StateStore:
         `slack` inserts the log is pruned to its row cap, and once a minute to its retention."""
         ts = time.time() if ts is None else ts
         mac = mac.lower() if mac else None
+        self._write_event(mac, kind, detail, nbytes, duration, ts)
+        for listener in self.event_listeners:
+            listener(mac)
+
+    def _write_event(self, mac: Optional[str], kind: str, detail: Optional[Mapping[str, object]],
+                     nbytes: Optional[int], duration: Optional[float], ts: float) -> None:
         text = json.dumps(detail, sort_keys=True) if detail else None
         limits = self.event_limits
         with self._lock:

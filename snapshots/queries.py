@@ -319,12 +319,25 @@ class SnapshotQueries:
         return bool(self.state.query("SELECT 1 FROM snapshots LIMIT 1"))
 
     # ------------------------------------------------------------------ the past
-    def audit_log(self, image: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def audit_log(self, image: str | None = None, limit: int = 100, actor: str | None = None,
+                  action: str | None = None, target: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` audit rows, oldest first; `actor` and `target` match a part (the actor is
+        "alice (uid 0)", "bob (dashboard, via 10.0.0.9)"), `action` and `image` the whole."""
+        cond: list[str] = []
+        params: list[Any] = []
         if image is not None:
             self.image_row(image)
-            rows = self.state.query("SELECT * FROM audit WHERE image = ? ORDER BY id DESC LIMIT ?", (image, int(limit)))
-        else:
-            rows = self.state.query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (int(limit),))
+            cond.append("image = ?")
+            params.append(image)
+        for column, value in (("actor", actor), ("target", target)):
+            if value:
+                cond.append(f"instr(lower({column}), lower(?)) > 0")
+                params.append(value)
+        if action:
+            cond.append("action = ?")
+            params.append(action)
+        where = f" WHERE {' AND '.join(cond)}" if cond else ""
+        rows = self.state.query(f"SELECT * FROM audit{where} ORDER BY id DESC LIMIT ?", (*params, int(limit)))
         out = []
         for r in reversed(rows):
             d = dict(r)

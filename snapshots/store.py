@@ -158,8 +158,9 @@ class SnapshotStore:
         """Why a snapshot may not be deleted: current, pinned, in test, maintenance, parent, open."""
         return self.queries.usage(snap)
 
-    def audit_log(self, image: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        return self.queries.audit_log(image, limit)
+    def audit_log(self, image: str | None = None, limit: int = 100, actor: str | None = None,
+                  action: str | None = None, target: str | None = None) -> list[dict[str, Any]]:
+        return self.queries.audit_log(image, limit, actor, action, target)
 
     def history(self, image: str, limit: int = 200) -> dict[str, Any]:
         return self.queries.history(image, limit)

@@ -1,4 +1,5 @@
-"""bootctl admin add|passwd|remove|list: the accounts that open the admin menu at a PC (issue 17).
+"""bootctl admin add|passwd|set|remove|list: the accounts of the admin menu at a PC (issue 17) and of the
+web dashboard (issue 18). Role `admin` does everything; `viewer` only reads the dashboard.
 
 The password is read at the terminal (asked twice) or, for scripts, as one line from stdin with
 --password-stdin; never from the command line, where `ps` and shell history would show it.
@@ -52,8 +53,8 @@ def _with_password(func: PasswordCommand) -> Callable[[argparse.Namespace, ApiCl
 
 @_with_password
 def cmd_add(args: argparse.Namespace, api: ApiClient, password: str) -> int:
-    data = api.post(BASE, {"name": args.name, "password": password, "actor": _actor()})
-    emit(args, data, f"admin {args.name} added")
+    data = api.post(BASE, {"name": args.name, "password": password, "role": args.role, "actor": _actor()})
+    emit(args, data, f"admin {args.name} added ({args.role})")
     return 0
 
 
@@ -61,6 +62,12 @@ def cmd_add(args: argparse.Namespace, api: ApiClient, password: str) -> int:
 def cmd_passwd(args: argparse.Namespace, api: ApiClient, password: str) -> int:
     data = api.put(f"{BASE}/{q(args.name)}/password", {"password": password, "actor": _actor()})
     emit(args, data, f"admin {args.name}: password changed")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace, api: ApiClient) -> int:
+    data = api.patch(f"{BASE}/{q(args.name)}", {"role": args.role, "actor": _actor()})
+    emit(args, data, f"admin {args.name}: role {args.role}")
     return 0
 
 
@@ -85,8 +92,9 @@ def cmd_loader_hashes(args: argparse.Namespace, api: ApiClient, password: str) -
 
 def cmd_list(args: argparse.Namespace, api: ApiClient) -> int:
     data = api.get(BASE)
-    rows = [[a["name"], fmt_time(a["created"]), a["created_by"], fmt_time(a["updated"])] for a in data["admins"]]
-    emit(args, data, table(rows, ["NAME", "CREATED", "BY", "PASSWORD SET"]) if rows else "no admin accounts")
+    rows = [[a["name"], a.get("role", "admin"), fmt_time(a["created"]), a["created_by"], fmt_time(a["updated"])]
+            for a in data["admins"]]
+    emit(args, data, table(rows, ["NAME", "ROLE", "CREATED", "BY", "CHANGED"]) if rows else "no admin accounts")
     return 0
 
 
@@ -98,7 +106,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
         a = s.add_parser(name, parents=[common], help=what)
         a.add_argument("name")
         a.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
+        if name == "add":
+            a.add_argument("--role", choices=("admin", "viewer"), default="admin",
+                           help="admin: every action (default); viewer: reads the dashboard, changes nothing")
         a.set_defaults(func=func)
+    t = s.add_parser("set", parents=[common], help="change an account's role")
+    t.add_argument("name")
+    t.add_argument("--role", choices=("admin", "viewer"), required=True)
+    t.set_defaults(func=cmd_set)
     h = s.add_parser("loader-hashes", parents=[common],
                      help="hashes of a password for pxelinux (MENU PASSWD) and GRUB (password_pbkdf2) rooms")
     h.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")

@@ -116,6 +116,9 @@ class ApiClient:
     def put(self, path: str, json: Any = None) -> Any:
         return self.request("PUT", path, body=json if json is not None else {})
 
+    def patch(self, path: str, json: Any = None) -> Any:
+        return self.request("PATCH", path, body=json if json is not None else {})
+
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 

@@ -1,7 +1,8 @@
 """Admin accounts over the API (bootctl admin) and the admin menu a PC's iPXE fetches (issue 17).
 
 GET    /api/v1/admins                     the accounts (names and dates; never hashes)
-POST   /api/v1/admins                     add {name, password, actor?}
+POST   /api/v1/admins                     add {name, password, role? (admin|viewer), actor?}
+PATCH  /api/v1/admins/{name}              change the role {role}
 PUT    /api/v1/admins/{name}/password     change {password}
 DELETE /api/v1/admins/{name}              remove
 
@@ -99,7 +100,7 @@ async def add_admin(request: web.Request) -> web.Response:
         raise json_error(400, "name (a string) is required")
     accounts = _side(request).accounts
     try:
-        accounts.add(name, _password(body), by=_actor(request, body))
+        accounts.add(name, _password(body), by=_actor(request, body), role=str(body.get("role") or "admin"))
     except AdminError as e:
         raise json_error(409 if "exists" in str(e) else 400, str(e)) from None
     log.info("admin account %s added by %s", name, _actor(request, body))
@@ -116,6 +117,21 @@ async def change_password(request: web.Request) -> web.Response:
         raise json_error(404 if "no admin" in str(e) else 400, str(e)) from None
     log.info("admin account %s: password changed by %s", name, _actor(request, body))
     return web.json_response({"name": name})
+
+
+@routes.patch("/api/v1/admins/{name}")
+async def change_role(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    name = request.match_info["name"]
+    role = body.get("role")
+    if not isinstance(role, str):
+        raise json_error(400, "role (admin or viewer) is required")
+    try:
+        _side(request).accounts.set_role(name, role)
+    except AdminError as e:
+        raise json_error(404 if "no admin" in str(e) else 400, str(e)) from None
+    log.info("admin account %s: role %s set by %s", name, role, _actor(request, body))
+    return web.json_response({"name": name, "role": role})
 
 
 @routes.delete("/api/v1/admins/{name}")
@@ -182,7 +198,12 @@ async def _admin_for(request: web.Request, mac: str) -> Optional[str]:
     result = side.gate.record(name, mac, ok)
     if ok and stored is not None:
         side.accounts.rehash_if_needed(name, stored, password)
-        return name
+        if side.accounts.role(name) == "admin":
+            return name
+        log.warning("admin login at %s from %s refused: %s is a viewer account (read-only, dashboard only)", pc,
+                    request.remote, name, extra={"mac": mac})
+        ctx.store.record_event(mac, "admin", {"outcome": "viewer refused", "client": request.remote})
+        return None
     who = f"account {name}" if stored is not None else "an unknown account name"
     ctx.metrics.inc("admin", "login_refused", reason="password")
     log.warning("admin login at %s from %s refused: wrong password for %s (%d failures from this PC%s)", pc,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,8 @@ from bootd import __version__
 from bootd.hoststate import disk_connections, host_rows, host_states, room_summary, with_state
 from bootd.http.app import json_error
 from bootd.macaddr import parse_mac
+from bootd.metrichistory import MetricHistory
+from snapshots.errors import SnapshotError
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -32,11 +35,18 @@ def _interfaces(ctx: Context) -> list[dict[str, str]]:
     return out
 
 
-@routes.get("/api/v1/status")
-async def status(request: web.Request) -> web.Response:
-    ctx = request.app["ctx"]
+def _storage(ctx: Context) -> dict[str, object]:
+    try:
+        usage = shutil.disk_usage(ctx.config.storage_dir)
+    except OSError as e:
+        return {"path": str(ctx.config.storage_dir), "error": str(e)}
+    return {"path": str(ctx.config.storage_dir), "total_bytes": usage.total, "free_bytes": usage.free}
+
+
+def status_of(ctx: Context) -> dict[str, Any]:
+    """What GET /api/v1/status answers (bootctl status, the dashboard's Server page)."""
     now = time.time()
-    return web.json_response({
+    return {
         "version": __version__,
         "pid": os.getpid(),
         "started_at": ctx.started_at,
@@ -49,7 +59,13 @@ async def status(request: web.Request) -> web.Response:
         "last_reload": ctx.last_reload,
         "reload_errors": ctx.reload_errors,
         "storage": str(ctx.config.storage_dir),
-    })
+        "storage_space": _storage(ctx),
+    }
+
+
+@routes.get("/api/v1/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_of(request.app["ctx"]))
 
 
 @routes.post("/api/v1/reload")
@@ -67,6 +83,41 @@ async def reload(request: web.Request) -> web.Response:
 @routes.get("/api/v1/metrics")
 async def metrics_json(request: web.Request) -> web.Response:
     return web.json_response(request.app["ctx"].metrics.snapshot())
+
+
+@routes.get("/api/v1/metrics/history")
+async def metrics_history(request: web.Request) -> web.Response:
+    """Bytes per second served over TFTP, HTTP and NBD, sampled over the last hour (bootd/metrichistory.py)."""
+    svc = request.app["ctx"].service("history")
+    if not isinstance(svc, MetricHistory):
+        raise json_error(503, "the metric history is not running")
+    return web.json_response(svc.history())
+
+
+@routes.get("/api/v1/audit")
+async def audit(request: web.Request) -> web.Response:
+    """Who changed what (snapshot store): ?actor= and ?target= match a part, ?action= and ?image= the whole."""
+    ctx = request.app["ctx"]
+    if ctx.snapshots is None:
+        raise json_error(503, "the snapshot store is not running")
+    q = request.query
+    limit = _limit(q.get("limit", "200"))
+    try:
+        rows = ctx.snapshots.audit_log(q.get("image") or None, limit, q.get("actor") or None,
+                                       q.get("action") or None, q.get("target") or None)
+    except SnapshotError as e:
+        raise json_error(e.status, str(e)) from None
+    return web.json_response({"audit": rows})
+
+
+def _limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise json_error(400, "limit must be a whole number") from None
+    if not 0 < limit <= 10000:
+        raise json_error(400, "limit must be between 1 and 10000")
+    return limit
 
 
 @routes.get("/metrics")
@@ -98,12 +149,7 @@ async def rooms(request: web.Request) -> web.Response:
 async def host(request: web.Request) -> web.Response:
     ctx = request.app["ctx"]
     row = find_host(ctx, request.match_info["ident"])
-    try:
-        limit = int(request.query.get("limit", "200"))
-    except ValueError:
-        raise json_error(400, "limit must be a whole number") from None
-    if not 0 < limit <= 10000:
-        raise json_error(400, "limit must be between 1 and 10000")
+    limit = _limit(request.query.get("limit", "200"))
     disk = (await disk_connections(ctx)).get(row["mac"])
     row = with_state(ctx, row, disk)
     row["events"] = ctx.store.events(row["mac"], limit=limit)

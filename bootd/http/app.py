@@ -3,7 +3,9 @@ and boot files on the served interfaces' addresses.
 
 Requests on the Unix socket are trusted (the socket's file mode is the access control, like
 docker.sock); `/api/` and `/metrics` on TCP need `Authorization: Bearer <token>` and are only on the
-API's TCP site; the boot port serves only boot paths. Components add routes in `route_modules()`.
+API's TCP site; the boot port serves only boot paths. The dashboard's site (`ui.listen`) serves `/ui/` and
+`/api/v1/` behind its login (bootd/ui/web.py `gate`) and nothing else. Components add routes in
+`route_modules()`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import types
 from dataclasses import dataclass, field
@@ -30,6 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("bootd.http")
 
 
+def _mtime(path: Optional[str]) -> Optional[float]:
+    """A renewed certificate is a changed signature: `bootctl reload` serves it."""
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None
+
+
 def route_modules() -> list[types.ModuleType]:
     """The modules with `setup_routes(app, ctx)`, imported by name here (not looked up from strings), so a
     missing or broken one fails at the import. One line per component. Imported at call time: each of them
@@ -44,9 +55,11 @@ def route_modules() -> list[types.ModuleType]:
         disk_api,
         host_api,
         menu_api,
+        openapi,
         snapshot_api,
         wake_api,
     )
+    from bootd.ui import web as ui_web
     return [
         api_core,
         boot,  # menus/HTTP helper: boot files, /boot/<mac>.ipxe
@@ -59,6 +72,8 @@ def route_modules() -> list[types.ModuleType]:
         backup_api,  # issue 16: POST /api/v1/backup (online copy of state.db)
         host_api,  # issue 16: /api/v1/host-registry (bootctl host: registered and unknown hosts)
         admin_menu,  # issue 17: /api/v1/admins (bootctl admin), /boot/admin/<mac>.ipxe (admin menu at the PC)
+        openapi,  # issue 18: GET /api/v1/openapi.json, the API's description
+        ui_web,  # issue 18: the dashboard's pages under /ui/ (only on ui.listen)
     ]
 
 
@@ -89,10 +104,21 @@ def _is_admin_path(path: str) -> bool:
     return path.startswith("/api/") or path == "/metrics"
 
 
+def _is_ui_path(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
+
+
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     kind = _site_kind(request)
     request["site"] = kind
+    if kind == "ui":  # the dashboard's listener: its pages and the API, both behind its login (bootd/ui)
+        from bootd.ui.web import gate
+        refused = await gate(request)
+        if refused is not None:
+            return refused
+    elif _is_ui_path(request.path):
+        return _json_error(404, "not found") if kind != "boot" else web.Response(status=404, text="not found")
     if _is_admin_path(request.path):
         if kind == "boot":
             return _json_error(404, "not found")
@@ -195,7 +221,8 @@ class HttpService(Service):
     @staticmethod
     def _signature_of(cfg: Config) -> tuple[object, ...]:
         return (cfg.api.socket, cfg.api.socket_mode, cfg.api.tcp, cfg.api.token_file, cfg.http.enabled,
-                cfg.http.port, cfg.http.idle_timeout, tuple((i.name, str(i.address)) for i in cfg.interfaces))
+                cfg.http.port, cfg.http.idle_timeout, tuple((i.name, str(i.address)) for i in cfg.interfaces),
+                cfg.ui.listen, cfg.ui.tls_cert, cfg.ui.tls_key, _mtime(cfg.ui.tls_cert), _mtime(cfg.ui.tls_key))
 
     @staticmethod
     def _wanted(cfg: Config) -> list[tuple[ListenerKey, str]]:
@@ -208,7 +235,24 @@ class HttpService(Service):
         if cfg.http.enabled:
             for iface in cfg.interfaces:
                 out.append((("tcp", str(iface.address.ip), cfg.http.port), "boot"))
+        if cfg.ui.listen:
+            host, port = split_hostport(cfg.ui.listen)
+            out.append((("tcp", host, port), "ui"))
         return out
+
+    @staticmethod
+    def _tls_context(cfg: Config) -> Optional[ssl.SSLContext]:
+        """The dashboard's TLS (ui.tls_cert/tls_key), TLS 1.2 at least; None without a certificate. A file
+        that cannot be read or does not hold a key pair stops the start (or the reload) saying which."""
+        if not cfg.ui.tls_cert or not cfg.ui.tls_key:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cfg.ui.tls_cert, cfg.ui.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise RuntimeError(f"ui.tls_cert {cfg.ui.tls_cert} / ui.tls_key {cfg.ui.tls_key}: {e}") from e
+        return context
 
     @staticmethod
     def _bind_tcp(host: str, port: int) -> socket.socket:
@@ -256,6 +300,7 @@ class HttpService(Service):
         in `reuse` (same address) are shared, not bound again: no connection is refused during a
         reload. On any failure everything new is closed and `reuse` is left untouched."""
         cfg = ctx.config
+        tls = self._tls_context(cfg)
         app = self._make_app(ctx)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=cfg.http.idle_timeout,
                                handle_signals=False, shutdown_timeout=1.0)
@@ -265,7 +310,7 @@ class HttpService(Service):
             for key, kind in self._wanted(cfg):
                 if key in server.listeners:
                     where = ":".join(str(part) for part in key[1:])
-                    raise RuntimeError(f"{where} is asked for twice (api.tcp and the boot port?)")
+                    raise RuntimeError(f"{where} is asked for twice (api.tcp, ui.listen and the boot port?)")
                 old = reuse.get(key)
                 if old is not None:
                     listener = _Listener(key, kind, old.sock.dup())
@@ -275,7 +320,7 @@ class HttpService(Service):
                 else:
                     listener = _Listener(key, kind, self._bind_tcp(key[1], key[2]))
                 server.listeners[key] = listener
-                await web.SockSite(runner, listener.sock).start()
+                await web.SockSite(runner, listener.sock, ssl_context=tls if kind == "ui" else None).start()
                 if key[0] == "unix":
                     server.bound.append(f"unix:{key[1]}")
                 else:

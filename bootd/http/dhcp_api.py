@@ -10,6 +10,7 @@ from bootd.http.app import json_error, read_json
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
+    from bootd.dhcp.leases import LeaseDict
     from bootd.dhcp.server import DhcpService
 
 routes = web.RouteTableDef()
@@ -22,16 +23,21 @@ def _service(request: web.Request) -> DhcpService:
     return svc
 
 
-@routes.get("/api/v1/dhcp/leases")
-async def leases(request: web.Request) -> web.Response:
-    table = _service(request).leases
-    if table is None:  # _service refuses a service without one; this says so to the type checker
-        raise json_error(503, "the DHCP service is not running")
-    now = time.time()
-    show_all = request.query.get("all", "") in ("1", "true", "yes")
+def lease_rows(svc: DhcpService, show_all: bool, now: float) -> list[LeaseDict]:
+    """The leases (only those in force unless `show_all`), by address: the API and the dashboard."""
+    table = svc.leases
+    if table is None:
+        return []
     rows = [lease.as_dict() for lease in table.by_ip.values() if show_all or lease.expires > now]
     rows.sort(key=lambda r: tuple(int(x) for x in r["ip"].split(".")))
-    return web.json_response({"leases": rows, "now": now})
+    return rows
+
+
+@routes.get("/api/v1/dhcp/leases")
+async def leases(request: web.Request) -> web.Response:
+    now = time.time()
+    show_all = request.query.get("all", "") in ("1", "true", "yes")
+    return web.json_response({"leases": lease_rows(_service(request), show_all, now), "now": now})
 
 
 @routes.get("/api/v1/dhcp/reservations")

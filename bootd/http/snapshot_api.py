@@ -11,7 +11,7 @@ import json
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -49,7 +49,10 @@ def _jobs(request: web.Request) -> SnapshotJobs:
 
 
 def actor_of(request: web.Request, body: dict[str, Any]) -> str:
-    """`alice (uid 1000)`: the claimed name plus what the kernel says about the peer."""
+    """`alice (uid 1000)`: the claimed name plus what the kernel says about the peer; on the dashboard's
+    listener the logged-in account, whatever the body claims: `alice (dashboard, via 10.0.0.9)`."""
+    if request.get("ui_user"):
+        return f"{request['ui_user']} (dashboard, via {request.get('client_ip') or request.remote})"
     claimed = str(body.get("actor") or "").strip()[:64] or "unknown"
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None and sock.family == socket.AF_UNIX:
@@ -354,22 +357,24 @@ async def boot_choice(request: web.Request) -> web.Response:
     except SnapshotError as exc:
         return _err(exc.status, str(exc))
     group = request.query.get("group") or planner.settings_for(mac).group  # the boot plan's group
+    return await _call(boot_choices, store, mac, group)
 
-    def choose() -> dict[str, object]:
-        out = []
-        for img in store.images():
-            snap, why = store.boot_choice(mac, group, img["name"])
-            prev = store.previous_for(group, img["name"]) if group else None
-            # a test, pin or maintenance outlives promotes and rollbacks: say what the group boots instead
-            own = why in ("test", "pinned", "maintenance")
-            grp = ((store.assigned(img["name"], "current", group) if group else None)
-                   or store.assigned(img["name"], "current", ALL_GROUPS)) if own else None
-            out.append({"image": img["name"], "snapshot": snap.name if snap else None,
-                        "snapshot_id": snap.id if snap else None, "why": why,
-                        "previous": prev.name if prev else None,
-                        "group_boots": grp.name if grp else None})
-        return {"host": mac, "group": group, "images": out}
-    return await _call(choose)
+
+def boot_choices(store: Snapshots, mac: str, group: Optional[str]) -> dict[str, object]:
+    """What `mac` (in `group`) boots of each image and why (the API above, the dashboard's PC page)."""
+    out = []
+    for img in store.images():
+        snap, why = store.boot_choice(mac, group, img["name"])
+        prev = store.previous_for(group, img["name"]) if group else None
+        # a test, pin or maintenance outlives promotes and rollbacks: say what the group boots instead
+        own = why in ("test", "pinned", "maintenance")
+        grp = ((store.assigned(img["name"], "current", group) if group else None)
+               or store.assigned(img["name"], "current", ALL_GROUPS)) if own else None
+        out.append({"image": img["name"], "snapshot": snap.name if snap else None,
+                    "snapshot_id": snap.id if snap else None, "why": why,
+                    "previous": prev.name if prev else None,
+                    "group_boots": grp.name if grp else None})
+    return {"host": mac, "group": group, "images": out}
 
 
 # ---------------------------------------------------------------------------------------- jobs, fsck

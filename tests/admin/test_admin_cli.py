@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pytest
+
+from bootd.cli.api_client import ApiError
+
 PASSWORD = "s3cret-Admin-pw"
 
 
@@ -38,3 +42,24 @@ def test_bootctl_admin_add_passwd_list_remove(bootd_daemon):
     d.stop()
     log = d.log()
     assert PASSWORD not in log and "a-new-password" not in log
+
+
+def test_bootctl_admin_roles_for_the_dashboard(bootd_daemon):
+    """issue 18: `--role viewer` makes a read-only dashboard account; `admin set` changes the role."""
+    d = bootd_daemon({"dhcp": {"mode": "off"}, "tftp": {"enabled": False}})
+    d.bootctl("admin", "add", "alice", "--password-stdin", input=PASSWORD + "\n", check=True)
+    r = d.bootctl("admin", "add", "victor", "--role", "viewer", "--password-stdin", input=PASSWORD + "\n", check=True)
+    assert "victor added (viewer)" in r.stdout
+    table = d.bootctl("admin", "list", check=True).stdout.splitlines()
+    assert table[0].split()[:2] == ["NAME", "ROLE"]
+    assert [line.split()[:2] for line in table[1:]] == [["alice", "admin"], ["victor", "viewer"]]
+    r = d.bootctl("admin", "add", "eve", "--role", "root", "--password-stdin", input=PASSWORD + "\n")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    d.bootctl("admin", "set", "victor", "--role", "admin", check=True)
+    roles = {a["name"]: a["role"] for a in json.loads(d.bootctl("--json", "admin", "list", check=True).stdout)["admins"]}
+    assert roles == {"alice": "admin", "victor": "admin"}
+    r = d.bootctl("admin", "set", "nobody", "--role", "viewer")
+    assert r.returncode == 1 and "no admin" in r.stderr
+    with pytest.raises(ApiError) as bad:
+        d.api.request("PATCH", "/api/v1/admins/alice", body={"role": "god"})
+    assert bad.value.status == 400 and "bad role" in str(bad.value)

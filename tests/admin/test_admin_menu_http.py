@@ -89,6 +89,8 @@ def env(tmp_path_factory):
         draft = e.bootd.api.post("/api/v1/snapshots/deb@v1/draft", {"actor": "t"})
         e.bootd.api.post(f"/api/v1/snapshots/{draft['id']}/seal", {"actor": "t", "note": "office suite"})
         e.bootd.bootctl("admin", "add", "alice", "--password-stdin", input=PASSWORD + "\n", check=True)
+        e.bootd.bootctl("admin", "add", "victor", "--role", "viewer", "--password-stdin", input=PASSWORD + "\n",
+                        check=True)
         yield e
     finally:
         if getattr(e, "bootd", None) is not None:
@@ -147,6 +149,13 @@ def test_admin_menu_without_credentials_is_a_bare_401(env):
     # another PC cannot even ask for this PC's admin menu
     status, _, _ = env.curl(env.pc02, admin_url(env, env.pc01), user=f"alice:{PASSWORD}")
     assert status == 403
+
+
+def test_a_viewer_account_cannot_open_the_admin_menu(env):
+    """issue 18: viewers only read the dashboard; the menu at the PC is all actions."""
+    status, body, _ = env.curl(env.pc01, admin_url(env, env.pc01), user=f"victor:{PASSWORD}")
+    assert status == 401 and body == ""
+    assert "victor is a viewer account" in env.bootd.log()
 
 
 def test_wrong_passwords_are_delayed_and_the_lockout_grows(env):
