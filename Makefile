@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd test-secureboot
+.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd test-secureboot test-dashboard
 
 setup:
 	@bash deps/setup.sh
@@ -35,6 +35,10 @@ test-systemd: setup
 # real firmware under TCG; times per phase in test-artifacts/e2e/secureboot/phases.md (~2 min, README).
 test-secureboot: setup assets
 	@BOOTD_SECUREBOOT_TEST=1 $(PY) -m pytest tests/e2e/test_secureboot_qemu.py $(PYTEST_ARGS)
+
+# The dashboard watched in chromium while a QEMU PC boots three times (v1, promote v2, roll back): ~1 min, README.
+test-dashboard: setup assets
+	@BOOTD_DASHBOARD_TEST=1 $(PY) -m pytest tests/e2e/test_dashboard_qemu.py $(PYTEST_ARGS)
 
 # DEMO_ARGS=--uefi (OVMF) or --secureboot (OVMF, Secure Boot on: shim -> signed GRUB -> signed kernel)
 demo: setup assets

@@ -81,18 +81,27 @@ class BootSummary:
 
 def _boots(events: list[dict]) -> list[list[dict]]:
     """Events (oldest first) cut into boots: a DHCP event more than BOOT_GAP after the current boot's
-    first event, or any event after BOOT_GAP of silence, starts the next one."""
+    first event, or any event after BOOT_GAP of silence, starts the next one; so does a DHCP request for a
+    boot file once the current boot has handed over to its OS (kernel and initrd fetched whole): the PC
+    was switched off and on again (the OS's own DHCP asks for no boot file)."""
     boots: list[list[dict]] = []
+    fetched: set[str] = set()
     for e in events:
         if not boots:
             boots.append([e])
+            fetched = set()
             continue
         cur = boots[-1]
         last_ts = cur[-1].get("last_ts") or cur[-1]["ts"]
-        if (e["kind"] in _DHCP_KINDS and e["ts"] - cur[0]["ts"] > BOOT_GAP) or e["ts"] - last_ts > BOOT_GAP:
+        dhcp = e["kind"] in _DHCP_KINDS
+        rebooted = dhcp and (e.get("detail") or {}).get("file") and fetched.issuperset(_UP_KINDS)
+        if (dhcp and e["ts"] - cur[0]["ts"] > BOOT_GAP) or e["ts"] - last_ts > BOOT_GAP or rebooted:
             boots.append([e])
+            fetched = set()
         else:
             cur.append(e)
+        if e["kind"] in _UP_KINDS and _complete(e):
+            fetched.add(e["kind"])
     return boots
 
 

@@ -53,3 +53,18 @@ def test_a_disk_boot_is_up_only_while_connected():
     assert summarize(events, connected=False, now=T0 + 4).state == "booting"
     assert summarize(events, connected=False, now=T0 + 4 + BOOTING_WINDOW).state == "off"
     assert summarize(events, now=T0 + 4).snapshot == "os-A@3"
+
+
+def test_a_pc_switched_off_and_on_within_minutes_starts_a_new_boot():
+    """issue 18 (the PC page's timeline, the tile's step): the firmware's DHCP for a boot file after the
+    OS came up is a new boot; the OS's own DHCP (no boot file) is not."""
+    from bootd.hoststate import latest_boot
+    first = [ev(0, "dhcp", file="undionly.kpxe"), ev(1, "loader", path="undionly.kpxe"),
+             ev(2, "dhcp", file="http://s/boot/x.ipxe"), ev(3, "script", path="/boot/x.ipxe"),
+             ev(4, "kernel", status=200), ev(5, "initrd", status=200), ev(8, "dhcp")]
+    assert latest_boot(first) == first  # the OS's DHCP belongs to the boot
+    second = [ev(40, "dhcp", file="undionly.kpxe"), ev(41, "loader", path="undionly.kpxe")]
+    assert latest_boot(first + second) == second
+    s = summarize(first + second, now=T0 + 42)
+    assert (s.state, s.step, s.boot_started) == ("booting", "loader ipxe", T0 + 40)
+    assert s.last_boot_duration == 5.0  # the first boot's
