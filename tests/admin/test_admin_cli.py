@@ -56,7 +56,8 @@ def test_bootctl_admin_roles_for_the_dashboard(bootd_daemon):
     r = d.bootctl("admin", "add", "eve", "--role", "root", "--password-stdin", input=PASSWORD + "\n")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     d.bootctl("admin", "set", "victor", "--role", "admin", check=True)
-    roles = {a["name"]: a["role"] for a in json.loads(d.bootctl("--json", "admin", "list", check=True).stdout)["admins"]}
+    listing = json.loads(d.bootctl("--json", "admin", "list", check=True).stdout)["admins"]
+    roles = {a["name"]: a["role"] for a in listing}
     assert roles == {"alice": "admin", "victor": "admin"}
     r = d.bootctl("admin", "set", "nobody", "--role", "viewer")
     assert r.returncode == 1 and "no admin" in r.stderr

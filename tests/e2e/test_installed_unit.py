@@ -348,6 +348,48 @@ def test_start_with_a_broken_config_fails_with_file_and_line_and_stop_is_clean(c
     assert r.returncode == 0, r.stderr + c.journal("bootd")[-2000:]
 
 
+DASHBOARD_PROBE = r"""
+import http.client, re, sys
+def req(method, path, body=None, headers={}):
+    c = http.client.HTTPConnection("127.0.0.1", 8081, timeout=30)
+    c.request(method, path, body, headers)
+    r = c.getresponse()
+    headers = {}
+    for k, v in r.getheaders():  # several Set-Cookie lines: keep them all
+        headers[k.lower()] = headers[k.lower()] + "\n" + v if k.lower() in headers else v
+    return r.status, headers, r.read().decode()
+status, headers, page = req("GET", "/ui/login")
+assert status == 200 and "<h1>Log in</h1>" in page, (status, page[:500])
+token = re.search(r'name="login_token" value="([^"]+)"', page).group(1)
+login_cookie = headers["set-cookie"].split(";")[0]
+assert req("GET", "/ui/static/ui.css")[0] == 200
+form = f"name=alice&password={sys.argv[1]}&login_token={token}&next=/ui/rooms"
+status, headers, _ = req("POST", "/ui/login", form, {"Content-Type": "application/x-www-form-urlencoded",
+                                                     "Cookie": login_cookie})
+assert status == 303 and "bootd_session=" in headers["set-cookie"], (status, headers)
+session = re.search(r"bootd_session=[^;]+", headers["set-cookie"]).group(0)
+status, _, page = req("GET", "/ui/rooms", headers={"Cookie": session})
+assert status == 200 and "<h1>Rooms</h1>" in page and "pc-systemd-test" in page, (status, page[:500])
+print("dashboard ok")
+"""
+
+
+def test_the_dashboard_runs_from_the_installed_package(container):
+    """issue 18: templates and static files ship in the package; `ui.listen` on loopback (behind a proxy)
+    after a reload; an admin logs in and sees the Rooms page."""
+    c = container
+    good = c.run("cat", CONFIG).stdout
+    c.write(CONFIG, good + HOST_YAML + "ui:\n  listen: 127.0.0.1:8081\n  behind_proxy: true\n")
+    r = c.run("systemctl", "reload", "bootd")
+    assert r.returncode == 0, r.stderr + c.journal("bootd")
+    r = c.run("bootctl", "admin", "add", "alice", "--password-stdin", input="installed-pw-1\n")
+    assert r.returncode == 0, r.stderr
+    r = c.run("python3", "-c", DASHBOARD_PROBE, "installed-pw-1")
+    assert r.returncode == 0 and "dashboard ok" in r.stdout, r.stdout + r.stderr + c.journal("bootd")[-2000:]
+    c.write(CONFIG, good)
+    assert c.run("systemctl", "reload", "bootd").returncode == 0
+
+
 def test_systemd_analyze_security_no_worse_than_before(container):
     r = container.run("systemd-analyze", "security", "--no-pager", "bootd.service")
     m = re.search(r"Overall exposure level for bootd.service: (\d+\.\d+)", r.stdout)

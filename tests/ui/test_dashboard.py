@@ -262,6 +262,37 @@ def test_promote_and_rollback_from_the_images_page(env):
     page.context.close()
 
 
+def test_draft_seal_flatten_and_delete_from_the_images_page(env):
+    """An image's update in the page: draft on v2, seal with a note (v3), flatten v3 with its progress bar,
+    then delete it, the page first showing what goes."""
+    page = login(env, "alice", PASSWORD)
+    messages: list[str] = []
+    page.on("dialog", lambda d: (messages.append(d.message), d.accept()))
+    page.goto(f"{env.ui}/ui/images")
+    page.locator("tr[data-snapshot='deb@v2'] form[data-api$='/draft'] button").click()
+    page.wait_for_selector("tr.snap-draft")
+    draft = page.locator("tr.snap-draft")
+    assert "draft" in draft.inner_text()
+    draft.locator("input[name=note]").fill("from the page")
+    draft.locator("form[data-api$='/seal'] button").click()
+    page.wait_for_selector("tr[data-snapshot='deb@v3']")
+    v3 = page.locator("tr[data-snapshot='deb@v3']")
+    assert "from the page" in v3.inner_text() and "alice (dashboard, via 10.77.0.50)" in v3.inner_text()
+    assert v3.locator("td").nth(4).inner_text() == "3"  # chain depth: v1 <- v2 <- v3
+    v3.locator("form[data-api$='/flatten'] button").click()
+    page.wait_for_selector("#status progress, #status:has-text('done')")
+    page.wait_for_selector("tr[data-snapshot='deb@v3'] >> text=from the page")
+    page.wait_for_function("""() => { const r = document.querySelector("tr[data-snapshot='deb@v3']");
+                                      return r && r.querySelectorAll('td')[4].textContent.trim() === '1'; }""",
+                           timeout=60_000)
+    assert any("Flatten deb@v3" in m for m in messages), messages
+    page.locator("tr[data-snapshot='deb@v3'] form[data-method='DELETE'] button").click()
+    page.wait_for_selector("tr[data-snapshot='deb@v3']", state="detached")
+    assert any(m.startswith("This will remove:") and "deb@v3" in m for m in messages), messages
+    assert not page.console_watch.errors, page.console_watch.errors
+    page.context.close()
+
+
 def test_pc_page_actions_test_and_end_test(env):
     page = login(env, "alice", PASSWORD)
     page.on("dialog", lambda d: d.accept())
