@@ -16,11 +16,17 @@ import time
 import aiohttp
 
 
-async def login(base: str, user: str, password: str) -> aiohttp.ClientSession:
+async def login(base: str, user: str, password: str, n: int) -> aiohttp.ClientSession:
+    """Browser `n`, from its own address (127.0.0.n+2: bootd caps connections per address, as for PCs)."""
     # the session cookie is Secure: a browser sends it to http://127.0.0.1 (a secure context), aiohttp when told
-    s = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[base]))
+    s = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[base]),
+                              connector=aiohttp.TCPConnector(local_addr=(f"127.0.{(n + 2) >> 8}.{(n + 2) & 255}", 0)))
     async with s.get(f"{base}/ui/login") as r:
-        token = re.search(r'name="login_token" value="([^"]+)"', await r.text()).group(1)
+        page = await r.text()
+        found = re.search(r'name="login_token" value="([^"]+)"', page)
+        if found is None:
+            raise RuntimeError(f"no login form: {r.status} {page[:300]}")
+        token = found.group(1)
     async with s.post(f"{base}/ui/login", data={"name": user, "password": password, "login_token": token,
                                                 "next": "/ui/rooms"}, allow_redirects=False) as r:
         assert r.status == 303, (r.status, await r.text())
@@ -75,7 +81,7 @@ async def main() -> int:
     ap.add_argument("--mode", choices=("sse", "poll"), default="sse")
     ap.add_argument("--seconds", type=float, default=30)
     a = ap.parse_args()
-    sessions = [await login(a.base, a.user, a.password) for _ in range(a.watchers + 1)]
+    sessions = [await login(a.base, a.user, a.password, n) for n in range(a.watchers + 1)]
     print("ready", flush=True, file=sys.stderr)
     stop = time.time() + a.seconds
     seen: list[dict] = [{} for _ in range(a.watchers)]
