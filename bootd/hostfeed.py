@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from bootd.hoststate import disk_connections, host_rows, with_state
-from bootd.service import Service
+from bootd.service import Service, cancel_and_wait
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -71,13 +71,8 @@ class HostFeed(Service):
     async def stop(self) -> None:
         if self.ctx is not None and self._on_event in self.ctx.store.event_listeners:
             self.ctx.store.event_listeners.remove(self._on_event)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for w in list(self.watchers):
             self._drop(w)
 

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Optional
 
-from bootd.service import Service
+from bootd.service import Service, cancel_and_wait
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -40,13 +40,8 @@ class MetricHistory(Service):
         self.ctx = ctx
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def totals(self) -> dict[str, float]:
         """Bytes served so far per protocol (NBD: read + written by the disks open now)."""

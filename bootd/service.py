@@ -1,7 +1,8 @@
 """The unit the daemon starts and stops: one protocol server or manager per Service."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -29,3 +30,14 @@ class Service:
     def warning(self) -> "str | None":
         """A degraded or unsafe state worth the unit's STATUS= line (systemctl status), or None."""
         return None
+
+
+async def cancel_and_wait(task: Optional["asyncio.Task[Any]"]) -> None:
+    """Cancel a service's background task and wait until it has ended (None: nothing to do)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

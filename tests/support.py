@@ -174,3 +174,15 @@ def artifact_dir(name: str) -> Path:
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None
+
+
+def small_lab_files(workdir: Path, kernel_bytes: int = 1000, initrd_bytes: int = 1000) -> Path:
+    """A boot root under workdir/storage/boot with a stand-in kernel and initrd (for tests whose PCs fetch
+    them with curl), and an empty 64 MiB qcow2 disk for an image; returns the disk's path."""
+    boot = workdir / "storage" / "boot"
+    boot.mkdir(parents=True)
+    (boot / "vmlinuz").write_bytes(b"k" * kernel_bytes)
+    (boot / "initrd.img").write_bytes(b"i" * initrd_bytes)
+    disk = workdir / "deb.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    return disk

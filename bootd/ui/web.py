@@ -259,10 +259,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                 changed = await asyncio.wait_for(watcher.queue.get(), PING_EVERY)
             except asyncio.TimeoutError:
                 changed = []
+            if changed is None:  # fell behind, or bootd stops: the browser reconnects, from the full picture
+                break
             if side.sessions.get(session.id) is None or side.admin.accounts.role(session.user) is None:
                 await resp.write(_sse("logout", {}))
-                break
-            if changed is None:  # fell behind: the browser reconnects and starts from the full picture
                 break
             await resp.write(_sse("tiles", changed) if changed else b": ping\n\n")
     except (ConnectionResetError, asyncio.CancelledError):

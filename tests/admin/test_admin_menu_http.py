@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netns import Lab  # noqa: E402
-from support import BootdProcess, have  # noqa: E402
+from support import BootdProcess, have, small_lab_files  # noqa: E402
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0 or not have("curl") or shutil.which("qemu-storage-daemon") is None,
@@ -62,12 +61,7 @@ def env(tmp_path_factory):
         e.pc02 = e.lab.add_client(address="10.77.0.22")
         e.pc03 = e.lab.add_client(address="10.77.0.23")  # in no host list: an unknown PC
         wd = tmp_path_factory.mktemp("bootd-admin")
-        boot = wd / "storage" / "boot"
-        boot.mkdir(parents=True)
-        (boot / "vmlinuz").write_bytes(b"k" * 1000)
-        (boot / "initrd.img").write_bytes(b"i" * 1000)
-        disk = wd / "deb.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+        disk = small_lab_files(wd)
         config = {
             "interfaces": [{"name": "br0", "address": f"{e.lab.server_ip}/24"}],
             "http": {"port": 8080},

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from support import small_lab_files
 
 from bootd.config import parse_config
 from bootd.daemon import Context
@@ -237,12 +237,7 @@ def test_unknown_pc_netboots_is_adopted_and_boots_its_rooms_snapshot(lab, bootd_
     for prog in ("udhcpc", "curl", "qemu-img", "qemu-storage-daemon"):
         if shutil.which(prog) is None:
             pytest.skip(f"{prog} not installed")
-    boot = tmp_path / "storage" / "boot"
-    boot.mkdir(parents=True)
-    (boot / "vmlinuz").write_bytes(b"k" * 1000)
-    (boot / "initrd.img").write_bytes(b"i" * 1000)
-    disk = tmp_path / "deb.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    disk = small_lab_files(tmp_path)
     cfg = {
         "interfaces": [{"name": "br0", "address": f"{lab.server_ip}/24"}],
         "dhcp": {"mode": "full", "allow_unknown": True, "lease_time": 600,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from browser import ConsoleWatch, axe, have_chromium, launch, save_json, shot  # noqa: E402
 from netns import Lab  # noqa: E402
-from support import BootdProcess, have  # noqa: E402
+from support import BootdProcess, have, small_lab_files  # noqa: E402
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0 or not have("curl") or not have_chromium()
@@ -89,12 +89,7 @@ def env(tmp_path_factory):
         e.pc02 = e.lab.add_client(address="10.77.0.22")
         wd = tmp_path_factory.mktemp("bootd-ui")
         e.tmp = wd
-        boot = wd / "storage" / "boot"
-        boot.mkdir(parents=True)
-        (boot / "vmlinuz").write_bytes(b"k" * 300_000)
-        (boot / "initrd.img").write_bytes(b"i" * 200_000)
-        disk = wd / "deb.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+        disk = small_lab_files(wd, 300_000, 200_000)
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
                         f"/CN={e.lab.server_ip}", "-addext", f"subjectAltName=IP:{e.lab.server_ip}",
                         "-keyout", str(wd / "ui.key"), "-out", str(wd / "ui.crt")], check=True, capture_output=True)
