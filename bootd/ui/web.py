@@ -32,6 +32,7 @@ from bootd.hoststate import host_states
 from bootd.http.admin_menu import AdminSide, side_for
 from bootd.ui.sessions import Session, SessionBook
 from bootd.ui.views import audit_view, images_view, pc_view, rooms_view, server_view
+from bootd.units import human
 
 if TYPE_CHECKING:
     from bootd.daemon import Context
@@ -294,18 +295,8 @@ def _filters() -> dict[str, Any]:
     def when(ts: Optional[float]) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
-    def size(n: Optional[float]) -> str:
-        if n is None:
-            return "-"
-        value = float(n)
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(value) < 1024 or unit == "TiB":
-                return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-            value /= 1024
-        return f"{value:.1f} TiB"
-
     def secs(s: Optional[float]) -> str:
         return "-" if s is None else f"{s:.1f} s"
 
-    return {"when": when, "size": size, "secs": secs, "tojson_attr": lambda v: json.dumps(v)}
+    return {"when": when, "size": human, "secs": secs, "tojson_attr": lambda v: json.dumps(v)}
 
