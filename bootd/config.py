@@ -276,10 +276,6 @@ class UiConfig(Section):
                              "reverse proxy that terminates TLS (README)")
         return v
 
-    @property
-    def tls(self) -> bool:
-        return bool(self.tls_cert)
-
 
 class EventsConfig(Section):
     """The boot-event log in state.db (bootctl hosts PC): kept bounded in age and in rows."""

@@ -62,7 +62,7 @@ class HostFeed(Service):
     async def start(self, ctx: Context) -> None:
         self.ctx = ctx
         ctx.store.event_listeners.append(self._on_event)
-        ctx.metrics.add_gauges("feed", lambda: {"watchers": len(self.watchers), **self.counts})
+        ctx.metrics.add_gauges("feed", self.gauges)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bootd-host-feed")
 
     async def reload(self, ctx: Context) -> None:
@@ -76,8 +76,11 @@ class HostFeed(Service):
         for w in list(self.watchers):
             self._drop(w)
 
-    def status(self) -> dict[str, object]:
+    def gauges(self) -> dict[str, float]:
         return {"watchers": len(self.watchers), **self.counts}
+
+    def status(self) -> dict[str, object]:
+        return dict(self.gauges())
 
     # -- watchers ------------------------------------------------------------------------------------
     async def watch(self) -> tuple[Watcher, list[dict]]:

@@ -238,6 +238,11 @@ async def disk_connections(ctx: "Context") -> dict[str, dict]:
     except Exception as e:  # the hosts view must not die with the storage daemon
         log.warning("hosts: cannot read the disk connections: %s", e)
         return {}
+    return main_disks(entries)
+
+
+def main_disks(entries: list[dict]) -> dict[str, dict]:
+    """mac -> its main disk entry among a disk listing (a connected one first)."""
     out: dict[str, dict] = {}
     for entry in entries:
         if entry.get("main") and (entry["mac"] not in out or entry.get("connected")):

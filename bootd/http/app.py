@@ -104,7 +104,7 @@ def _is_admin_path(path: str) -> bool:
     return path.startswith("/api/") or path == "/metrics"
 
 
-def _is_ui_path(path: str) -> bool:
+def is_ui_path(path: str) -> bool:
     return path == "/ui" or path.startswith("/ui/")
 
 
@@ -117,7 +117,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         refused = await gate(request)
         if refused is not None:
             return refused
-    elif _is_ui_path(request.path):
+    elif is_ui_path(request.path):
         return _json_error(404, "not found") if kind != "boot" else web.Response(status=404, text="not found")
     if _is_admin_path(request.path):
         if kind == "boot":

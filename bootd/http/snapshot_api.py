@@ -52,7 +52,7 @@ def actor_of(request: web.Request, body: dict[str, Any]) -> str:
     """`alice (uid 1000)`: the claimed name plus what the kernel says about the peer; on the dashboard's
     listener the logged-in account, whatever the body claims: `alice (dashboard, via 10.0.0.9)`."""
     if request.get("ui_user"):
-        return f"{request['ui_user']} (dashboard, via {request.get('client_ip') or request.remote})"
+        return f"{request['ui_user']} (dashboard, via {request['client_ip']})"
     claimed = str(body.get("actor") or "").strip()[:64] or "unknown"
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None and sock.family == socket.AF_UNIX:

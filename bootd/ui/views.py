@@ -11,9 +11,9 @@ from bootd.hoststate import (
     EVENTS_READ,
     FAILED,
     STATES,
-    disk_connections,
     host_rows,
     latest_boot,
+    main_disks,
     with_state,
 )
 from bootd.http.api_core import status_of
@@ -68,7 +68,7 @@ async def pc_view(ctx: Context, ident: str) -> Optional[dict[str, Any]]:
         return None
     mac = row["mac"]
     disks = [d for d in await ctx.disks.list() if d["mac"] == mac] if ctx.disks is not None else []
-    host = with_state(ctx, row, (await disk_connections(ctx)).get(mac))
+    host = with_state(ctx, row, main_disks(disks).get(mac))
     events = ctx.store.events(mac, limit=EVENTS_READ)
     store = ctx.snapshots
     group = ctx.planner.settings_for(mac).group

@@ -30,6 +30,7 @@ from bootd.admins import LockoutPolicy
 from bootd.hostfeed import HostFeed, tile_of
 from bootd.hoststate import host_states
 from bootd.http.admin_menu import AdminSide, side_for
+from bootd.http.app import is_ui_path
 from bootd.ui.sessions import Session, SessionBook
 from bootd.ui.views import audit_view, images_view, pc_view, rooms_view, server_view
 from bootd.units import human
@@ -97,7 +98,7 @@ def _error(request: web.Request, status: int, reason: str) -> web.Response:
 async def gate(request: web.Request) -> Optional[web.Response]:
     """None: go on to the handler; else the refusal (see the module's docstring)."""
     path = request.path
-    if not (path == "/ui" or path.startswith("/ui/") or path.startswith("/api/v1/")):
+    if not (is_ui_path(path) or path.startswith("/api/v1/")):
         return web.Response(status=404, text="not found")
     side = ui_side(request.app["ctx"])
     request["client_ip"] = side.client_ip(request)
@@ -298,5 +299,5 @@ def _filters() -> dict[str, Any]:
     def secs(s: Optional[float]) -> str:
         return "-" if s is None else f"{s:.1f} s"
 
-    return {"when": when, "size": human, "secs": secs, "tojson_attr": lambda v: json.dumps(v)}
+    return {"when": when, "size": human, "secs": secs}
 
