@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd test-secureboot test-dashboard
+.PHONY: setup assets test demo demo-real bench clean lint deb test-systemd test-secureboot test-dashboard test-client demo-client
 
 setup:
 	@bash deps/setup.sh
@@ -39,6 +39,17 @@ test-secureboot: setup assets
 # The dashboard watched in chromium while a QEMU PC boots three times (v1, promote v2, roll back): ~1 min, README.
 test-dashboard: setup assets
 	@BOOTD_DASHBOARD_TEST=1 $(PY) -m pytest tests/e2e/test_dashboard_qemu.py $(PYTEST_ARGS)
+
+# The lab PC's screen end to end (issue 19): the client root (built by `bootctl clientroot build`, cached)
+# over NBD and over NFS, two QEMU instances on VT7/VT8 under Xorg and VNC viewers, checked on the PC's own
+# display; a broken client-root update promoted and rolled back. Screenshots and times in
+# test-artifacts/client-screen/ (~6 min, +~2 min for the first client-root build; README).
+test-client: setup assets
+	@BOOTD_CLIENT_TEST=1 $(PY) -m pytest tests/e2e/test_client_screen_qemu.py $(PYTEST_ARGS)
+
+demo-client: setup assets
+	@BOOTD_CLIENT_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/e2e/test_client_screen_qemu.py $(PYTEST_ARGS)
+	@echo "screenshots: test-artifacts/client-screen/{nbd,nfs}/*.png, times: test-artifacts/client-screen/*/result.json"
 
 # DEMO_ARGS=--uefi (OVMF) or --secureboot (OVMF, Secure Boot on: shim -> signed GRUB -> signed kernel)
 demo: setup assets

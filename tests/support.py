@@ -186,3 +186,59 @@ def small_lab_files(workdir: Path, kernel_bytes: int = 1000, initrd_bytes: int =
     disk = workdir / "deb.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     return disk
+
+
+GANESHA_CONF = """NFS_CORE_PARAM {{
+    Protocols = 4;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+}}
+NFSv4 {{
+    Graceless = true;
+    RecoveryRoot = "{recovery}";
+    Allow_Numeric_Owners = true;
+    Only_Numeric_Owners = true;
+}}
+%include "{exports}"
+"""
+
+
+class Ganesha:
+    """NFS-Ganesha (NFSv4 only, no grace period) run by a test inside a namespace, with an exports file
+    for bootd to fill (nfs.ganesha_exports_file) and the pid file bootd sends SIGHUP to."""
+
+    def __init__(self, ns: Netns, workdir: Path):
+        if shutil.which("ganesha.nfsd") is None:
+            raise RuntimeError("nfs-ganesha is not installed (deps/debian-packages.txt)")
+        self.dir = Path(workdir)
+        (self.dir / "recovery").mkdir(parents=True, exist_ok=True)
+        self.exports = self.dir / "bootd-exports.conf"
+        self.exports.write_text("# filled by bootd\n")
+        self.log = self.dir / "ganesha.log"
+        self.pidfile = self.dir / "ganesha.pid"
+        conf = self.dir / "ganesha.conf"
+        conf.write_text(GANESHA_CONF.format(recovery=self.dir / "recovery", exports=self.exports))
+        self.proc = ns.popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(self.log), "-p", str(self.pidfile),
+                              "-N", "NIV_EVENT"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ganesha exited: {self.log.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("ganesha did not start in 20 s")
+            time.sleep(0.1)
+
+    def nfs_config(self, roots: list[dict]) -> dict:
+        """bootd's `nfs:` section for these roots, served by this Ganesha."""
+        return {"server": "ganesha", "roots": roots, "ganesha_exports_file": str(self.exports),
+                "ganesha_pidfile": str(self.pidfile)}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)

@@ -6,6 +6,7 @@ import sys
 
 from bootd.cli.api_client import ApiClient, q
 from bootd.cli.bootctl import emit
+from bootd.units import human
 
 
 def cmd_client_render(args: argparse.Namespace, api: ApiClient) -> int:
@@ -33,13 +34,19 @@ def cmd_clientroot_build(args: argparse.Namespace, api: ApiClient) -> int:
     """Runs here, not in the daemon: debootstrap needs a minute and root, and shows its progress."""
     from bootd.clientconfig.clientroot import build_client_root
     try:
-        summary = build_client_root(args.target, suite=args.suite, mirror=args.mirror,
+        summary = build_client_root(args.target, suite=args.suite, mirror=args.mirror, cache_dir=args.cache_dir,
+                                    image=args.image, image_size=args.size,
                                     progress=(lambda s: None) if args.json else (lambda s: print(s, flush=True)))
     except RuntimeError as e:
         print(f"bootctl: {e}", file=sys.stderr)
         return 1
-    emit(args, summary, f"client root ready in {summary['target']}: {summary['bytes'] / 1e6:.0f} MB "
-                        f"in {summary['seconds']:.0f} s")
+    text = (f"client root ready in {summary['target']}: {human(summary['bytes'])} of files, kernel "
+            f"{summary['kernel'] or '-'}, in {summary['seconds']:.0f} s")
+    if summary["image"]:
+        text += (f"\nimage {summary['image']} ({human(summary['image_bytes'])}): import it as a native image, "
+                 f"e.g. `bootctl image import clientroot {summary['image']}`, then test, promote and roll it back "
+                 "like any image")
+    emit(args, summary, text)
     return 0
 
 
@@ -77,6 +84,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
     b.add_argument("target", help="directory to create (must not exist or be empty)")
     b.add_argument("--suite", default="bookworm")
     b.add_argument("--mirror", default=None, help="Debian mirror (default: the one apt uses here)")
+    b.add_argument("--image", default=None, metavar="FILE.qcow2",
+                   help="also make the root as a disk image (ext4, qcow2) to import as a kind: native image")
+    b.add_argument("--size", default="3G", help="the image's virtual size (default 3G)")
+    b.add_argument("--cache-dir", default=None, help="keep downloaded packages here for the next build")
     b.set_defaults(func=cmd_clientroot_build)
     e = s.add_parser("exports", parents=[common], help="NFS exports of the client roots and whether they answer")
     e.set_defaults(func=cmd_clientroot_exports)

@@ -218,6 +218,9 @@ class ViewerConfig(_Strict):
     fullscreen: bool = True
     view_only: bool = False
     shared: bool = True
+    # TigerVNC's F8 menu (disconnect, options, "exit viewer"): off, so a student at the PC cannot leave
+    # the guest's screen; an admin may turn it on for a teacher's PC
+    menu_key: bool = False
 
 
 DEFAULT_VIEWER = {"vnc": "xtigervncviewer", "spice": "remote-viewer", "rdp": "xfreerdp"}

@@ -201,6 +201,8 @@ def viewer_argv(inst: Instance) -> list[str]:
             argv.append("-ViewOnly")
         if v.shared:
             argv.append("-Shared")
+        if not v.menu_key:
+            argv.append("-MenuKey=")  # a name TigerVNC does not know: no menu key, no "Press F8" banner
         argv += ["-AlertOnFatalError=0", "-ReconnectOnError=0", f"127.0.0.1::{inst.port}"]
     elif prog == "remote-viewer":
         if v.fullscreen:

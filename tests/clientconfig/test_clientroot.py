@@ -58,15 +58,17 @@ def test_init_hook_fetches_the_hosts_files(lab, bootd_daemon, tmp_path):
     assert r.returncode != 0
 
 
-@pytest.mark.skipif(os.environ.get("BOOTD_TEST_CLIENTROOT") != "1", reason="set BOOTD_TEST_CLIENTROOT=1 (~100 s)")
+@pytest.mark.skipif(os.environ.get("BOOTD_TEST_CLIENTROOT") != "1", reason="set BOOTD_TEST_CLIENTROOT=1 (~2 min)")
 def test_clientroot_build_makes_a_root_for_the_rendered_units(tmp_path):
     target = tmp_path / "clientroot"
     bootctl = str(Path(sys.executable).parent / "bootctl")
     r = subprocess.run([bootctl, "clientroot", "build", str(target)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[1/3] debootstrap" in r.stdout and "unpack" in r.stdout and "client root ready" in r.stdout
+    assert "[1/4] debootstrap" in r.stdout and "unpack" in r.stdout and "client root ready" in r.stdout
+    assert "[3/4] update-initramfs" in r.stdout
     for prog in ("usr/bin/qemu-system-x86_64", "usr/bin/Xorg", "usr/bin/xtigervncviewer", "usr/sbin/nbd-client",
-                 "usr/local/sbin/bootd-client-start"):
+                 "usr/local/sbin/bootd-client-start", "usr/share/seabios/bios-256k.bin",
+                 "etc/initramfs-tools/hooks/bootd-nfsmount", "etc/dpkg/dpkg.cfg.d/bootd-excludes"):
         assert (target / prog).exists(), prog
     files = render_host(HostRef(MAC), ClientsConfig.model_validate({"instances": [{}]}),
                         [DiskRef("nbd://10.77.0.1/x")])

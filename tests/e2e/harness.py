@@ -378,6 +378,7 @@ class LabPC:
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"{self.name} is already running")
         self.boots += 1
+        self.qmp_path.unlink(missing_ok=True)  # the last run's socket: QMP calls wait for the new one
         self.log_path.write_bytes(b"")
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
@@ -390,15 +391,25 @@ class LabPC:
     def qmp_path(self) -> Path:
         return self._sockdir / "qmp"
 
-    def send_keys(self, *keys: str, gap: float = 0.3) -> None:
-        """Press keys on the PC's keyboard (QMP send-key, QEMU qcodes: "down", "ret", "1", "tab" ...), as
-        a person at the lab PC would in a boot menu."""
+    def qmp(self, *commands: dict, gap: float = 0.0) -> list[dict]:
+        """Run QMP commands ({"execute": ..., "arguments": ...}) on this PC's QEMU, in order, `gap`
+        seconds apart; their returns (an error raises)."""
         import json
         import socket
 
+        out = []
+        deadline = time.monotonic() + 10
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(self.qmp_path))
+            sock.settimeout(30)
+            while True:
+                try:
+                    sock.connect(str(self.qmp_path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    # QEMU makes its socket a moment after it starts
+                    if not self.running() or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
             f = sock.makefile("rwb")
 
             def call(cmd: dict) -> dict:
@@ -413,9 +424,26 @@ class LabPC:
 
             json.loads(f.readline())  # greeting
             call({"execute": "qmp_capabilities"})
-            for key in keys:
-                call({"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": key}]}})
-                time.sleep(gap)
+            for cmd in commands:
+                out.append(call(cmd)["return"])
+                if gap:
+                    time.sleep(gap)
+        return out
+
+    def send_keys(self, *keys: str, gap: float = 0.3) -> None:
+        """Press keys on the PC's keyboard (QMP send-key, QEMU qcodes: "down", "ret", "1", "tab" ...), as
+        a person at the lab PC would in a boot menu."""
+        self.qmp(*({"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": k}]}} for k in keys),
+                 gap=gap)
+
+    def press_together(self, *keys: str) -> None:
+        """Press keys at once, as a chord: press_together("ctrl", "alt", "f8")."""
+        self.qmp({"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": k} for k in keys]}})
+
+    def screendump(self, path: Path, fmt: str = "ppm") -> Path:
+        """The PC's own display (its VGA), as QEMU draws it: ppm or png."""
+        self.qmp({"execute": "screendump", "arguments": {"filename": str(path), "format": fmt}})
+        return path
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

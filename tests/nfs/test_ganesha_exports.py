@@ -3,49 +3,21 @@ the served subnet reads it, cannot write it, a client outside the served subnets
 the export disappears when the config drops it (reload)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 
 import pytest
+from support import Ganesha
 
 pytestmark = pytest.mark.netns
 
-GANESHA_CONF = """NFS_CORE_PARAM {{
-    Protocols = 4;
-    Enable_NLM = false;
-    Enable_RQUOTA = false;
-}}
-NFSv4 {{
-    Graceless = true;
-    RecoveryRoot = "{recovery}";
-    Allow_Numeric_Owners = true;
-    Only_Numeric_Owners = true;
-}}
-%include "{exports}"
-"""
-
-
 @pytest.fixture
 def ganesha(lab, tmp_path):
-    if shutil.which("ganesha.nfsd") is None:
-        pytest.fail("nfs-ganesha is not installed (deps/debian-packages.txt)")
-    g = tmp_path / "ganesha"
-    (g / "recovery").mkdir(parents=True)
-    exports = g / "bootd-exports.conf"
-    exports.write_text("# filled by bootd\n")
-    conf = g / "ganesha.conf"
-    conf.write_text(GANESHA_CONF.format(recovery=g / "recovery", exports=exports))
-    pidfile = g / "ganesha.pid"
-    proc = lab.server.popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(g / "ganesha.log"),
-                             "-p", str(pidfile), "-N", "NIV_EVENT"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not (pidfile.exists() and pidfile.read_text().strip()):
-        assert proc.poll() is None, (g / "ganesha.log").read_text(errors="replace")
-        assert time.monotonic() < deadline, "ganesha did not start"
-        time.sleep(0.1)
-    yield {"exports": exports, "pidfile": pidfile, "log": g / "ganesha.log", "proc": proc}
+    g = Ganesha(lab.server, tmp_path / "ganesha")
+    try:
+        yield {"exports": g.exports, "pidfile": g.pidfile, "log": g.log, "proc": g.proc}
+    finally:
+        g.stop()
 
 
 def nfs_cat(ns, url: str) -> subprocess.CompletedProcess:
