@@ -121,12 +121,32 @@ def _complete(e: dict) -> bool:
     return d.get("outcome", "complete") == "complete" and d.get("status", 200) == 200
 
 
+AFTER_UP_STEPS = ("client",)  # failures a PC reports once its OS runs (its screen did not come up)
+
+
+def _boot_failure(e: dict) -> bool:
+    """A failed step of the boot itself (not one the running client root reported afterwards)."""
+    return e["kind"] == FAILED and (e.get("detail") or {}).get("step") not in AFTER_UP_STEPS
+
+
+def screen_failure(boot: list[dict]) -> Optional[dict]:
+    """The client root's latest report in this boot when it is a failure ("client" step: its units did not
+    start, bootd-client.service failed); None when it reported its screen started since, or nothing."""
+    last = None
+    for e in boot:
+        if e["kind"] == "client":
+            last = None
+        elif e["kind"] == FAILED and (e.get("detail") or {}).get("step") in AFTER_UP_STEPS:
+            last = e
+    return last
+
+
 def _came_up(boot: list[dict]) -> Optional[float]:
     """When the boot handed over to the OS: the kernel and the initrd both fetched whole after the
     boot's last failure; None if that has not happened (yet)."""
     after_failure = boot
     for i, e in enumerate(boot):
-        if e["kind"] == FAILED:
+        if _boot_failure(e):
             after_failure = boot[i + 1:]
     fetched = {e["kind"]: _end(e) for e in after_failure if e["kind"] in _UP_KINDS and _complete(e)}
     return max(fetched.values()) if all(k in fetched for k in _UP_KINDS) else None
@@ -162,7 +182,8 @@ def _retried(boot: list[dict], failure: dict) -> bool:
 def summarize(events: list[dict], connected: bool = False, now: Optional[float] = None,
               up_for: float = 3600.0) -> BootSummary:
     """The state of one host from its events (oldest first) and whether its disk is connected now.
-    failed: the latest boot's last failure was not followed by the OS coming up; up: its NBD disk is
+    failed: the latest boot's last failure was not followed by the OS coming up, or the client root
+    reported that the PC's screen did not come up (its latest "client" report); up: its NBD disk is
     connected, or (no disk in this boot) kernel and initrd arrived less than `up_for` (the lease time)
     ago; booting: events in the last BOOTING_WINDOW; off: anything else."""
     now = time.time() if now is None else now
@@ -185,11 +206,13 @@ def summarize(events: list[dict], connected: bool = False, now: Optional[float] 
     out.boot_started = float(boot[0]["ts"])
     out.chain = loader_chain(boot)
     up_at = _came_up(boot)
-    failures = [e for e in boot if e["kind"] == FAILED]
+    failures = [e for e in boot if _boot_failure(e)]
     recent = now - max(_end(e) for e in boot) <= BOOTING_WINDOW
     uses_disk = any(e["kind"] == "disk" and (e.get("detail") or {}).get("action") == "boot" for e in boot)
     if failures and up_at is None and not connected and not _retried(boot, failures[-1]):
         out.state = "failed"
+    elif screen_failure(boot) is not None:
+        out.state = "failed"  # the OS runs, its disk is connected, but the PC's screen did not come up
     elif connected:
         out.state = "up"
     elif up_at is not None and not uses_disk and now - up_at <= up_for:

@@ -127,29 +127,65 @@ MaxLevelConsole=info
 Storage=volatile
 """
 
-HOOK_SCRIPT = r"""#!/bin/sh
-# bootd-client-start: fetch this host's rendered jobs/units from bootd and start them.
-# The URL comes from the kernel command line (bootd.clients=URL, else bootd.config=URL, else
-# http://<bootd.server>:8080/clients/<mac>/). Units go to /run (tmpfs: nothing of them is kept).
-# BOOTD_CMDLINE, BOOTD_RUN_DIR and BOOTD_NO_START=1 override /proc/cmdline, /run and the start (tests).
+URL_SCRIPT = r"""#!/bin/sh
+# bootd-client-url: where this PC's rendered units are (and where it reports its screen): from the
+# kernel command line, bootd.clients=URL, else bootd.config=URL, else
+# http://<bootd.server>:8080/clients/<mac>/. BOOTD_CMDLINE overrides /proc/cmdline (tests).
 set -eu
 CMDLINE=${BOOTD_CMDLINE:-$(cat /proc/cmdline)}
-RUN=${BOOTD_RUN_DIR:-/run}
 arg() { for w in $CMDLINE; do case "$w" in "$1"=*) echo "${w#*=}"; return 0 ;; esac; done; return 1; }
-IFACE=$(ip -4 route show default 2>/dev/null | awk '{for (i=1;i<NF;i++) if ($i=="dev") {print $(i+1); exit}}')
-[ -n "$IFACE" ] || IFACE=$(ls /sys/class/net | grep -v '^lo$' | head -1)
-MAC=$(cat "/sys/class/net/$IFACE/address")
 URL=$(arg bootd.clients || arg bootd.config || true)
 if [ -z "$URL" ]; then
     SERVER=$(arg bootd.server) || {
         echo "bootd-client: no bootd.clients= or bootd.server= on the command line" >&2
         exit 1
     }
-    URL="http://$SERVER:8080/clients/$MAC/"
+    IFACE=$(ip -4 route show default 2>/dev/null | awk '{for (i=1;i<NF;i++) if ($i=="dev") {print $(i+1); exit}}')
+    [ -n "$IFACE" ] || IFACE=$(ls /sys/class/net | grep -v '^lo$' | head -1)
+    URL="http://$SERVER:8080/clients/$(cat "/sys/class/net/$IFACE/address")/"
 fi
-case "$URL" in */) ;; *) URL="$URL/" ;; esac
+case "$URL" in */) echo "$URL" ;; *) echo "$URL/" ;; esac
+"""
+
+REPORT_SCRIPT = r"""#!/bin/sh
+# bootd-client-report started UNIT... | failed REASON...: tell bootd how this PC's screen came up
+# (POST <units URL>status), so `bootctl hosts PC` and the dashboard say why a PC shows no screen.
+# Never fails its caller. BOOTD_RUN_DIR overrides /run (tests).
+state=$1
+shift
+HERE=$(dirname "$0")
+URL=$("$HERE/bootd-client-url") || exit 0
+esc() { printf '%s' "$*" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr -d '\000-\037'; }
+if [ "$state" = started ]; then
+    body='{"state": "started", "units": ['
+    sep=
+    for u in "$@"; do body="$body$sep\"$(esc "$u")\""; sep=', '; done
+    body="$body]}"
+else
+    body="{\"state\": \"failed\", \"reason\": \"$(esc "$*")\"}"
+    mkdir -p "${BOOTD_RUN_DIR:-/run}/bootd" && : > "${BOOTD_RUN_DIR:-/run}/bootd/reported-failure"
+fi
+curl -fsS --max-time 10 --retry 3 --retry-delay 1 -H 'Content-Type: application/json' --data "$body" \
+    "${URL}status" > /dev/null || echo "bootd-client: could not report '$state' to bootd" >&2
+exit 0
+"""
+
+HOOK_SCRIPT = r"""#!/bin/sh
+# bootd-client-start: fetch this host's rendered jobs/units from bootd and start them, then report
+# to bootd that the screen's units started (or why not). The URL: bootd-client-url. Units go to /run
+# (tmpfs: nothing of them is kept).
+# BOOTD_CMDLINE, BOOTD_RUN_DIR and BOOTD_NO_START=1 override /proc/cmdline, /run and the start (tests).
+set -eu
+RUN=${BOOTD_RUN_DIR:-/run}
+HERE=$(dirname "$0")
+fail() {
+    echo "bootd-client: $*" >&2
+    "$HERE/bootd-client-report" failed "$*"
+    exit 1
+}
+URL=$("$HERE/bootd-client-url") || exit 1
 mkdir -p "$RUN/systemd/system" "$RUN/bootd/init"
-NAMES=$(curl -fsS --retry 10 --retry-delay 1 --retry-connrefused "$URL")
+NAMES=$(curl -fsS --retry 10 --retry-delay 1 --retry-connrefused "$URL") || fail "cannot fetch $URL"
 UNITS=
 for name in $NAMES; do
     case "$name" in
@@ -158,22 +194,28 @@ for name in $NAMES; do
         *.conf) dest=$RUN/bootd/init/$name ;;
         *) continue ;;
     esac
-    curl -fsS --retry 5 --retry-delay 1 -o "$dest.tmp" "$URL$name" && mv "$dest.tmp" "$dest"
+    curl -fsS --retry 5 --retry-delay 1 -o "$dest.tmp" "$URL$name" || fail "cannot fetch $URL$name"
+    mv "$dest.tmp" "$dest"
     echo "bootd-client: fetched $name"
 done
 if [ "${BOOTD_NO_START:-0}" = 1 ]; then
     exit 0
-elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null && [ -n "$UNITS" ]; then
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    [ -n "$UNITS" ] || fail "bootd sent no systemd units for this PC ($URL)"
     systemctl daemon-reload
     # Instances first, then X servers, then viewers (the units order themselves as well).
     for kind in qemuinstance xserver viewer; do
         for u in $UNITS; do case "$u" in "$kind"*) systemctl start --no-block "$u" ;; esac; done
     done
     echo "bootd-client: started$UNITS"
+    "$HERE/bootd-client-report" started $UNITS
 elif command -v initctl >/dev/null; then
     for f in "$RUN"/bootd/init/*.conf; do cp "$f" /etc/init/ 2>/dev/null || true; done
     initctl reload-configuration
     for f in "$RUN"/bootd/init/qemuinstance*.conf; do initctl start "$(basename "$f" .conf)" || true; done
+    "$HERE/bootd-client-report" started
+else
+    fail "neither systemd nor Upstart runs here"
 fi
 """
 
@@ -181,6 +223,8 @@ HOOK_UNIT = """[Unit]
 Description=bootd: fetch and start this host's QEMU instances, X servers and viewers
 Wants=network-online.target
 After=network-online.target
+# bootd hears of a failure even when the hook could not say it (e.g. a client-root update broke it)
+OnFailure=bootd-client-failed.service
 
 [Service]
 Type=oneshot
@@ -189,6 +233,16 @@ ExecStart=/usr/local/sbin/bootd-client-start
 
 [Install]
 WantedBy=multi-user.target
+"""
+
+FAILED_UNIT = """[Unit]
+Description=bootd: tell bootd that this PC's screen did not come up
+# the hook already said why
+ConditionPathExists=!/run/bootd/reported-failure
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/bootd-client-report failed bootd-client.service failed (journalctl -u bootd-client)
 """
 
 FSTAB = """# bootd client root. The initramfs mounted the root (NBD: this PC's own copy-on-write disk of
@@ -433,7 +487,10 @@ def install_hook(root: str | os.PathLike[str]) -> None:
     overlay on a read-only root), console logging and the fstab, into an existing root."""
     root = Path(root)
     _write(root, "usr/local/sbin/bootd-client-start", HOOK_SCRIPT, 0o755)
+    _write(root, "usr/local/sbin/bootd-client-url", URL_SCRIPT, 0o755)
+    _write(root, "usr/local/sbin/bootd-client-report", REPORT_SCRIPT, 0o755)
     _write(root, "etc/systemd/system/bootd-client.service", HOOK_UNIT)
+    _write(root, "etc/systemd/system/bootd-client-failed.service", FAILED_UNIT)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     link = wants / "bootd-client.service"

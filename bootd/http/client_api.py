@@ -5,10 +5,15 @@ Boot side (what the client's init fetches):
   GET /clients/<mac>/              the host's files, one name per line (easy for a shell loop)
   GET /clients/<mac>/index.json    the same with what each instance boots (disk, port, VT)
   GET /clients/<mac>/<file>        one rendered job or unit
+  POST /clients/<mac>/status       the client root reports its screen: {"state": "started", "units":
+                                   [...]} or {"state": "failed", "reason": "..."} (a boot event, so
+                                   `bootctl hosts` and the dashboard say why a PC shows no screen)
 Admin side: GET /api/v1/clients/<host>/render (host = MAC or name) -> index plus every file's text.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -16,6 +21,7 @@ from aiohttp import web
 from bootd.clientconfig.model import ClientsConfig
 from bootd.clientconfig.render import RenderError
 from bootd.clientconfig.resolve import NoClientConfig, RenderedHost, UnknownHost, clients_for, render_for
+from bootd.hoststate import host_name, record_failure
 from bootd.http.app import json_error
 from bootd.macaddr import parse_mac
 from bootd.peers import may_act_for, refuse
@@ -108,6 +114,62 @@ async def host_file(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"no file {name!r} for {r.host.mac}\n")
     _record(request.app["ctx"], r.host.mac, name, len(text.encode()), request.remote)
     return web.Response(text=text, content_type="text/plain", headers=NO_STORE)
+
+
+STATUS_MAX_BYTES = 4096
+REASON_MAX = 300
+_UNIT_RE = re.compile(r"[A-Za-z0-9@._-]{1,64}")
+
+
+def parse_status(body: bytes) -> dict:
+    """A client root's status report -> {"state": "started", "units": [...]} or {"state": "failed",
+    "reason": "..."}; ValueError with what is wrong."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("the body is not JSON") from None
+    if not isinstance(data, dict) or data.get("state") not in ("started", "failed"):
+        raise ValueError('"state" must be "started" or "failed"')
+    if data["state"] == "started":
+        units = data.get("units", [])
+        if not isinstance(units, list) or len(units) > 64 or not all(
+                isinstance(u, str) and _UNIT_RE.fullmatch(u) for u in units):
+            raise ValueError('"units" must be a list of at most 64 unit names')
+        return {"state": "started", "units": units}
+    reason = data.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError('a failed report needs a "reason"')
+    reason = "".join(c if c.isprintable() else " " for c in reason.strip())[:REASON_MAX]
+    return {"state": "failed", "reason": reason}
+
+
+@routes.post("/clients/{mac}/status")
+async def host_status(request: web.Request) -> web.Response:
+    ctx = request.app["ctx"]
+    mac = _owner_check(request, request.match_info["mac"])
+    if request.content_length is not None and request.content_length > STATUS_MAX_BYTES:
+        ctx.metrics.inc("clients", "errors", reason="status")
+        raise web.HTTPRequestEntityTooLarge(max_size=STATUS_MAX_BYTES, actual_size=request.content_length,
+                                            text=f"a status report is at most {STATUS_MAX_BYTES} bytes\n")
+    body = await request.content.read(STATUS_MAX_BYTES + 1)
+    try:
+        if len(body) > STATUS_MAX_BYTES:
+            raise ValueError(f"a status report is at most {STATUS_MAX_BYTES} bytes")
+        report = parse_status(body)
+    except ValueError as e:
+        ctx.metrics.inc("clients", "errors", reason="status")
+        raise web.HTTPBadRequest(text=f"{e}\n") from None
+    ctx.metrics.inc("clients", "reports", state=report["state"])
+    if report["state"] == "started":
+        try:
+            ctx.store.record_event(mac, "client", {"state": "started", "units": report["units"],
+                                                   "peer": request.remote})
+        except Exception:  # an event log problem must not fail the client's boot
+            pass
+    else:
+        record_failure(ctx.store, mac, "client", f"the PC's screen did not come up: {report['reason']}",
+                       host=host_name(ctx, mac), peer=request.remote)
+    return web.Response(status=204)
 
 
 @routes.get("/api/v1/clients/{host}/render")

@@ -58,6 +58,52 @@ def test_init_hook_fetches_the_hosts_files(lab, bootd_daemon, tmp_path):
     assert r.returncode != 0
 
 
+@pytest.mark.netns
+def test_the_client_reports_its_screen_and_bootctl_hosts_says_why_it_failed(lab, bootd_daemon, tmp_path):
+    """issue 19: the client root tells bootd whether its screen's units started (bootd-client-report,
+    POST /clients/<mac>/status): a failure makes the PC "failed" with the reason, for that PC only."""
+    cfg = yaml.safe_load(TWO_INSTANCE_YAML)
+    for i, inst in enumerate(cfg["groups"][0]["clients"]["instances"]):
+        inst["disk_uri"] = f"nbd://10.77.0.1:10809/disk{i}"
+    cfg["nbd"] = {"enabled": False}
+    d = bootd_daemon(cfg, ns=lab.server)
+    pc = lab.add_client(address="10.77.0.70", mac=MAC)
+    root = tmp_path / "root"
+    install_hook(root)
+    url = f"http://{lab.server_ip}:8080/clients/{MAC}/"
+    env = ["env", f"BOOTD_CMDLINE=bootd.config={url}", f"BOOTD_RUN_DIR={tmp_path / 'run'}"]
+    report = str(root / "usr/local/sbin/bootd-client-report")
+
+    def host() -> dict:
+        return d.api.get(f"/api/v1/hosts/{MAC}")
+
+    r = pc.ns.run([*env, "/bin/sh", report, "failed", 'bootd-client.service failed "quoted"\\'], timeout=60)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    h = host()
+    assert h["state"] == "failed", h
+    assert h["last_error"] == ("the PC's screen did not come up: bootd-client.service failed \"quoted\"\\"), h
+    assert (tmp_path / "run/bootd/reported-failure").exists()  # the OnFailure unit then stays quiet
+    r = pc.ns.run([*env, "/bin/sh", report, "started", "qemuinstance1.service", "xserver1.service"], timeout=60)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    client = [e for e in host()["events"] if e["kind"] == "client"]
+    assert client and client[-1]["detail"]["units"] == ["qemuinstance1.service", "xserver1.service"]
+
+    # bad reports are refused with the reason and change nothing; another PC cannot report for this one
+    def post(ns, body: str) -> subprocess.CompletedProcess:
+        return ns.run(["curl", "-sS", "-o", "/dev/stderr", "-w", "%{http_code}", "-H", "Content-Type: application/json",
+                       "--data-binary", body, f"{url}status"], check=False, timeout=30)
+    events = len(host()["events"])
+    for body, why in (("not json", "not JSON"), ('{"state": "burning"}', '"state" must be'),
+                      ('{"state": "failed"}', 'needs a "reason"'), ('{"state": "started", "units": ["a b"]}', "units"),
+                      ('{"state": "failed", "reason": "' + "x" * 5000 + '"}', "at most 4096 bytes")):
+        r = post(pc.ns, body)
+        assert r.stdout in ("400", "413") and why in r.stderr, (body[:40], r.stdout, r.stderr)
+    other = lab.add_client(address="10.77.0.71", mac="52:54:00:77:00:02")
+    r = post(other.ns, '{"state": "failed", "reason": "spoofed"}')
+    assert r.stdout == "403", r.stdout + r.stderr
+    assert len(host()["events"]) == events and host()["last_error"] != "spoofed"
+
+
 @pytest.mark.skipif(os.environ.get("BOOTD_TEST_CLIENTROOT") != "1", reason="set BOOTD_TEST_CLIENTROOT=1 (~2 min)")
 def test_clientroot_build_makes_a_root_for_the_rendered_units(tmp_path):
     target = tmp_path / "clientroot"

@@ -134,6 +134,18 @@ class Screen:
         return self.pc.screendump(self.out / f"{name}.png", fmt="png")
 
 
+def wait_host(bl, ok, what: str, timeout: float = 60) -> dict:
+    """The PC as `bootctl hosts` shows it, once `ok(host)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        host = bl.daemon.api.get(f"/api/v1/hosts/{MAC}")
+        if ok(host):
+            return host
+        if time.monotonic() > deadline:
+            pytest.fail(f"bootctl hosts never showed the PC {what}: {host.get('state')} {host.get('last_error')}")
+        time.sleep(1)
+
+
 def broken_update_rolled_back(bl, pc: LabPC, screen: Screen, cr: dict[str, str]) -> list[str]:
     """A client-root update is a snapshot like any OS update: v2 (its client hook lost, as a bad package
     would do) sealed and promoted -> the PC comes up without its screen and says why on its console;
@@ -157,12 +169,17 @@ def broken_update_rolled_back(bl, pc: LabPC, screen: Screen, cr: dict[str, str])
     assert failed is not None, "v2 should have failed to start the client hook"
     assert screen.state() == "none"
     screen.keep("v2-broken")
+    # the admin is told: the PC is up on v2 (its disk is connected), but its screen failed, and why
+    host = wait_host(bl, lambda h: h["state"] == "failed", "failed (its screen)")
+    assert "bootd-client.service failed" in (host["last_error"] or ""), host
     pc.kill()
-    say(f"v2 ({v2['name']}) promoted: the PC booted it and said: {failed.group(0)}")
+    say(f"v2 ({v2['name']}) promoted: the PC booted it and said: {failed.group(0)}; bootctl hosts: "
+        f"{host['state']}: {host['last_error']}")
     bl.bootctl("snapshot", "rollback", "clientroot")
     pc.start()
     back = screen.wait({"A", "B"}, timeout=600)
     screen.keep(f"rolled-back-{back}")
+    wait_host(bl, lambda h: h["state"] == "up", "up again")
     pc.kill()
     say(f"rolled back to v1: marker {back} on the screen again")
     return ["v1 marker", f"{v2['name']} no screen (hook failed)", f"rollback marker {back}"]
@@ -222,6 +239,9 @@ def run_client_screen(mode: str, assets, workdir: Path) -> dict:
             nbd_reads = {str(d["snapshot"]): d.get("read_bytes") for d in bl.daemon.api.get("/api/v1/disks")["disks"]
                          if d["mac"] == MAC}
             screen.keep(f"first-{first}")
+            # the client root told bootd its units started: bootctl hosts says so
+            host = wait_host(bl, lambda h: any(e["kind"] == "client" for e in h["events"]), "report its screen")
+            assert host["state"] == "up", host
             say(f"{mode}: marker {first} on the lab PC's screen {t_marker:.0f} s after power-on; "
                 f"server sent {sent / 1e6:.1f} MB and used {cpu:.1f} s of CPU")
 

@@ -68,3 +68,18 @@ def test_a_pc_switched_off_and_on_within_minutes_starts_a_new_boot():
     s = summarize(first + second, now=T0 + 42)
     assert (s.state, s.step, s.boot_started) == ("booting", "loader ipxe", T0 + 40)
     assert s.last_boot_duration == 5.0  # the first boot's
+
+
+def test_a_screen_that_did_not_come_up_is_failed_though_the_disk_is_connected():
+    """issue 19: the client root reports its screen (POST /clients/<mac>/status -> a "client" event or a
+    failed step "client"). Its OS runs and its disk is connected, yet the PC is of no use: failed, with
+    why; its next report that the units started makes it up again. The boot's duration stays known."""
+    booted = [ev(0, "dhcp"), ev(1, "disk", action="boot", snapshot="clientroot@2"), ev(2, "kernel", status=200),
+              ev(3, "initrd", status=200)]
+    reason = "the PC's screen did not come up: bootd-client.service failed (journalctl -u bootd-client)"
+    broken = booted + [ev(40, "failed", step="client", reason=reason)]
+    s = summarize(broken, connected=True, now=T0 + 41)
+    assert (s.state, s.last_error, s.last_boot_duration) == ("failed", reason, 3.0)
+    fixed = broken + [ev(50, "client", state="started", units=["qemuinstance1.service"])]
+    assert summarize(fixed, connected=True, now=T0 + 51).state == "up"
+    assert summarize(booted + [ev(40, "client", state="started")], connected=True, now=T0 + 41).state == "up"
