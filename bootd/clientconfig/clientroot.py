@@ -311,9 +311,10 @@ def build_client_root(target: str | os.PathLike[str], suite: str = "bookworm", m
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise RuntimeError(f"{target} exists and is not empty")
+    packages_of = {debootstrap: "debootstrap", "chroot": "coreutils", "mke2fs": "e2fsprogs", "qemu-img": "qemu-utils"}
     for tool in [debootstrap, "chroot"] + (["mke2fs", "qemu-img"] if image else []):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is not installed")
+            raise RuntimeError(f"{tool} is not installed (apt install {packages_of[tool]})")
     if image is not None and Path(image).exists():
         raise RuntimeError(f"{image} exists")
     mirror = mirror or apt_mirror()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bootd.clientconfig.clientroot import apt_mirror, install_hook
+from bootd.clientconfig.clientroot import apt_mirror, build_client_root, install_hook
 from bootd.clientconfig.model import ClientsConfig
 from bootd.clientconfig.render import DiskRef, HostRef, render_host
 
@@ -31,6 +31,22 @@ def test_apt_mirror_is_read_from_apt_config(tmp_path):
     (tmp_path / "etc/apt/sources.list").write_text("# x\ndeb [arch=amd64] http://other.example/debian bookworm main\n")
     assert apt_mirror(str(tmp_path)) == "http://other.example/debian"
     assert apt_mirror().startswith(("http://", "https://", "file:/"))   # this machine's own apt config
+
+
+def test_clientroot_build_refuses_what_it_would_overwrite_or_cannot_do(tmp_path):
+    """Nothing is started, and nothing is touched, when the target or the image is already there or a
+    tool is missing; the error says what to install."""
+    full = tmp_path / "full"
+    (full / "etc").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="exists and is not empty"):
+        build_client_root(full, mirror="http://mirror.invalid/debian")
+    image = tmp_path / "root.qcow2"
+    image.write_bytes(b"keep me")
+    with pytest.raises(RuntimeError, match="root.qcow2 exists"):
+        build_client_root(tmp_path / "new", mirror="http://mirror.invalid/debian", image=image)
+    assert image.read_bytes() == b"keep me" and not (tmp_path / "new").exists()
+    with pytest.raises(RuntimeError, match=r"no-such-debootstrap is not installed \(apt install"):
+        build_client_root(tmp_path / "new", mirror="http://mirror.invalid/debian", debootstrap="no-such-debootstrap")
 
 
 @pytest.mark.netns

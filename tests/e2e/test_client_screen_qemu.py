@@ -270,6 +270,8 @@ def run_client_screen(mode: str, assets, workdir: Path) -> dict:
                 if hit is not None:
                     phases[name] = round(hit, 1)
             phases["marker on screen"] = round(t_marker, 1)
+            order = [phases.get(k) for k in ("instance 1 started", "X server 1 started", "viewer 1 started")]
+            assert None not in order and order == sorted(order), f"units out of order: {phases}"
             restarts = sum(1 for _, line in serial if re.search(r"qemuinstance1\.service: Scheduled restart", line))
             assert restarts >= 1, "systemd did not restart the powered-off instance"
             pc.kill()
