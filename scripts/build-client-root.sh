@@ -12,12 +12,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-A=${BOOTD_ASSETS:-$ROOT/.cache/assets}
-O=$A/client-root
-mkdir -p "$O"
-O=$(cd "$O" && pwd)
-exec 9>"$O/.lock"
-flock 9
+. "$HERE/asset-lib.sh"
+asset_dir client-root
 log() { echo "build-client-root: $*" >&2; }
 PY=${BOOTD_PYTHON:-$ROOT/.venv/bin/python}
 SUITE=bookworm

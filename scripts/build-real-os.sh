@@ -30,12 +30,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-A=${BOOTD_ASSETS:-$ROOT/.cache/assets}
-O=$A/real-os
-mkdir -p "$O"
-O=$(cd "$O" && pwd)
-exec 9>"$O/.lock"
-flock 9
+. "$HERE/asset-lib.sh"
+asset_dir real-os
 
 force=0
 [ "${1:-}" = "--force" ] && force=1
@@ -69,7 +65,13 @@ for t in debootstrap mke2fs qemu-img flock; do
     command -v "$t" >/dev/null || { log "$t missing (apt-get install debootstrap e2fsprogs qemu-utils util-linux)"; exit 1; }
 done
 
+# The initramfs script that sets the NICs up early: the client root's own (bootd/clientconfig/clientroot.py).
+netup_script() {
+    "${BOOTD_PYTHON:-$ROOT/.venv/bin/python}" -c \
+        'import sys; from bootd.clientconfig.clientroot import NETUP_SCRIPT; sys.stdout.write(NETUP_SCRIPT)'
+}
 inputs_hash=$( { echo "$SUITE $MIRROR $IMG_SIZE $PACKAGES $INITRD_MODULES $NETUP"; cat "$HERE/build-real-os.sh";
+    netup_script;
     dpkg-query -W -f '${Version}\n' debootstrap e2fsprogs 2>/dev/null; } | sha256sum | cut -c1-16)
 report() {
     printf 'image=%s\nupdate=%s\nkernel=%s\nupdate_kernel=%s\n' "$IMG" "$UPD" "$(cat "$O/kernel-version")" \
@@ -135,20 +137,7 @@ for m in $INITRD_MODULES; do
 done
 if [ "$NETUP" = 1 ]; then
     mkdir -p "$R/etc/initramfs-tools/scripts/init-premount"
-    cat > "$R/etc/initramfs-tools/scripts/init-premount/bootd-netup" <<'NETUP_EOF'
-#!/bin/sh
-# bootd test image: set the NICs up before local-top/nbd runs configure_networking. klibc ipconfig
-# binds its packet socket while the link is still down; its first DHCPDISCOVER then fails and it
-# waits 10 s (its error retry) before sending again, on every boot. With the link already up it
-# gets its lease at once.
-PREREQ=""
-case $1 in prereqs) echo "$PREREQ"; exit 0;; esac
-for d in /sys/class/net/*; do
-    n=${d##*/}
-    [ "$n" = lo ] || ip link set "$n" up 2>/dev/null || true
-done
-exit 0
-NETUP_EOF
+    netup_script > "$R/etc/initramfs-tools/scripts/init-premount/bootd-netup"
     chmod 755 "$R/etc/initramfs-tools/scripts/init-premount/bootd-netup"
 fi
 

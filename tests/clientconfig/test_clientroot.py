@@ -33,6 +33,20 @@ def test_apt_mirror_is_read_from_apt_config(tmp_path):
     assert apt_mirror().startswith(("http://", "https://", "file:/"))   # this machine's own apt config
 
 
+def served_pc_with_hook(lab, bootd_daemon, tmp_path):
+    """bootd serving two instances' units to PC MAC (10.77.0.70), and the client hook installed in a
+    directory: (daemon, the PC's namespace client, the root)."""
+    cfg = yaml.safe_load(TWO_INSTANCE_YAML)
+    for i, inst in enumerate(cfg["groups"][0]["clients"]["instances"]):
+        inst["disk_uri"] = f"nbd://10.77.0.1:10809/disk{i}"
+    cfg["nbd"] = {"enabled": False}
+    d = bootd_daemon(cfg, ns=lab.server)
+    pc = lab.add_client(address="10.77.0.70", mac=MAC)
+    root = tmp_path / "root"
+    install_hook(root)
+    return d, pc, root
+
+
 def test_clientroot_build_refuses_what_it_would_overwrite_or_cannot_do(tmp_path):
     """Nothing is started, and nothing is touched, when the target or the image is already there or a
     tool is missing; the error says what to install."""
@@ -51,14 +65,7 @@ def test_clientroot_build_refuses_what_it_would_overwrite_or_cannot_do(tmp_path)
 
 @pytest.mark.netns
 def test_init_hook_fetches_the_hosts_files(lab, bootd_daemon, tmp_path):
-    cfg = yaml.safe_load(TWO_INSTANCE_YAML)
-    for i, inst in enumerate(cfg["groups"][0]["clients"]["instances"]):
-        inst["disk_uri"] = f"nbd://10.77.0.1:10809/disk{i}"
-    cfg["nbd"] = {"enabled": False}
-    d = bootd_daemon(cfg, ns=lab.server)
-    pc = lab.add_client(address="10.77.0.70", mac=MAC)
-    root = tmp_path / "root"
-    install_hook(root)
+    d, pc, root = served_pc_with_hook(lab, bootd_daemon, tmp_path)
     run = tmp_path / "run"
     env = ["env", f"BOOTD_CMDLINE=quiet bootd.config=http://{lab.server_ip}:8080/clients/{MAC}/",
            f"BOOTD_RUN_DIR={run}", "BOOTD_NO_START=1"]
@@ -78,14 +85,7 @@ def test_init_hook_fetches_the_hosts_files(lab, bootd_daemon, tmp_path):
 def test_the_client_reports_its_screen_and_bootctl_hosts_says_why_it_failed(lab, bootd_daemon, tmp_path):
     """issue 19: the client root tells bootd whether its screen's units started (bootd-client-report,
     POST /clients/<mac>/status): a failure makes the PC "failed" with the reason, for that PC only."""
-    cfg = yaml.safe_load(TWO_INSTANCE_YAML)
-    for i, inst in enumerate(cfg["groups"][0]["clients"]["instances"]):
-        inst["disk_uri"] = f"nbd://10.77.0.1:10809/disk{i}"
-    cfg["nbd"] = {"enabled": False}
-    d = bootd_daemon(cfg, ns=lab.server)
-    pc = lab.add_client(address="10.77.0.70", mac=MAC)
-    root = tmp_path / "root"
-    install_hook(root)
+    d, pc, root = served_pc_with_hook(lab, bootd_daemon, tmp_path)
     url = f"http://{lab.server_ip}:8080/clients/{MAC}/"
     env = ["env", f"BOOTD_CMDLINE=bootd.config={url}", f"BOOTD_RUN_DIR={tmp_path / 'run'}"]
     report = str(root / "usr/local/sbin/bootd-client-report")

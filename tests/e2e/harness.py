@@ -548,6 +548,21 @@ def wait_tcp(lab, port: int, timeout: float = 10.0) -> None:
 # ------------------------------------------------------------------------------------------------
 # bootd in the lab
 
+def asset_script(script: str, *keys: str) -> dict[str, str]:
+    """Run scripts/<script> (a cached asset builder) and return its key=value lines; fails the test with
+    the script's stderr, or when one of `keys` is missing."""
+    import pytest
+
+    r = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/{script} failed:\n{r.stderr[-3000:]}")
+    out = dict(line.split("=", 1) for line in r.stdout.split() if "=" in line)
+    missing = [k for k in keys if not out.get(k)]
+    if missing:
+        pytest.fail(f"scripts/{script} printed no {', '.join(missing)}:\n{r.stdout}")
+    return out
+
+
 def prepare_boot_root(boot_root: Path, assets: Assets) -> None:
     """What an admin puts in the boot root: the client kernel and initrd. (bootd itself copies the stock
     loaders, undionly.kpxe, ipxe.efi, pxelinux.0 and its modules, from Debian's packages at start.)"""

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ROOT, LabPC, lab_config, running_bootd_lab
+from harness import ROOT, LabPC, asset_script, lab_config, running_bootd_lab
 from markeros import build_marker_disk, screen_state
 from support import Ganesha
 
@@ -62,10 +62,7 @@ def say(msg: str) -> None:
 
 def client_root() -> dict[str, str]:
     """The client root (tree, qcow2 image, kernel, initrd) built by `bootctl clientroot build`, cached."""
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build-client-root.sh")], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"scripts/build-client-root.sh failed:\n{r.stderr[-3000:]}")
-    out = dict(line.split("=", 1) for line in r.stdout.split() if "=" in line)
+    out = asset_script("build-client-root.sh", "root", "image", "vmlinuz", "initrd")
     out["build"] = str(Path(out["image"]).parent / "build.json")
     return out
 

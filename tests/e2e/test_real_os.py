@@ -19,7 +19,7 @@ import subprocess
 import time
 
 import pytest
-from harness import ROOT, lab_config, running_bootd_lab
+from harness import asset_script, lab_config, running_bootd_lab
 
 pytestmark = [
     pytest.mark.qemu,
@@ -37,13 +37,7 @@ def say(msg: str) -> None:
 
 def build_real_os() -> dict[str, str]:
     """The two disk images (v1, and v1 updated) and their kernel releases, built or taken from the cache."""
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build-real-os.sh")], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"scripts/build-real-os.sh failed:\n{r.stderr[-3000:]}")
-    out = dict(line.split("=", 1) for line in r.stdout.split() if "=" in line)
-    for key in ("image", "update", "kernel", "update_kernel"):
-        assert out.get(key), r.stdout
-    return out
+    return asset_script("build-real-os.sh", "image", "update", "kernel", "update_kernel")
 
 
 def boot_and_report(bl, pc, label: str) -> tuple[str, str, bool]:
