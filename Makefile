@@ -43,7 +43,7 @@ test-dashboard: setup assets
 # The lab PC's screen end to end (issue 19): the client root (built by `bootctl clientroot build`, cached)
 # over NBD and over NFS, two QEMU instances on VT7/VT8 under Xorg and VNC viewers, checked on the PC's own
 # display; a broken client-root update promoted and rolled back. Screenshots and times in
-# test-artifacts/client-screen/ (~6 min, +~2 min for the first client-root build; README).
+# test-artifacts/client-screen/ (~7 min with the client-root build, ~5 min cached; README).
 test-client: setup assets
 	@BOOTD_CLIENT_TEST=1 $(PY) -m pytest tests/e2e/test_client_screen_qemu.py $(PYTEST_ARGS)
 
