@@ -124,9 +124,13 @@ def _complete(e: dict) -> bool:
 AFTER_UP_STEPS = ("client",)  # failures a PC reports once its OS runs (its screen did not come up)
 
 
+def _after_up_failure(e: dict) -> bool:
+    """A failure the running client root reported (its screen), not a failed step of the boot itself."""
+    return e["kind"] == FAILED and (e.get("detail") or {}).get("step") in AFTER_UP_STEPS
+
+
 def _boot_failure(e: dict) -> bool:
-    """A failed step of the boot itself (not one the running client root reported afterwards)."""
-    return e["kind"] == FAILED and (e.get("detail") or {}).get("step") not in AFTER_UP_STEPS
+    return e["kind"] == FAILED and not _after_up_failure(e)
 
 
 def screen_failure(boot: list[dict]) -> Optional[dict]:
@@ -136,7 +140,7 @@ def screen_failure(boot: list[dict]) -> Optional[dict]:
     for e in boot:
         if e["kind"] == "client":
             last = None
-        elif e["kind"] == FAILED and (e.get("detail") or {}).get("step") in AFTER_UP_STEPS:
+        elif _after_up_failure(e):
             last = e
     return last
 

@@ -65,9 +65,10 @@ for t in debootstrap mke2fs qemu-img flock; do
     command -v "$t" >/dev/null || { log "$t missing (apt-get install debootstrap e2fsprogs qemu-utils util-linux)"; exit 1; }
 done
 
+PY=${BOOTD_PYTHON:-$ROOT/.venv/bin/python}  # bootd's own code: the netup script and the disk maker
 # The initramfs script that sets the NICs up early: the client root's own (bootd/clientconfig/clientroot.py).
 netup_script() {
-    "${BOOTD_PYTHON:-$ROOT/.venv/bin/python}" -c \
+    "$PY" -c \
         'import sys; from bootd.clientconfig.clientroot import NETUP_SCRIPT; sys.stdout.write(NETUP_SCRIPT)'
 }
 inputs_hash=$( { echo "$SUITE $MIRROR $IMG_SIZE $PACKAGES $INITRD_MODULES $NETUP"; cat "$HERE/build-real-os.sh";
@@ -206,11 +207,10 @@ if awk -v p="$R/" 'index($2, p) == 1 { found = 1 } END { exit !found }' /proc/mo
 fi
 
 # ---- disk images: ext4 on the whole disk, made from the tree without mounting ---------------------
-make_disk() {  # make_disk OUT.qcow2: the tree $R as an ext4 disk
-    mke2fs -q -t ext4 -L "$HOSTNAME_" -d "$R" -E root_owner=0:0 "$tmp/disk.raw" "$IMG_SIZE" >/dev/null
-    e2fsck -fn "$tmp/disk.raw" > "$tmp/fsck.log" 2>&1 || { cat "$tmp/fsck.log" >&2; exit 1; }
-    qemu-img convert -q -f raw -O qcow2 "$tmp/disk.raw" "$1"
-    rm -f "$tmp/disk.raw"
+make_disk() {  # make_disk OUT.qcow2: the tree $R as an ext4 disk (the client-root builder's own function)
+    "$PY" -c 'import sys; from pathlib import Path
+from bootd.clientconfig.clientroot import make_disk_image
+make_disk_image(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], label=sys.argv[4])' "$R" "$1" "$IMG_SIZE" "$HOSTNAME_"
 }
 log "debian12.qcow2: mke2fs -d ($(du -sh "$R" | cut -f1) of files, $IMG_SIZE disk)"
 make_disk "$tmp/debian12.qcow2"

@@ -453,7 +453,7 @@ def _clean(root: Path) -> None:
     (root / "etc/resolv.conf").write_text("")
 
 
-def make_disk_image(root: Path, image: Path, size: str) -> int:
+def make_disk_image(root: Path, image: Path, size: str, label: str = "bootd-client") -> int:
     """The tree as ext4 on a whole qcow2 disk (no partition table: PCs mount root=/dev/nbd0), made
     without mounting; checked with e2fsck. Returns the qcow2 file's size."""
     if _mounts_below(root):
@@ -462,7 +462,7 @@ def make_disk_image(root: Path, image: Path, size: str) -> int:
     raw = image.with_name(image.name + ".raw.tmp")
     tmp = image.with_name(image.name + ".tmp")
     try:
-        for argv in (["mke2fs", "-q", "-t", "ext4", "-L", "bootd-client", "-d", str(root), "-E", "root_owner=0:0",
+        for argv in (["mke2fs", "-q", "-t", "ext4", "-L", label, "-d", str(root), "-E", "root_owner=0:0",
                       str(raw), size],
                      ["e2fsck", "-fn", str(raw)],
                      ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)]):

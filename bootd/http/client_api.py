@@ -74,11 +74,11 @@ async def _render(request: web.Request, key: str, api: bool) -> RenderedHost:
         raise web.HTTPConflict(text=f"cannot render: {e}\n") from None
 
 
-def _record(ctx: Context, mac: str, name: str, nbytes: int, peer: str | None) -> None:
-    ctx.metrics.inc("clients", "served")
+def _record(ctx: Context, mac: str, kind: str, detail: dict[str, object], nbytes: int | None = None) -> None:
+    """One boot event; an event log problem must not keep a client from its files or its boot."""
     try:
-        ctx.store.record_event(mac, "config", {"file": name, "via": "http", "peer": peer}, nbytes=nbytes)
-    except Exception:  # an event log problem must not keep a client from its files
+        ctx.store.record_event(mac, kind, detail, nbytes=nbytes)
+    except Exception:
         pass
 
 
@@ -112,7 +112,9 @@ async def host_file(request: web.Request) -> web.Response:
     text = r.files.get(name)
     if text is None:
         raise web.HTTPNotFound(text=f"no file {name!r} for {r.host.mac}\n")
-    _record(request.app["ctx"], r.host.mac, name, len(text.encode()), request.remote)
+    ctx = request.app["ctx"]
+    ctx.metrics.inc("clients", "served")
+    _record(ctx, r.host.mac, "config", {"file": name, "via": "http", "peer": request.remote}, len(text.encode()))
     return web.Response(text=text, content_type="text/plain", headers=NO_STORE)
 
 
@@ -147,25 +149,19 @@ def parse_status(body: bytes) -> dict:
 async def host_status(request: web.Request) -> web.Response:
     ctx = request.app["ctx"]
     mac = _owner_check(request, request.match_info["mac"])
-    if request.content_length is not None and request.content_length > STATUS_MAX_BYTES:
+    body = await request.content.read(STATUS_MAX_BYTES + 1)  # never more, whatever the body says it is
+    if len(body) > STATUS_MAX_BYTES:
         ctx.metrics.inc("clients", "errors", reason="status")
-        raise web.HTTPRequestEntityTooLarge(max_size=STATUS_MAX_BYTES, actual_size=request.content_length,
+        raise web.HTTPRequestEntityTooLarge(max_size=STATUS_MAX_BYTES, actual_size=len(body),
                                             text=f"a status report is at most {STATUS_MAX_BYTES} bytes\n")
-    body = await request.content.read(STATUS_MAX_BYTES + 1)
     try:
-        if len(body) > STATUS_MAX_BYTES:
-            raise ValueError(f"a status report is at most {STATUS_MAX_BYTES} bytes")
         report = parse_status(body)
     except ValueError as e:
         ctx.metrics.inc("clients", "errors", reason="status")
         raise web.HTTPBadRequest(text=f"{e}\n") from None
     ctx.metrics.inc("clients", "reports", state=report["state"])
     if report["state"] == "started":
-        try:
-            ctx.store.record_event(mac, "client", {"state": "started", "units": report["units"],
-                                                   "peer": request.remote})
-        except Exception:  # an event log problem must not fail the client's boot
-            pass
+        _record(ctx, mac, "client", {"state": "started", "units": report["units"], "peer": request.remote})
     else:
         record_failure(ctx.store, mac, "client", f"the PC's screen did not come up: {report['reason']}",
                        host=host_name(ctx, mac), peer=request.remote)
