@@ -302,6 +302,36 @@ class StorageConfig(Section):
     # space kept for the state database in a file next to it (state.db.reserve), freed when SQLite
     # finds the filesystem full, so leases and `bootctl disk reset` still write (bootd/state.py)
     state_reserve_mb: Annotated[int, Field(ge=0, le=1024)] = 16
+    # the snapshot store's layer files; default <directory>/snapshots. Several servers on one PostgreSQL
+    # point this at one shared directory (NFS is enough: sealed layers never change); overlays stay local
+    snapshots: Optional[str] = None
+
+
+class StateConfig(Section):
+    """Where bootd keeps its state: the SQLite file <storage.directory>/state.db (one server), or a
+    PostgreSQL database shared by several servers (bootd/state_postgres.py, bootd/cluster.py)."""
+
+    # postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME (or ?host=/run/postgresql for a local socket);
+    # the environment's BOOTD_STATE_URL overrides it (a systemd EnvironmentFile keeps the password out)
+    url: Optional[str] = None
+    server_name: Optional[str] = None  # this server's name in the shared database; default: the host name
+    heartbeat: Annotated[float, Field(gt=0, le=60)] = 1.0  # seconds between a server's heartbeats
+    # seconds without the DHCP server's heartbeat before a standby answers DHCP in its place
+    dhcp_takeover: Annotated[float, Field(ge=2, le=600)] = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.match(r"^postgres(ql)?://", v):
+            raise ValueError("must be a postgresql:// URL (leave it out for the SQLite file in storage.directory)")
+        return v
+
+    @model_validator(mode="after")
+    def _heartbeat_within_takeover(self) -> Self:
+        if self.heartbeat * 2 > self.dhcp_takeover:
+            raise ValueError(f"heartbeat ({self.heartbeat} s) must be at most half of dhcp_takeover "
+                             f"({self.dhcp_takeover} s): one missed heartbeat must not hand DHCP over")
+        return self
 
 
 StudentEntry = Literal["current", "previous", "images"]
@@ -511,6 +541,7 @@ class Config(Section):
     api: ApiConfig = ApiConfig()
     ui: UiConfig = UiConfig()
     storage: StorageConfig = StorageConfig()
+    state: StateConfig = StateConfig()
     menu: MenuConfig = MenuConfig()
     nbd: NbdConfig = NbdConfig()
     nfs: NfsConfig = NfsConfig()
@@ -556,6 +587,11 @@ class Config(Section):
     @property
     def storage_dir(self) -> Path:
         return Path(self.storage.directory)
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """The snapshot store's layer files (shared by every server of one PostgreSQL state)."""
+        return Path(self.storage.snapshots) if self.storage.snapshots else self.storage_dir / "snapshots"
 
     @property
     def boot_root(self) -> Path:

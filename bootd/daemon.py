@@ -21,9 +21,10 @@ from bootd.config import Config, ConfigError, load_config
 from bootd.logsetup import setup_logging
 from bootd.metrics import Metrics
 from bootd.notify import Notifier
-from bootd.seams import Booter, Disks, ReloadRequest, SnapshotJobs, Snapshots, TftpFiles
+from bootd.seams import Booter, ClusterRole, Disks, ReloadRequest, SnapshotJobs, Snapshots, TftpFiles
 from bootd.service import Service
-from bootd.state import STATE_OPEN_ERRORS, StateError, StateStore
+from bootd.state import STATE_OPEN_ERRORS, StateError, StateStore, open_state
+from bootd.state_postgres import redact, wait_for_database
 
 if TYPE_CHECKING:
     from bootd.wake import WakeQueue
@@ -52,6 +53,7 @@ class Context:
     tftp: Optional[TftpFiles] = None  # bootd/tftp/server.py TftpServer: menus and client files add names
     request_reload: Optional[ReloadRequest] = None  # Daemon.request_reload: the reload API starts one
     api_token: Optional[str] = None  # the TCP API's bearer token (api.token_file), read by the HTTP service
+    cluster: Optional[ClusterRole] = None  # bootd/cluster.py: server name, DHCP active or standby (issue 20)
     wake_queue: Optional[WakeQueue] = None  # bootd/wake.py: the one paced Wake-on-LAN queue, made on first use
     reload_errors: list[str] = field(default_factory=list)
     last_reload: Optional[float] = None
@@ -85,6 +87,8 @@ def build_services(ctx: Context) -> list[Service]:
     from bootd.http.app import HttpService
 
     services: list[Service] = []
+    from bootd.cluster import Cluster
+    services.append(Cluster())  # issue 20: this server's heartbeat in the state, and its DHCP role (first)
     from bootd.hostregistry import HostRegistryService
     services.append(HostRegistryService())  # issue 16: registered hosts; warns when the config's win a conflict
     from bootd.hostfeed import HostFeed
@@ -133,13 +137,18 @@ class Daemon:
         setup_logging(config.log.level)
         storage = Path(config.storage.directory)
         storage.mkdir(parents=True, exist_ok=True)
+        url = os.environ.get("BOOTD_STATE_URL") or config.state.url
         try:
-            store = StateStore(storage / "state.db", reserve_bytes=config.storage.state_reserve_mb << 20)
+            if url:  # a server started with (or before) its database server: wait for it, say so
+                self.notifier.status("waiting for the state database")
+                await asyncio.to_thread(wait_for_database, url, 60.0)
+            store = open_state(storage / "state.db", url=config.state.url,
+                               reserve_bytes=config.storage.state_reserve_mb << 20)
         except StateError as e:  # corrupt, unreadable, not a database: say which file and why, no traceback
             log.error("cannot open the state database: %s", e)
             return 1
         except STATE_OPEN_ERRORS as e:  # a failed migration (its message names the file), no permission
-            log.error("cannot open the state database %s: %s", storage / "state.db", e)
+            log.error("cannot open the state database %s: %s", redact(url) if url else storage / "state.db", e)
             return 1
         ctx = self.ctx = Context(config=config, config_path=self.config_path, store=store)
         ctx.request_reload = self.request_reload

@@ -217,3 +217,16 @@ class TftpFiles(Protocol):
 
 ReloadRequest = Callable[[], "asyncio.Task[bool]"]
 """Starts a config reload in a task of its own; the task's result says whether the new config applied."""
+
+
+class ClusterRole(Protocol):
+    """bootd/cluster.py Cluster: this server's name and whether it answers DHCP (several servers on one
+    PostgreSQL state); `takeover_listeners` run on the event loop when it takes the DHCP role over."""
+
+    server_name: str
+    takeover_listeners: list[Callable[[], None]]
+    refresh_listeners: list[Callable[[], None]]
+
+    def dhcp_active(self) -> bool: ...
+
+    def confirm_dhcp(self) -> bool: ...

@@ -12,6 +12,7 @@ mid-migration leaves the old version intact.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -236,17 +237,41 @@ MIGRATIONS: list[Migration] = [
     Migration(10, "admin roles for the dashboard: admin (everything) or viewer (read-only) (issue 18)", """
         ALTER TABLE admin_accounts ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
     """),
+    Migration(11, "several servers on one database: who is up, who answers DHCP, who served a boot (issue 20)", """
+        CREATE TABLE servers (
+            name       TEXT PRIMARY KEY,       -- state.server_name (default: the host name)
+            address    TEXT,                   -- the address it serves on (next-server of its replies)
+            pid        INTEGER,
+            started    REAL NOT NULL,
+            heartbeat  REAL NOT NULL           -- the database's clock at its last heartbeat
+        );
+        CREATE TABLE dhcp_active (
+            id         INTEGER PRIMARY KEY CHECK (id = 1),
+            server     TEXT NOT NULL,          -- the one server that answers DHCP
+            since      REAL NOT NULL,
+            expires    REAL NOT NULL           -- a standby takes over once the database's clock passes this
+        );
+        ALTER TABLE boot_events ADD COLUMN server TEXT;
+    """),
 ]
+
+SERVERS_SCHEMA = 11  # the schema version from which boot events name the server that wrote them
 
 
 class StateStore:
     """SQLite state with WAL and forward migrations. One connection, used from the event loop thread.
 
     Calls are short and synchronous on purpose: a lease write is ~20 µs, cheaper than a thread hop.
+    bootd/state_postgres.py is the same store on PostgreSQL; open_state picks one from a location.
     """
+
+    dialect = "sqlite"
 
     def __init__(self, path: str | Path, migrations: Optional[list[Migration]] = None, reserve_bytes: int = 0):
         self.path = Path(path)
+        self.location = str(self.path)  # what messages name: the file here, the URL (no password) on PostgreSQL
+        # this server's name, written on its boot events (several servers on one PostgreSQL: who served a boot)
+        self.server_name: Optional[str] = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = self._open_checked()
         self._lock = threading.RLock()
@@ -266,6 +291,7 @@ class StateStore:
         # called with the MAC of every boot event written (the dashboard's live feed, bootd/hostfeed.py);
         # they must be quick and thread-safe: a TFTP or DHCP worker thread may be the writer
         self.event_listeners: list[Callable[[Optional[str]], None]] = []
+        self._server_column: Optional[bool] = None  # boot_events.server exists (schema >= SERVERS_SCHEMA)
         self.migrate(MIGRATIONS if migrations is None else migrations)
 
     def _open_checked(self) -> sqlite3.Connection:
@@ -326,6 +352,7 @@ class StateStore:
                     self.conn.execute("ROLLBACK")
                     raise
             applied.append(m.version)
+        self._server_column = None
         return applied
 
     @contextmanager
@@ -452,6 +479,11 @@ class StateStore:
                 if _is_damage(e):  # a file damaged while running: say which one
                     raise StateError(f"{self.path}: {e}") from e
                 raise
+
+    def db_time(self) -> float:
+        """The clock heartbeats are compared against: this machine's (one file, one machine); on
+        PostgreSQL the database server's, shared by every bootd."""
+        return time.time()
 
     def close(self) -> None:
         with self._lock:
@@ -678,15 +710,85 @@ class StateStore:
                 if self.conn.execute("UPDATE boot_events SET count=count+1, last_ts=? WHERE id=? AND mac IS ? "
                                      "AND kind=?", (ts, last[0], mac, kind)).rowcount:  # not rolled back
                     return
-            cur = self.conn.execute(
-                "INSERT INTO boot_events(ts, mac, kind, detail, nbytes, duration) VALUES (?,?,?,?,?,?)",
-                (ts, mac, kind, text, nbytes, duration))
+            if self._has_server_column():
+                cur = self.conn.execute(
+                    "INSERT INTO boot_events(ts, mac, kind, detail, nbytes, duration, server) VALUES (?,?,?,?,?,?,?)",
+                    (ts, mac, kind, text, nbytes, duration, self.server_name))
+            else:
+                cur = self.conn.execute(
+                    "INSERT INTO boot_events(ts, mac, kind, detail, nbytes, duration) VALUES (?,?,?,?,?,?)",
+                    (ts, mac, kind, text, nbytes, duration))
             if len(self._last_event) >= 65536:  # many MACs at once (a flood): start over, stay bounded
                 self._last_event.clear()
             self._last_event[mac] = (cur.lastrowid, kind, text, nbytes, duration, ts)
             self._inserts_until_prune -= 1
             if self._inserts_until_prune <= 0 or ts >= self._next_retention_prune:
                 self.enforce_event_limits(ts)
+
+    def _has_server_column(self) -> bool:
+        if self._server_column is None:
+            self._server_column = self.version >= SERVERS_SCHEMA
+        return self._server_column
+
+    # -- several servers on one database (bootd/cluster.py) ----------------------------------------
+    def heartbeat(self, name: str, address: Optional[str], pid: int, started: float) -> float:
+        """Say this server is up (its row in `servers`); returns the database's clock."""
+        with self.transaction() as cur:
+            now = self.db_time()
+            cur.execute("INSERT INTO servers(name, address, pid, started, heartbeat) VALUES (?,?,?,?,?) "
+                        "ON CONFLICT(name) DO UPDATE SET address=excluded.address, pid=excluded.pid, "
+                        "started=excluded.started, heartbeat=excluded.heartbeat", (name, address, pid, started, now))
+        return now
+
+    def servers(self) -> list[dict[str, Any]]:
+        """Every server that has used this database: name, address, pid, started, heartbeat, with
+        `now` (the database's clock) and `dhcp_active` (whether it is the one answering DHCP now)."""
+        now = self.db_time()
+        active = self.query("SELECT server, since, expires FROM dhcp_active WHERE id=1")
+        out = []
+        for r in self.query("SELECT name, address, pid, started, heartbeat FROM servers ORDER BY name"):
+            d = dict(r)
+            d["now"] = now
+            d["dhcp_active"] = bool(active) and active[0]["server"] == d["name"] and active[0]["expires"] > now
+            d["dhcp_active_since"] = active[0]["since"] if d["dhcp_active"] else None
+            out.append(d)
+        return out
+
+    def claim_dhcp(self, name: str, hold: float) -> tuple[str, float, bool]:
+        """Hold (or take over) the one DHCP-answering role for `hold` seconds of the database's clock.
+        Taken only when nobody holds it or the holder's time has run out (its heartbeat stopped), in one
+        write transaction: two standbys cannot both take over. Returns (the holder, its expiry, whether
+        this call took the role from another server or from nobody)."""
+        with self.transaction() as cur:
+            now = self.db_time()
+            row = cur.execute("SELECT server, since, expires FROM dhcp_active WHERE id=1").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO dhcp_active(id, server, since, expires) VALUES (1,?,?,?)",
+                            (name, now, now + hold))
+                return name, now + hold, True
+            if row["server"] == name and row["expires"] > now:
+                cur.execute("UPDATE dhcp_active SET expires=? WHERE id=1", (now + hold,))
+                return name, now + hold, False
+            if row["server"] == name or row["expires"] <= now:
+                cur.execute("UPDATE dhcp_active SET server=?, since=?, expires=? WHERE id=1", (name, now, now + hold))
+                return name, now + hold, True
+            return str(row["server"]), float(row["expires"]), False
+
+    def shared_rows_fingerprint(self) -> str:
+        """A digest of what each server keeps in memory from the database, for the others' changes: the
+        registered hosts and the run-time DHCP reservations (small tables: read whole)."""
+        h = hashlib.sha256()
+        for sql in ("SELECT mac, name, host_group, ip, updated FROM registered_hosts ORDER BY mac",
+                    "SELECT mac, ip, name FROM dhcp_reservations ORDER BY mac"):
+            for r in self.query(sql):
+                h.update(repr(tuple(r)).encode())
+            h.update(b"|")
+        return h.hexdigest()
+
+    def release_dhcp(self, name: str) -> None:
+        """Give the DHCP role up now (a clean stop): a standby takes it at its next heartbeat."""
+        with self.transaction() as cur:
+            cur.execute("UPDATE dhcp_active SET expires=0 WHERE id=1 AND server=?", (name,))
 
     def events(self, mac: Optional[str] = None, limit: int = 100,
                since: Optional[float] = None) -> list[dict[str, Any]]:
@@ -755,6 +857,18 @@ class StateStore:
                  AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.mac = hosts.mac)
                  AND NOT EXISTS (SELECT 1 FROM dhcp_reservations r WHERE r.mac = hosts.mac)""", macs)
         return n
+
+
+def open_state(path: str | Path, url: Optional[str] = None, reserve_bytes: int = 0,
+               migrations: Optional[list[Migration]] = None) -> StateStore:
+    """The state store bootd uses: PostgreSQL at `url` (config `state.url`) or at the environment's
+    BOOTD_STATE_URL (which overrides the config: a systemd EnvironmentFile or credential keeps the
+    database password out of bootd.yaml), else the SQLite file at `path`."""
+    url = os.environ.get("BOOTD_STATE_URL") or url
+    if url:
+        from bootd.state_postgres import PostgresStateStore
+        return PostgresStateStore(url, migrations=migrations)
+    return StateStore(path, migrations=migrations, reserve_bytes=reserve_bytes)
 
 
 STATE_TABLES = ("hosts", "leases", "boot_events")  # every bootd state database has these (migration 1)

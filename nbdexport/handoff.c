@@ -6,7 +6,7 @@
  * and a unix connection to the daemon. When the handshake ends both are at the start of the
  * transmission phase. Instead of relaying the two (splicer.c: one more process wake-up per request),
  * bootd gives the client's socket to this library, and the daemon's end of the unix connection is
- * replaced by it (dup3 onto the same fd number) just before the daemon's next read from it. From then
+ * replaced by it (dup3 onto the same fd number) at the daemon's read that brings bootd's token. From then
  * on qemu reads and writes the client's socket itself.
  *
  * The exchange, all from bootd (nbdexport/handoff.py):
@@ -14,11 +14,15 @@
  *      u32 counter slot or ~0, u32 0) with the client's socket in SCM_RIGHTS;
  *   2. add 1 to the u64 at offset 0 of <dir>/handoff.gen (both map it): "look at handoff.sock";
  *   3. write the 16-byte token "BOOTDSWP" + id into its end of the unix connection and close it.
- * The daemon's coroutine for that connection is waiting to read its first request; the token wakes it.
- * Its recvmsg() comes here first: a changed generation makes us take the queued messages, and while
- * some are pending each read peeks for a token; a token whose id is pending swaps the fd, and the read
- * then goes to the client's socket. A token is never an NBD request (their magic is 0x25609513), and
- * only bootd writes into the daemon's unix connections. Pending sockets not claimed within 30 s are closed.
+ * The daemon's coroutine for that connection reads its first request there: it may have started that
+ * read before the token came (qemu reads as soon as it has sent the reply to NBD_OPT_GO, while bootd is
+ * still relaying that reply), so the token is recognised in what a read returned, never decided before
+ * the read (a check before it races with bootd: the token can arrive between the check and the read).
+ * A read of a unix connection that returns the token of a pending connection (bootd wrote it alone, in
+ * one write, after the socket and the generation: so the socket is pending by then, or on handoff.sock)
+ * swaps the fd, and the read is made again on the client's socket, now on the same fd number. A token is
+ * never an NBD request (their magic is 0x25609513), and only bootd writes into the daemon's unix
+ * connections. Pending sockets not claimed within 30 s are closed.
  *
  * qemu's event loop watches fds by number (poll) or through epoll (above 64 fds); the hand-off happens
  * while the coroutine runs, when qemu has no handler on that fd, and epoll_ctl() is tracked here so a
@@ -243,7 +247,7 @@ static void drain(void) {
 }
 
 /* Sockets nobody claimed (bootd died between its message and its token): closed, so the client
- * reconnects, and no read keeps peeking for them. Called with mu held. */
+ * reconnects. Called with mu held. */
 static void expire(void) {
     time_t now = time(NULL);
     for (int i = npend - 1; i >= 0; i--)
@@ -251,63 +255,102 @@ static void expire(void) {
             drop_pending(i);
 }
 
-/* If the daemon's socket `fd` carries a hand-off token of a pending connection: swap. Called with mu held. */
-static void try_swap(int fd) {
+/* Put pending connection i's socket on fd number `fd` (the daemon's end of the unix connection the
+ * handshake went through). 0, or -1 (the connection is dropped). Called with mu held. */
+static int swap_in(int fd, int i) {
+    struct fdst *s = st_get(fd, 1);
+    if (!s) {
+        drop_pending(i);
+        return -1;
+    }
+    int ep = s->ep;
+    if (ep >= 0)
+        real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+    if (dup3(pend[i].fd, fd, O_CLOEXEC) < 0) {
+        if (ep >= 0)
+            real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &s->ev);
+        drop_pending(i);
+        return -1;
+    }
+    if (ep >= 0 && real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &s->ev) < 0)
+        s->ep = -1;
+    real_close(pend[i].fd);
+    s->slot = (pend[i].slot >= 0 && (size_t)pend[i].slot < nslots) ? &slots[pend[i].slot] : NULL;
+    s->parse = (struct nbd_parse){.parsing = s->slot != NULL};
+    slot_state(pend[i].slot, SLOT_LIVE);
+    pend[i] = pend[--npend];
+    return 0;
+}
+
+/* The daemon's read of `fd` returned `n` bytes that begin with the token magic. The token is taken out
+ * of the daemon's hands here, after the read, and never before it: a check made before the read races
+ * with bootd, whose token can arrive between the check and the read (the daemon's NBD server starts
+ * reading the unix connection as soon as it has sent the reply to NBD_OPT_GO, while bootd is still
+ * relaying that reply), and the daemon would then take the token for the start of an NBD request,
+ * wait for the rest of it on a connection bootd has closed, and drop the connection, leaving the client
+ * with no answer. Returns -2 when these bytes are not a hand-off token (the read stands as it was),
+ * else the result of the daemon's read on the client's socket now on `fd` (errno set when -1), or 0
+ * (end of file) for a token whose connection is not pending. */
+static ssize_t claim(int fd, struct msghdr *msg, int flags, ssize_t n) {
     unsigned char t[TOKEN_LEN];
-    struct iovec iov = {.iov_base = t, .iov_len = sizeof t};
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (real_recvmsg(fd, &m, MSG_PEEK | MSG_DONTWAIT) != TOKEN_LEN || memcmp(t, TOKEN_MAGIC, 8) != 0)
-        return;
+    size_t got = 0;
+    for (size_t i = 0; i < (size_t)msg->msg_iovlen && got < (size_t)n && got < TOKEN_LEN; i++) {
+        size_t k = msg->msg_iov[i].iov_len;
+        if (k > (size_t)n - got)
+            k = (size_t)n - got;
+        if (k > TOKEN_LEN - got)
+            k = TOKEN_LEN - got;
+        memcpy(t + got, msg->msg_iov[i].iov_base, k);
+        got += k;
+    }
+    if (got < 8 || memcmp(t, TOKEN_MAGIC, 8) != 0 || (size_t)n > TOKEN_LEN)
+        return -2; /* bootd writes the token alone, in one write, and nothing after it */
     int dom = 0;
     socklen_t dl = sizeof dom;
     if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &dl) < 0 || dom != AF_UNIX)
-        return; /* a client's TCP stream: never a token, whatever its bytes (the id is 64 random bits anyway) */
+        return -2; /* a client's TCP stream: never a token, whatever its bytes (the id is 64 random bits anyway) */
+    if (got < TOKEN_LEN) { /* a read shorter than the token: the rest came in the same write */
+        struct iovec iov = {.iov_base = t + got, .iov_len = TOKEN_LEN - got};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+        if (real_recvmsg(fd, &m, MSG_DONTWAIT | MSG_WAITALL) != (ssize_t)(TOKEN_LEN - got))
+            return 0;
+    }
     uint64_t id;
     memcpy(&id, t + 8, 8);
-    for (int i = 0; i < npend; i++) {
-        if (pend[i].id != id)
-            continue;
-        struct fdst *s = st_get(fd, 1);
-        if (!s)
-            return;
-        int ep = s->ep;
-        if (ep >= 0)
-            real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
-        if (dup3(pend[i].fd, fd, O_CLOEXEC) < 0) {
-            if (ep >= 0)
-                real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &s->ev);
-            drop_pending(i);
-            return;
-        }
-        if (ep >= 0 && real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &s->ev) < 0)
-            s->ep = -1;
-        real_close(pend[i].fd);
-        s->slot = (pend[i].slot >= 0 && (size_t)pend[i].slot < nslots) ? &slots[pend[i].slot] : NULL;
-        s->parse = (struct nbd_parse){.parsing = s->slot != NULL};
-        slot_state(pend[i].slot, SLOT_LIVE);
-        pend[i] = pend[--npend];
-        return;
-    }
+    pthread_mutex_lock(&mu);
+    seen = *gen; /* bootd sent the socket and then added to the generation before it wrote the token */
+    drain();
+    int found = -1;
+    for (int i = 0; i < npend; i++)
+        if (pend[i].id == id)
+            found = i;
+    int ok = found >= 0 && swap_in(fd, found) == 0;
+    pthread_mutex_unlock(&mu);
+    if (!ok)
+        return 0; /* the connection is lost (its message never came, or no fd): the daemon closes it */
+    return real_recvmsg(fd, msg, flags);
 }
 
 ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     if (!real_recvmsg)
         real_recvmsg = dlsym(RTLD_NEXT, "recvmsg");
-    if (active) {
-        if (*gen != seen || npend > 0) {
-            pthread_mutex_lock(&mu);
-            if (*gen != seen) {
-                seen = *gen;
-                drain();
-            }
-            if (npend > 0) {
-                try_swap(fd);
-                expire();
-            }
-            pthread_mutex_unlock(&mu);
+    if (active && (*gen != seen || npend > 0)) {
+        pthread_mutex_lock(&mu);
+        if (*gen != seen) {
+            seen = *gen;
+            drain();
         }
+        if (npend > 0)
+            expire();
+        pthread_mutex_unlock(&mu);
     }
     ssize_t n = real_recvmsg(fd, msg, flags);
+    if (active && n >= 8 && !(flags & MSG_PEEK) && msg->msg_iovlen > 0 && msg->msg_iov[0].iov_len >= 8 &&
+        memcmp(msg->msg_iov[0].iov_base, TOKEN_MAGIC, 8) == 0) {
+        ssize_t r = claim(fd, msg, flags, n);
+        if (r != -2)
+            n = r;
+    }
     struct fdst *s;
     if (n > 0 && !(flags & MSG_PEEK) && fd >= 0 && fd < MAX_FD && (s = fds[fd]) != NULL && s->parse.parsing) {
         size_t left = (size_t)n;

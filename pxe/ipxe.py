@@ -39,8 +39,10 @@ def render_ipxe(menu: BootMenu) -> str:
         out += _item_body(menu, it)
     if menu.admin_url and menu.timeout > 0:
         out += ["", f":{ADMIN_KEY}"] + admin_login(menu.admin_url, "start")
-    out += ["", ":failed", "echo bootd: boot failed, back to the menu in 5 s",
-            "sleep 5", "goto start", ""]
+    # A failed fetch asks DHCP again before the menu comes back: if this PC's server died mid-boot, the
+    # server that answers now (a standby on the same database, bootd/cluster.py) hands out its own script
+    out += ["", ":failed", "echo bootd: boot failed, asking DHCP again in 5 s",
+            "sleep 5", "dhcp && chain --replace --autofree ${filename} || goto start", ""]
     return "\n".join(out)
 
 

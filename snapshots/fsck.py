@@ -57,7 +57,7 @@ class StoreCheck:
             return
         root = self.files.root
         shown = ", ".join(str(root / f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise Refused(f"{self.state.path} holds no snapshot, but {root} holds {len(files)} layer file(s): {shown}. "
+        raise Refused(f"{self.state.location} holds no snapshot, but {root} holds {len(files)} layer file(s): {shown}. "
                       f"The database is new, empty or not the one of these layers; the start-up check would set "
                       f"every layer aside in lost+found. Restore the state database these layers belong to, or "
                       f"move {root} aside to really start an empty store (an interrupted first import "

@@ -38,7 +38,7 @@ class SnapshotService(Service):
 
     async def start(self, ctx: Context) -> None:
         cfg = ctx.config
-        store = SnapshotStore(ctx.store, cfg.storage_dir / "snapshots", min_free_bytes=cfg.storage.min_free_mb * MiB,
+        store = SnapshotStore(ctx.store, cfg.snapshots_dir, min_free_bytes=cfg.storage.min_free_mb * MiB,
                               boot_root=cfg.boot_root)
         store.boot_kind = _boot_kinds(cfg)
         self.store = store

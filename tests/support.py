@@ -106,6 +106,7 @@ class BootdProcess:
             npath.unlink()
         self.notify = NotifyListener(npath)
         env = dict(os.environ, NOTIFY_SOCKET=str(npath), PYTHONUNBUFFERED="1", **self.extra_env, **(extra_env or {}))
+        STATE_URLS[str(self.storage / "state.db")] = env.get("BOOTD_STATE_URL")  # where its state is (state_rows)
         env.pop("INVOCATION_ID", None)
         env.pop("JOURNAL_STREAM", None)
         argv = [*self.wrapper, sys.executable, "-m", "bootd.cli.bootd_main", "--config", str(self.config_path), "run"]
@@ -242,3 +243,28 @@ class Ganesha:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+STATE_URLS: dict[str, Optional[str]] = {}  # a started bootd's <storage>/state.db -> its BOOTD_STATE_URL
+
+
+def state_rows(db_path: Path, sql: str, params: tuple = (), sqlite_file: bool = False) -> list[tuple]:
+    """Rows of the state database a bootd with this `db_path` (<storage>/state.db) uses, read as another
+    process would: the SQLite file read-only, or, with BOOTD_TEST_STATE=postgresql, the test's PostgreSQL
+    database (BOOTD_STATE_URL). `sql` is in SQLite's dialect, as bootd's own. `sqlite_file`: the file
+    whatever the backend (a server a module-scoped fixture started before the test's database existed)."""
+    key = str(db_path)
+    url = None if sqlite_file else STATE_URLS[key] if key in STATE_URLS else os.environ.get("BOOTD_STATE_URL")
+    if url:
+        import psycopg
+
+        from bootd.state_postgres import translate
+        with psycopg.connect(url, autocommit=True) as conn:
+            return [tuple(r) for r in conn.execute(translate(sql, False) if params else sql,  # type: ignore[arg-type]
+                                                   params or None).fetchall()]
+    import sqlite3
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+    finally:
+        conn.close()

@@ -68,6 +68,11 @@ def cmd_hosts(args: argparse.Namespace, api: ApiClient) -> int:
                  else "last error: none"]
         if h.get("chain"):
             lines.append("loader chain: " + " -> ".join(f"{c['step']} {c['path']} ({c['proto']})" for c in h["chain"]))
+        servers = h.get("servers") or []
+        if len(servers) > 1:
+            lines.append("served by: " + ", ".join(servers) + " (several bootd servers: see each event)")
+        elif servers:
+            lines.append(f"served by: {servers[0]}")
         lines.append("boot timeline:")
         events = h["events"]
         start = None
@@ -80,8 +85,9 @@ def cmd_hosts(args: argparse.Namespace, api: ApiClient) -> int:
                 ", ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()))
             size = f"{e['nbytes']} B" if e["nbytes"] is not None else ""
             dur = f"{e['duration'] * 1000:.0f} ms" if e["duration"] is not None else ""
+            via = f"  [{e['server']}]" if len(servers) > 1 and e.get("server") else ""
             lines.append(f"  {fmt_time(e['ts'])}  +{e['ts'] - start:7.3f}s  {e['kind']:<9} {what}"
-                         f"  {size}  {dur}".rstrip())
+                         f"  {size}  {dur}".rstrip() + via)
         if not events:
             lines.append("  (no boot events yet)")
         emit(args, h, "\n".join(lines))
@@ -93,6 +99,19 @@ def cmd_hosts(args: argparse.Namespace, api: ApiClient) -> int:
              h["last_error"] if h["state"] == "failed" else None] for h in data["hosts"]]
     emit(args, data, table(rows, ["NAME", "MAC", "IP", "GROUP", "STATE", "SNAPSHOT", "LAST BOOT", "LAST SEEN",
                                   "ERROR"]) if rows else "no hosts")
+    return 0
+
+
+def cmd_servers(args: argparse.Namespace, api: ApiClient) -> int:
+    """`bootctl servers`: the bootd servers on this state database and which one answers DHCP."""
+    data = api.get("/api/v1/servers")
+    rows = [[s["name"] + (" (this one)" if s["this"] else ""), s["address"], s["pid"],
+             "active" if s["dhcp_active"] else "standby" if s["alive"] else "-",
+             "up" if s["alive"] else "NO HEARTBEAT", fmt_age(s["heartbeat_age"]) + " ago",
+             fmt_time(s["started"])] for s in data["servers"]]
+    head = f"state: {data['state']}" + ("" if data["shared_state"] else " (SQLite: this server alone)")
+    emit(args, data, head + "\n" + (table(rows, ["NAME", "ADDRESS", "PID", "DHCP", "STATE", "HEARTBEAT", "STARTED"])
+                                    if rows else "no servers"))
     return 0
 
 
@@ -124,6 +143,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", common:
                                                        "its boot timeline")
     p.add_argument("host", nargs="?", metavar="list|HOST", help="`list` (the default), or a host name or MAC")
     p.set_defaults(func=cmd_hosts)
+    p = sub.add_parser("servers", parents=[common], help="the bootd servers sharing this state database, and "
+                                                         "which one answers DHCP")
+    p.set_defaults(func=cmd_servers)
     p = sub.add_parser("rooms", aliases=["groups"], parents=[common],
                        help="per room: PCs up on which snapshot, booting, failed (and why), off")
     p.set_defaults(func=cmd_rooms)

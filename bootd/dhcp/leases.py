@@ -62,6 +62,14 @@ class Lease:
 _UPSERT = ("INSERT INTO leases(ip, mac, client_id, hostname, state, expires, updated) VALUES (?,?,?,?,?,?,?) "
            "ON CONFLICT(ip) DO UPDATE SET mac=excluded.mac, client_id=excluded.client_id, "
            "hostname=excluded.hostname, state=excluded.state, expires=excluded.expires, updated=excluded.updated")
+# A binding: written only if the address is free in the database (no row, or a row whose time is over) or
+# already this MAC's. Another server (or process) sharing the database may have bound it since this
+# table was loaded; then the statement changes no row and the whole commit is refused (LeaseTaken).
+_BIND = _UPSERT + " WHERE leases.mac = excluded.mac OR leases.expires <= excluded.updated"
+
+
+class LeaseTaken(Exception):
+    """The database holds a live lease of the address for another MAC (written by another server)."""
 
 
 class LeaseTable:
@@ -110,7 +118,9 @@ class LeaseTable:
         try:
             with self.store.transaction() as cur:
                 for sql, params in todo:
-                    cur.execute(sql, params)
+                    if cur.execute(sql, params).rowcount == 0 and sql is _BIND:
+                        raise LeaseTaken(f"{params[0]} is leased to another MAC in the state database "
+                                         f"(another server bound it): not given to {params[1]}")
         except Exception as e:
             if disk_full(e) and len(todo) <= UNSAVED_MAX:  # see the module docstring
                 if self.unsaved_since is None:
@@ -209,7 +219,7 @@ class LeaseTable:
         stmts: list[Statement] = []
         if prev is not None and prev.ip != ip and self.by_ip.get(prev.ip) is prev:
             stmts.append(("DELETE FROM leases WHERE ip=? AND mac=?", (prev.ip, mac)))
-        stmts.append((_UPSERT, (ip, mac, client_id, hostname, BOUND, expires, now)))
+        stmts.append((_BIND, (ip, mac, client_id, hostname, BOUND, expires, now)))
         self._exec(stmts)
         if prev is not None and prev.ip != ip and self.by_ip.get(prev.ip) is prev:
             del self.by_ip[prev.ip]

@@ -164,6 +164,9 @@ class DhcpService(Service):
         self.ctx = ctx
         self._loop = asyncio.get_running_loop()
         self.leases = LeaseTable(ctx.store)
+        if ctx.cluster is not None:  # several servers: a standby that takes DHCP over reads the leases first
+            ctx.cluster.takeover_listeners.append(self._on_takeover)
+            ctx.cluster.refresh_listeners.append(self._build_policy)  # reservations another server made
         self._check_secureboot_grub()
         self._build_policy()
         self._apply_event_limits()
@@ -176,7 +179,25 @@ class DhcpService(Service):
             self.ra = RouterAdvertiser([i.name for i in ctx.config.interfaces], ctx.metrics)
             self.ra.start(self._loop)
 
+    def _on_takeover(self) -> None:
+        """This server answers DHCP from now on: what the other server leased is in the database, not in
+        this one's memory (bootd/cluster.py)."""
+        if self.leases is not None:
+            self.leases.offers.clear()
+            self.leases.offer_by_mac.clear()
+            self.leases.load()
+            self.leases.freed += 1
+            self._build_policy()  # and the reservations, as they are in the database now
+            log.info("dhcp: answering now; %d lease(s) read from the state database", len(self.leases.by_ip))
+
     async def stop(self) -> None:
+        if self.ctx is not None and self.ctx.cluster is not None:
+            for listeners, fn in ((self.ctx.cluster.takeover_listeners, self._on_takeover),
+                                  (self.ctx.cluster.refresh_listeners, self._build_policy)):
+                try:
+                    listeners.remove(fn)
+                except ValueError:
+                    pass
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -384,6 +405,10 @@ class DhcpService(Service):
         changes in one transaction, then send the replies (none of them before the commit) and record
         their boot events."""
         now = self.clock()
+        cluster = self._context().cluster
+        if cluster is not None and not cluster.confirm_dhcp():  # a standby: another server answers
+            self._drain_as_standby(sock)
+            return
         known, strangers = self._read_batch(sock, ifname, now)
         admission = self._admission()
         decided: list[Decision] = []
@@ -419,6 +444,22 @@ class DhcpService(Service):
         if now - self._queue_drops_read >= QUEUE_DROPS_EVERY:
             self._count_queue_drops(now)
         self._flush_counts()
+
+    def _drain_as_standby(self, sock: socket.socket) -> None:
+        """Read and drop what the socket holds: counted as dropped{reason=standby}."""
+        n = 0
+        for _ in range(READ_BATCH):
+            try:
+                sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            n += 1
+        if n:
+            self._count("received", n=n)
+            self._count("dropped", ("reason", "standby"), n)
+            self._flush_counts()
 
     def _read_batch(self, sock: socket.socket, ifname: str, now: float) -> tuple[list[Datagram], list[Datagram]]:
         """Up to READ_BATCH datagrams, triaged (newest first, stale and superseded ones skipped) and

@@ -153,7 +153,25 @@ async def host(request: web.Request) -> web.Response:
     disk = (await disk_connections(ctx)).get(row["mac"])
     row = with_state(ctx, row, disk)
     row["events"] = ctx.store.events(row["mac"], limit=limit)
+    # several servers on one database: which one served each event (each carries `server`), newest last
+    row["servers"] = list(dict.fromkeys(e["server"] for e in row["events"] if e.get("server")))
     return web.json_response(row)
+
+
+@routes.get("/api/v1/servers")
+async def servers(request: web.Request) -> web.Response:
+    """The bootd servers sharing this state (bootd/cluster.py): heartbeat age, which one answers DHCP."""
+    ctx = request.app["ctx"]
+    rows = await asyncio.to_thread(ctx.store.servers)
+    beat = ctx.config.state.heartbeat
+    this = ctx.cluster.server_name if ctx.cluster is not None else None
+    for r in rows:
+        r["heartbeat_age"] = round(max(0.0, r["now"] - r["heartbeat"]), 3)
+        # with SQLite a server writes its row every 30 s (nobody takes over from it)
+        r["alive"] = r["name"] == this or r["heartbeat_age"] <= (3 * beat if ctx.store.dialect != "sqlite" else 90.0)
+        r["this"] = r["name"] == this
+    return web.json_response({"servers": rows, "shared_state": ctx.store.dialect != "sqlite",
+                              "state": ctx.store.location, "dhcp_takeover": ctx.config.state.dhcp_takeover})
 
 
 def setup_routes(app: web.Application, ctx: Context) -> None:

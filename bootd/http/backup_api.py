@@ -32,6 +32,9 @@ async def backup(request: web.Request) -> web.Response:
     if "\0" in path or not os.path.isabs(path):
         raise json_error(400, f"path must be absolute (the daemon writes it, from its own working directory): {path!r}")
     dest = Path(os.path.normpath(path))
+    if ctx.store.dialect != "sqlite":
+        raise json_error(409, f"the state is in PostgreSQL ({ctx.store.location}), not a file bootd can copy: "
+                              f"back it up with pg_dump (e.g. pg_dump -Fc -f bootd.dump DBNAME)")
     if dest.resolve() in (ctx.store.path.resolve(), Path(f"{ctx.store.path}-wal").resolve(),
                           Path(f"{ctx.store.path}-shm").resolve()):
         raise json_error(400, "the backup cannot replace the live state database")

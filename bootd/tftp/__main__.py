@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 async def _run(args: argparse.Namespace) -> int:
     store = None
     if args.state:
-        from bootd.state import StateStore
-        store = StateStore(args.state)
+        from bootd.state import open_state
+        store = open_state(args.state)  # BOOTD_STATE_URL: the PostgreSQL state instead
     from bootd.metrics import Metrics
     metrics = Metrics()
     server = TftpServer(

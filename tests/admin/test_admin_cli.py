@@ -3,9 +3,9 @@ file, no password in the log, refusals with reasons."""
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import pytest
+from support import state_rows
 
 from bootd.cli.api_client import ApiError
 
@@ -25,11 +25,12 @@ def test_bootctl_admin_add_passwd_list_remove(bootd_daemon):
     listing = json.loads(d.bootctl("--json", "admin", "list", check=True).stdout)["admins"]
     assert [a["name"] for a in listing] == ["alice"] and "password_hash" not in listing[0]
     assert "alice" in d.bootctl("admin", "list", check=True).stdout
-    db = sqlite3.connect(d.storage / "state.db")
-    first = db.execute("SELECT password_hash FROM admin_accounts WHERE name='alice'").fetchone()[0]
+    def stored_hash() -> str:
+        return state_rows(d.storage / "state.db", "SELECT password_hash FROM admin_accounts WHERE name='alice'")[0][0]
+    first = stored_hash()
     assert first.startswith("$argon2id$")
     d.bootctl("admin", "passwd", "alice", "--password-stdin", input="a-new-password\n", check=True)
-    assert db.execute("SELECT password_hash FROM admin_accounts WHERE name='alice'").fetchone()[0] != first
+    assert stored_hash() != first
     r = d.bootctl("admin", "passwd", "carol", "--password-stdin", input="a-new-password\n")
     assert r.returncode == 1 and "no admin" in r.stderr
     kept = d.bootctl("admin", "remove", "alice")  # destructive: lists what goes, needs --yes
@@ -38,7 +39,6 @@ def test_bootctl_admin_add_passwd_list_remove(bootd_daemon):
     assert "no admin accounts" in d.bootctl("admin", "list", check=True).stdout
     r = d.bootctl("admin", "remove", "alice")
     assert r.returncode == 1 and "no admin" in r.stderr
-    db.close()
     d.stop()
     log = d.log()
     assert PASSWORD not in log and "a-new-password" not in log

@@ -13,7 +13,7 @@ from golden import check_golden  # noqa: E402
 from bootd.config import parse_config  # noqa: E402
 from bootd.daemon import Context  # noqa: E402
 from bootd.http.admin_menu import MenuAction, render_admin_menu  # noqa: E402
-from bootd.state import StateStore  # noqa: E402
+from bootd.state import open_state  # noqa: E402
 from snapshots.store import SnapshotStore  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent / "pxe" / "golden"
@@ -35,7 +35,7 @@ hosts:
 
 @pytest.fixture
 def ctx(tmp_path):
-    state = StateStore(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     store = SnapshotStore(state, tmp_path / "snapshots", min_free_bytes=0)
     store.create_image("debian", "1M", "t")
     store.promote("debian@v1", "room1", "t")

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netns import Lab  # noqa: E402
-from support import BootdProcess, have, small_lab_files  # noqa: E402
+from support import BootdProcess, have, small_lab_files, state_rows  # noqa: E402
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0 or not have("curl") or shutil.which("qemu-storage-daemon") is None,
@@ -272,11 +271,7 @@ def test_an_unknown_pc_is_adopted_into_a_room_from_its_menu(env):
 
 
 def test_no_password_in_the_log_or_the_boot_events(env):
-    db = sqlite3.connect(env.bootd.storage / "state.db")
-    try:
-        rows = db.execute("SELECT kind, detail FROM boot_events").fetchall()
-    finally:
-        db.close()
+    rows = state_rows(env.bootd.storage / "state.db", "SELECT kind, detail FROM boot_events")
     details = [json.loads(d) for kind, d in rows if kind == "admin"]
     assert any(d.get("admin") == "alice" and d.get("action") == "promote" for d in details)
     assert any(d.get("outcome") == "login refused" for d in details)

@@ -21,7 +21,7 @@ from support import artifact_dir
 from bootd.clientconfig.resolve import render_for
 from bootd.config import parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from nbdexport.model import Export
 
 from .guestdisk import ROOT, assets_ready, make_guest_disk
@@ -75,7 +75,7 @@ def render(tmp_path: Path, ns, clients: dict, disk: Path) -> tuple[dict, QemuNbd
         "groups": [{"name": "lab", "images": ["guest"], "clients": clients}],
         "hosts": [{"mac": MAC, "name": "vm-pc", "group": "lab"}],
     }))
-    store = StateStore(tmp_path / "state.db")
+    store = open_state(tmp_path / "state.db")
     disks = QemuNbdExports(ns, {"guest": disk})
     ctx = Context(config=cfg, config_path="test", store=store, disks=disks)
     try:

@@ -8,7 +8,7 @@ from bootd.config import parse_config
 from bootd.dhcp.codec import ACK, DECLINE, DISCOVER, INFORM, NAK, OFFER, RELEASE, REQUEST, DhcpMessage, decode, encode
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import IPXE_NO_PXEDHCP, DhcpPolicy
-from bootd.state import StateStore
+from bootd.state import open_state
 
 T0 = 1_800_000_000.0
 
@@ -32,7 +32,7 @@ def make_config(**dhcp):
 
 @pytest.fixture
 def store(tmp_path):
-    s = StateStore(tmp_path / "state.db")
+    s = open_state(tmp_path / "state.db")
     yield s
     s.close()
 

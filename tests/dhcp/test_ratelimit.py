@@ -10,7 +10,7 @@ from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.ratelimit import Admission, KeyedBuckets
 from bootd.dhcp.server import DhcpService
 from bootd.metrics import Metrics
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.udpbatch import send_each
 
 T0 = 1_800_000_000.0
@@ -53,8 +53,9 @@ class Ctx:
                      "rate_limit": {"per_mac": 50, "per_mac_burst": 100, "unknown_answers": 100,
                                     "unknown_answers_burst": 200}},
             "hosts": [{"mac": RESERVED, "name": "pc1", "ip": "10.80.0.33"}]}))
-        self.store = StateStore(tmp_path / "state.db")
+        self.store = open_state(tmp_path / "state.db")
         self.metrics = Metrics()
+        self.cluster = None  # one server: it answers DHCP
 
 
 class Socket:

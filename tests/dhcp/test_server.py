@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import state_rows
 
 pytestmark = pytest.mark.netns
 
@@ -81,17 +82,11 @@ def test_dora_counters_and_events(lab, bootd_daemon):
     assert any(e["detail"].get("arch") == "uefi-x64" for e in ev["events"])
     out = d.bootctl("hosts", check=True).stdout
     assert "52:54:00:77:aa:01" in out and "pc1" in out
-    leases = d.storage / "state.db"
-    assert leases.exists()
+    assert state_rows(d.storage / "state.db", "SELECT count(*) FROM leases WHERE state='bound'")[0][0] >= 1
 
 
 def lease_rows(d) -> list[tuple]:
-    import sqlite3
-    con = sqlite3.connect(str(d.storage / "state.db"))
-    try:
-        return [tuple(r) for r in con.execute("SELECT ip, mac, state FROM leases ORDER BY ip")]
-    finally:
-        con.close()
+    return state_rows(d.storage / "state.db", "SELECT ip, mac, state FROM leases ORDER BY ip")
 
 
 def ipv4_of(client) -> list[str]:

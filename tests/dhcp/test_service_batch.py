@@ -11,7 +11,7 @@ from bootd.dhcp.codec import DhcpMessage, decode, encode
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.server import DhcpService
 from bootd.metrics import Metrics
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.udpbatch import send_each
 
 
@@ -40,8 +40,9 @@ class Ctx:
         self.config = parse_config(yaml.safe_dump({
             "interfaces": [{"name": "br0", "address": "10.80.0.1/16"}],
             "dhcp": {"mode": "full", "pools": [{"interface": "br0", "start": "10.80.0.10", "end": "10.80.0.250"}]}}))
-        self.store = StateStore(tmp_path / "state.db")
+        self.store = open_state(tmp_path / "state.db")
         self.metrics = Metrics()
+        self.cluster = None  # one server: it answers DHCP
 
 
 @pytest.fixture
@@ -81,17 +82,25 @@ def test_a_burst_is_one_commit_and_every_ack_follows_its_lease(svc):
     assert snap["answered{type=OFFER}"] == 40 and snap["answered{type=ACK}"] == 40
 
 
+def read_only(store, on: bool) -> None:
+    """Make the store's connection refuse writes (or accept them again), on either engine."""
+    if store.dialect == "sqlite":
+        store.conn.execute(f"PRAGMA query_only={'ON' if on else 'OFF'}")
+    else:
+        store.conn.execute(f"SET default_transaction_read_only = {'on' if on else 'off'}")
+
+
 def test_no_ack_leaves_when_the_store_cannot_write(svc):
     sock = FakeSocket([discover(1)])
     svc._on_readable(sock, "br0", 67)
     ip = sock.sent[0][0].yiaddr
-    svc.ctx.store.conn.execute("PRAGMA query_only=ON")  # every write now fails
+    read_only(svc.ctx.store, True)  # every write now fails
     sock = FakeSocket([request(1, ip)])
     svc._on_readable(sock, "br0", 67)
     assert sock.sent == []
     assert svc.ctx.metrics.snapshot()["dhcp"]["errors"] >= 1
     assert svc.leases.lease_for("0c:01:00:00:00:01") is None  # memory reloaded from the store
-    svc.ctx.store.conn.execute("PRAGMA query_only=OFF")
+    read_only(svc.ctx.store, False)
     sock = FakeSocket([request(1, ip)])  # the client retransmits
     svc._on_readable(sock, "br0", 67)
     assert [m.message_type for m, _ in sock.sent] == [5]

@@ -318,7 +318,7 @@ class LabPC:
     def __init__(self, lab, name: str, workdir: Path, mac: Optional[str] = None, firmware: str = "bios",
                  nic: str = "virtio-net-pci", memory: int = 256, kernel: Optional[Path] = None,
                  initrd: Optional[Path] = None, append: str = "", extra_args: Iterable[str] = (),
-                 rom: Optional[str] = None):
+                 rom: Optional[str] = None, reboot: bool = False):
         if firmware not in FIRMWARES:
             raise ValueError(f"firmware must be one of {', '.join(FIRMWARES)}, not {firmware!r}")
         self.lab = lab
@@ -332,6 +332,10 @@ class LabPC:
         self.memory = memory
         self.kernel, self.initrd, self.append = kernel, initrd, append
         self.extra_args = list(extra_args)
+        # a real PC's firmware starts over after a failed network boot: SeaBIOS reboots 1 s after "No
+        # bootable device" (reboot-timeout), and QEMU does reboot (no -no-reboot). Default: a failed boot
+        # ends the test's QEMU at once.
+        self.reboot = reboot
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tap = lab.add_tap()
@@ -353,7 +357,7 @@ class LabPC:
         machine = "q35,smm=on" if self.firmware == "uefi-secureboot" else "pc"
         a = ["qemu-system-x86_64", "-name", self.name, "-machine", machine, "-accel", qemu_accel(),
              "-m", str(self.memory), "-smp", "1", "-nographic", "-monitor", "none",
-             "-serial", f"file:{self.log_path}", "-no-reboot",
+             "-serial", f"file:{self.log_path}", *([] if self.reboot else ["-no-reboot"]),
              "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
              "-netdev", f"tap,id=lan,ifname={self.tap},script=no,downscript=no",
              "-device", f"{self.nic},netdev=lan,mac={self.mac}" + ("" if self.rom is None else f",romfile={self.rom}")]
@@ -367,7 +371,7 @@ class LabPC:
             a += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECURE if secure else OVMF_CODE}",
                   "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}", "-boot", "n"]
         elif self.firmware == "bios":
-            a += ["-boot", "n"]
+            a += ["-boot", "order=n,reboot-timeout=1000" if self.reboot else "n"]
         else:
             if not (self.kernel and self.initrd):
                 raise ValueError("firmware='direct' needs kernel and initrd")
@@ -526,9 +530,10 @@ def start_dnsmasq(lab, workdir: Path, *, range_start: str = "10.77.0.150", range
 
 
 def start_qemu_nbd(lab, image: Path, export: str, port: int = 10809, fmt: str = "qcow2",
-                   snapshot: bool = False) -> subprocess.Popen:
-    """qemu-nbd serving `image` as `export` on the lab's server address (one export per process)."""
-    argv = ["qemu-nbd", "-f", fmt, "-x", export, "-b", lab.server_ip, "-p", str(port), "-t", "--shared=16"]
+                   snapshot: bool = False, shared: int = 16) -> subprocess.Popen:
+    """qemu-nbd serving `image` as `export` on the lab's server address (one export per process), to at
+    most `shared` clients at once."""
+    argv = ["qemu-nbd", "-f", fmt, "-x", export, "-b", lab.server_ip, "-p", str(port), "-t", f"--shared={shared}"]
     if snapshot:
         argv.append("--snapshot")
     p = lab.server.popen(argv + [str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -767,12 +772,13 @@ def running_bootd_lab(workdir: Path, make_config: Callable[[object], dict], asse
 @contextmanager
 def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None,
                      subnet: str = "10.77.0.0/24", lab=None, pool: Optional[tuple[str, str]] = None,
-                     extra: Iterable[str] = (), nginx_workers: str = "1") -> Iterator[object]:
+                     extra: Iterable[str] = (), nginx_workers: str = "1", nbd_shared: int = 16) -> Iterator[object]:
     """The same lab served the classic way: dnsmasq (DHCP, RA, iPXE options 175/176, TFTP with
     undionly.kpxe/ipxe.efi), nginx (the iPXE script, kernel, initrd) and qemu-nbd --snapshot (a fresh
     copy-on-write view per process: restart it per boot with `lab.fresh_disk()`). Yields the Lab with
     `.pc(name, mac, firmware)` and `.fresh_disk()` attached. Given a `lab`, it serves that one (and
-    leaves it standing), from `pool` (first, last address), with `extra` dnsmasq options."""
+    leaves it standing), from `pool` (first, last address), with `extra` dnsmasq options; qemu-nbd takes
+    `nbd_shared` clients at once (the boot storm: one per PC)."""
     import ipaddress
 
     from netns import Lab
@@ -836,7 +842,7 @@ def running_peer_lab(workdir: Path, assets: Assets, image: Optional[Path] = None
             while time.monotonic() < deadline and ":10809" in lab.server.run(
                     ["ss", "-ltnH", "sport = :10809"], check=False).stdout:
                 time.sleep(0.05)
-            nbd.append(start_qemu_nbd(lab, disk, export="disk", snapshot=True))
+            nbd.append(start_qemu_nbd(lab, disk, export="disk", snapshot=True, shared=nbd_shared))
 
         def pc(name: str, mac: Optional[str] = None, firmware: str = "bios", **kw) -> LabPC:
             if firmware == "uefi":

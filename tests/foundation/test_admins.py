@@ -5,7 +5,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from bootd.admins import Accounts, AdminError, AdminGate, FailureLimiter, LockoutPolicy, NonceBook
-from bootd.state import StateStore
+from bootd.state import open_state
 
 PC1, PC2 = "52:54:00:00:00:01", "52:54:00:00:00:02"
 
@@ -26,7 +26,7 @@ def cheap_hasher() -> PasswordHasher:
 
 @pytest.fixture
 def store(tmp_path):
-    s = StateStore(tmp_path / "state.db")
+    s = open_state(tmp_path / "state.db")
     yield s
     s.close()
 

@@ -23,7 +23,8 @@ ROOT = HERE.parents[1]
 PY = sys.executable
 SCHEMA = max(m.version for m in MIGRATIONS)
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns,
+              pytest.mark.sqlite_only("bootctl backup / bootd restore copy the SQLite file; PostgreSQL: pg_dump")]
 
 
 def dhcp_config() -> dict:

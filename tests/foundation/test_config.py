@@ -132,3 +132,21 @@ def test_check_config_cli_exit_code_and_output(tmp_path):
 
 def test_top_level_must_be_mapping():
     assert problems("- a\n- b\n") == ["bootd.yaml:1: the top level must be a mapping of sections"]
+
+
+@pytest.mark.parametrize("section,expected", [
+    ("state:\n  url: mysql://bootd@db/bootd\n", "bootd.yaml:25 state.url: must be a postgresql:// URL"),
+    ("state:\n  heartbeat: 3\n  dhcp_takeover: 5\n",
+     "bootd.yaml:24 state: heartbeat (3.0 s) must be at most half of dhcp_takeover (5.0 s)"),
+    ("state:\n  dhcp_takeover: 1\n", "bootd.yaml:25 state.dhcp_takeover: Input should be greater than or equal to 2"),
+])
+def test_state_section_refused_with_line_and_reason(section, expected):
+    found = problems(BASE + section)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_state_section_accepted():
+    cfg = parse_config(BASE + "state:\n  url: postgresql://bootd@db.example.org/bootd\n  server_name: bootd-a\n"
+                              "storage:\n  snapshots: /srv/layers\n", "bootd.yaml")
+    assert cfg.state.url == "postgresql://bootd@db.example.org/bootd" and cfg.state.server_name == "bootd-a"
+    assert str(cfg.snapshots_dir) == "/srv/layers"

@@ -20,7 +20,7 @@ from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import DhcpPolicy
 from bootd.hostregistry import HostNotFound, HostRegistryError, HostRegistryService, Registry, vendor_of
 from bootd.peers import configured_mac
-from bootd.state import StateStore
+from bootd.state import open_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def config(**changes):
 
 @pytest.fixture
 def ctx(tmp_path):
-    store = StateStore(tmp_path / "state.db")
+    store = open_state(tmp_path / "state.db")
     yield Context(config=config(), config_path="test", store=store)
     store.close()
 

@@ -255,6 +255,7 @@ def test_state_damaged_while_running_names_the_file(tmp_path):
         s.conn.close()
 
 
+@pytest.mark.sqlite_only("a damaged SQLite file")
 def test_corrupt_state_db_stops_start_with_its_path_and_no_traceback(bootd_daemon):
     d = bootd_daemon({}, start=False)
     d.storage.mkdir(parents=True)
@@ -283,8 +284,13 @@ def make_layers(storage: Path) -> list[Path]:
 def test_new_state_db_beside_snapshot_layers_refuses_to_start(bootd_daemon, db_state):
     d = bootd_daemon({}, start=False)
     layers = make_layers(d.storage)
-    db = d.storage / "state.db"
-    if db_state == "empty-file":
+    db: object = d.storage / "state.db"
+    if os.environ.get("BOOTD_STATE_URL"):  # an empty PostgreSQL database: named by its URL
+        if db_state == "empty-file":
+            pytest.skip("an empty SQLite file")
+        from bootd.state_postgres import redact
+        db = redact(os.environ["BOOTD_STATE_URL"])
+    elif db_state == "empty-file":
         db.write_bytes(b"")
     for attempt in (1, 2):  # and again: the first attempt's new database must not make it pass
         d.start(wait=False)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("bootd", "nbdexport", "pxe", "snapshots")
 
 # The modules allowed to hold SQL text: the state layer and the per-component store modules the README names.
-SQL_MODULES = {"bootd.state", "bootd.dhcp.leases", "nbdexport.store",
+SQL_MODULES = {"bootd.state", "bootd.state_postgres", "bootd.dhcp.leases", "nbdexport.store",
                "snapshots.queries", "snapshots.lifecycle", "snapshots.prune", "snapshots.fsck"}
 
 CONFIG_LAYER = {"bootd", "bootd.config", "bootd.macaddr", "bootd.nfsconfig", "bootd.clientconfig",
@@ -137,9 +137,13 @@ def test_config_layer_imports_only_config_models():
     assert loaded <= CONFIG_LAYER, f"bootd.config pulls in {sorted(loaded - CONFIG_LAYER)}"
 
 
+STATE_LAYER = {"bootd.state", "bootd.state_postgres"}  # one store, two engines (issue 20)
+
+
 def test_state_layer_imports_no_project_code_above_it():
-    above = {m for m in _imports(MODULES["bootd.state"]) if m.split(".")[0] in PACKAGES} - CONFIG_LAYER
-    assert above == set()
+    for name in STATE_LAYER:
+        above = {m for m in _imports(MODULES[name]) if m.split(".")[0] in PACKAGES} - CONFIG_LAYER - STATE_LAYER
+        assert above == set(), name
 
 
 def _socket_uses(mod: Module) -> set[str]:
@@ -172,7 +176,7 @@ def test_no_module_below_the_daemon_imports_it():
 
 # What the protocol cores build on (pure: no I/O of their own), between the state layer and `Service`.
 CORE_SUPPORT = {"bootd.dhcp.firmware", "bootd.bootplan", "snapshots.model"}
-STORE_MODULES = {"bootd.state", "bootd.dhcp.leases", "nbdexport.store"}
+STORE_MODULES = {"bootd.state", "bootd.state_postgres", "bootd.dhcp.leases", "nbdexport.store"}
 
 
 def _rank(name: str) -> int:
@@ -296,11 +300,11 @@ def test_one_path_confinement():
 # -- the methods that replaced the components' SQL (behaviour, on a real state file) -------------------
 
 def test_state_methods_that_replaced_component_sql(tmp_path):
-    from bootd.state import StateStore
+    from bootd.state import open_state
     from nbdexport.store import DiskTables
     from pxe.tokens import fallback_token
 
-    store = StateStore(tmp_path / "state.db")
+    store = open_state(tmp_path / "state.db")
     try:
         mac = "52:54:00:00:00:01"
         # a host's fallback token is made once: a second caller with another new token gets the first

@@ -16,7 +16,7 @@ from clientconfig.helpers import TWO_INSTANCE_YAML  # noqa: E402
 from support import have  # noqa: E402
 
 from bootd.dhcp.leases import LeaseTable  # noqa: E402
-from bootd.state import StateStore  # noqa: E402
+from bootd.state import open_state  # noqa: E402
 
 OWNER_MAC = "52:54:00:77:00:01"  # lab-pc-01 in TWO_INSTANCE_YAML
 STRANGER_MAC = "52:54:00:77:99:01"  # no host entry
@@ -68,7 +68,7 @@ def test_client_configs_by_name_or_any_mac_spelling_only_for_the_owner(lab, boot
 
 def test_the_store_names_only_the_holder_of_a_live_lease(tmp_path):
     """mac_for_ip: a bound unexpired lease; never a released or expired one, never hosts.last_ip."""
-    store = StateStore(tmp_path / "state.db")
+    store = open_state(tmp_path / "state.db")
     leases = LeaseTable(store)
     a, b, ip = "52:54:00:77:00:01", "52:54:00:77:00:02", "10.77.0.100"
     now = time.time()

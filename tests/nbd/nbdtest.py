@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bootd.state import StateStore
+from bootd.state import open_state
 from nbdexport.manager import DiskManager
 from nbdexport.model import DiskSettings
 from nbdexport.qsd import StorageDaemon
@@ -84,7 +84,7 @@ class Harness:
         self.m = None
 
     def start(self) -> "Harness":
-        self.store = self.store or StateStore(self.tmp / "state.db")
+        self.store = self.store or open_state(self.tmp / "state.db")
         qsd = self.daemon(self.settings.run_dir, self.listen, self.port, tls=self.tls, binary=self.qsd_binary)
         self.m = DiskManager(self.settings, self.store, qsd, resolve_snapshot=lambda mac: self.resolve(mac),
                              is_persistent=lambda mac: mac in self.persistent,

@@ -16,8 +16,9 @@ from pathlib import Path
 import nbd
 import pytest
 from nbdtest import MiB, make_base
+from support import state_rows
 
-from bootd.state import StateStore
+from bootd.state import open_state
 from nbdexport.errors import NoSpace
 
 A = "52:54:00:00:0d:0a"
@@ -116,7 +117,7 @@ def test_full_filesystem_next_boot_and_reset_free_the_overlay_before_writing_sta
     v1, _ = bases
     fs = small_fs(24)
     hs = harness(start=False, directory=fs / "disks", warn_free_bytes=0)
-    hs.store = StateStore(fs / "state.db")  # reserve_bytes=0: nothing to fall back on
+    hs.store = open_state(fs / "state.db")  # reserve_bytes=0: nothing to fall back on
     hs.start()
     for boot in range(2):  # first a reset of A, then the next boot of A
         ea = hs.run(hs.m.prepare_boot(A, v1))
@@ -148,7 +149,7 @@ def test_full_filesystem_reaper_frees_a_gone_hosts_overlay(harness, bases, small
     v1, _ = bases
     fs = small_fs(24)
     hs = harness(start=False, directory=fs / "disks", warn_free_bytes=0, reap_after=600)
-    hs.store = StateStore(fs / "state.db")  # no reserve
+    hs.store = open_state(fs / "state.db")  # no reserve
     hs.start()
     ea = hs.run(hs.m.prepare_boot(A, v1))
     ca = connect(ea.uri)
@@ -251,12 +252,7 @@ def dhcp_address(client, tmp_path) -> str:
 
 def stored_lease(storage: Path, mac: str) -> str:
     """The bound address the state database holds for `mac` ('' if none), read as another process."""
-    import sqlite3
-    conn = sqlite3.connect(f"file:{storage / 'state.db'}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,)).fetchall()
-    finally:
-        conn.close()
+    rows = state_rows(storage / "state.db", "SELECT ip FROM leases WHERE mac=? AND state='bound'", (mac,))
     return rows[0][0] if rows else ""
 
 
@@ -293,6 +289,7 @@ def test_overlay_max_in_the_daemon_other_hosts_keep_dhcp_and_disks(lab, bootd_da
     assert d.proc.poll() is None
 
 
+@pytest.mark.sqlite_only("the space reserve beside state.db on the filled filesystem")
 @pytest.mark.netns
 @pytest.mark.parametrize("reserve_mb", [4, 0], ids=["reserve", "no-reserve"])
 def test_filesystem_filled_by_an_overlay_dhcp_answers_and_disk_reset_frees_it(lab, bootd_daemon, tmp_path,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from nbdtest import make_base
+from support import state_rows
 
 pytestmark = pytest.mark.netns
 
@@ -62,12 +63,7 @@ def ipv4_of(client) -> list[str]:
 
 
 def lease_rows(d) -> list[tuple]:
-    import sqlite3
-    con = sqlite3.connect(str(d.storage / "state.db"))
-    try:
-        return [tuple(r) for r in con.execute("SELECT ip, mac, state FROM leases ORDER BY ip")]
-    finally:
-        con.close()
+    return state_rows(d.storage / "state.db", "SELECT ip, mac, state FROM leases ORDER BY ip")
 
 
 def wait_until(pred, timeout: float = 20.0):

@@ -35,8 +35,8 @@ def lab_images(tmp_path, harness):
     hosts through it like the daemon does."""
     src = make_base(tmp_path / "src.qcow2", pattern=0xAB)
     hs = harness(start=False, persistent={P})
-    from bootd.state import StateStore
-    hs.store = StateStore(tmp_path / "state.db")
+    from bootd.state import open_state
+    hs.store = open_state(tmp_path / "state.db")
     store = snapstore.SnapshotStore(hs.store, tmp_path / "snapshots")
     v1 = store.import_image("deb", str(src), actor="test")
     d = store.draft(v1.id, actor="test")

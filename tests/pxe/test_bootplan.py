@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 
 from bootd.config import parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nbd"))
 from nbdtest import Harness  # noqa: E402  (tests/nbd is no package: `nbd` is libnbd's module)
+from pgserver import fresh_state_url  # noqa: E402
 
 import snapshots.store as snapstore  # noqa: E402
 
@@ -63,7 +64,7 @@ def lab(tmp_path):
     """A running DiskManager over a real snapshot store, wired like the daemon wires it."""
     from nbdexport.service import DiskService
 
-    state = StateStore(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     hs = Harness(tmp_path)
     hs.store = state
     store = snapstore.SnapshotStore(state, tmp_path / "snapshots")
@@ -207,9 +208,11 @@ def test_every_consumer_agrees_with_the_plan(config, versions, data):
     from nbdexport.service import DiskService
 
     cfg = parse_config(yaml.safe_dump(config))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         tmp_path = Path(tmp)
-        state = StateStore(tmp_path / "state.db")
+        if (url := fresh_state_url()) is not None:  # each example its own database, as its own directory
+            mp.setenv("BOOTD_STATE_URL", url)
+        state = open_state(tmp_path / "state.db")
         hs = Harness(tmp_path)
         hs.store = state
         try:

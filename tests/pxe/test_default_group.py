@@ -17,7 +17,7 @@ from bootd.daemon import Context
 from bootd.dhcp.codec import DISCOVER, DhcpMessage, decode, encode
 from bootd.dhcp.leases import LeaseTable
 from bootd.dhcp.policy import DhcpPolicy
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter, render
 
 UNKNOWN = "52:54:00:00:0d:99"
@@ -48,7 +48,7 @@ def bios_pxe_discover(mac: str) -> DhcpMessage:
 
 @pytest.fixture
 def store(tmp_path):
-    s = StateStore(tmp_path / "state.db")
+    s = open_state(tmp_path / "state.db")
     yield s
     s.close()
 

@@ -12,7 +12,7 @@ from golden import check_golden
 from bootd.bootplan import plan_for
 from bootd.config import parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter, render
 from pxe.tokens import fallback_token
 
@@ -39,7 +39,7 @@ PC41, PC42, PC43 = "52:54:00:00:04:01", "52:54:00:00:04:02", "52:54:00:00:04:03"
 
 @pytest.fixture
 def ctx(tmp_path):
-    store = StateStore(tmp_path / "state.db")
+    store = open_state(tmp_path / "state.db")
     yield Context(config=parse_config(CONFIG), config_path="test", store=store)
     store.close()
 

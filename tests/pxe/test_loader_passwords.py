@@ -17,7 +17,7 @@ from golden import check_golden
 from bootd.admins import grub_pbkdf2, sha512_crypt
 from bootd.config import ConfigError, parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter, render
 from pxe.tokens import fallback_token
 from snapshots.store import SnapshotStore
@@ -79,7 +79,7 @@ def test_config_refuses_a_plain_password_for_the_loaders():
 
 @pytest.fixture
 def ctx(tmp_path):
-    state = StateStore(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     store = SnapshotStore(state, tmp_path / "snapshots", min_free_bytes=0)
     store.create_image("debian", "1M", "t")
     store.promote("debian@v1", "*", "t")

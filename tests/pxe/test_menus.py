@@ -17,7 +17,7 @@ from golden import check_golden as check_golden_file
 from bootd.config import parse_config
 from bootd.daemon import Context
 from bootd.macaddr import parse_mac
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter, render
 from pxe.catalog import BootHost, CatalogEntry, boot_host, entry_key
 from pxe.service import GRUB_RE, IPXE_RE, PXELINUX_RE
@@ -47,7 +47,7 @@ PC02 = "52:54:00:00:00:02"
 
 @pytest.fixture
 def ctx(tmp_path):
-    store = StateStore(tmp_path / "state.db")
+    store = open_state(tmp_path / "state.db")
     yield Context(config=parse_config(CONFIG), config_path="test", store=store)
     store.close()
 
@@ -118,7 +118,7 @@ def test_effective_settings(ctx):
 def test_host_image_list_override(tmp_path):
     text = CONFIG.replace('default_image: windows}', 'images: [windows]}')
     cfg = parse_config(text)
-    store = StateStore(tmp_path / "s.db")
+    store = open_state(tmp_path / "s.db")
     try:
         m = menu(Context(config=cfg, config_path="test", store=store), PC01)
         assert [i.key for i in m.items] == ["windows", "local"] and m.default == "windows"

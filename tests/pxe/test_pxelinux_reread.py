@@ -20,7 +20,7 @@ import pytest
 from bootd.config import parse_config
 from bootd.daemon import Context
 from bootd.dhcp.leases import LeaseTable
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.tftp.server import TftpServer
 from pxe.service import MenuService
 
@@ -59,7 +59,7 @@ async def tftp_get(port: int, path: str) -> bytes:
 def lab(tmp_path):
     from nbdexport.service import DiskService
 
-    state = StateStore(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     # the PC's address is 127.0.0.1 by a live lease: its menu goes to it (bootd/peers.py)
     LeaseTable(state).bind("127.0.0.1", PC, expires=time.time() + 600, now=time.time())
     root = tmp_path / "boot"

@@ -159,8 +159,8 @@ def _discover(policy, arch, http=False, event=None):
 
 @pytest.fixture
 def store(tmp_path):
-    from bootd.state import StateStore
-    s = StateStore(tmp_path / "state.db")
+    from bootd.state import open_state
+    s = open_state(tmp_path / "state.db")
     yield s
     s.close()
 

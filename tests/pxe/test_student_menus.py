@@ -16,7 +16,7 @@ from golden import check_golden
 from bootd.admins import Accounts
 from bootd.config import parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter, render
 from pxe.tokens import fallback_token
 from snapshots.store import SnapshotStore
@@ -43,7 +43,7 @@ hosts:
 
 @pytest.fixture
 def ctx(tmp_path):
-    state = StateStore(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     store = SnapshotStore(state, tmp_path / "snapshots", min_free_bytes=0)
     for image in ("debian", "windows"):
         store.create_image(image, "1M", "t")

@@ -10,13 +10,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from snaputil import make_raw_disk  # noqa: E402
 
-from bootd.state import StateStore  # noqa: E402
+from bootd.state import open_state  # noqa: E402
 from snapshots.store import SnapshotStore  # noqa: E402
 
 
 @pytest.fixture
 def state(tmp_path):
-    st = StateStore(tmp_path / "state.db")
+    st = open_state(tmp_path / "state.db")
     yield st
     st.close()
 

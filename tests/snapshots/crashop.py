@@ -7,13 +7,13 @@ no finally blocks, no cleanup, no database close.
 """
 import sys
 
-from bootd.state import StateStore
+from bootd.state import open_state
 from snapshots.store import SnapshotStore
 
 
 def main() -> int:
     db, root, op, *args = sys.argv[1:]
-    store = SnapshotStore(StateStore(db), root)
+    store = SnapshotStore(open_state(db), root)
     if op == "seal":
         store.seal(args[0], "sealed by the crash test", "crash")
     elif op == "promote":

@@ -187,8 +187,8 @@ def test_promote_and_rollback_name_the_hosts_a_test_or_pin_keeps_behind(bootd_da
 
 
 def test_audit_rows_are_pruned_after_their_own_longer_retention(tmp_path):
-    from bootd.state import StateStore
-    st = StateStore(tmp_path / "state.db")
+    from bootd.state import open_state
+    st = open_state(tmp_path / "state.db")
     try:
         now = time.time()
         st.set_event_limits(retention=86400, max_rows=1000, coalesce=0, audit_retention=10 * 86400)

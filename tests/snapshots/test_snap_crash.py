@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pgserver import STATE_BACKEND
 from snaputil import MiB, make_raw_disk, pattern_at, patterns_at, write_pattern
 
-from bootd.state import StateStore
+from bootd.state import StateStore, open_state
 from snapshots.crash import POINTS
 from snapshots.files import read_qcow2_header
 from snapshots.store import SnapshotStore
@@ -46,7 +47,7 @@ def build_baseline(tmp: Path) -> dict:
     """v1 imported; v2 on v1 (current for all, v1 before it); v3 on v1, v4 on v3, v5 on v1 (unused);
     an open draft on v2 with 0x33 at 24 MiB."""
     raw = make_raw_disk(tmp / "os.raw", size_mb=64)
-    state = StateStore(tmp / "state.db")
+    state = open_state(tmp / "state.db")
     store = SnapshotStore(state, tmp / "snapshots")
     store.import_image("deb", str(raw), "setup")
     store.promote("deb@v1", None, "setup")
@@ -72,7 +73,7 @@ def _copy_sparse(src, dst):
 
 
 def open_store(tmp: Path) -> tuple[StateStore, SnapshotStore]:
-    state = StateStore(tmp / "state.db")
+    state = open_state(tmp / "state.db")
     return state, SnapshotStore(state, tmp / "snapshots")
 
 
@@ -145,15 +146,23 @@ def finish(op: str, store: SnapshotStore, base: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """Built once; every case works on its own copy (modes kept: sealed files stay read-only)."""
+def baseline(tmp_path_factory, request):
+    """Built once; every case works on its own copy (modes kept: sealed files stay read-only). With
+    BOOTD_TEST_STATE=postgresql the state is a database of its own, copied per case as a template."""
     tmp = tmp_path_factory.mktemp("baseline")
-    return tmp, build_baseline(tmp)
+    if STATE_BACKEND != "postgresql":
+        return tmp, build_baseline(tmp), None
+    url = request.getfixturevalue("pg_server").new_database()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BOOTD_STATE_URL", url)
+        return tmp, build_baseline(tmp), url
 
 
 @pytest.mark.parametrize("op,point", CASES, ids=[p for _, p in CASES])
-def test_kill_at_every_step(tmp_path, baseline, op, point):
-    src, base = baseline
+def test_kill_at_every_step(tmp_path, baseline, op, point, request, monkeypatch):
+    src, base, url = baseline
+    if url is not None:
+        monkeypatch.setenv("BOOTD_STATE_URL", request.getfixturevalue("pg_server").copy_database(url))
     for name in ("state.db", "state.db-wal", "state.db-shm"):
         if (src / name).exists():
             shutil.copy2(src / name, tmp_path / name)

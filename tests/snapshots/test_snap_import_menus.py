@@ -17,7 +17,7 @@ import yaml
 
 from bootd.config import parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from pxe.booter import Booter, render
 from snapshots.service import SnapshotService
 
@@ -47,7 +47,7 @@ def test_a_menu_during_the_start_up_import_says_the_image_is_still_importing(tmp
               "images": [{"name": "exam", "title": "Exam", "disk": str(disk)}],
               "groups": [{"name": "room1", "images": ["exam"]}],
               "hosts": [{"mac": PC, "name": "pc01", "group": "room1"}]}
-    state = StateStore(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     ctx = Context(config=parse_config(yaml.safe_dump(config)), config_path="test", store=state)
     svc = SnapshotService()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from netns import Lab
+from support import state_rows
 
 pytestmark = pytest.mark.netns
 
@@ -42,8 +42,10 @@ class TftpRunner:
         self.status_path = work / "status.json"
         argv = [PY, "-m", "bootd.tftp", "--root", str(root), "--listen", f"{S}:{PORTS[pump]}", "--state",
                 str(self.state), "--status", str(self.status_path), "--data-pump", pump, *extra]
+        # its own SQLite file whatever the suite's backend: the server outlives the tests' databases
+        env = {k: v for k, v in os.environ.items() if k != "BOOTD_STATE_URL"}
         self.proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=open(work / "tftp.log", "ab"), cwd=str(ROOT),
-                             text=True)
+                             text=True, env=env)
         line = self.proc.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError(f"tftp server did not start: {line!r} {(work / 'tftp.log').read_text()}")
@@ -65,23 +67,15 @@ class TftpRunner:
 
     def mark(self) -> int:
         """The newest event id now: pass it to last_event to wait for an event of a later fetch."""
-        con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
-        try:
-            return con.execute("SELECT COALESCE(MAX(id), 0) FROM boot_events").fetchone()[0]
-        finally:
-            con.close()
+        return state_rows(self.state, "SELECT COALESCE(MAX(id), 0) FROM boot_events", sqlite_file=True)[0][0]
 
     def last_event(self, path: str, after: int = 0, timeout: float = 5.0) -> dict:
         """The newest boot event for `path` newer than `after` (an event is recorded when the final
         ACK arrives, which can be after the client exits: poll a little)."""
         deadline = time.monotonic() + timeout
         while True:
-            con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
-            try:
-                rows = con.execute("SELECT mac, kind, detail, nbytes, duration, id FROM boot_events WHERE id > ? "
-                                   "ORDER BY id DESC LIMIT 50", (after,)).fetchall()
-            finally:
-                con.close()
+            rows = state_rows(self.state, "SELECT mac, kind, detail, nbytes, duration, id FROM boot_events "
+                                          "WHERE id > ? ORDER BY id DESC LIMIT 50", (after,), sqlite_file=True)
             for mac, kind, detail, nbytes, duration, ident in rows:
                 d = json.loads(detail)
                 if d["path"] == path:

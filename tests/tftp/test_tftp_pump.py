@@ -18,7 +18,7 @@ import pytest
 
 import bootd.tftp.pump as pump_mod
 from bootd.metrics import Metrics
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.tftp.server import TftpServer
 from bootd.tftp.session import (
     OP_DATA,
@@ -230,7 +230,7 @@ def test_empty_last_block_and_plain_request(root, tmp_path, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_error_from_the_client_ends_the_session(root, tmp_path, mode):
     async def main():
-        store = StateStore(tmp_path / "state.db")
+        store = open_state(tmp_path / "state.db")
         server = await start(root, mode, tmp_path, store=store,
                              limits=SessionLimits(timeout=0.1, max_timeout=0.2, retries=5))
         c = Client(port_of(server))
@@ -315,7 +315,7 @@ def test_client_timeout_255_does_not_outlast_session_timeout(root, tmp_path, mod
 
 def test_pump_killed_mid_transfer_is_restarted(root, tmp_path):
     async def main():
-        store = StateStore(tmp_path / "state.db")
+        store = open_state(tmp_path / "state.db")
         server = await start(root, "c", tmp_path, store=store)
         c = Client(port_of(server))
         try:

@@ -16,7 +16,7 @@ import pytest
 
 from bootd.dhcp.leases import LeaseTable
 from bootd.metrics import Metrics
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.tftp.events import event_kind
 from bootd.tftp.limits import ServerLimits
 from bootd.tftp.server import TftpServer
@@ -87,7 +87,7 @@ def port_of(server: TftpServer) -> int:
 
 def test_providers_answer_before_disk(root, tmp_path):
     async def main():
-        store = StateStore(tmp_path / "state.db")
+        store = open_state(tmp_path / "state.db")
         # the client's MAC comes from a live lease on its address (bootd/peers.py), as bootd's DHCP makes one
         LeaseTable(store).bind("127.0.0.1", "52:54:00:aa:bb:01", expires=time.time() + 600, now=time.time())
         calls = []

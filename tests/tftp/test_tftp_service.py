@@ -9,7 +9,7 @@ import pytest
 
 from bootd.config import ConfigError, parse_config
 from bootd.daemon import Context
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.tftp.service import TftpService
 from bootd.tftp.session import OP_DATA, encode_ack, encode_request
 
@@ -36,7 +36,7 @@ def test_service_start_reload_stop(tmp_path):
     port, port2 = _free_port(), _free_port()
 
     async def main():
-        store = StateStore(tmp_path / "state.db")
+        store = open_state(tmp_path / "state.db")
         ctx = Context(config=_config(root, port), config_path="x", store=store)
         svc = TftpService()
         await svc.start(ctx)
@@ -86,7 +86,7 @@ def test_max_sessions_per_client_is_validated(tmp_path):
 
 def test_no_interfaces_means_no_listener(tmp_path):
     async def main():
-        store = StateStore(tmp_path / "state.db")
+        store = open_state(tmp_path / "state.db")
         cfg = parse_config(f"tftp: {{root: {tmp_path}, data_pump: python}}\n")
         svc = TftpService()
         await svc.start(Context(config=cfg, config_path="x", store=store))

@@ -16,7 +16,7 @@ from bootd.admins import Accounts, AdminError
 from bootd.config import parse_config
 from bootd.daemon import Context
 from bootd.hostfeed import HostFeed
-from bootd.state import StateStore
+from bootd.state import open_state
 from bootd.ui.sessions import SessionBook
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ class Clock:
 
 @pytest.fixture
 def store(tmp_path):
-    s = StateStore(tmp_path / "state.db")
+    s = open_state(tmp_path / "state.db")
     yield s
     s.close()
 
