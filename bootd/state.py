@@ -327,29 +327,42 @@ class StateStore:
         version: int = self.conn.execute("PRAGMA user_version").fetchone()[0]
         return version
 
+    def _schema_version(self) -> int:
+        """The version the database is at, read now (migrate asks again inside its write lock)."""
+        return self.version
+
+    def _migration_statement(self, stmt: str) -> str:
+        """A migration's statement as this engine runs it."""
+        return stmt
+
+    def _set_schema_version(self, version: int) -> None:
+        self.conn.execute(f"PRAGMA user_version={int(version)}")
+
     def migrate(self, migrations: list[Migration]) -> list[int]:
-        """Apply every migration newer than the file; returns the versions applied."""
+        """Apply every migration newer than the database; returns the versions applied. Each runs in its
+        own write transaction with its version bump: a crash mid-migration leaves the old version."""
         applied = []
         for m in sorted(migrations, key=lambda m: m.version):
-            if m.version <= self.version:
+            if m.version <= self._schema_version():
                 continue
             with self._lock:
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
-                    if m.version <= self.version:  # another process got there first
+                    if m.version <= self._schema_version():  # another process got there first
                         self.conn.execute("ROLLBACK")
                         continue
                     for stmt in _split_sql(m.sql):
-                        self.conn.execute(stmt)
-                    self.conn.execute(f"PRAGMA user_version={int(m.version)}")
+                        self.conn.execute(self._migration_statement(stmt))
+                    self._set_schema_version(m.version)
                     self.conn.execute("COMMIT")
                 except sqlite3.Error as e:
                     if self.conn.in_transaction:
                         self.conn.execute("ROLLBACK")
-                    # the same error class (callers tell them apart), with the file and the migration
-                    raise type(e)(f"{self.path}: migration {m.version} ({m.name}) failed: {e}") from e
+                    # the same error class (callers tell them apart), with the database and the migration
+                    raise type(e)(f"{self.location}: migration {m.version} ({m.name}) failed: {e}") from e
                 except BaseException:
-                    self.conn.execute("ROLLBACK")
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
                     raise
             applied.append(m.version)
         self._server_column = None

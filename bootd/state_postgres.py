@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
-from bootd.state import MIGRATIONS, EventLimits, Migration, SqlParams, StateError, StateStore, _split_sql
+from bootd.state import MIGRATIONS, EventLimits, Migration, SqlParams, StateError, StateStore
 
 log = logging.getLogger("bootd.state")
 
@@ -298,35 +298,23 @@ class PostgresStateStore(StateStore):
         row = self.conn.execute("SELECT max(version) AS v FROM bootd_schema").fetchone()
         return int(row[0]) if row is not None and row[0] is not None else 0
 
+    def _schema_version(self) -> int:
+        return self._read_version()
+
+    def _migration_statement(self, stmt: str) -> str:
+        return translate_ddl(stmt)
+
+    def _set_schema_version(self, version: int) -> None:
+        self.conn.execute("INSERT INTO bootd_schema(version) VALUES (?)", (version,))
+
     def migrate(self, migrations: list[Migration]) -> list[int]:
-        """As StateStore.migrate: each migration and its version row in one transaction, under the write
-        lock, so two servers starting together migrate once."""
-        applied = []
+        """StateStore.migrate under the write lock (two servers starting together migrate once); the
+        cached version is read again afterwards."""
         self._version = None
-        for m in sorted(migrations, key=lambda m: m.version):
-            if m.version <= self._read_version():
-                continue
-            with self._lock:
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if m.version <= self._read_version():  # another server got there first
-                        self.conn.execute("ROLLBACK")
-                        continue
-                    for stmt in _split_sql(m.sql):
-                        self.conn.execute(translate_ddl(stmt))
-                    self.conn.execute("INSERT INTO bootd_schema(version) VALUES (?)", (m.version,))
-                    self.conn.execute("COMMIT")
-                except sqlite3.Error as e:
-                    if self.conn.in_transaction:
-                        self.conn.execute("ROLLBACK")
-                    raise type(e)(f"{self.location}: migration {m.version} ({m.name}) failed: {e}") from e
-                except BaseException:
-                    if self.conn.in_transaction:
-                        self.conn.execute("ROLLBACK")
-                    raise
-            applied.append(m.version)
-        self._version, self._server_column = None, None
-        return applied
+        try:
+            return super().migrate(migrations)
+        finally:
+            self._version = None
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:

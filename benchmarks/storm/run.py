@@ -56,6 +56,18 @@ CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def start_profiler(pid: int | None, work: Path, seconds: int) -> subprocess.Popen | None:
+    """py-spy sampling bootd's threads (wall clock) into work/profile.raw for `seconds`; None: no --profile."""
+    if pid is None:
+        return None
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                            "--format", "raw", "--rate", "200", "--nonblocking", "--idle", "--threads",
+                            "--output", str(work / "profile.raw"), "--duration", str(seconds)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return spy
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -122,13 +134,7 @@ def storm(lab: Lab, n: int, work: Path, timeout: float = 240.0, profile: int | N
                  str(HERE / "hook.sh")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
         time.sleep(1.0 + n / 500)  # every PC reaches its flock
-        spy = None
-        if profile is not None:
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(profile),
-                                    "--format", "raw", "--rate", "200", "--nonblocking", "--idle", "--threads",
-                                    "--output", str(work / "profile.raw"), "--duration", "40"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
+        spy = start_profiler(profile, work, 40)
         cpu0, wait0, _ = server_usage(lab)
         t0 = time.monotonic()
         fcntl.flock(hold, fcntl.LOCK_UN)  # power on
@@ -180,13 +186,7 @@ def storm_sim(lab: Lab, room: Room, n: int, work: Path, nbd_mib: float, timeout:
     subprocess.run(["ip", "-n", lab.server.name, "neigh", "flush", "dev", lab.bridge], capture_output=True)
     work.mkdir(parents=True, exist_ok=True)
     pcs = [SimPC(net, nbd_mib=nbd_mib) for net in room.nets[:n]]
-    spy = None
-    if profile is not None:
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(profile),
-                                "--format", "raw", "--rate", "200", "--nonblocking", "--idle", "--threads",
-                                "--output", str(work / "profile.raw"), "--duration", "60"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
+    spy = start_profiler(profile, work, 60)
     cpu0, wait0, _ = server_usage(lab)
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
