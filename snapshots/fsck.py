@@ -29,6 +29,9 @@ class StoreCheck:
         self.files = files
         self.pruner = pruner
         self.boot_files: BootFileStore | None = None  # native images' kernels (snapshots/bootfiles.py)
+        # seconds during which a file no row names is left alone: with several servers on one store
+        # (PostgreSQL state, a shared storage.snapshots) it may be another server's operation under way
+        self.recent_grace = 0.0
 
     def purge_lost_found(self, actor: str, reason: str = "") -> list[str]:
         """Delete what fsck set aside in lost+found/ (after the admin has looked at it)."""
@@ -130,6 +133,10 @@ class StoreCheck:
             for f in sorted(d.iterdir()):
                 rel = f"{d.name}/{f.name}"
                 if self.files.is_inflight(rel):
+                    continue
+                if (f.name.startswith(TEMP_PREFIX) or rel not in by_file) and self.recent_grace > 0 and \
+                        time.time() - f.stat().st_mtime < self.recent_grace:
+                    rep.left_recent.append(rel)  # another server's import, draft or flatten: not debris yet
                     continue
                 if f.name.startswith(TEMP_PREFIX):
                     rep.removed_temp.append(rel)

@@ -87,6 +87,7 @@ class FsckReport:
     fixed_backing: list[str] = field(default_factory=list)
     ended_assignments: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    left_recent: list[str] = field(default_factory=list)  # unknown but recent: another server's (shared store)
     checked: int = 0
 
     @property

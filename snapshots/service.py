@@ -28,6 +28,9 @@ def _boot_kinds(cfg: Config) -> BootKind:
     return native.get
 
 
+SHARED_STORE_GRACE = 3600.0  # seconds fsck leaves an unknown layer file alone when servers share the store
+
+
 class SnapshotService(Service):
     name = "snapshots"
 
@@ -41,6 +44,8 @@ class SnapshotService(Service):
         store = SnapshotStore(ctx.store, cfg.snapshots_dir, min_free_bytes=cfg.storage.min_free_mb * MiB,
                               boot_root=cfg.boot_root)
         store.boot_kind = _boot_kinds(cfg)
+        if ctx.store.dialect != "sqlite":  # several servers may share the layer directory
+            store.check.recent_grace = SHARED_STORE_GRACE
         self.store = store
         report = await asyncio.to_thread(store.fsck, True)
         self.last_fsck = report.to_dict()
