@@ -44,10 +44,13 @@ class SnapshotService(Service):
         store = SnapshotStore(ctx.store, cfg.snapshots_dir, min_free_bytes=cfg.storage.min_free_mb * MiB,
                               boot_root=cfg.boot_root)
         store.boot_kind = _boot_kinds(cfg)
-        if ctx.store.dialect != "sqlite":  # several servers may share the layer directory
-            store.check.recent_grace = SHARED_STORE_GRACE
+        if ctx.store.dialect != "sqlite":  # several servers may share the layer directory: at start-up only
+            store.check.recent_grace = SHARED_STORE_GRACE  # (an admin's `bootctl snapshot fsck` repairs at once)
         self.store = store
-        report = await asyncio.to_thread(store.fsck, True)
+        try:
+            report = await asyncio.to_thread(store.fsck, True)
+        finally:
+            store.check.recent_grace = 0.0
         self.last_fsck = report.to_dict()
         if report.clean:
             log.info("snapshot store %s: %d layers, files and database agree", store.root, report.checked)
