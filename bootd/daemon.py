@@ -23,7 +23,7 @@ from bootd.metrics import Metrics
 from bootd.notify import Notifier
 from bootd.seams import Booter, ClusterRole, Disks, ReloadRequest, SnapshotJobs, Snapshots, TftpFiles
 from bootd.service import Service
-from bootd.state import STATE_OPEN_ERRORS, StateError, StateStore, open_state
+from bootd.state import STATE_OPEN_ERRORS, StateError, StateStore, open_state, state_url
 from bootd.state_postgres import redact, wait_for_database
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class Daemon:
         setup_logging(config.log.level)
         storage = Path(config.storage.directory)
         storage.mkdir(parents=True, exist_ok=True)
-        url = os.environ.get("BOOTD_STATE_URL") or config.state.url
+        url = state_url(config.state.url)
         try:
             if url:  # a server started with (or before) its database server: wait for it, say so
                 self.notifier.status("waiting for the state database")

@@ -270,18 +270,23 @@ class StateStore:
     def __init__(self, path: str | Path, migrations: Optional[list[Migration]] = None, reserve_bytes: int = 0):
         self.path = Path(path)
         self.location = str(self.path)  # what messages name: the file here, the URL (no password) on PostgreSQL
-        # this server's name, written on its boot events (several servers on one PostgreSQL: who served a boot)
-        self.server_name: Optional[str] = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = self._open_checked()
-        self._lock = threading.RLock()
+        self._init_common()
         # space held for this file on its filesystem (storage.state_reserve_mb): see _release_reserve
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self.reserve_bytes = reserve_bytes
-        self.reserve_releases = 0
         self.reserve_retry_after = 10.0  # seconds between tries to take the reserve back
-        self._reserve_retry_at: Optional[float] = None  # set while the reserve is given away
         self._hold_reserve()
+        self.migrate(MIGRATIONS if migrations is None else migrations)
+
+    def _init_common(self) -> None:
+        """What the store holds besides its connection, on either engine."""
+        self._lock = threading.RLock()
+        # this server's name, written on its boot events (several servers on one PostgreSQL: who served a boot)
+        self.server_name: Optional[str] = None
+        self.reserve_releases = 0
+        self._reserve_retry_at: Optional[float] = None  # set while the reserve is given away
         self.event_limits = EventLimits()
         # per MAC: its last event row, (id, kind, detail, nbytes, duration, first ts), for coalescing
         self._last_event: dict[Optional[str], tuple[Optional[int], str, Optional[str], Optional[int],
@@ -292,7 +297,6 @@ class StateStore:
         # they must be quick and thread-safe: a TFTP or DHCP worker thread may be the writer
         self.event_listeners: list[Callable[[Optional[str]], None]] = []
         self._server_column: Optional[bool] = None  # boot_events.server exists (schema >= SERVERS_SCHEMA)
-        self.migrate(MIGRATIONS if migrations is None else migrations)
 
     def _open_checked(self) -> sqlite3.Connection:
         """Open the file and check it is a sound database (PRAGMA quick_check), or raise StateError
@@ -872,12 +876,17 @@ class StateStore:
         return n
 
 
+def state_url(configured: Optional[str]) -> Optional[str]:
+    """The PostgreSQL URL in force: the environment's BOOTD_STATE_URL (which overrides the config: a systemd
+    EnvironmentFile or credential keeps the database password out of bootd.yaml), else `state.url`; None:
+    the SQLite file."""
+    return os.environ.get("BOOTD_STATE_URL") or configured
+
+
 def open_state(path: str | Path, url: Optional[str] = None, reserve_bytes: int = 0,
                migrations: Optional[list[Migration]] = None) -> StateStore:
-    """The state store bootd uses: PostgreSQL at `url` (config `state.url`) or at the environment's
-    BOOTD_STATE_URL (which overrides the config: a systemd EnvironmentFile or credential keeps the
-    database password out of bootd.yaml), else the SQLite file at `path`."""
-    url = os.environ.get("BOOTD_STATE_URL") or url
+    """The state store bootd uses: PostgreSQL at state_url(url), else the SQLite file at `path`."""
+    url = state_url(url)
     if url:
         from bootd.state_postgres import PostgresStateStore
         return PostgresStateStore(url, migrations=migrations)

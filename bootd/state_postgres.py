@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
-from bootd.state import MIGRATIONS, EventLimits, Migration, SqlParams, StateError, StateStore
+from bootd.state import MIGRATIONS, Migration, SqlParams, StateError, StateStore
 
 log = logging.getLogger("bootd.state")
 
@@ -99,10 +98,17 @@ class PgRow(tuple[Any, ...]):
         return list(self._names)
 
 
+_ROW_CLASSES: dict[tuple[str, ...], type[PgRow]] = {}  # one row class per column list, made once
+
+
 def _row_factory(cursor: Any) -> Any:
     desc = cursor.description
     names = tuple(d.name for d in desc) if desc else ()
-    cls = type("PgRow", (PgRow,), {"_names": names, "__slots__": ()})
+    cls = _ROW_CLASSES.get(names)
+    if cls is None:
+        if len(_ROW_CLASSES) >= 4096:  # statements are bootd's own: a few hundred lists at most
+            _ROW_CLASSES.clear()
+        cls = _ROW_CLASSES[names] = type("PgRow", (PgRow,), {"_names": names, "__slots__": ()})
 
     def make(values: Sequence[Any]) -> PgRow:
         return cls(values)
@@ -128,11 +134,10 @@ class PgCursor:
         self._conn = conn
         self._cur = conn.raw.cursor(row_factory=_row_factory)
         self.lastrowid: Optional[int] = None
-        self._returned: Optional[PgRow] = None
         self._in_block = conn.in_transaction  # statements of an explicit transaction are never run twice
 
     def execute(self, sql: str, params: SqlParams = ()) -> "PgCursor":
-        self.lastrowid, self._returned = None, None
+        self.lastrowid = None
         if sql.strip().upper() == "BEGIN IMMEDIATE":
             self._run("BEGIN", ())
             self._in_block = True
@@ -263,22 +268,12 @@ class PostgresStateStore(StateStore):
     dialect = "postgresql"
 
     def __init__(self, url: str, migrations: Optional[list[Migration]] = None, reserve_bytes: int = 0):
-        # the attributes StateStore.__init__ sets, without its file: no path, no space reserve
         self.url = url
         self.path = None  # type: ignore[assignment]  # no file: messages name self.location
         self.location = redact(url)
         self.conn = PgConnection(url)  # type: ignore[assignment]
-        self._lock = threading.RLock()
-        self.reserve_bytes = 0
-        self.reserve_releases = 0
-        self._reserve_retry_at = None
-        self.event_limits = EventLimits()
-        self._last_event = {}
-        self._inserts_until_prune = 0
-        self._next_retention_prune = 0.0
-        self.event_listeners = []
-        self.server_name = None
-        self._server_column = None
+        self._init_common()
+        self.reserve_bytes = 0  # no file, no space reserve
         self._version: Optional[int] = None
         try:
             self.conn.execute("CREATE TABLE IF NOT EXISTS bootd_schema (version BIGINT NOT NULL)")

@@ -90,12 +90,6 @@ class PgServer:
         self.sql(f"CREATE DATABASE {name} TEMPLATE {source}")
         return self.url(name)
 
-    def new_empty_database(self, prefix: str = "e") -> str:
-        """A new database with no schema at all (migration tests)."""
-        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        self.sql(f"CREATE DATABASE {name}")
-        return self.url(name)
-
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.data),
