@@ -7,8 +7,9 @@ in the server namespace of a test lab (a bridge, nothing else: tests/netns.py), 
 systemd in it through nsenter: start (READY, watchdog), reload of a good and of a broken config, start
 with a broken config (FILE:LINE in the journal), a clean stop, `systemd-analyze security` no worse than
 the unit's score before the package existed, and finally what the admin installed it for: with
-/etc/bootd/bootd.yaml edited to serve the lab, a lab PC (QEMU, iPXE) boots from the installed bootd, and a
-client root is exported by NFS-Ganesha under the unit's sandbox."""
+/etc/bootd/bootd.yaml edited to serve the lab, a lab PC (QEMU, iPXE) boots from the installed bootd, a
+client root is exported by NFS-Ganesha under the unit's sandbox, and the same boot works with the state in
+Debian's PostgreSQL (the URL in /etc/bootd/state.env, as the README tells the admin)."""
 from __future__ import annotations
 
 import os
@@ -234,6 +235,13 @@ def container(tmp_path_factory, timings):
     # The NFS server an admin runs beside bootd for client roots (the kernel's is not available here):
     # NFS-Ganesha from Debian, its ganesha.conf including the exports file bootd renders.
     r = nspawn(root, "sh", "-c", "apt-get install -y -q nfs-ganesha nfs-ganesha-vfs", binds=binds[1:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # PostgreSQL for the state of several servers (README "Several servers"): Debian's server and the
+    # driver the package suggests. Not started by apt here (policy-rc.d); the container's systemd starts it.
+    (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    (root / "usr/sbin/policy-rc.d").chmod(0o755)
+    r = nspawn(root, "sh", "-c", "apt-get install -y -q postgresql python3-psycopg", binds=binds[1:])
+    (root / "usr/sbin/policy-rc.d").unlink()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (root / "etc/ganesha/ganesha.conf").write_text(GANESHA_CONF)
     (root / "etc/ganesha/bootd-exports.conf").write_text("# rendered by bootd (nfs.roots)\n")  # before the first start
@@ -466,5 +474,78 @@ def test_nfs_exports_apply_under_the_sandbox(container):
             + c.run("ls", "-la", "/srv/clientroot", "/srv").stdout)
         assert "Permission denied" not in c.journal("bootd") and "Read-only file system" not in c.journal("bootd")
     finally:
+        c.write(CONFIG, good)
+        c.run("systemctl", "restart", "bootd")
+
+
+def test_the_installed_bootd_keeps_its_state_in_postgresql(container, tmp_path, timings):
+    """An admin moves the state to PostgreSQL as the README says: a role and a database on Debian's
+    postgresql, the URL with its password in /etc/bootd/state.env (mode 0600, read by the unit), restart.
+    The sandboxed unit reaches the database, imports the image, a lab PC boots, and what bootd knows
+    (the lease, the boot events with the server that wrote them, the server's heartbeat) is in the
+    database; `bootctl backup` points to pg_dump. Then back to the SQLite default."""
+    c = container
+    assets = ensure_assets()
+    t0 = time.monotonic()
+    if c.run("systemctl", "is-active", "postgresql").stdout.strip() != "active":
+        r = c.run("systemctl", "start", "postgresql")
+        assert r.returncode == 0, r.stderr + c.journal("postgresql@15-main")[-2000:]
+    wait_for(lambda: c.run("pg_isready", "-q", "-h", "127.0.0.1").returncode == 0, 60, "PostgreSQL")
+
+    def sql(query: str, user: str = "postgres", db: str = "postgres") -> str:
+        r = c.run("runuser", "-u", "postgres", "--", "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", db,
+                  "-c", query) if user == "postgres" else c.run(
+            "env", "PGPASSWORD=lab-secret", "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+            "-U", user, "-d", db, "-c", query)
+        assert r.returncode == 0, query + ": " + r.stderr
+        return r.stdout
+
+    sql("DROP DATABASE IF EXISTS bootd")
+    sql("DROP ROLE IF EXISTS bootd")
+    sql("CREATE ROLE bootd LOGIN PASSWORD 'lab-secret'")
+    sql("CREATE DATABASE bootd OWNER bootd")
+    c.write("/etc/bootd/state.env", "BOOTD_STATE_URL=postgresql://bootd:lab-secret@127.0.0.1/bootd\n")
+    assert c.run("chmod", "0600", "/etc/bootd/state.env").returncode == 0
+
+    # a storage directory of its own: the snapshot files of the SQLite runs before are not this state's
+    boot = c.root / "var/lib/bootd/pg/boot"
+    boot.mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.kernel, boot / "vmlinuz")
+    shutil.copy(assets.initrd, boot / "initrd.img")
+    shutil.copy(assets.image_a, c.root / "var/lib/bootd/pg/os-A.qcow2")
+    cfg = lab_config(c.lab, images={"demo": Path("/var/lib/bootd/pg/os-A.qcow2")})
+    cfg["storage"] = {"directory": "/var/lib/bootd/pg"}
+    cfg["api"] = {"socket": "/run/bootd/api.sock"}
+    cfg["state"] = {"server_name": "bootd-pg"}
+    good = c.run("cat", CONFIG).stdout
+    c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        r = c.run("systemctl", "restart", "bootd")
+        assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
+        wait_for(lambda: "demo@v1" in c.run("bootctl", "snapshot", "list").stdout, 120,
+                 "the image's import into the PostgreSQL-backed store")
+        servers = c.run("bootctl", "servers").stdout
+        assert "bootd-pg" in servers, servers
+        assert sql("SELECT name FROM servers", "bootd", "bootd").split() == ["bootd-pg"]
+        assert "demo" in sql("SELECT name FROM images", "bootd", "bootd").split()
+        pc = LabPC(c.lab, "pc-installed-pg", tmp_path)
+        try:
+            result = pc.boot(timeout=240)
+        finally:
+            pc.kill()
+        assert result.ok, result.describe() + c.journal("bootd")[-3000:]
+        assert result.marker == "A" and result.fresh is True, result.describe()
+        assert pc.mac in c.run("bootctl", "hosts").stdout
+        leases = sql(f"SELECT state FROM leases WHERE mac = '{pc.mac}'", "bootd", "bootd").split()
+        assert "bound" in leases, leases
+        writers = set(sql(f"SELECT DISTINCT server FROM boot_events WHERE mac = '{pc.mac}'", "bootd", "bootd").split())
+        assert writers == {"bootd-pg"}, writers
+        r = c.run("bootctl", "backup", "/var/lib/bootd/pg/state-backup.db")
+        assert r.returncode != 0 and "pg_dump" in (r.stdout + r.stderr), r.stdout + r.stderr
+        assert "Permission denied" not in c.journal("bootd")
+        assert c.run("test", "-e", "/var/lib/bootd/pg/state.db").returncode != 0  # no SQLite file beside it
+        timings["a lab PC boots with the state in PostgreSQL"] = time.monotonic() - t0
+    finally:
+        c.run("rm", "-f", "/etc/bootd/state.env")
         c.write(CONFIG, good)
         c.run("systemctl", "restart", "bootd")
