@@ -130,6 +130,19 @@ def choose_kernel(listing: BootListing, want: str | None, what: str) -> KernelFo
 _force_tcg: bool | None = None  # learnt at the first launch: KVM does not work here, use TCG
 
 
+def kvm_usable(cpuinfo: str = "/proc/cpuinfo", device: str = "/dev/kvm") -> bool:
+    """Worth trying the appliance under KVM: /dev/kvm opens AND the CPU shows vmx or svm. A /dev/kvm
+    without them (a paravirtualised host, PVM) creates VMs that boot nothing: the appliance's kernel
+    then spins instead of failing, and the launch would wait for libguestfs's own timeout (minutes)
+    before the TCG retry."""
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.M) is not None
+
+
 def _guestfs() -> Any:
     try:
         import guestfs  # Debian's python3-guestfs (system site packages)
@@ -140,10 +153,13 @@ def _guestfs() -> Any:
 
 
 def _launch(path: str, fmt: str) -> Any:
-    """A read-only libguestfs handle on `path`, launched. Where /dev/kvm exists but does not work (nested
-    or paravirtualised hosts), the first launch fails and every later one runs under TCG."""
+    """A read-only libguestfs handle on `path`, launched. Under TCG from the start where KVM cannot work
+    (kvm_usable); where /dev/kvm exists and still fails (nested hosts), the first launch fails and every
+    later one runs under TCG."""
     global _force_tcg
     guestfs = _guestfs()
+    if _force_tcg is None and not kvm_usable():
+        _force_tcg = True
     attempts = [True] if _force_tcg or os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") else \
         ([False, True] if _force_tcg is None else [False])
     last: Exception | None = None

@@ -405,35 +405,49 @@ def test_systemd_analyze_security_no_worse_than_before(container):
     assert float(m.group(1)) <= EXPOSURE_BEFORE, r.stdout[-3000:]
 
 
+def serve_the_lab(c: Container, storage: str, **extra: object) -> str:
+    """What the admin does to serve the lab: boot files and an image under `storage`, /etc/bootd/bootd.yaml
+    edited to serve the lab's interface (plus `extra` top-level sections), restart, and the image
+    imported. Returns the config that was there before, for the caller to put back."""
+    assets = ensure_assets()
+    boot = c.root / storage.lstrip("/") / "boot"
+    boot.mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.kernel, boot / "vmlinuz")
+    shutil.copy(assets.initrd, boot / "initrd.img")
+    shutil.copy(assets.image_a, c.root / storage.lstrip("/") / "os-A.qcow2")
+    cfg = lab_config(c.lab, images={"demo": Path(storage) / "os-A.qcow2"})
+    cfg.update({"storage": {"directory": storage}, "api": {"socket": "/run/bootd/api.sock"}, **extra})
+    good = c.run("cat", CONFIG).stdout
+    c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+    r = c.run("systemctl", "restart", "bootd")
+    assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
+    wait_for(lambda: "demo@v1" in c.run("bootctl", "snapshot", "list").stdout, 120, "the image's import")
+    return good
+
+
+def boot_a_lab_pc(c: Container, name: str, tmp_path: Path) -> LabPC:
+    """A PC switched on in the lab (QEMU, iPXE) boots the image's snapshot, fresh, from the installed bootd."""
+    pc = LabPC(c.lab, name, tmp_path)
+    try:
+        result = pc.boot(timeout=240)
+    finally:
+        pc.kill()
+    assert result.ok, result.describe() + c.journal("bootd")[-3000:]
+    assert result.marker == "A" and result.fresh is True, result.describe()
+    hosts = c.run("bootctl", "hosts").stdout
+    assert pc.mac in hosts and "demo@v1" in hosts, hosts
+    return pc
+
+
 def test_a_lab_pc_boots_from_the_installed_bootd(container, tmp_path, timings):
     """The admin's last step: edit /etc/bootd/bootd.yaml to serve the lab (interface, DHCP pool, an
     image), restart, and a PC switched on in the lab boots the image's snapshot from the packaged bootd."""
     c = container
-    assets = ensure_assets()
     t0 = time.monotonic()
-    boot = c.root / "var/lib/bootd/boot"
-    boot.mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.kernel, boot / "vmlinuz")
-    shutil.copy(assets.initrd, boot / "initrd.img")
-    shutil.copy(assets.image_a, c.root / "var/lib/bootd/os-A.qcow2")
-    cfg = lab_config(c.lab, images={"demo": Path("/var/lib/bootd/os-A.qcow2")})
-    cfg["storage"] = {"directory": "/var/lib/bootd"}
-    cfg["api"] = {"socket": "/run/bootd/api.sock"}
     good = c.run("cat", CONFIG).stdout
-    c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
     try:
-        r = c.run("systemctl", "restart", "bootd")
-        assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
-        wait_for(lambda: "demo@v1" in c.run("bootctl", "snapshot", "list").stdout, 120, "the image's import")
-        pc = LabPC(c.lab, "pc-installed", tmp_path)
-        try:
-            result = pc.boot(timeout=240)
-        finally:
-            pc.kill()
-        assert result.ok, result.describe() + c.journal("bootd")[-3000:]
-        assert result.marker == "A" and result.fresh is True, result.describe()
-        hosts = c.run("bootctl", "hosts").stdout
-        assert pc.mac in hosts and "demo@v1" in hosts, hosts
+        serve_the_lab(c, "/var/lib/bootd")
+        boot_a_lab_pc(c, "pc-installed", tmp_path)
         timings["a lab PC boots from the package"] = time.monotonic() - t0
     finally:
         c.write(CONFIG, good)
@@ -485,7 +499,6 @@ def test_the_installed_bootd_keeps_its_state_in_postgresql(container, tmp_path, 
     (the lease, the boot events with the server that wrote them, the server's heartbeat) is in the
     database; `bootctl backup` points to pg_dump. Then back to the SQLite default."""
     c = container
-    assets = ensure_assets()
     t0 = time.monotonic()
     if c.run("systemctl", "is-active", "postgresql").stdout.strip() != "active":
         r = c.run("systemctl", "start", "postgresql")
@@ -507,35 +520,15 @@ def test_the_installed_bootd_keeps_its_state_in_postgresql(container, tmp_path, 
     c.write("/etc/bootd/state.env", "BOOTD_STATE_URL=postgresql://bootd:lab-secret@127.0.0.1/bootd\n")
     assert c.run("chmod", "0600", "/etc/bootd/state.env").returncode == 0
 
-    # a storage directory of its own: the snapshot files of the SQLite runs before are not this state's
-    boot = c.root / "var/lib/bootd/pg/boot"
-    boot.mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.kernel, boot / "vmlinuz")
-    shutil.copy(assets.initrd, boot / "initrd.img")
-    shutil.copy(assets.image_a, c.root / "var/lib/bootd/pg/os-A.qcow2")
-    cfg = lab_config(c.lab, images={"demo": Path("/var/lib/bootd/pg/os-A.qcow2")})
-    cfg["storage"] = {"directory": "/var/lib/bootd/pg"}
-    cfg["api"] = {"socket": "/run/bootd/api.sock"}
-    cfg["state"] = {"server_name": "bootd-pg"}
     good = c.run("cat", CONFIG).stdout
-    c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
     try:
-        r = c.run("systemctl", "restart", "bootd")
-        assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
-        wait_for(lambda: "demo@v1" in c.run("bootctl", "snapshot", "list").stdout, 120,
-                 "the image's import into the PostgreSQL-backed store")
+        # a storage directory of its own: the snapshot files of the SQLite runs before are not this state's
+        serve_the_lab(c, "/var/lib/bootd/pg", state={"server_name": "bootd-pg"})
         servers = c.run("bootctl", "servers").stdout
         assert "bootd-pg" in servers, servers
         assert sql("SELECT name FROM servers", "bootd", "bootd").split() == ["bootd-pg"]
         assert "demo" in sql("SELECT name FROM images", "bootd", "bootd").split()
-        pc = LabPC(c.lab, "pc-installed-pg", tmp_path)
-        try:
-            result = pc.boot(timeout=240)
-        finally:
-            pc.kill()
-        assert result.ok, result.describe() + c.journal("bootd")[-3000:]
-        assert result.marker == "A" and result.fresh is True, result.describe()
-        assert pc.mac in c.run("bootctl", "hosts").stdout
+        pc = boot_a_lab_pc(c, "pc-installed-pg", tmp_path)
         leases = sql(f"SELECT state FROM leases WHERE mac = '{pc.mac}'", "bootd", "bootd").split()
         assert "bound" in leases, leases
         writers = set(sql(f"SELECT DISTINCT server FROM boot_events WHERE mac = '{pc.mac}'", "bootd", "bootd").split())

@@ -23,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from support import have  # noqa: E402
 
 from bootd.config import ConfigError, parse_config  # noqa: E402
-from snapshots.bootfiles import BootListing, KernelFound, NativeBoot, choose_kernel, list_kernels  # noqa: E402
+from snapshots.bootfiles import (  # noqa: E402
+    BootListing,
+    KernelFound,
+    NativeBoot,
+    choose_kernel,
+    kvm_usable,
+    list_kernels,
+)
 from snapshots.errors import SnapshotError  # noqa: E402
 from snapshots.store import SnapshotStore  # noqa: E402
 
@@ -222,3 +229,14 @@ def test_each_snapshot_boots_its_own_kernel_through_promote_rollback_restart_and
     d.bootctl("snapshot", "delete", "deb@v2", "--yes", check=True)
     assert not v2_dir.exists()
     assert booted_kernel()[0] == b"kernel one"
+
+
+def test_the_appliance_tries_kvm_only_where_the_cpu_can_virtualise(tmp_path):
+    """A /dev/kvm without vmx/svm in the CPU's flags (a paravirtualised host such as this one) boots
+    nothing: the appliance's kernel spins there instead of failing, so it is never tried (TCG at once)."""
+    cpu = tmp_path / "cpuinfo"
+    cpu.write_text("processor\t: 0\nflags\t\t: fpu vme de pse sse2 hypervisor\n")
+    assert not kvm_usable(str(cpu), "/dev/null")
+    cpu.write_text("processor\t: 0\nflags\t\t: fpu vme de pse vmx sse2\n")
+    assert kvm_usable(str(cpu), "/dev/null")
+    assert not kvm_usable(str(cpu), str(tmp_path / "no-such-device"))
