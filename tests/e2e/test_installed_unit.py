@@ -405,10 +405,10 @@ def test_systemd_analyze_security_no_worse_than_before(container):
     assert float(m.group(1)) <= EXPOSURE_BEFORE, r.stdout[-3000:]
 
 
-def serve_the_lab(c: Container, storage: str, **extra: object) -> str:
+def serve_the_lab(c: Container, storage: str, **extra: object) -> None:
     """What the admin does to serve the lab: boot files and an image under `storage`, /etc/bootd/bootd.yaml
     edited to serve the lab's interface (plus `extra` top-level sections), restart, and the image
-    imported. Returns the config that was there before, for the caller to put back."""
+    imported. The caller keeps the config that was there before, to put it back."""
     assets = ensure_assets()
     boot = c.root / storage.lstrip("/") / "boot"
     boot.mkdir(parents=True, exist_ok=True)
@@ -417,12 +417,10 @@ def serve_the_lab(c: Container, storage: str, **extra: object) -> str:
     shutil.copy(assets.image_a, c.root / storage.lstrip("/") / "os-A.qcow2")
     cfg = lab_config(c.lab, images={"demo": Path(storage) / "os-A.qcow2"})
     cfg.update({"storage": {"directory": storage}, "api": {"socket": "/run/bootd/api.sock"}, **extra})
-    good = c.run("cat", CONFIG).stdout
     c.write(CONFIG, yaml.safe_dump(cfg, sort_keys=False))
     r = c.run("systemctl", "restart", "bootd")
     assert r.returncode == 0, r.stderr + c.journal("bootd")[-3000:]
     wait_for(lambda: "demo@v1" in c.run("bootctl", "snapshot", "list").stdout, 120, "the image's import")
-    return good
 
 
 def boot_a_lab_pc(c: Container, name: str, tmp_path: Path) -> LabPC:
